@@ -1,0 +1,334 @@
+//! Configuration: the spec's YAML, plus collection routing and per-collection conflict
+//! strategies.
+//!
+//! Every block of the spec's "Configuration" sections is accepted verbatim. agentstore adds:
+//! `node_id`, `data_dir`, `default_backend`, `default_conflict`, a `collections` map (backend,
+//! consistency and conflict strategy per collection), `redis.url` and `clock.max_offset_ms`.
+//! Unknown fields are errors, and every error names the file, line, column and field.
+
+mod error;
+mod locate;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::error::ConfigError;
+use crate::key::validate_collection;
+use crate::level::ConsistencyLevel;
+use crate::node::NodeId;
+use crate::quorum::{QuorumGuarantee, QuorumSpec};
+pub use crate::record::Kind as ConflictStrategy;
+
+/// Where a collection's keys are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded engine in the node's data directory.
+    Local,
+    /// A Redis deployment (`storage.redis`).
+    Redis,
+    /// PostgreSQL, e.g. a Supabase project (`storage.supabase`).
+    #[serde(alias = "postgres")]
+    Supabase,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Local => "local",
+            Backend::Redis => "redis",
+            Backend::Supabase => "supabase",
+        })
+    }
+}
+
+/// How writes reach a key's replicas (the spec's "Replication Strategies").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationStrategy {
+    /// Acknowledge after the local durable write; replicate in the background (W = 1).
+    Async,
+    /// Acknowledge after every replica has the write (W = N).
+    Sync,
+    /// Acknowledge after W replicas; reads ask R.
+    Quorum,
+}
+
+impl fmt::Display for ReplicationStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReplicationStrategy::Async => "async",
+            ReplicationStrategy::Sync => "sync",
+            ReplicationStrategy::Quorum => "quorum",
+        })
+    }
+}
+
+/// Replication settings with the quorum sizes they imply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// The strategy.
+    pub strategy: ReplicationStrategy,
+    /// N, W and R (W is 1 for async and N for sync).
+    pub quorum: QuorumSpec,
+}
+
+/// The spec's `storage.redis` block, plus the server address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Address of the primary, `redis://host:port[/db]`.
+    pub url: String,
+    /// `eventual` (asynchronous replication) or `strong` (`WAIT` for `replicas`).
+    pub consistency: ConsistencyLevel,
+    /// Replicas that must acknowledge a strong write.
+    pub replicas: u8,
+    /// How long a strong write waits for them.
+    pub wait_timeout_ms: u64,
+}
+
+/// Transaction isolation for PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationLevel {
+    /// SERIALIZABLE (the default).
+    Serializable,
+    /// READ COMMITTED.
+    ReadCommitted,
+}
+
+/// The spec's `storage.supabase` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupabaseConfig {
+    /// The database URL.
+    pub url: String,
+    /// Isolation of every transaction.
+    pub isolation_level: IsolationLevel,
+    /// Connections in the pool.
+    pub connection_pool_size: u32,
+}
+
+/// Per-collection settings; unset fields fall back to the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectionConfig {
+    /// Where its keys live.
+    pub backend: Option<Backend>,
+    /// Its consistency level (also settable through `consistency_overrides`).
+    pub consistency: Option<ConsistencyLevel>,
+    /// How concurrent writes to one key merge; also the kind of value its keys hold.
+    pub conflict: Option<ConflictStrategy>,
+}
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's id (unique in a deployment).
+    pub node_id: NodeId,
+    /// The data directory; `None` means the documented default.
+    pub data_dir: Option<String>,
+    /// Level of collections without an override.
+    pub default_consistency: ConsistencyLevel,
+    /// Backend of collections without one.
+    pub default_backend: Backend,
+    /// Conflict strategy of collections without one.
+    pub default_conflict: ConflictStrategy,
+    /// Named collections.
+    pub collections: BTreeMap<String, CollectionConfig>,
+    /// Replication between nodes.
+    pub replication: Replication,
+    /// The Redis backend, if configured.
+    pub redis: Option<RedisConfig>,
+    /// The PostgreSQL/Supabase backend, if configured.
+    pub supabase: Option<SupabaseConfig>,
+    /// Largest clock offset accepted from another node, in milliseconds.
+    pub max_clock_offset_ms: u64,
+}
+
+/// Default largest accepted clock offset between nodes.
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
+
+impl Default for Config {
+    /// An embedded single node: everything local, eventual, LWW, no replication.
+    fn default() -> Self {
+        Self {
+            node_id: NodeId::new("local").expect("a valid literal"),
+            data_dir: None,
+            default_consistency: ConsistencyLevel::Eventual,
+            default_backend: Backend::Local,
+            default_conflict: ConflictStrategy::Register,
+            collections: BTreeMap::new(),
+            replication: Replication {
+                strategy: ReplicationStrategy::Async,
+                quorum: QuorumSpec { n: 1, w: 1, r: 1 },
+            },
+            redis: None,
+            supabase: None,
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
+        }
+    }
+}
+
+/// What a collection really gets: its settings and the guarantee they deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionPlan {
+    /// The collection.
+    pub name: String,
+    /// Where its keys live.
+    pub backend: Backend,
+    /// The level it is configured for.
+    pub consistency: ConsistencyLevel,
+    /// Its conflict strategy (and value kind).
+    pub conflict: ConflictStrategy,
+    /// Replication between nodes.
+    pub replication: Replication,
+    /// What the configuration really delivers.
+    pub guarantee: Guarantee,
+}
+
+/// The guarantee a collection really gets, which may differ from the level it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guarantee {
+    /// The strongest level really delivered.
+    pub level: ConsistencyLevel,
+    /// How it is delivered.
+    pub summary: String,
+    /// What the level does not cover on this backend, if anything.
+    pub caveat: Option<String>,
+}
+
+impl fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.level, self.summary)?;
+        if let Some(caveat) = &self.caveat {
+            write!(f, " ({caveat})")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses a YAML configuration. `source_name` (usually the file path) is used in errors.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        raw::parse(text, source_name)
+    }
+
+    /// Settings and guarantee of `collection`, with defaults applied.
+    pub fn plan(&self, collection: &str) -> CollectionPlan {
+        let settings = self
+            .collections
+            .get(collection)
+            .cloned()
+            .unwrap_or_default();
+        let backend = settings.backend.unwrap_or(self.default_backend);
+        let consistency = settings.consistency.unwrap_or(self.default_consistency);
+        CollectionPlan {
+            name: collection.to_owned(),
+            backend,
+            consistency,
+            conflict: settings.conflict.unwrap_or(self.default_conflict),
+            replication: self.replication,
+            guarantee: self.guarantee(backend, consistency),
+        }
+    }
+
+    /// Plans of every named collection, in name order.
+    pub fn plans(&self) -> Vec<CollectionPlan> {
+        self.collections
+            .keys()
+            .map(|name| self.plan(name))
+            .collect()
+    }
+
+    /// What `backend` delivers to a collection configured for `level`.
+    fn guarantee(&self, backend: Backend, level: ConsistencyLevel) -> Guarantee {
+        match backend {
+            Backend::Local => Guarantee {
+                level: ConsistencyLevel::Strong,
+                summary: "linearizable: one ACID engine on one node, every write fsynced before \
+                          it is acknowledged"
+                    .into(),
+                caveat: None,
+            },
+            Backend::Redis => {
+                let redis = self.redis.as_ref();
+                match redis.filter(|r| r.consistency == ConsistencyLevel::Strong) {
+                    Some(redis) => Guarantee {
+                        level: ConsistencyLevel::Strong,
+                        summary: format!(
+                            "synchronous replication: every write waits (WAIT) for {} replica(s), \
+                             at most {} ms",
+                            redis.replicas, redis.wait_timeout_ms
+                        ),
+                        caveat: Some(
+                            "not linearizable: a failover can still lose or reorder acknowledged \
+                             writes, as Redis documents for WAIT"
+                                .into(),
+                        ),
+                    },
+                    None => Guarantee {
+                        level: ConsistencyLevel::Eventual,
+                        summary: "asynchronous Redis replication".into(),
+                        caveat: (level > ConsistencyLevel::Eventual).then(|| {
+                            format!(
+                                "the collection asks for {level}, but storage.redis.consistency is \
+                                 eventual: a failover can lose acknowledged writes"
+                            )
+                        }),
+                    },
+                }
+            }
+            Backend::Supabase => {
+                let isolation = self.supabase.as_ref().map(|s| s.isolation_level);
+                Guarantee {
+                    level: ConsistencyLevel::Strong,
+                    summary: match isolation {
+                        Some(IsolationLevel::ReadCommitted) => {
+                            "read committed on one PostgreSQL primary".into()
+                        }
+                        _ => "serializable transactions on one PostgreSQL primary".into(),
+                    },
+                    caveat: (isolation == Some(IsolationLevel::ReadCommitted)).then(|| {
+                        "multi-key transactions are not serializable at read_committed".into()
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The quorum guarantee of the replication settings.
+    pub fn quorum_guarantee(&self) -> QuorumGuarantee {
+        self.replication
+            .quorum
+            .validate()
+            .expect("validated when the config was built")
+    }
+
+    /// Checks the invariants a hand-built `Config` must hold; parsed configs already do.
+    pub fn validate(&self) -> Result<(), String> {
+        self.replication
+            .quorum
+            .validate()
+            .map_err(|e| e.to_string())?;
+        for (name, settings) in &self.collections {
+            validate_collection(name.as_bytes())
+                .map_err(|e| format!("collection `{name}`: {e}"))?;
+            let backend = settings.backend.unwrap_or(self.default_backend);
+            if backend == Backend::Redis && self.redis.is_none() {
+                return Err(format!(
+                    "collection `{name}` uses redis but storage.redis is not set"
+                ));
+            }
+            if backend == Backend::Supabase && self.supabase.is_none() {
+                return Err(format!(
+                    "collection `{name}` uses supabase but storage.supabase is not set"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+//! The configuration file as written, and its resolution into [`Config`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::{RenderOptions, SnippetMode};
+
+use super::error::{expected_names, nearest, unknown_name};
+use super::locate::{locate, path_at};
+use super::{
+    Backend, CollectionConfig, Config, ConfigError, ConflictStrategy, IsolationLevel, RedisConfig,
+    Replication, ReplicationStrategy, SupabaseConfig,
+};
+use crate::key::validate_collection;
+use crate::level::ConsistencyLevel;
+use crate::node::NodeId;
+use crate::quorum::{QuorumError, QuorumSpec};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    storage: Option<Storage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Storage {
+    node_id: Option<String>,
+    data_dir: Option<String>,
+    default_consistency: Option<ConsistencyLevel>,
+    default_backend: Option<Backend>,
+    default_conflict: Option<ConflictStrategy>,
+    #[serde(default)]
+    consistency_overrides: BTreeMap<String, ConsistencyLevel>,
+    #[serde(default)]
+    collections: BTreeMap<String, Collection>,
+    replication: Option<ReplicationBlock>,
+    redis: Option<Redis>,
+    supabase: Option<Supabase>,
+    clock: Option<Clock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Collection {
+    backend: Option<Backend>,
+    consistency: Option<ConsistencyLevel>,
+    conflict: Option<ConflictStrategy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicationBlock {
+    strategy: Option<ReplicationStrategy>,
+    replicas: Option<u8>,
+    write_quorum: Option<u8>,
+    read_quorum: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redis {
+    url: Option<String>,
+    consistency: Option<ConsistencyLevel>,
+    replicas: Option<u8>,
+    wait_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Supabase {
+    url: String,
+    isolation_level: Option<IsolationLevel>,
+    connection_pool_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Clock {
+    max_offset_ms: Option<u64>,
+}
+
+/// Builds errors that point into the text being parsed.
+struct Source<'a> {
+    text: &'a str,
+    name: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        let (line, column) = locate(self.text, field);
+        ConfigError {
+            source_name: self.name.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+            suggestion: None,
+        }
+    }
+
+    fn serde_error(&self, err: &serde_saphyr::Error) -> ConfigError {
+        let mut options = RenderOptions::default();
+        options.snippets = SnippetMode::Off;
+        let rendered = err.render_with_options(options);
+        // The rendered text ends with the position; we report it in our own format.
+        let message = rendered
+            .split(" at line ")
+            .next()
+            .unwrap_or(&rendered)
+            .trim()
+            .to_owned();
+        let (line, column) = err
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let mut field = path_at(self.text, line);
+        let suggestion = unknown_name(&message).and_then(|unknown| {
+            // For an unknown field the path ends with the unknown key; name its parent too.
+            if message.contains("unknown field") && field.ends_with(unknown) {
+                field.truncate(field.len() - unknown.len());
+                field.push_str(unknown);
+            }
+            nearest(unknown, expected_names(&message))
+        });
+        if field.is_empty() {
+            field = "(document)".into();
+        }
+        ConfigError {
+            source_name: self.name.to_owned(),
+            line,
+            column,
+            field,
+            message,
+            suggestion,
+        }
+    }
+}
+
+pub(super) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+    let source = Source {
+        text,
+        name: source_name,
+    };
+    let file: File = serde_saphyr::from_str(text).map_err(|err| source.serde_error(&err))?;
+    let Some(storage) = file.storage else {
+        return Ok(Config::default());
+    };
+    resolve(storage, &source)
+}
+
+fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    if let Some(id) = storage.node_id {
+        config.node_id =
+            NodeId::new(id).map_err(|e| source.error("storage.node_id", e.to_string()))?;
+    }
+    config.data_dir = storage.data_dir;
+    if let Some(level) = storage.default_consistency {
+        config.default_consistency = level;
+    }
+    if let Some(backend) = storage.default_backend {
+        config.default_backend = backend;
+    }
+    if let Some(conflict) = storage.default_conflict {
+        config.default_conflict = conflict;
+    }
+    if let Some(block) = storage.replication {
+        config.replication = replication(block, source)?;
+    }
+    if let Some(redis) = storage.redis {
+        let consistency = redis.consistency.unwrap_or(ConsistencyLevel::Eventual);
+        if consistency == ConsistencyLevel::Causal {
+            return Err(source.error(
+                "storage.redis.consistency",
+                "Redis offers eventual (asynchronous replication) or strong (WAIT); \
+                 causal is configured per collection",
+            ));
+        }
+        let replicas = redis.replicas.unwrap_or(0);
+        if consistency == ConsistencyLevel::Strong && replicas == 0 {
+            return Err(source.error(
+                "storage.redis.replicas",
+                "strong Redis writes WAIT for `replicas` replicas, so it must be at least 1",
+            ));
+        }
+        config.redis = Some(RedisConfig {
+            url: redis.url.unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            consistency,
+            replicas,
+            wait_timeout_ms: redis.wait_timeout_ms.unwrap_or(1000),
+        });
+    }
+    if let Some(supabase) = storage.supabase {
+        let pool = supabase.connection_pool_size.unwrap_or(10);
+        if pool == 0 {
+            return Err(source.error(
+                "storage.supabase.connection_pool_size",
+                "the pool needs at least one connection",
+            ));
+        }
+        config.supabase = Some(SupabaseConfig {
+            url: supabase.url,
+            isolation_level: supabase
+                .isolation_level
+                .unwrap_or(IsolationLevel::Serializable),
+            connection_pool_size: pool,
+        });
+    }
+    if let Some(clock) = storage.clock {
+        config.max_clock_offset_ms = clock.max_offset_ms.unwrap_or(config.max_clock_offset_ms);
+    }
+
+    for (name, collection) in storage.collections {
+        let field = format!("storage.collections.{name}");
+        validate_collection(name.as_bytes()).map_err(|e| source.error(&field, e.to_string()))?;
+        let backend = collection.backend.unwrap_or(config.default_backend);
+        check_backend_block(&config, backend, &format!("{field}.backend"), source)?;
+        config.collections.insert(
+            name,
+            CollectionConfig {
+                backend: collection.backend,
+                consistency: collection.consistency,
+                conflict: collection.conflict,
+            },
+        );
+    }
+    check_backend_block(
+        &config,
+        config.default_backend,
+        "storage.default_backend",
+        source,
+    )?;
+    for (name, level) in storage.consistency_overrides {
+        let field = format!("storage.consistency_overrides.{name}");
+        validate_collection(name.as_bytes()).map_err(|e| source.error(&field, e.to_string()))?;
+        let entry = config.collections.entry(name.clone()).or_default();
+        match entry.consistency {
+            Some(other) if other != level => {
+                return Err(source.error(
+                    &field,
+                    format!(
+                        "`{name}` is {level} here but {other} in storage.collections.{name}.consistency; \
+                         set it in one place"
+                    ),
+                ));
+            }
+            _ => entry.consistency = Some(level),
+        }
+    }
+    Ok(config)
+}
+
+fn check_backend_block(
+    config: &Config,
+    backend: Backend,
+    field: &str,
+    source: &Source<'_>,
+) -> Result<(), ConfigError> {
+    let missing = match backend {
+        Backend::Redis if config.redis.is_none() => Some("storage.redis"),
+        Backend::Supabase if config.supabase.is_none() => Some("storage.supabase"),
+        _ => None,
+    };
+    match missing {
+        Some(block) => {
+            Err(source.error(field, format!("backend {backend} needs a `{block}` block")))
+        }
+        None => Ok(()),
+    }
+}
+
+fn replication(block: ReplicationBlock, source: &Source<'_>) -> Result<Replication, ConfigError> {
+    let strategy = block.strategy.unwrap_or(ReplicationStrategy::Async);
+    let n = block.replicas.unwrap_or(1);
+    let implied_w = match strategy {
+        ReplicationStrategy::Async => 1,
+        ReplicationStrategy::Sync => n,
+        ReplicationStrategy::Quorum => QuorumSpec::majority(n),
+    };
+    let w = block.write_quorum.unwrap_or(implied_w);
+    if strategy != ReplicationStrategy::Quorum && w != implied_w {
+        return Err(source.error(
+            "storage.replication.write_quorum",
+            format!(
+                "strategy {strategy} acknowledges after {implied_w} replica(s); \
+                 use strategy quorum to choose write_quorum"
+            ),
+        ));
+    }
+    let r = block.read_quorum.unwrap_or(match strategy {
+        ReplicationStrategy::Quorum => QuorumSpec::majority(n),
+        _ => 1,
+    });
+    let quorum = QuorumSpec { n, w, r };
+    quorum.validate().map_err(|err| {
+        let field = match err {
+            QuorumError::NoReplicas => "storage.replication.replicas",
+            QuorumError::WriteQuorum { .. } => "storage.replication.write_quorum",
+            QuorumError::ReadQuorum { .. } => "storage.replication.read_quorum",
+        };
+        source.error(field, err.to_string())
+    })?;
+    Ok(Replication { strategy, quorum })
+}

@@ -1,0 +1,188 @@
+use super::*;
+use crate::quorum::QuorumSpec;
+
+/// The three configuration blocks of the specification, copied verbatim.
+const SPEC_REDIS: &str = include_str!("../../tests/fixtures/spec-redis.yaml");
+const SPEC_SUPABASE: &str = include_str!("../../tests/fixtures/spec-supabase.yaml");
+const SPEC_STORAGE: &str = include_str!("../../tests/fixtures/spec-storage.yaml");
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml(text, "agentstore.yaml")
+}
+
+#[test]
+fn the_specs_redis_block_is_accepted() {
+    let config = parse(SPEC_REDIS).unwrap();
+    let redis = config.redis.unwrap();
+    assert_eq!(redis.consistency, ConsistencyLevel::Eventual);
+    assert_eq!((redis.replicas, redis.wait_timeout_ms), (2, 1000));
+}
+
+#[test]
+fn the_specs_supabase_block_is_accepted() {
+    let config = parse(SPEC_SUPABASE).unwrap();
+    let supabase = config.supabase.unwrap();
+    assert_eq!(supabase.url, "https://project.supabase.co");
+    assert_eq!(supabase.isolation_level, IsolationLevel::Serializable);
+    assert_eq!(supabase.connection_pool_size, 10);
+}
+
+#[test]
+fn the_specs_storage_block_is_accepted() {
+    let config = parse(SPEC_STORAGE).unwrap();
+    assert_eq!(config.default_consistency, ConsistencyLevel::Eventual);
+    assert_eq!(config.plan("agents").consistency, ConsistencyLevel::Strong);
+    assert_eq!(config.plan("tasks").consistency, ConsistencyLevel::Causal);
+    assert_eq!(
+        config.plan("metrics").consistency,
+        ConsistencyLevel::Eventual
+    );
+    // Collection names match the key's first segment exactly: `agent:` is not `agents`.
+    assert_eq!(config.plan("agent").consistency, ConsistencyLevel::Eventual);
+    assert_eq!(config.replication.strategy, ReplicationStrategy::Quorum);
+    assert_eq!(config.replication.quorum, QuorumSpec { n: 3, w: 2, r: 2 });
+    assert!(config.quorum_guarantee().overlapping);
+}
+
+#[test]
+fn the_example_config_reproduces_the_specs_data_categories() {
+    let config = parse(include_str!("../../../../examples/agentstore.yaml")).unwrap();
+    let expect = [
+        ("agent", Backend::Supabase, ConsistencyLevel::Strong),
+        ("keys", Backend::Local, ConsistencyLevel::Strong),
+        ("pow", Backend::Supabase, ConsistencyLevel::Strong),
+        ("finance", Backend::Supabase, ConsistencyLevel::Strong),
+        ("task", Backend::Redis, ConsistencyLevel::Causal),
+        ("messages", Backend::Supabase, ConsistencyLevel::Causal),
+        ("workflow", Backend::Redis, ConsistencyLevel::Causal),
+        ("reputation", Backend::Redis, ConsistencyLevel::Eventual),
+        ("metrics", Backend::Redis, ConsistencyLevel::Eventual),
+        ("cache", Backend::Redis, ConsistencyLevel::Eventual),
+        ("peers", Backend::Redis, ConsistencyLevel::Eventual),
+    ];
+    for (name, backend, level) in expect {
+        let plan = config.plan(name);
+        assert_eq!(
+            (plan.backend, plan.consistency),
+            (backend, level),
+            "collection {name}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_file_is_the_embedded_default() {
+    assert_eq!(parse("").unwrap(), Config::default());
+    assert_eq!(parse("storage: {}\n").unwrap(), Config::default());
+}
+
+fn error(text: &str) -> ConfigError {
+    parse(text).unwrap_err()
+}
+
+#[test]
+fn an_unknown_field_is_located_and_a_near_name_suggested() {
+    let err = error("storage:\n  replication:\n    strategy: quorum\n    replicaz: 3\n");
+    assert_eq!((err.line, err.column), (4, 5));
+    assert_eq!(err.field, "storage.replication.replicaz");
+    assert_eq!(err.suggestion.as_deref(), Some("replicas"));
+    assert!(
+        err.to_string()
+            .starts_with("agentstore.yaml:4:5: field `storage.replication.replicaz`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_level_is_located_and_a_near_name_suggested() {
+    let err = error("storage:\n  consistency_overrides:\n    agents: strnog\n");
+    assert_eq!(err.line, 3);
+    assert_eq!(err.field, "storage.consistency_overrides.agents");
+    assert_eq!(err.suggestion.as_deref(), Some("strong"));
+}
+
+#[test]
+fn a_wrong_type_is_located() {
+    let err = error("storage:\n  replication:\n    replicas: three\n");
+    assert_eq!(err.line, 3);
+    assert_eq!(err.field, "storage.replication.replicas");
+}
+
+#[test]
+fn a_write_quorum_above_replicas_is_refused() {
+    let err = error(
+        "storage:\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 4\n",
+    );
+    assert_eq!((err.line, err.column), (5, 5));
+    assert_eq!(err.field, "storage.replication.write_quorum");
+    assert!(err.message.contains("write_quorum (4)"), "{err}");
+}
+
+#[test]
+fn a_write_quorum_that_contradicts_the_strategy_is_refused() {
+    let err = error(
+        "storage:\n  replication:\n    strategy: async\n    replicas: 3\n    write_quorum: 2\n",
+    );
+    assert_eq!(err.field, "storage.replication.write_quorum");
+}
+
+#[test]
+fn a_backend_without_its_block_is_refused() {
+    let err = error("storage:\n  collections:\n    tasks:\n      backend: redis\n");
+    assert_eq!(err.field, "storage.collections.tasks.backend");
+    assert_eq!(err.line, 4);
+}
+
+#[test]
+fn conflicting_levels_for_one_collection_are_refused() {
+    let err = error(
+        "storage:\n  consistency_overrides:\n    tasks: causal\n  collections:\n    tasks:\n      consistency: strong\n",
+    );
+    assert_eq!(err.field, "storage.consistency_overrides.tasks");
+    assert_eq!(err.line, 3);
+}
+
+#[test]
+fn bad_collection_names_and_node_ids_are_refused() {
+    assert_eq!(
+        error("storage:\n  consistency_overrides:\n    \"a b\": strong\n").line,
+        3
+    );
+    assert_eq!(
+        error("storage:\n  node_id: \"\"\n").field,
+        "storage.node_id"
+    );
+}
+
+#[test]
+fn guarantees_are_computed_not_copied_from_the_label() {
+    let config = parse(
+        "storage:\n  redis:\n    consistency: strong\n    replicas: 2\n  collections:\n    locks:\n      backend: redis\n      consistency: strong\n",
+    )
+    .unwrap();
+    let plan = config.plan("locks");
+    assert_eq!(plan.guarantee.level, ConsistencyLevel::Strong);
+    assert!(
+        plan.guarantee
+            .caveat
+            .as_deref()
+            .unwrap()
+            .contains("not linearizable")
+    );
+
+    let config = parse(
+        "storage:\n  redis: {}\n  collections:\n    tasks:\n      backend: redis\n      consistency: causal\n",
+    )
+    .unwrap();
+    let plan = config.plan("tasks");
+    assert_eq!(plan.guarantee.level, ConsistencyLevel::Eventual);
+    assert!(
+        plan.guarantee.caveat.is_some(),
+        "asking more than the backend gives is flagged"
+    );
+
+    assert_eq!(
+        Config::default().plan("anything").guarantee.level,
+        ConsistencyLevel::Strong
+    );
+}

@@ -1,0 +1,141 @@
+//! Version vectors and dots: how replicas tell "happened before" from "concurrent".
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crdt::Crdt;
+use crate::node::NodeId;
+
+/// One event: the `counter`-th event that `node` issued.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Dot {
+    /// The node that issued the event.
+    pub node: NodeId,
+    /// Its sequence number at that node, from 1.
+    pub counter: u64,
+}
+
+/// How two versions relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Causality {
+    /// Same events.
+    Equal,
+    /// The left side saw a strict subset of the right side's events.
+    Before,
+    /// The left side saw a strict superset of the right side's events.
+    After,
+    /// Each side saw an event the other did not: a conflict.
+    Concurrent,
+}
+
+/// A version vector: for each node, how many of its events have been seen.
+///
+/// It is also a causal context: it contains dot `(n, c)` when `c <= self[n]`. That is exact
+/// as long as every node issues its dots in order and every context is built from whole
+/// states, which is how the CRDTs here use it.
+///
+/// Invariant: no entry is zero (absent and zero mean the same, and keeping one form makes
+/// equality and the encoding canonical).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VersionVector(BTreeMap<NodeId, u64>);
+
+impl VersionVector {
+    /// The empty vector: nothing seen.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many of `node`'s events were seen.
+    pub fn get(&self, node: &NodeId) -> u64 {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+
+    /// Records the next event of `node` and returns its dot.
+    pub fn next_dot(&mut self, node: &NodeId) -> Dot {
+        let counter = self.0.entry(node.clone()).or_insert(0);
+        *counter += 1;
+        Dot {
+            node: node.clone(),
+            counter: *counter,
+        }
+    }
+
+    /// Whether the event `dot` has been seen.
+    pub fn contains(&self, dot: &Dot) -> bool {
+        dot.counter <= self.get(&dot.node)
+    }
+
+    /// Raises `node`'s entry to at least `counter`.
+    pub fn witness(&mut self, node: &NodeId, counter: u64) {
+        if counter > 0 {
+            let entry = self.0.entry(node.clone()).or_insert(0);
+            *entry = (*entry).max(counter);
+        }
+    }
+
+    /// Whether every event seen by `other` was seen by `self`.
+    pub fn dominates(&self, other: &Self) -> bool {
+        other
+            .0
+            .iter()
+            .all(|(node, &counter)| self.get(node) >= counter)
+    }
+
+    /// How `self` relates to `other`.
+    pub fn compare(&self, other: &Self) -> Causality {
+        match (self.dominates(other), other.dominates(self)) {
+            (true, true) => Causality::Equal,
+            (true, false) => Causality::After,
+            (false, true) => Causality::Before,
+            (false, false) => Causality::Concurrent,
+        }
+    }
+
+    /// The entries, in node order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&NodeId, u64)> {
+        self.0.iter().map(|(node, &counter)| (node, counter))
+    }
+
+    /// Number of nodes with a non-zero entry.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialOrd for VersionVector {
+    /// The causal (partial) order: `None` when concurrent.
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        match self.compare(other) {
+            Causality::Equal => Some(Ordering::Equal),
+            Causality::Before => Some(Ordering::Less),
+            Causality::After => Some(Ordering::Greater),
+            Causality::Concurrent => None,
+        }
+    }
+}
+
+impl FromIterator<(NodeId, u64)> for VersionVector {
+    fn from_iter<I: IntoIterator<Item = (NodeId, u64)>>(iter: I) -> Self {
+        let mut vv = Self::new();
+        for (node, counter) in iter {
+            vv.witness(&node, counter);
+        }
+        vv
+    }
+}
+
+impl Crdt for VersionVector {
+    /// Pointwise maximum. Laws: commutative, associative, idempotent (a max per entry).
+    fn merge(&mut self, other: &Self) {
+        for (node, counter) in other.iter() {
+            self.witness(node, counter);
+        }
+    }
+}
