@@ -1,0 +1,450 @@
+//! The conformance suite: the [`Engine`] obligations as executable checks.
+//!
+//! Every engine runs the same checks through [`conformance_tests!`](crate::conformance_tests):
+//!
+//! ```ignore
+//! async fn make() -> (LocalEngine, tempfile::TempDir) { ... }
+//! agentstore_engine::conformance_tests!(make);
+//! ```
+//!
+//! Each check works in its own fresh collection (see [`namespace`]), so checks can share one
+//! server and leftovers of earlier runs do not matter. A failing check panics with a message
+//! that names what broke.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agentstore_core::record::{Kind, Value};
+use agentstore_core::{Causality, Crdt, HybridClock, NodeId, VersionVector};
+
+use crate::{Engine, EngineError, Expect, Key, Mutation, Write};
+
+/// Generates one `#[tokio::test]` per check. `$make` is an async fn returning the engine and
+/// a guard kept alive for the test (a temporary directory, a server handle, ...).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::conformance_tests!(@each $make;
+            missing_key_reads_as_none,
+            binary_and_unicode_keys_and_values_round_trip,
+            delete_leaves_a_tombstone,
+            scan_returns_a_prefix_in_key_order_with_paging,
+            compare_and_set_checks_the_version,
+            a_failed_expectation_writes_nothing_of_its_batch,
+            a_batch_sees_its_own_writes,
+            concurrent_counter_increments_are_exact,
+            concurrent_lww_writers_keep_the_newest_stamp,
+            multi_value_keeps_siblings_until_a_context_write,
+            sets_add_and_remove,
+            a_mutation_of_the_wrong_kind_is_refused,
+            merging_a_remote_state_joins_it
+        );
+    };
+    (@each $make:path; $($check:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let (engine, _guard) = $make().await;
+                $crate::conformance::$check(&engine, &$crate::conformance::namespace()).await;
+            }
+        )*
+    };
+}
+
+/// A collection name no other check, test process or earlier run uses.
+pub fn namespace() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "conf{}x{}x{}",
+        std::process::id(),
+        nanos % 1_000_000_000_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn key(ns: &str, rest: impl AsRef<[u8]>) -> Key {
+    let mut bytes = ns.as_bytes().to_vec();
+    bytes.push(b':');
+    bytes.extend_from_slice(rest.as_ref());
+    Key::new(bytes).expect("valid test key")
+}
+
+fn register(record: &crate::Record) -> Option<&[u8]> {
+    match &record.value {
+        Value::Register(value) => value.as_deref(),
+        other => panic!("expected an LWW register, found {:?}", other.kind()),
+    }
+}
+
+/// A key never written reads as `None`.
+pub async fn missing_key_reads_as_none<E: Engine + Clone>(engine: &E, ns: &str) {
+    assert_eq!(engine.get(&key(ns, "nothing")).await.unwrap(), None);
+}
+
+/// Binary and Unicode keys and values, empty and large values, come back byte for byte.
+pub async fn binary_and_unicode_keys_and_values_round_trip<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let all_bytes: Vec<u8> = (0..=255).collect();
+    let large: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let cases: Vec<(Key, Vec<u8>)> = vec![
+        (key(ns, [0u8, 255, b':', 10, 13]), all_bytes.clone()),
+        (key(ns, "日本語:ключ:🔑"), "värde ✓ 値".as_bytes().to_vec()),
+        (key(ns, "empty"), Vec::new()),
+        (key(ns, "large"), large),
+    ];
+    for (k, v) in &cases {
+        engine
+            .apply(k.clone(), Mutation::Put(v.clone()))
+            .await
+            .unwrap();
+    }
+    for (k, v) in &cases {
+        let record = engine
+            .get(k)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{k} is missing"));
+        assert_eq!(register(&record), Some(v.as_slice()), "value of {k}");
+    }
+}
+
+/// A delete stores a tombstone that supersedes the value and is still readable.
+pub async fn delete_leaves_a_tombstone<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "doomed");
+    let live = engine
+        .apply(k.clone(), Mutation::Put(b"v".to_vec()))
+        .await
+        .unwrap();
+    let tombstone = engine.apply(k.clone(), Mutation::Delete).await.unwrap();
+    assert!(tombstone.is_tombstone());
+    assert_eq!(tombstone.causality(&live), Causality::After);
+    let stored = engine
+        .get(&k)
+        .await
+        .unwrap()
+        .expect("the tombstone is stored");
+    assert!(stored.is_tombstone());
+    let scanned = engine.scan(k.as_bytes(), None, 10).await.unwrap();
+    assert_eq!(scanned.len(), 1, "scan returns tombstones too");
+}
+
+/// Scan returns exactly the keys with the prefix, in byte order, and pages with `start_after`.
+pub async fn scan_returns_a_prefix_in_key_order_with_paging<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let other = format!("{ns}z");
+    engine
+        .apply(key(&other, "outside"), Mutation::Put(vec![0]))
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for i in (0..25u8).rev() {
+        let k = key(ns, format!("item:{i:03}"));
+        engine
+            .apply(k.clone(), Mutation::Put(vec![i]))
+            .await
+            .unwrap();
+        expected.push(k);
+    }
+    expected.sort();
+    let prefix = format!("{ns}:");
+    let mut seen = Vec::new();
+    let mut after: Option<Key> = None;
+    loop {
+        let page = engine
+            .scan(prefix.as_bytes(), after.as_ref(), 10)
+            .await
+            .unwrap();
+        assert!(page.len() <= 10, "a page holds at most `limit` records");
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        seen.extend(page.into_iter().map(|(k, _)| k));
+    }
+    assert_eq!(seen, expected);
+}
+
+/// Compare-and-set writes only over the version it expects.
+pub async fn compare_and_set_checks_the_version<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "cas");
+    let first = engine
+        .apply_if(k.clone(), Mutation::Put(b"1".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    let again = engine
+        .apply_if(k.clone(), Mutation::Put(b"x".to_vec()), Expect::Absent)
+        .await;
+    assert!(
+        matches!(again, Err(EngineError::ExpectationFailed { .. })),
+        "{again:?}"
+    );
+    let second = engine
+        .apply_if(
+            k.clone(),
+            Mutation::Put(b"2".to_vec()),
+            Expect::Version(first.version.clone()),
+        )
+        .await
+        .unwrap();
+    let stale = engine
+        .apply_if(
+            k.clone(),
+            Mutation::Put(b"stale".to_vec()),
+            Expect::Version(first.version.clone()),
+        )
+        .await;
+    match stale {
+        Err(EngineError::ExpectationFailed {
+            key: failed,
+            source,
+        }) => {
+            assert_eq!(failed, k);
+            assert_eq!(source.actual, Some(second.version.clone()));
+        }
+        other => panic!("a stale version must fail, got {other:?}"),
+    }
+    assert_eq!(
+        register(&engine.get(&k).await.unwrap().unwrap()),
+        Some(&b"2"[..])
+    );
+}
+
+/// A batch whose later expectation fails writes none of its earlier writes.
+pub async fn a_failed_expectation_writes_nothing_of_its_batch<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let (a, b) = (key(ns, "a"), key(ns, "b"));
+    engine
+        .apply(b.clone(), Mutation::Put(b"taken".to_vec()))
+        .await
+        .unwrap();
+    let result = engine
+        .commit(vec![
+            Write::new(a.clone(), Mutation::Put(b"1".to_vec())),
+            Write::expecting(b.clone(), Mutation::Put(b"2".to_vec()), Expect::Absent),
+        ])
+        .await;
+    assert!(
+        matches!(result, Err(EngineError::ExpectationFailed { ref key, .. }) if *key == b),
+        "{result:?}"
+    );
+    assert_eq!(
+        engine.get(&a).await.unwrap(),
+        None,
+        "nothing of a failed batch is written"
+    );
+}
+
+/// Later writes of a batch apply to the results of earlier ones.
+pub async fn a_batch_sees_its_own_writes<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "counter");
+    let records = engine
+        .commit(vec![
+            Write::new(k.clone(), Mutation::PnCounterAdd(5)),
+            Write::new(k.clone(), Mutation::PnCounterAdd(-2)),
+            Write::new(key(ns, "other"), Mutation::Put(vec![1])),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 3);
+    match &engine.get(&k).await.unwrap().unwrap().value {
+        Value::PnCounter(counter) => assert_eq!(counter.value(), 3),
+        other => panic!("expected a counter, found {:?}", other.kind()),
+    }
+}
+
+/// Increments from many concurrent tasks are all counted.
+pub async fn concurrent_counter_increments_are_exact<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "hits");
+    let (tasks, per_task) = (16, 25);
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let (engine, k) = (engine.clone(), k.clone());
+        set.spawn(async move {
+            for _ in 0..per_task {
+                engine
+                    .apply(
+                        k.clone(),
+                        Mutation::PnCounterAdd(if t % 4 == 0 { -1 } else { 2 }),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap();
+    }
+    let expected = (0..tasks)
+        .map(|t| if t % 4 == 0 { -per_task } else { 2 * per_task })
+        .sum::<i64>();
+    match &engine.get(&k).await.unwrap().unwrap().value {
+        Value::PnCounter(counter) => assert_eq!(counter.value(), expected),
+        other => panic!("expected a counter, found {:?}", other.kind()),
+    }
+}
+
+/// Concurrent LWW writers: the stored value is the one with the greatest stamp, and every
+/// acknowledged write's stamp is below it.
+pub async fn concurrent_lww_writers_keep_the_newest_stamp<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "contended");
+    let mut set = tokio::task::JoinSet::new();
+    for writer in 0..2u8 {
+        let (engine, k) = (engine.clone(), k.clone());
+        set.spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..50u8 {
+                let record = engine
+                    .apply(k.clone(), Mutation::Put(vec![writer, i]))
+                    .await
+                    .unwrap();
+                acked.push(record);
+            }
+            acked
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(done) = set.join_next().await {
+        acked.extend(done.unwrap());
+    }
+    let newest = acked.iter().max_by(|a, b| a.stamp.cmp(&b.stamp)).unwrap();
+    let stored = engine.get(&k).await.unwrap().unwrap();
+    assert_eq!(
+        stored.stamp, newest.stamp,
+        "the newest acknowledged write wins"
+    );
+    assert_eq!(register(&stored), register(newest));
+    let stamps: std::collections::BTreeSet<_> = acked.iter().map(|r| r.stamp.clone()).collect();
+    assert_eq!(
+        stamps.len(),
+        acked.len(),
+        "every write got a distinct stamp"
+    );
+}
+
+/// Blind writes to a multi-value register become siblings; writing with the read context
+/// replaces them all.
+pub async fn multi_value_keeps_siblings_until_a_context_write<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let k = key(ns, "doc");
+    for v in [b"one", b"two"] {
+        let put = Mutation::PutSibling {
+            value: Some(v.to_vec()),
+            context: VersionVector::new(),
+        };
+        engine.apply(k.clone(), put).await.unwrap();
+    }
+    let stored = engine.get(&k).await.unwrap().unwrap();
+    let Value::MultiValue(register) = &stored.value else {
+        panic!("expected a multi-value register")
+    };
+    let mut siblings: Vec<&[u8]> = register.values().map(Vec::as_slice).collect();
+    siblings.sort();
+    assert_eq!(siblings, [&b"one"[..], &b"two"[..]]);
+    let resolve = Mutation::PutSibling {
+        value: Some(b"merged".to_vec()),
+        context: register.context().clone(),
+    };
+    let resolved = engine.apply(k.clone(), resolve).await.unwrap();
+    let Value::MultiValue(register) = &resolved.value else {
+        panic!("expected a multi-value register")
+    };
+    assert_eq!(register.values().collect::<Vec<_>>(), [&b"merged".to_vec()]);
+}
+
+/// OR-Set adds and removes, and G-Set adds.
+pub async fn sets_add_and_remove<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "tags");
+    for tag in ["a", "b", "c"] {
+        engine
+            .apply(k.clone(), Mutation::OrSetAdd(tag.into()))
+            .await
+            .unwrap();
+    }
+    let record = engine
+        .apply(k.clone(), Mutation::OrSetRemove(b"b".to_vec()))
+        .await
+        .unwrap();
+    let Value::OrSet(set) = &record.value else {
+        panic!("expected an OR-Set")
+    };
+    assert_eq!(
+        set.iter().cloned().collect::<Vec<_>>(),
+        [b"a".to_vec(), b"c".to_vec()]
+    );
+    let g = key(ns, "seen");
+    engine
+        .apply(g.clone(), Mutation::GSetAdd(b"x".to_vec()))
+        .await
+        .unwrap();
+    let record = engine
+        .apply(g.clone(), Mutation::GSetAdd(b"x".to_vec()))
+        .await
+        .unwrap();
+    let Value::GSet(set) = &record.value else {
+        panic!("expected a G-Set")
+    };
+    assert_eq!(set.len(), 1);
+}
+
+/// A mutation for another kind of value is refused with a typed error and changes nothing.
+pub async fn a_mutation_of_the_wrong_kind_is_refused<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "typed");
+    let before = engine
+        .apply(k.clone(), Mutation::GCounterAdd(1))
+        .await
+        .unwrap();
+    match engine.apply(k.clone(), Mutation::Put(vec![1])).await {
+        Err(EngineError::WrongKind { source, .. }) => {
+            assert_eq!(
+                (source.stored, source.requested),
+                (Kind::GCounter, Kind::Register)
+            );
+        }
+        other => panic!("expected a wrong-kind error, got {other:?}"),
+    }
+    assert_eq!(engine.get(&k).await.unwrap(), Some(before));
+}
+
+/// Merging a state written elsewhere joins it with the stored state.
+pub async fn merging_a_remote_state_joins_it<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "shared");
+    let local = engine
+        .apply(k.clone(), Mutation::GCounterAdd(3))
+        .await
+        .unwrap();
+    let mut remote_clock = HybridClock::new(NodeId::new("remote-node").unwrap(), 500);
+    let remote =
+        agentstore_core::record::apply(None, &Mutation::GCounterAdd(4), &mut remote_clock, 1)
+            .unwrap();
+    let merged = engine
+        .apply(k.clone(), Mutation::Merge(remote.clone()))
+        .await
+        .unwrap();
+    let mut expected = local.clone();
+    expected.merge(&remote);
+    assert_eq!(merged, expected);
+    assert_eq!(merged.causality(&local), Causality::After);
+    let Value::GCounter(counter) = &merged.value else {
+        panic!("expected a G-Counter")
+    };
+    assert_eq!(counter.value(), 7);
+    // Merging the same state again changes nothing (idempotent on the engine too).
+    assert_eq!(
+        engine
+            .apply(k.clone(), Mutation::Merge(remote))
+            .await
+            .unwrap(),
+        merged
+    );
+}

@@ -1,0 +1,234 @@
+//! The local engine: records in one redb file, written by a group-commit writer thread.
+//!
+//! redb gives ACID transactions with one writer at a time and an fsync per commit
+//! (`Durability::Immediate`). Committing every client write on its own would cap throughput
+//! at one fsync per write, so writes go through a bounded queue to one writer thread, which
+//! applies every request waiting in the queue inside one transaction, commits once, and only
+//! then acknowledges each of them (group commit). Reads run directly on the caller's thread:
+//! a redb read transaction is an in-memory snapshot lookup that takes microseconds, cheaper
+//! than a hop to a blocking pool.
+
+mod writer;
+
+use std::fmt;
+use std::ops::Bound;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use agentstore_core::codec;
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::NodeClock;
+use crate::error::EngineError;
+use crate::{Engine, Key, Record, Write};
+
+/// Name of the data file inside the data directory.
+pub const DATA_FILE: &str = "agentstore.redb";
+
+/// Records by key bytes.
+const DATA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
+/// Facts about the file itself (its format version).
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The data-file format this version writes and the newest it reads.
+const FILE_FORMAT: u64 = 1;
+/// Requests waiting for the writer; senders wait when it is full (back-pressure).
+const QUEUE_DEPTH: usize = 1024;
+
+/// The embedded engine. Cheap to clone; the file closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct LocalEngine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<Database>,
+    path: PathBuf,
+    queue: Option<mpsc::Sender<writer::Request>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it has committed what it holds; joining it
+        // means the file lock is released when the last handle is gone.
+        self.queue.take();
+        let handle = self.writer.lock().map(|mut h| h.take()).unwrap_or(None);
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalEngine")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalEngine {
+    /// Opens (creating if needed) the engine in `dir`, stamping writes with `clock`.
+    ///
+    /// Fails with [`EngineError::Locked`] if another process has `dir` open, and with
+    /// [`EngineError::Corrupted`] if the data file is damaged or not an agentstore file.
+    pub fn open(dir: &Path, clock: Arc<NodeClock>) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::Storage {
+            detail: format!("cannot create the data directory {}: {e}", dir.display()),
+        })?;
+        let path = dir.join(DATA_FILE);
+        let db = open_database(&path)?;
+        check_format(&db, &path)?;
+        let db = Arc::new(db);
+        let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
+        let writer =
+            writer::spawn(Arc::clone(&db), clock, requests).map_err(EngineError::storage)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                path,
+                queue: Some(queue),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// The data file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database, EngineError> {
+    let corrupted = |detail: String| EngineError::Corrupted {
+        path: path.to_owned(),
+        detail,
+    };
+    // redb asserts some invariants of files it wrote itself in debug builds; a damaged file can
+    // trip them. Catching the panic turns that into the same typed error a release build gives.
+    let opened = catch_unwind(AssertUnwindSafe(|| Database::builder().create(path)))
+        .map_err(|panic| corrupted(panic_message(&panic)))?;
+    match opened {
+        Ok(db) => Ok(db),
+        Err(DatabaseError::DatabaseAlreadyOpen) => Err(EngineError::Locked {
+            path: path.to_owned(),
+        }),
+        Err(DatabaseError::Storage(StorageError::Corrupted(detail))) => Err(corrupted(detail)),
+        Err(DatabaseError::Storage(StorageError::Io(err)))
+            if err.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(corrupted(err.to_string()))
+        }
+        Err(DatabaseError::UpgradeRequired(found)) => Err(EngineError::UnsupportedFormat {
+            path: path.to_owned(),
+            found: u64::from(found),
+            supported: FILE_FORMAT,
+        }),
+        Err(err) => Err(EngineError::storage(err)),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "the storage library panicked while opening the file".into())
+}
+
+/// Creates the tables on first open and refuses files of a newer format.
+fn check_format(db: &Database, path: &Path) -> Result<(), EngineError> {
+    let txn = db.begin_write().map_err(EngineError::storage)?;
+    {
+        let mut meta = txn.open_table(META).map_err(EngineError::storage)?;
+        let found = meta
+            .get("format")
+            .map_err(EngineError::storage)?
+            .map(|v| v.value());
+        match found {
+            Some(found) if found > FILE_FORMAT => {
+                return Err(EngineError::UnsupportedFormat {
+                    path: path.to_owned(),
+                    found,
+                    supported: FILE_FORMAT,
+                });
+            }
+            Some(_) => {}
+            None => {
+                meta.insert("format", FILE_FORMAT)
+                    .map_err(EngineError::storage)?;
+            }
+        }
+        txn.open_table(DATA).map_err(EngineError::storage)?;
+    }
+    txn.commit().map_err(EngineError::storage)
+}
+
+fn decode(key: &Key, bytes: &[u8]) -> Result<Record, EngineError> {
+    codec::decode(bytes).map_err(|source| EngineError::Decode {
+        key: key.clone(),
+        source,
+    })
+}
+
+impl Engine for LocalEngine {
+    async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
+        let table = txn.open_table(DATA).map_err(EngineError::storage)?;
+        let stored = table.get(key.as_bytes()).map_err(EngineError::storage)?;
+        stored.map(|bytes| decode(key, bytes.value())).transpose()
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Record)>, EngineError> {
+        let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
+        let table = txn.open_table(DATA).map_err(EngineError::storage)?;
+        let start = match start_after {
+            Some(after) if after.as_bytes() >= prefix => Bound::Excluded(after.as_bytes()),
+            _ => Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range::<&[u8]>((start, Bound::Unbounded))
+            .map_err(EngineError::storage)?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(EngineError::storage)?;
+            let key_bytes = key.value();
+            if !key_bytes.starts_with(prefix) {
+                break;
+            }
+            let key = Key::new(key_bytes).map_err(|e| EngineError::Corrupted {
+                path: self.shared.path.clone(),
+                detail: format!(
+                    "stored key {:?} is invalid: {e}",
+                    key_bytes.escape_ascii().to_string()
+                ),
+            })?;
+            let record = decode(&key, value.value())?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
+        let queue = self.shared.queue.as_ref().ok_or(EngineError::Closed)?;
+        let (reply, response) = oneshot::channel();
+        queue
+            .send(writer::Request { writes, reply })
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        response.await.map_err(|_| EngineError::Closed)?
+    }
+}

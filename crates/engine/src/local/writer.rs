@@ -1,0 +1,145 @@
+//! The group-commit writer thread.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use agentstore_core::codec;
+use agentstore_core::record::{self, Record};
+use redb::{Database, ReadableTable, Table};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{DATA, decode};
+use crate::clock::NodeClock;
+use crate::error::EngineError;
+use crate::{Key, Write};
+
+/// Most requests committed in one transaction. Bounds the latency one commit adds to the
+/// requests queued behind it, and the memory a group holds.
+const MAX_GROUP: usize = 256;
+
+pub(super) struct Request {
+    pub(super) writes: Vec<Write>,
+    pub(super) reply: oneshot::Sender<Result<Vec<Record>, EngineError>>,
+}
+
+pub(super) fn spawn(
+    db: Arc<Database>,
+    clock: Arc<NodeClock>,
+    mut requests: mpsc::Receiver<Request>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("agentstore-writer".into())
+        .spawn(move || {
+            let mut group = Vec::with_capacity(MAX_GROUP);
+            while let Some(first) = requests.blocking_recv() {
+                group.push(first);
+                while group.len() < MAX_GROUP {
+                    match requests.try_recv() {
+                        Ok(request) => group.push(request),
+                        Err(_) => break,
+                    }
+                }
+                commit_group(&db, &clock, &mut group);
+            }
+        })
+}
+
+/// Applies every request of the group in one transaction, commits (fsync), then replies.
+/// A request whose own checks fail gets its error and writes nothing; the others proceed.
+/// If the commit itself fails, every request gets the error: none was acknowledged.
+fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
+    let outcomes = match apply_group(db, clock, group) {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            let detail = err.to_string();
+            group
+                .iter()
+                .map(|_| {
+                    Err(EngineError::Storage {
+                        detail: detail.clone(),
+                    })
+                })
+                .collect()
+        }
+    };
+    for (request, outcome) in group.drain(..).zip(outcomes) {
+        // The caller may have gone away (cancelled); its write is committed regardless.
+        let _ = request.reply.send(outcome);
+    }
+}
+
+type Outcome = Result<Vec<Record>, EngineError>;
+
+fn apply_group(
+    db: &Database,
+    clock: &NodeClock,
+    group: &[Request],
+) -> Result<Vec<Outcome>, EngineError> {
+    let txn = db.begin_write().map_err(EngineError::storage)?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    {
+        let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
+        for request in group {
+            match prepare(&table, clock, &request.writes) {
+                Ok(results) => {
+                    for (key, record) in &results {
+                        let bytes = codec::encode(record);
+                        table
+                            .insert(key.as_bytes(), bytes.as_slice())
+                            .map_err(EngineError::storage)?;
+                    }
+                    outcomes.push(Ok(results.into_iter().map(|(_, record)| record).collect()));
+                }
+                Err(err) => outcomes.push(Err(err)),
+            }
+        }
+    }
+    txn.commit().map_err(EngineError::storage)?;
+    Ok(outcomes)
+}
+
+/// Computes the records one request would write, without writing: checks every expectation
+/// and applies every mutation to the stored record, or to the result of an earlier write of
+/// the same request.
+fn prepare(
+    table: &Table<'_, &[u8], &[u8]>,
+    clock: &NodeClock,
+    writes: &[Write],
+) -> Result<Vec<(Key, Record)>, EngineError> {
+    let physical_ms = clock.physical_ms();
+    let mut results: Vec<(Key, Record)> = Vec::with_capacity(writes.len());
+    for write in writes {
+        let earlier = results
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == write.key)
+            .map(|(_, r)| r.clone());
+        let current = match earlier {
+            Some(record) => Some(record),
+            None => {
+                let stored = table
+                    .get(write.key.as_bytes())
+                    .map_err(EngineError::storage)?;
+                stored
+                    .map(|bytes| decode(&write.key, bytes.value()))
+                    .transpose()?
+            }
+        };
+        if let Some(expect) = &write.expect {
+            expect
+                .check(current.as_ref())
+                .map_err(|source| EngineError::ExpectationFailed {
+                    key: write.key.clone(),
+                    source,
+                })?;
+        }
+        let mut hlc = clock.lock();
+        let next = record::apply(current.as_ref(), &write.mutation, &mut hlc, physical_ms)
+            .map_err(|source| EngineError::WrongKind {
+                key: write.key.clone(),
+                source,
+            })?;
+        results.push((write.key.clone(), next));
+    }
+    Ok(results)
+}

@@ -1,0 +1,148 @@
+//! What only the local engine has: a data directory that one process owns, survives reopen,
+//! and reports damage at open instead of panicking.
+
+use std::io::{Seek, SeekFrom, Write as _};
+use std::sync::Arc;
+
+use agentstore_core::NodeId;
+use agentstore_core::record::Value;
+use agentstore_engine::{DATA_FILE, Engine, EngineError, Key, LocalEngine, Mutation, NodeClock};
+
+fn clock() -> Arc<NodeClock> {
+    NodeClock::system(NodeId::new("n1").unwrap(), 500)
+}
+
+fn key(s: &str) -> Key {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_there_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+        for i in 0..100u32 {
+            engine
+                .apply(
+                    key(&format!("k:{i}")),
+                    Mutation::Put(i.to_be_bytes().to_vec()),
+                )
+                .await
+                .unwrap();
+        }
+        engine
+            .apply(key("c:hits"), Mutation::PnCounterAdd(42))
+            .await
+            .unwrap();
+    }
+    let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+    for i in 0..100u32 {
+        let record = engine.get(&key(&format!("k:{i}"))).await.unwrap().unwrap();
+        assert_eq!(
+            record.value,
+            Value::Register(Some(i.to_be_bytes().to_vec()))
+        );
+    }
+    let record = engine.get(&key("c:hits")).await.unwrap().unwrap();
+    assert!(matches!(record.value, Value::PnCounter(ref c) if c.value() == 42));
+}
+
+#[tokio::test]
+async fn writes_after_reopen_supersede_older_ones_even_if_the_clock_went_back() {
+    let dir = tempfile::tempdir().unwrap();
+    struct Frozen(u64);
+    impl agentstore_engine::PhysicalClock for Frozen {
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
+    let future =
+        NodeClock::with_physical(NodeId::new("n1").unwrap(), 500, Arc::new(Frozen(9_000_000)));
+    let past = NodeClock::with_physical(NodeId::new("n1").unwrap(), 500, Arc::new(Frozen(1_000)));
+    let first = {
+        let engine = LocalEngine::open(dir.path(), future).unwrap();
+        engine
+            .apply(key("k:x"), Mutation::Put(b"old".to_vec()))
+            .await
+            .unwrap()
+    };
+    let engine = LocalEngine::open(dir.path(), past).unwrap();
+    let second = engine
+        .apply(key("k:x"), Mutation::Put(b"new".to_vec()))
+        .await
+        .unwrap();
+    assert!(second.stamp > first.stamp);
+    let stored = engine.get(&key("k:x")).await.unwrap().unwrap();
+    assert_eq!(stored.value, Value::Register(Some(b"new".to_vec())));
+}
+
+#[test]
+fn a_second_opener_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = LocalEngine::open(dir.path(), clock()).unwrap();
+    match LocalEngine::open(dir.path(), clock()) {
+        Err(EngineError::Locked { path }) => assert_eq!(path, dir.path().join(DATA_FILE)),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_directory_is_released_when_the_engine_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(LocalEngine::open(dir.path(), clock()).unwrap());
+    LocalEngine::open(dir.path(), clock()).unwrap();
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_reported_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(DATA_FILE),
+        b"these are not the bytes you are looking for",
+    )
+    .unwrap();
+    match LocalEngine::open(dir.path(), clock()) {
+        Err(EngineError::Corrupted { .. }) => {}
+        other => panic!("expected Corrupted, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_header_is_reported_at_open_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+        engine
+            .apply(key("k:1"), Mutation::Put(vec![1; 100]))
+            .await
+            .unwrap();
+    }
+    let path = dir.path().join(DATA_FILE);
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(9)).unwrap();
+    file.write_all(&[0xAB; 64]).unwrap();
+    drop(file);
+    let result = std::panic::catch_unwind(|| LocalEngine::open(dir.path(), clock()));
+    match result {
+        Ok(Err(
+            EngineError::Corrupted { .. }
+            | EngineError::Storage { .. }
+            | EngineError::UnsupportedFormat { .. },
+        )) => {}
+        Ok(other) => panic!("a damaged header must be an error at open, got {other:?}"),
+        Err(_) => panic!("opening a damaged file panicked"),
+    }
+}
+
+#[test]
+fn a_missing_directory_is_created_and_an_unusable_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("a/b/c");
+    LocalEngine::open(&nested, clock()).unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        LocalEngine::open(&file, clock()),
+        Err(EngineError::Storage { .. })
+    ));
+}
