@@ -1,0 +1,116 @@
+//! The facade's one error type.
+
+use std::path::PathBuf;
+
+use agentstore_core::ConsistencyLevel;
+use agentstore_core::config::{Backend, ConfigError, ConflictStrategy};
+use agentstore_core::key::KeyError;
+use agentstore_engine::EngineError;
+
+/// What a storage call can fail with. Each variant says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The configuration file is invalid; the error names the file, line, column and field.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The configuration file could not be read.
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A configuration built in code breaks a rule.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The key is not a valid key.
+    #[error("invalid key {key:?}: {source}")]
+    Key {
+        /// The key as given.
+        key: String,
+        /// Which rule it breaks.
+        source: KeyError,
+    },
+    /// The value could not be serialized to JSON.
+    #[error("cannot serialize the value for `{key}`: {source}")]
+    Serialize {
+        /// The key.
+        key: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The stored value does not deserialize into the requested type.
+    #[error("the value of `{key}` does not deserialize into the requested type: {source}")]
+    Deserialize {
+        /// The key.
+        key: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The operation does not fit the collection's conflict strategy.
+    #[error(
+        "`{key}`: collection `{collection}` holds {strategy} values, which do not support {operation}; \
+         {hint}"
+    )]
+    WrongOperation {
+        /// The key.
+        key: String,
+        /// Its collection.
+        collection: String,
+        /// The collection's strategy.
+        strategy: ConflictStrategy,
+        /// The operation attempted.
+        operation: &'static str,
+        /// What to do instead.
+        hint: String,
+    },
+    /// A multi-value key has several concurrent values; read them with `get_siblings`.
+    #[error(
+        "`{key}` has {count} concurrent values; read them with get_siblings and write back with the context"
+    )]
+    Siblings {
+        /// The key.
+        key: String,
+        /// How many values.
+        count: usize,
+    },
+    /// Compare-and-set found another version; nothing was written.
+    #[error("`{key}` changed since it was read (compare-and-set failed); read it again")]
+    VersionMismatch {
+        /// The key.
+        key: String,
+    },
+    /// The collection's backend is not available in this build or deployment.
+    #[error(
+        "collection `{collection}` is configured for backend {backend}, which this agentstore build \
+         cannot serve yet; route it to `local` (storage.collections.{collection}.backend: local)"
+    )]
+    BackendUnavailable {
+        /// The collection.
+        collection: String,
+        /// Its backend.
+        backend: Backend,
+    },
+    /// The call asks for a level the collection's mechanism cannot deliver.
+    #[error(
+        "collection `{collection}` delivers {delivered} but the call asks for {requested}; \
+         configure it with `storage.collections.{collection}.consistency: {requested}` on a backend \
+         that provides it"
+    )]
+    LevelUnavailable {
+        /// The collection.
+        collection: String,
+        /// What the collection delivers.
+        delivered: ConsistencyLevel,
+        /// What the call asked for.
+        requested: ConsistencyLevel,
+    },
+    /// The engine failed (data directory in use, corruption, I/O, ...).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// `Result` with [`StorageError`] as the default error.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

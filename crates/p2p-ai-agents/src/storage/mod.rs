@@ -1,0 +1,630 @@
+//! The storage API of the specification: `Storage`, `ConsistencyLevel`, and friends.
+//!
+//! ```no_run
+//! use p2p_ai_agents::storage::{Config, ConsistencyLevel, Storage};
+//!
+//! # async fn demo() -> p2p_ai_agents::storage::Result<()> {
+//! let storage = Storage::new(Config::default()).await?;
+//! storage.set_with_consistency("agent:identity:123", "ada", ConsistencyLevel::Strong).await?;
+//! let name: Option<String> = storage.get("agent:identity:123").await?;
+//! storage.counter_add("metrics:requests", 1).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Levels
+//!
+//! Every collection (a key's first `:`-separated segment) has a configured level; a call may
+//! name another. The **effective level of a call is the stronger of the two**: a call can ask
+//! for more than its collection, never for less. If the collection's backend cannot deliver
+//! the effective level, the call fails with [`StorageError::LevelUnavailable`] instead of
+//! silently giving less. An embedded store is one node on one ACID engine, which is
+//! linearizable, so it delivers every level, and every receipt says what was delivered.
+//!
+//! # Values
+//!
+//! Values are stored as JSON (any `Serialize` type). What a key holds is set by its
+//! collection's conflict strategy: `lww` and `multi_value` keys hold values written with
+//! [`Storage::set`]; `g_counter` and `pn_counter` keys are counters; `g_set` and `or_set` keys
+//! are sets. An operation that does not fit the strategy is a typed error that says which
+//! configuration line to change.
+
+mod error;
+mod values;
+mod version;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use agentstore_core::ConsistencyLevel;
+use agentstore_core::Key;
+pub use agentstore_core::config::Config;
+pub use agentstore_core::config::{
+    Backend, CollectionConfig, CollectionPlan, ConfigError, ConflictStrategy, Guarantee,
+    IsolationLevel, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
+};
+use agentstore_core::record::{Mutation, Value};
+use agentstore_engine::{Engine, EngineError, Expect, LocalEngine, NodeClock, Record, Write};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value as Json;
+
+pub use self::error::{Result, StorageError};
+use self::values::Reading;
+pub use self::version::{InvalidVersion, Version};
+
+/// Environment variable that overrides the default data directory.
+pub const DATA_DIR_ENV: &str = "AGENTSTORE_DATA_DIR";
+
+/// The data directory used when the configuration names none: `$AGENTSTORE_DATA_DIR`, else
+/// `$XDG_DATA_HOME/agentstore`, else `$HOME/.local/share/agentstore`, else `./agentstore-data`.
+pub fn default_data_dir() -> PathBuf {
+    let env = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env(DATA_DIR_ENV)
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("agentstore")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/agentstore")))
+        .unwrap_or_else(|| PathBuf::from("agentstore-data"))
+}
+
+/// Reads and validates a YAML configuration file.
+pub fn load_config(path: impl AsRef<Path>) -> Result<Config> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| StorageError::ConfigFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Config::from_yaml(&text, &path.display().to_string())?)
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReceipt {
+    /// The key's version after the write (for compare-and-set).
+    pub version: Version,
+    /// The effective level of the call: the stronger of the call's and the collection's.
+    pub level: ConsistencyLevel,
+    /// The level the collection's mechanism really delivered (at least `level`).
+    pub delivered: ConsistencyLevel,
+}
+
+/// A value with the version it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    /// The value.
+    pub value: T,
+    /// Its version; pass it to [`Storage::compare_and_set`].
+    pub version: Version,
+}
+
+/// The concurrent values of a multi-value key, and the context that replaces them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Siblings<T> {
+    /// Every value not superseded (empty when the key is missing or deleted).
+    pub values: Vec<T>,
+    /// Pass it to [`Storage::set_with_context`] to replace exactly these values.
+    pub context: Version,
+}
+
+/// One key of a scan, with its value rendered as JSON (see [`Storage::scan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The key.
+    pub key: String,
+    /// Its value: the register's value, a counter's total, a set's members as an array, or
+    /// the array of siblings of a multi-value key.
+    pub value: Json,
+}
+
+/// A handle to the store. Cheap to clone; all clones share one engine.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    data_dir: PathBuf,
+    local: LocalEngine,
+}
+
+/// What a call resolved to: the key, its collection's plan, and the effective level.
+struct Call {
+    key: Key,
+    plan: CollectionPlan,
+    level: ConsistencyLevel,
+}
+
+impl Storage {
+    /// Opens the store described by `config`: an embedded node on the local engine in the
+    /// configured data directory (see [`default_data_dir`]).
+    #[tracing::instrument(skip_all, fields(node = %config.node_id))]
+    pub async fn new(config: Config) -> Result<Self> {
+        config.validate().map_err(StorageError::InvalidConfig)?;
+        // Redis and PostgreSQL engines are not in this build: refuse them now rather than at
+        // the first call that touches such a collection.
+        if config.default_backend != Backend::Local {
+            let collection = "(default: storage.default_backend)".to_owned();
+            return Err(StorageError::BackendUnavailable {
+                collection,
+                backend: config.default_backend,
+            });
+        }
+        if let Some(plan) = config
+            .plans()
+            .into_iter()
+            .find(|plan| plan.backend != Backend::Local)
+        {
+            return Err(StorageError::BackendUnavailable {
+                collection: plan.name,
+                backend: plan.backend,
+            });
+        }
+        let data_dir = config
+            .data_dir
+            .as_ref()
+            .map_or_else(default_data_dir, PathBuf::from);
+        let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
+        let local = LocalEngine::open(&data_dir, clock)?;
+        tracing::info!(data_dir = %data_dir.display(), "storage open");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                data_dir,
+                local,
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The data directory of the local engine.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// Settings and guarantee of a collection.
+    pub fn plan(&self, collection: &str) -> CollectionPlan {
+        self.inner.config.plan(collection)
+    }
+
+    fn engine(&self) -> &LocalEngine {
+        &self.inner.local
+    }
+
+    /// Resolves a call: validates the key, finds its collection's plan, computes the
+    /// effective level and checks that the collection delivers it.
+    fn call(&self, key: &str, requested: Option<ConsistencyLevel>) -> Result<Call> {
+        let parsed: Key = key.parse().map_err(|source| StorageError::Key {
+            key: key.to_owned(),
+            source,
+        })?;
+        let plan = self.plan(parsed.collection());
+        let level = requested.map_or(plan.consistency, |r| r.max(plan.consistency));
+        if level > plan.guarantee.level {
+            return Err(StorageError::LevelUnavailable {
+                collection: plan.name,
+                delivered: plan.guarantee.level,
+                requested: level,
+            });
+        }
+        Ok(Call {
+            key: parsed,
+            plan,
+            level,
+        })
+    }
+
+    fn receipt(call: &Call, record: &Record) -> WriteReceipt {
+        WriteReceipt {
+            version: Version(record.version.clone()),
+            level: call.level,
+            delivered: call.plan.guarantee.level,
+        }
+    }
+
+    fn wrong(call: &Call, operation: &'static str, hint: impl Into<String>) -> StorageError {
+        StorageError::WrongOperation {
+            key: call.key.to_string(),
+            collection: call.plan.name.clone(),
+            strategy: call.plan.conflict,
+            operation,
+            hint: hint.into(),
+        }
+    }
+
+    fn encode<T: Serialize>(call: &Call, value: &T) -> Result<Vec<u8>> {
+        serde_json::to_vec(value).map_err(|source| StorageError::Serialize {
+            key: call.key.to_string(),
+            source,
+        })
+    }
+
+    /// Writes `value` at the collection's level.
+    pub async fn set<T: Serialize>(&self, key: &str, value: T) -> Result<WriteReceipt> {
+        self.write_value(key, value, None).await
+    }
+
+    /// Writes `value` at `level` or the collection's level, whichever is stronger.
+    #[tracing::instrument(skip(self, value), fields(outcome))]
+    pub async fn set_with_consistency<T: Serialize>(
+        &self,
+        key: &str,
+        value: T,
+        level: ConsistencyLevel,
+    ) -> Result<WriteReceipt> {
+        self.write_value(key, value, Some(level)).await
+    }
+
+    async fn write_value<T: Serialize>(
+        &self,
+        key: &str,
+        value: T,
+        level: Option<ConsistencyLevel>,
+    ) -> Result<WriteReceipt> {
+        let call = self.call(key, level)?;
+        let bytes = Self::encode(&call, &value)?;
+        let mutation = match call.plan.conflict {
+            ConflictStrategy::Register => Mutation::Put(bytes),
+            // A write without a context does not overwrite what it has not seen: it becomes a
+            // sibling. Use `set_with_context` to replace siblings.
+            ConflictStrategy::MultiValue => Mutation::PutSibling {
+                value: Some(bytes),
+                context: Default::default(),
+            },
+            _ => {
+                return Err(Self::wrong(
+                    &call,
+                    "set",
+                    "use the counter or set operations",
+                ));
+            }
+        };
+        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        Ok(Self::receipt(&call, &record))
+    }
+
+    /// Compare-and-set: writes `value` only if the key is still at `expected` (as returned by
+    /// [`Storage::get_versioned`]), or, with `None`, only if the key has no value.
+    #[tracing::instrument(skip(self, value, expected))]
+    pub async fn compare_and_set<T: Serialize>(
+        &self,
+        key: &str,
+        value: T,
+        expected: Option<&Version>,
+    ) -> Result<WriteReceipt> {
+        let call = self.call(key, None)?;
+        if call.plan.conflict != ConflictStrategy::Register {
+            return Err(Self::wrong(
+                &call,
+                "compare_and_set",
+                "compare-and-set needs an lww collection",
+            ));
+        }
+        let bytes = Self::encode(&call, &value)?;
+        let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
+        match self
+            .engine()
+            .apply_if(call.key.clone(), Mutation::Put(bytes), expect)
+            .await
+        {
+            Ok(record) => Ok(Self::receipt(&call, &record)),
+            Err(EngineError::ExpectationFailed { .. }) => Err(StorageError::VersionMismatch {
+                key: call.key.to_string(),
+            }),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Reads a value at the collection's level.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.read_value(key, None).await.map(|v| v.map(|v| v.value))
+    }
+
+    /// Reads a value at `level` or the collection's level, whichever is stronger.
+    #[tracing::instrument(skip(self), fields(outcome))]
+    pub async fn get_with_consistency<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+    ) -> Result<Option<T>> {
+        self.read_value(key, Some(level))
+            .await
+            .map(|v| v.map(|v| v.value))
+    }
+
+    /// Reads a value with its version, for [`Storage::compare_and_set`].
+    pub async fn get_versioned<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>> {
+        self.read_value(key, None).await
+    }
+
+    async fn read_value<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        level: Option<ConsistencyLevel>,
+    ) -> Result<Option<Versioned<T>>> {
+        let call = self.call(key, level)?;
+        let record = self.engine().get(&call.key).await?;
+        let decode_error = |source| StorageError::Deserialize {
+            key: call.key.to_string(),
+            source,
+        };
+        let json = match values::read(record.as_ref()).map_err(decode_error)? {
+            Reading::Absent => return Ok(None),
+            Reading::One(json) => json,
+            Reading::Siblings(values) => {
+                return Err(StorageError::Siblings {
+                    key: call.key.to_string(),
+                    count: values.len(),
+                });
+            }
+        };
+        let value = serde_json::from_value(json).map_err(decode_error)?;
+        let version = Version(record.map(|r| r.version).unwrap_or_default());
+        Ok(Some(Versioned { value, version }))
+    }
+
+    /// Deletes a key: an LWW key gets a tombstone; a multi-value key drops the values this
+    /// node has seen (a concurrent write elsewhere survives, as it should); an OR-Set drops
+    /// the members it has seen. Grow-only values and PN-counters cannot be deleted.
+    #[tracing::instrument(skip(self))]
+    pub async fn delete(&self, key: &str) -> Result<WriteReceipt> {
+        let call = self.call(key, None)?;
+        let current = self.engine().get(&call.key).await?;
+        let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
+            (ConflictStrategy::Register, _) => vec![Mutation::Delete],
+            (ConflictStrategy::MultiValue, Some(Value::MultiValue(register))) => {
+                vec![Mutation::PutSibling {
+                    value: None,
+                    context: register.context().clone(),
+                }]
+            }
+            (ConflictStrategy::MultiValue, _) => {
+                vec![Mutation::PutSibling {
+                    value: None,
+                    context: Default::default(),
+                }]
+            }
+            (ConflictStrategy::OrSet, Some(Value::OrSet(set))) => set
+                .iter()
+                .map(|member| Mutation::OrSetRemove(member.clone()))
+                .collect(),
+            (ConflictStrategy::OrSet, _) => Vec::new(),
+            _ => {
+                return Err(Self::wrong(
+                    &call,
+                    "delete",
+                    "grow-only values and counters cannot be deleted; use an lww collection for \
+                     values that must be removable",
+                ));
+            }
+        };
+        let batch: Vec<Write> = writes
+            .into_iter()
+            .map(|m| Write::new(call.key.clone(), m))
+            .collect();
+        let version = if batch.is_empty() {
+            current.map(|r| r.version).unwrap_or_default()
+        } else {
+            let mut records = self.engine().commit(batch).await?;
+            records.pop().map(|r| r.version).unwrap_or_default()
+        };
+        Ok(WriteReceipt {
+            version: Version(version),
+            level: call.level,
+            delivered: call.plan.guarantee.level,
+        })
+    }
+
+    /// Adds `delta` to a counter (`g_counter` accepts only `delta >= 0`); returns the new total.
+    #[tracing::instrument(skip(self))]
+    pub async fn counter_add(&self, key: &str, delta: i64) -> Result<i64> {
+        let call = self.call(key, None)?;
+        let mutation = match call.plan.conflict {
+            ConflictStrategy::PnCounter => Mutation::PnCounterAdd(delta),
+            ConflictStrategy::GCounter if delta >= 0 => Mutation::GCounterAdd(delta.unsigned_abs()),
+            ConflictStrategy::GCounter => {
+                return Err(Self::wrong(
+                    &call,
+                    "decrement",
+                    "a g_counter only grows; use pn_counter",
+                ));
+            }
+            _ => return Err(Self::wrong(&call, "counter_add", counter_hint(&call))),
+        };
+        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        Ok(counter_value(&record.value).unwrap_or(0))
+    }
+
+    /// A counter's total (0 when missing).
+    pub async fn counter(&self, key: &str) -> Result<i64> {
+        let call = self.call(key, None)?;
+        if !matches!(
+            call.plan.conflict,
+            ConflictStrategy::GCounter | ConflictStrategy::PnCounter
+        ) {
+            return Err(Self::wrong(&call, "counter", counter_hint(&call)));
+        }
+        let record = self.engine().get(&call.key).await?;
+        Ok(record.and_then(|r| counter_value(&r.value)).unwrap_or(0))
+    }
+
+    /// Adds `member` to a set (`g_set` or `or_set`).
+    #[tracing::instrument(skip(self, member))]
+    pub async fn set_add<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
+        let call = self.call(key, None)?;
+        let bytes = Self::encode(&call, &member)?;
+        let mutation = match call.plan.conflict {
+            ConflictStrategy::GSet => Mutation::GSetAdd(bytes),
+            ConflictStrategy::OrSet => Mutation::OrSetAdd(bytes),
+            _ => return Err(Self::wrong(&call, "set_add", set_hint(&call))),
+        };
+        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        Ok(Self::receipt(&call, &record))
+    }
+
+    /// Removes `member` from an `or_set` (the adds this node has seen; a concurrent add wins).
+    #[tracing::instrument(skip(self, member))]
+    pub async fn set_remove<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
+        let call = self.call(key, None)?;
+        if call.plan.conflict != ConflictStrategy::OrSet {
+            return Err(Self::wrong(
+                &call,
+                "set_remove",
+                "only an or_set supports removal",
+            ));
+        }
+        let bytes = Self::encode(&call, &member)?;
+        let record = self
+            .engine()
+            .apply(call.key.clone(), Mutation::OrSetRemove(bytes))
+            .await?;
+        Ok(Self::receipt(&call, &record))
+    }
+
+    /// The members of a set, in their JSON byte order.
+    pub async fn set_members<T: DeserializeOwned>(&self, key: &str) -> Result<Vec<T>> {
+        let call = self.call(key, None)?;
+        if !matches!(
+            call.plan.conflict,
+            ConflictStrategy::GSet | ConflictStrategy::OrSet
+        ) {
+            return Err(Self::wrong(&call, "set_members", set_hint(&call)));
+        }
+        Ok(self.get::<Vec<T>>(key).await?.unwrap_or_default())
+    }
+
+    /// Every concurrent value of a key, with the context that replaces them. Works on `lww`
+    /// keys too (at most one value).
+    pub async fn get_siblings<T: DeserializeOwned>(&self, key: &str) -> Result<Siblings<T>> {
+        let call = self.call(key, None)?;
+        let record = self.engine().get(&call.key).await?;
+        let decode_error = |source| StorageError::Deserialize {
+            key: call.key.to_string(),
+            source,
+        };
+        let values = match values::read(record.as_ref()).map_err(decode_error)? {
+            Reading::Absent => Vec::new(),
+            Reading::One(json) => vec![json],
+            Reading::Siblings(values) => values,
+        };
+        let values = values
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(decode_error)?;
+        let context = match record.map(|r| r.value) {
+            Some(Value::MultiValue(register)) => Version(register.context().clone()),
+            _ => Version::default(),
+        };
+        Ok(Siblings { values, context })
+    }
+
+    /// Writes a multi-value key, replacing the siblings that `context` (from
+    /// [`Storage::get_siblings`]) covers. A client that always writes back its context never
+    /// adds siblings.
+    #[tracing::instrument(skip(self, value, context))]
+    pub async fn set_with_context<T: Serialize>(
+        &self,
+        key: &str,
+        value: T,
+        context: &Version,
+    ) -> Result<WriteReceipt> {
+        let call = self.call(key, None)?;
+        if call.plan.conflict != ConflictStrategy::MultiValue {
+            return Err(Self::wrong(
+                &call,
+                "set_with_context",
+                "contexts apply to multi_value collections",
+            ));
+        }
+        let bytes = Self::encode(&call, &value)?;
+        let mutation = Mutation::PutSibling {
+            value: Some(bytes),
+            context: context.0.clone(),
+        };
+        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        Ok(Self::receipt(&call, &record))
+    }
+
+    /// Up to `limit` live keys starting with `prefix`, in key order, after `start_after` if
+    /// given. A prefix without `:` is a collection name and lists that collection.
+    pub async fn scan(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        let prefix = if prefix.contains(':') {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}:")
+        };
+        let after = start_after
+            .map(|k| {
+                k.parse::<Key>().map_err(|source| StorageError::Key {
+                    key: k.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
+        let mut out = Vec::new();
+        let mut cursor = after;
+        // Tombstones are skipped, so a page may need several engine pages.
+        while out.len() < limit {
+            let page = self
+                .engine()
+                .scan(prefix.as_bytes(), cursor.as_ref(), limit - out.len())
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = Some(last.clone());
+            for (key, record) in page {
+                let decode_error = |source| StorageError::Deserialize {
+                    key: key.to_string(),
+                    source,
+                };
+                let value = match values::read(Some(&record)).map_err(decode_error)? {
+                    Reading::Absent => continue,
+                    Reading::One(json) => json,
+                    Reading::Siblings(values) => Json::Array(values),
+                };
+                out.push(Entry {
+                    key: key.to_string(),
+                    value,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn counter_value(value: &Value) -> Option<i64> {
+    match value {
+        Value::PnCounter(counter) => Some(counter.value()),
+        Value::GCounter(counter) => Some(i64::try_from(counter.value()).unwrap_or(i64::MAX)),
+        _ => None,
+    }
+}
+
+fn counter_hint(call: &Call) -> String {
+    format!(
+        "set `storage.collections.{}.conflict: pn_counter` (or g_counter) to count",
+        call.plan.name
+    )
+}
+
+fn set_hint(call: &Call) -> String {
+    format!(
+        "set `storage.collections.{}.conflict: or_set` (or g_set) to keep a set",
+        call.plan.name
+    )
+}

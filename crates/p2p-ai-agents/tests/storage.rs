@@ -1,0 +1,373 @@
+//! The facade end to end on the embedded engine.
+
+use p2p_ai_agents::storage::{
+    Backend, CollectionConfig, Config, ConflictStrategy, ConsistencyLevel, Storage, StorageError,
+};
+
+struct Fixture {
+    storage: Storage,
+    _dir: tempfile::TempDir,
+}
+
+async fn open(collections: &[(&str, ConflictStrategy, Option<ConsistencyLevel>)]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: Some(dir.path().display().to_string()),
+        ..Config::default()
+    };
+    for (name, conflict, consistency) in collections {
+        config.collections.insert(
+            name.to_string(),
+            CollectionConfig {
+                backend: None,
+                consistency: *consistency,
+                conflict: Some(*conflict),
+            },
+        );
+    }
+    Fixture {
+        storage: Storage::new(config).await.unwrap(),
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn typed_values_round_trip_and_deletes_remove_them() {
+    let f = open(&[]).await;
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Identity {
+        name: String,
+        keys: Vec<u8>,
+    }
+    let identity = Identity {
+        name: "ada ✓".into(),
+        keys: vec![0, 255],
+    };
+    f.storage.set("agent:identity:1", &identity).await.unwrap();
+    assert_eq!(
+        f.storage.get::<Identity>("agent:identity:1").await.unwrap(),
+        Some(identity)
+    );
+    assert_eq!(
+        f.storage.get::<Identity>("agent:identity:2").await.unwrap(),
+        None
+    );
+    f.storage.delete("agent:identity:1").await.unwrap();
+    assert_eq!(
+        f.storage.get::<Identity>("agent:identity:1").await.unwrap(),
+        None
+    );
+    let wrong_type = f
+        .storage
+        .set("n:1", "text")
+        .await
+        .and(f.storage.get::<u32>("n:1").await);
+    assert!(
+        matches!(wrong_type, Err(StorageError::Deserialize { .. })),
+        "{wrong_type:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_effective_level_is_the_stronger_of_call_and_collection() {
+    let f = open(&[(
+        "agent",
+        ConflictStrategy::Register,
+        Some(ConsistencyLevel::Strong),
+    )])
+    .await;
+    let receipt = f
+        .storage
+        .set_with_consistency("agent:x", 1, ConsistencyLevel::Eventual)
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt.level,
+        ConsistencyLevel::Strong,
+        "a call cannot go below its collection"
+    );
+    let receipt = f
+        .storage
+        .set_with_consistency("metrics:x", 1, ConsistencyLevel::Causal)
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt.level,
+        ConsistencyLevel::Causal,
+        "a call can ask for more"
+    );
+    let receipt = f.storage.set("metrics:y", 1).await.unwrap();
+    assert_eq!(receipt.level, ConsistencyLevel::Eventual);
+    assert_eq!(
+        receipt.delivered,
+        ConsistencyLevel::Strong,
+        "one embedded node is linearizable"
+    );
+}
+
+#[tokio::test]
+async fn invalid_keys_are_typed_errors() {
+    let f = open(&[]).await;
+    assert!(matches!(
+        f.storage.set("", 1).await,
+        Err(StorageError::Key { .. })
+    ));
+    assert!(matches!(
+        f.storage.get::<u8>("bad name:1").await,
+        Err(StorageError::Key { .. })
+    ));
+}
+
+#[tokio::test]
+async fn counters_are_exact_under_concurrent_increments() {
+    let f = open(&[
+        ("hits", ConflictStrategy::PnCounter, None),
+        ("grow", ConflictStrategy::GCounter, None),
+    ])
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let storage = f.storage.clone();
+        tasks.spawn(async move {
+            for _ in 0..20 {
+                storage.counter_add("hits:page", 3).await.unwrap();
+                storage.counter_add("hits:page", -1).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(f.storage.counter("hits:page").await.unwrap(), 16 * 20 * 2);
+    assert_eq!(f.storage.get::<i64>("hits:page").await.unwrap(), Some(640));
+    assert_eq!(f.storage.counter("hits:never").await.unwrap(), 0);
+    assert_eq!(f.storage.counter_add("grow:x", 5).await.unwrap(), 5);
+    let err = f.storage.counter_add("grow:x", -1).await.unwrap_err();
+    assert!(err.to_string().contains("pn_counter"), "{err}");
+}
+
+#[tokio::test]
+async fn operations_that_do_not_fit_the_strategy_name_the_config_to_change() {
+    let f = open(&[("hits", ConflictStrategy::PnCounter, None)]).await;
+    let err = f.storage.counter_add("metrics:x", 1).await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::WrongOperation { ref collection, .. } if collection == "metrics")
+    );
+    assert!(
+        err.to_string()
+            .contains("storage.collections.metrics.conflict: pn_counter"),
+        "{err}"
+    );
+    assert!(matches!(
+        f.storage.set("hits:x", 1).await,
+        Err(StorageError::WrongOperation { .. })
+    ));
+    assert!(matches!(
+        f.storage.delete("hits:x").await,
+        Err(StorageError::WrongOperation { .. })
+    ));
+}
+
+#[tokio::test]
+async fn sets_add_remove_and_list() {
+    let f = open(&[
+        ("peers", ConflictStrategy::OrSet, None),
+        ("seen", ConflictStrategy::GSet, None),
+    ])
+    .await;
+    for peer in ["p3", "p1", "p2"] {
+        f.storage.set_add("peers:online", peer).await.unwrap();
+    }
+    f.storage.set_remove("peers:online", "p2").await.unwrap();
+    assert_eq!(
+        f.storage
+            .set_members::<String>("peers:online")
+            .await
+            .unwrap(),
+        ["p1", "p3"]
+    );
+    f.storage.delete("peers:online").await.unwrap();
+    assert!(
+        f.storage
+            .set_members::<String>("peers:online")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    f.storage.set_add("seen:ids", 7).await.unwrap();
+    f.storage.set_add("seen:ids", 7).await.unwrap();
+    assert_eq!(f.storage.set_members::<u32>("seen:ids").await.unwrap(), [7]);
+    assert!(matches!(
+        f.storage.set_remove("seen:ids", 7).await,
+        Err(StorageError::WrongOperation { .. })
+    ));
+}
+
+#[tokio::test]
+async fn multi_value_reads_return_siblings_and_a_context_write_resolves_them() {
+    let f = open(&[("docs", ConflictStrategy::MultiValue, None)]).await;
+    f.storage.set("docs:plan", "draft by a").await.unwrap();
+    f.storage.set("docs:plan", "draft by b").await.unwrap();
+    assert!(matches!(
+        f.storage.get::<String>("docs:plan").await,
+        Err(StorageError::Siblings { count: 2, .. })
+    ));
+    let siblings = f.storage.get_siblings::<String>("docs:plan").await.unwrap();
+    let mut values = siblings.values.clone();
+    values.sort();
+    assert_eq!(values, ["draft by a", "draft by b"]);
+    for round in 0..5 {
+        let current = f.storage.get_siblings::<String>("docs:plan").await.unwrap();
+        f.storage
+            .set_with_context("docs:plan", format!("merged {round}"), &current.context)
+            .await
+            .unwrap();
+        assert_eq!(
+            f.storage.get::<String>("docs:plan").await.unwrap(),
+            Some(format!("merged {round}"))
+        );
+    }
+    f.storage.delete("docs:plan").await.unwrap();
+    assert_eq!(f.storage.get::<String>("docs:plan").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn compare_and_set_writes_only_over_the_version_read() {
+    let f = open(&[]).await;
+    f.storage
+        .compare_and_set("locks:job", "owner-a", None)
+        .await
+        .unwrap();
+    let taken = f
+        .storage
+        .compare_and_set("locks:job", "owner-b", None)
+        .await;
+    assert!(
+        matches!(taken, Err(StorageError::VersionMismatch { .. })),
+        "{taken:?}"
+    );
+    let read = f
+        .storage
+        .get_versioned::<String>("locks:job")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.value, "owner-a");
+    f.storage
+        .compare_and_set("locks:job", "owner-c", Some(&read.version))
+        .await
+        .unwrap();
+    let stale = f
+        .storage
+        .compare_and_set("locks:job", "owner-d", Some(&read.version))
+        .await;
+    assert!(matches!(stale, Err(StorageError::VersionMismatch { .. })));
+    assert_eq!(
+        f.storage
+            .get::<String>("locks:job")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("owner-c")
+    );
+}
+
+#[tokio::test]
+async fn scan_lists_live_keys_of_a_collection_in_order() {
+    let f = open(&[]).await;
+    for i in [3, 1, 2, 4] {
+        f.storage.set(&format!("notes:{i}"), i).await.unwrap();
+    }
+    f.storage.set("notesx:9", 9).await.unwrap();
+    f.storage.delete("notes:2").await.unwrap();
+    let keys: Vec<String> = f
+        .storage
+        .scan("notes", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, ["notes:1", "notes:3", "notes:4"]);
+    let page = f.storage.scan("notes", Some("notes:1"), 1).await.unwrap();
+    assert_eq!(page[0].key, "notes:3");
+    assert_eq!(page[0].value, serde_json::json!(3));
+}
+
+#[tokio::test]
+async fn data_survives_reopen_and_a_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: Some(dir.path().display().to_string()),
+        ..Config::default()
+    };
+    {
+        let storage = Storage::new(config.clone()).await.unwrap();
+        storage.set("k:1", "kept").await.unwrap();
+        let second = Storage::new(config.clone()).await;
+        assert!(
+            second
+                .unwrap_err()
+                .to_string()
+                .contains("in use by another agentstore process")
+        );
+    }
+    let storage = Storage::new(config).await.unwrap();
+    assert_eq!(
+        storage.get::<String>("k:1").await.unwrap().as_deref(),
+        Some("kept")
+    );
+}
+
+#[tokio::test]
+async fn backends_this_build_cannot_serve_are_refused_at_open() {
+    let text = "storage:\n  redis: {}\n  collections:\n    task:\n      backend: redis\n";
+    let config = Config::from_yaml(text, "test.yaml").unwrap();
+    match Storage::new(config).await {
+        Err(StorageError::BackendUnavailable {
+            collection,
+            backend,
+        }) => {
+            assert_eq!((collection.as_str(), backend), ("task", Backend::Redis));
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+}
+
+/// Runs the specification's code example (examples/spec_example.rs) as a real process.
+#[test]
+fn the_spec_example_runs() {
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/spec_example");
+    assert!(
+        example.exists(),
+        "build the examples first ({} missing)",
+        example.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(&example)
+        .env("AGENTSTORE_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("agent:identity:123 = {\"name\":\"agent-123\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("metrics:cpu = 0.42"), "{stdout}");
+    assert!(
+        stdout.contains("task:456 = {\"depends_on\":[455]"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("agentstore.redb").exists());
+}
