@@ -1,1 +1,360 @@
-fn main() {}
+//! `agentstore`: the store from the shell.
+//!
+//! The binary stays thin: it parses arguments, builds a `Storage` and prints what the library
+//! returns. Exit codes are part of its interface (see `ExitCode` below and the README).
+
+mod check;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use p2p_ai_agents::storage::{self, Config, ConsistencyLevel, Storage, StorageError, Version, WriteReceipt};
+use serde_json::{Value as Json, json};
+
+/// Exit codes.
+mod exit {
+    /// Success.
+    pub(crate) const OK: u8 = 0;
+    /// A storage or runtime failure (I/O, data directory in use, corrupted data...).
+    pub(crate) const FAILURE: u8 = 1;
+    /// Bad command-line usage (also what clap uses).
+    pub(crate) const USAGE: u8 = 2;
+    /// `get` found no value.
+    pub(crate) const NOT_FOUND: u8 = 3;
+    /// The configuration is invalid.
+    pub(crate) const CONFIG: u8 = 4;
+    /// A conditional write lost (compare-and-set) or a key has siblings to resolve.
+    pub(crate) const CONFLICT: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "agentstore",
+    version,
+    about = "A distributed store for AI agents with per-collection consistency levels.",
+    long_about = "A distributed store for AI agents with per-collection consistency levels.\n\n\
+        Without --config, agentstore runs as an embedded single node on the local engine,\n\
+        keeping its data in --data-dir (default: $AGENTSTORE_DATA_DIR, else\n\
+        ~/.local/share/agentstore).",
+    after_help = "Exit codes: 0 ok, 1 storage failure, 2 usage error, 3 key not found,\n\
+        4 invalid configuration, 5 conflict (compare-and-set lost, or siblings to resolve)."
+)]
+struct Cli {
+    /// YAML configuration file (the spec's `storage:` format).
+    #[arg(short, long, global = true, env = "AGENTSTORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory of the local engine (overrides the configuration's `data_dir`).
+    #[arg(short, long, global = true, env = "AGENTSTORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct LevelArg {
+    /// Consistency level of the call (the collection's level applies if it is stronger).
+    #[arg(long, value_parser = parse_level)]
+    consistency: Option<ConsistencyLevel>,
+}
+
+fn parse_level(s: &str) -> Result<ConsistencyLevel, String> {
+    s.parse::<ConsistencyLevel>().map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a value. VALUE is JSON; text that is not JSON is stored as a JSON string.
+    Put {
+        /// The key (`collection:rest`).
+        key: String,
+        /// The value.
+        value: String,
+        /// Store VALUE as a string even if it parses as JSON.
+        #[arg(long)]
+        string: bool,
+        /// Write only if the key is at this version (compare-and-set); `-` means absent.
+        #[arg(long, conflicts_with = "context")]
+        if_version: Option<Version>,
+        /// Replace the siblings this context covers (multi_value collections; from `get --siblings`).
+        #[arg(long)]
+        context: Option<Version>,
+        #[command(flatten)]
+        level: LevelArg,
+    },
+    /// Read a value (exit code 3 when there is none).
+    Get {
+        /// The key.
+        key: String,
+        /// Print every concurrent value and the context that replaces them.
+        #[arg(long)]
+        siblings: bool,
+        #[command(flatten)]
+        level: LevelArg,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// List live keys of a collection or key prefix, in key order.
+    Scan {
+        /// A collection name (`notes`) or a key prefix (`notes:2026-`).
+        prefix: String,
+        /// Most keys to list.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this key (for paging).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Counters (collections with conflict g_counter or pn_counter).
+    #[command(subcommand)]
+    Counter(CounterCommand),
+    /// Sets (collections with conflict g_set or or_set).
+    #[command(subcommand)]
+    Set(SetCommand),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum CounterCommand {
+    /// Add DELTA (negative to subtract) and print the new total.
+    Add {
+        /// The key.
+        key: String,
+        /// The amount.
+        #[arg(allow_negative_numbers = true)]
+        delta: i64,
+    },
+    /// Print the total.
+    Get {
+        /// The key.
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCommand {
+    /// Add a member (JSON, or text stored as a string).
+    Add {
+        /// The key.
+        key: String,
+        /// The member.
+        member: String,
+    },
+    /// Remove a member (or_set only).
+    Remove {
+        /// The key.
+        key: String,
+        /// The member.
+        member: String,
+    },
+    /// List the members.
+    Members {
+        /// The key.
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print, per collection: backend, level, conflict
+    /// strategy, replication and the guarantee it really delivers.
+    Check {
+        /// The file (default: --config).
+        file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn exit_code(err: &StorageError) -> u8 {
+    match err {
+        StorageError::Config(_) | StorageError::ConfigFile { .. } | StorageError::InvalidConfig(_) => {
+            exit::CONFIG
+        }
+        StorageError::BackendUnavailable { .. } => exit::CONFIG,
+        StorageError::Key { .. } | StorageError::WrongOperation { .. } | StorageError::LevelUnavailable { .. } => {
+            exit::USAGE
+        }
+        StorageError::VersionMismatch { .. } | StorageError::Siblings { .. } => exit::CONFLICT,
+        _ => exit::FAILURE,
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, StorageError> {
+    let mut config = match &cli.config {
+        Some(path) => storage::load_config(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = Some(dir.display().to_string());
+    }
+    Ok(config)
+}
+
+/// JSON from the command line: JSON if it parses, else the text as a string.
+fn json_arg(text: &str, force_string: bool) -> Json {
+    if force_string {
+        return Json::String(text.to_owned());
+    }
+    serde_json::from_str(text).unwrap_or_else(|_| Json::String(text.to_owned()))
+}
+
+fn print_receipt(cli: &Cli, key: &str, receipt: &WriteReceipt) {
+    if cli.json {
+        let out = json!({
+            "key": key,
+            "version": receipt.version.to_string(),
+            "level": receipt.level.as_str(),
+            "delivered": receipt.delivered.as_str(),
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "ok {key} version={} level={} delivered={}",
+            receipt.version, receipt.level, receipt.delivered
+        );
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, StorageError> {
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        let Some(path) = file.as_ref().or(cli.config.as_ref()) else {
+            eprintln!("error: config check needs a FILE (or --config)");
+            return Ok(exit::USAGE);
+        };
+        let config = storage::load_config(path)?;
+        check::print(&config, cli.json);
+        return Ok(exit::OK);
+    }
+    let storage = Storage::new(load(&cli)?).await?;
+    match &cli.command {
+        Command::Put { key, value, string, if_version, context, level } => {
+            let value = json_arg(value, *string);
+            let receipt = match (if_version, context) {
+                (Some(version), _) => {
+                    let expected = (!version.vector().is_empty()).then_some(version);
+                    storage.compare_and_set(key, value, expected).await?
+                }
+                (None, Some(context)) => storage.set_with_context(key, value, context).await?,
+                (None, None) => match level.consistency {
+                    Some(level) => storage.set_with_consistency(key, value, level).await?,
+                    None => storage.set(key, value).await?,
+                },
+            };
+            print_receipt(&cli, key, &receipt);
+        }
+        Command::Get { key, siblings: true, .. } => {
+            let siblings = storage.get_siblings::<Json>(key).await?;
+            if siblings.values.is_empty() {
+                return Ok(exit::NOT_FOUND);
+            }
+            if cli.json {
+                println!("{}", json!({ "key": key, "values": siblings.values, "context": siblings.context.to_string() }));
+            } else {
+                for value in &siblings.values {
+                    println!("{value}");
+                }
+                println!("context={}", siblings.context);
+            }
+        }
+        Command::Get { key, level, .. } => {
+            let read = match level.consistency {
+                Some(level) => storage.get_versioned_with_consistency::<Json>(key, level).await?,
+                None => storage.get_versioned::<Json>(key).await?,
+            };
+            let Some(read) = read else {
+                if cli.json {
+                    println!("{}", json!({ "key": key, "value": null }));
+                }
+                return Ok(exit::NOT_FOUND);
+            };
+            if cli.json {
+                println!("{}", json!({ "key": key, "value": read.value, "version": read.version.to_string() }));
+            } else {
+                println!("{}", read.value);
+            }
+        }
+        Command::Del { key } => {
+            let receipt = storage.delete(key).await?;
+            print_receipt(&cli, key, &receipt);
+        }
+        Command::Scan { prefix, limit, after } => {
+            let entries = storage.scan(prefix, after.as_deref(), *limit).await?;
+            if cli.json {
+                let list: Vec<Json> = entries.iter().map(|e| json!({ "key": e.key, "value": e.value })).collect();
+                println!("{}", Json::Array(list));
+            } else {
+                for entry in entries {
+                    println!("{}\t{}", entry.key, entry.value);
+                }
+            }
+        }
+        Command::Counter(CounterCommand::Add { key, delta }) => {
+            let total = storage.counter_add(key, *delta).await?;
+            print_value(&cli, key, json!(total));
+        }
+        Command::Counter(CounterCommand::Get { key }) => {
+            let total = storage.counter(key).await?;
+            print_value(&cli, key, json!(total));
+        }
+        Command::Set(SetCommand::Add { key, member }) => {
+            let receipt = storage.set_add(key, json_arg(member, false)).await?;
+            print_receipt(&cli, key, &receipt);
+        }
+        Command::Set(SetCommand::Remove { key, member }) => {
+            let receipt = storage.set_remove(key, json_arg(member, false)).await?;
+            print_receipt(&cli, key, &receipt);
+        }
+        Command::Set(SetCommand::Members { key }) => {
+            let members = storage.set_members::<Json>(key).await?;
+            print_value(&cli, key, Json::Array(members));
+        }
+        Command::Config(_) => unreachable!("handled before the store is opened"),
+    }
+    Ok(exit::OK)
+}
+
+fn print_value(cli: &Cli, key: &str, value: Json) {
+    if cli.json {
+        println!("{}", json!({ "key": key, "value": value }));
+    } else {
+        println!("{value}");
+    }
+}

@@ -246,8 +246,8 @@ impl Config {
         match backend {
             Backend::Local => Guarantee {
                 level: ConsistencyLevel::Strong,
-                summary: "linearizable: one ACID engine on one node, every write fsynced before \
-                          it is acknowledged"
+                summary: "one ACID engine on one node (linearizable); every write is fsynced \
+                          before it is acknowledged"
                     .into(),
                 caveat: None,
             },

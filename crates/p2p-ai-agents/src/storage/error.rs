@@ -77,7 +77,7 @@ pub enum StorageError {
         count: usize,
     },
     /// Compare-and-set found another version; nothing was written.
-    #[error("`{key}` changed since it was read (compare-and-set failed); read it again")]
+    #[error("`{key}` is not at the expected version (compare-and-set failed); nothing was written")]
     VersionMismatch {
         /// The key.
         key: String,

@@ -347,6 +347,16 @@ impl Storage {
         self.read_value(key, None).await
     }
 
+    /// Reads a value with its version at `level` or the collection's level, whichever is
+    /// stronger.
+    pub async fn get_versioned_with_consistency<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+    ) -> Result<Option<Versioned<T>>> {
+        self.read_value(key, Some(level)).await
+    }
+
     async fn read_value<T: DeserializeOwned>(
         &self,
         key: &str,

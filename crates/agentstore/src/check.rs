@@ -1,0 +1,59 @@
+//! `agentstore config check`: what each collection really gets.
+
+use p2p_ai_agents::storage::{CollectionPlan, Config};
+use serde_json::{Value as Json, json};
+
+pub(crate) fn print(config: &Config, as_json: bool) {
+    let default = config.plan("(default)");
+    let mut plans = vec![default];
+    plans.extend(config.plans());
+    let quorum = config.replication.quorum;
+    let quorum_guarantee = config.quorum_guarantee();
+    if as_json {
+        let collections: Vec<Json> = plans.iter().map(plan_json).collect();
+        let out = json!({
+            "node_id": config.node_id.as_str(),
+            "replication": {
+                "strategy": config.replication.strategy.to_string(),
+                "replicas": quorum.n, "write_quorum": quorum.w, "read_quorum": quorum.r,
+                "overlapping": quorum_guarantee.overlapping,
+                "guarantee": quorum_guarantee.to_string(),
+            },
+            "collections": collections,
+        });
+        println!("{out:#}");
+        return;
+    }
+    println!("configuration is valid (node {})", config.node_id);
+    println!(
+        "replication between nodes: {} {} -> {}",
+        config.replication.strategy, quorum, quorum_guarantee
+    );
+    println!("  (applies to cluster nodes; an embedded store is a single node)");
+    println!();
+    println!("{:<14} {:<9} {:<9} {:<12} guarantee", "collection", "backend", "level", "conflict");
+    for plan in &plans {
+        println!(
+            "{:<14} {:<9} {:<9} {:<12} {}",
+            plan.name,
+            plan.backend.to_string(),
+            plan.consistency.as_str(),
+            plan.conflict.as_str(),
+            plan.guarantee
+        );
+    }
+}
+
+fn plan_json(plan: &CollectionPlan) -> Json {
+    json!({
+        "collection": plan.name,
+        "backend": plan.backend.to_string(),
+        "consistency": plan.consistency.as_str(),
+        "conflict": plan.conflict.as_str(),
+        "guarantee": {
+            "level": plan.guarantee.level.as_str(),
+            "summary": plan.guarantee.summary,
+            "caveat": plan.guarantee.caveat,
+        },
+    })
+}
