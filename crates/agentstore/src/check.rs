@@ -31,7 +31,10 @@ pub(crate) fn print(config: &Config, as_json: bool) {
     );
     println!("  (applies to cluster nodes; an embedded store is a single node)");
     println!();
-    println!("{:<14} {:<9} {:<9} {:<12} guarantee", "collection", "backend", "level", "conflict");
+    println!(
+        "{:<14} {:<9} {:<9} {:<12} guarantee",
+        "collection", "backend", "level", "conflict"
+    );
     for plan in &plans {
         println!(
             "{:<14} {:<9} {:<9} {:<12} {}",

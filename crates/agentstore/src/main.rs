@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use p2p_ai_agents::storage::{self, Config, ConsistencyLevel, Storage, StorageError, Version, WriteReceipt};
+use p2p_ai_agents::storage::{
+    self, Config, ConsistencyLevel, Storage, StorageError, Version, WriteReceipt,
+};
 use serde_json::{Value as Json, json};
 
 /// Exit codes.
@@ -177,7 +179,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return ExitCode::from(if err.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if err.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     tracing_subscriber::fmt()
@@ -187,7 +193,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -205,13 +214,13 @@ fn main() -> ExitCode {
 
 fn exit_code(err: &StorageError) -> u8 {
     match err {
-        StorageError::Config(_) | StorageError::ConfigFile { .. } | StorageError::InvalidConfig(_) => {
-            exit::CONFIG
-        }
+        StorageError::Config(_)
+        | StorageError::ConfigFile { .. }
+        | StorageError::InvalidConfig(_) => exit::CONFIG,
         StorageError::BackendUnavailable { .. } => exit::CONFIG,
-        StorageError::Key { .. } | StorageError::WrongOperation { .. } | StorageError::LevelUnavailable { .. } => {
-            exit::USAGE
-        }
+        StorageError::Key { .. }
+        | StorageError::WrongOperation { .. }
+        | StorageError::LevelUnavailable { .. } => exit::USAGE,
         StorageError::VersionMismatch { .. } | StorageError::Siblings { .. } => exit::CONFLICT,
         _ => exit::FAILURE,
     }
@@ -265,7 +274,14 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     }
     let storage = Storage::new(load(&cli)?).await?;
     match &cli.command {
-        Command::Put { key, value, string, if_version, context, level } => {
+        Command::Put {
+            key,
+            value,
+            string,
+            if_version,
+            context,
+            level,
+        } => {
             let value = json_arg(value, *string);
             let receipt = match (if_version, context) {
                 (Some(version), _) => {
@@ -280,13 +296,20 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             };
             print_receipt(&cli, key, &receipt);
         }
-        Command::Get { key, siblings: true, .. } => {
+        Command::Get {
+            key,
+            siblings: true,
+            ..
+        } => {
             let siblings = storage.get_siblings::<Json>(key).await?;
             if siblings.values.is_empty() {
                 return Ok(exit::NOT_FOUND);
             }
             if cli.json {
-                println!("{}", json!({ "key": key, "values": siblings.values, "context": siblings.context.to_string() }));
+                println!(
+                    "{}",
+                    json!({ "key": key, "values": siblings.values, "context": siblings.context.to_string() })
+                );
             } else {
                 for value in &siblings.values {
                     println!("{value}");
@@ -296,7 +319,11 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         }
         Command::Get { key, level, .. } => {
             let read = match level.consistency {
-                Some(level) => storage.get_versioned_with_consistency::<Json>(key, level).await?,
+                Some(level) => {
+                    storage
+                        .get_versioned_with_consistency::<Json>(key, level)
+                        .await?
+                }
                 None => storage.get_versioned::<Json>(key).await?,
             };
             let Some(read) = read else {
@@ -306,7 +333,10 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
                 return Ok(exit::NOT_FOUND);
             };
             if cli.json {
-                println!("{}", json!({ "key": key, "value": read.value, "version": read.version.to_string() }));
+                println!(
+                    "{}",
+                    json!({ "key": key, "value": read.value, "version": read.version.to_string() })
+                );
             } else {
                 println!("{}", read.value);
             }
@@ -315,10 +345,17 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             let receipt = storage.delete(key).await?;
             print_receipt(&cli, key, &receipt);
         }
-        Command::Scan { prefix, limit, after } => {
+        Command::Scan {
+            prefix,
+            limit,
+            after,
+        } => {
             let entries = storage.scan(prefix, after.as_deref(), *limit).await?;
             if cli.json {
-                let list: Vec<Json> = entries.iter().map(|e| json!({ "key": e.key, "value": e.value })).collect();
+                let list: Vec<Json> = entries
+                    .iter()
+                    .map(|e| json!({ "key": e.key, "value": e.value }))
+                    .collect();
                 println!("{}", Json::Array(list));
             } else {
                 for entry in entries {

@@ -25,10 +25,16 @@ fn value_for(key: &str) -> String {
 }
 
 fn config(dir: &str) -> Config {
-    let mut config = Config { data_dir: Some(dir.to_owned()), ..Config::default() };
+    let mut config = Config {
+        data_dir: Some(dir.to_owned()),
+        ..Config::default()
+    };
     config.collections.insert(
         "count".into(),
-        CollectionConfig { conflict: Some(ConflictStrategy::PnCounter), ..Default::default() },
+        CollectionConfig {
+            conflict: Some(ConflictStrategy::PnCounter),
+            ..Default::default()
+        },
     );
     config
 }
@@ -36,7 +42,9 @@ fn config(dir: &str) -> Config {
 /// The writer's entry point; does nothing unless run by the crash test as its writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_process() {
-    let Ok(dir) = std::env::var(WRITER_ENV) else { return };
+    let Ok(dir) = std::env::var(WRITER_ENV) else {
+        return;
+    };
     let round = std::env::var("CRASH_ROUND").unwrap();
     let storage = Storage::new(config(&dir)).await.expect("open storage");
     // The test harness has printed `test writer_process ... ` without a newline; end that line
@@ -48,7 +56,10 @@ async fn writer_process() {
         tasks.spawn(async move {
             for i in 0u64.. {
                 if task == 0 {
-                    storage.counter_add("count:total", 1).await.expect("increment");
+                    storage
+                        .counter_add("count:total", 1)
+                        .await
+                        .expect("increment");
                     println!("inc");
                 } else {
                     let key = format!("crash:{round}:{task}:{i}");
@@ -71,7 +82,10 @@ fn next(state: &mut u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
-    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_cafe);
     println!("crash test seed {seed} (replay with CRASH_SEED={seed})");
     let mut rng = seed.max(1);
     let dir = tempfile::tempdir().unwrap();
@@ -82,7 +96,12 @@ async fn acknowledged_writes_survive_sigkill() {
 
     for round in 0..ROUNDS {
         let mut child = Command::new(&writer_exe)
-            .args(["--exact", "writer_process", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "writer_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WRITER_ENV, dir.path())
             .env("CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -91,17 +110,26 @@ async fn acknowledged_writes_survive_sigkill() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            std::io::BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>()
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
         });
         let delay = 30 + next(&mut rng) % 400;
         std::thread::sleep(Duration::from_millis(delay));
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
         let lines = reader.join().unwrap();
-        assert!(!status.success(), "round {round}: the writer must have been killed, not exited");
+        assert!(
+            !status.success(),
+            "round {round}: the writer must have been killed, not exited"
+        );
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-        assert!(!stderr.contains("panicked"), "round {round}: writer failed: {stderr}");
+        assert!(
+            !stderr.contains("panicked"),
+            "round {round}: writer failed: {stderr}"
+        );
         let before = acked_keys.len();
         for line in lines {
             if line == "inc" {
@@ -115,14 +143,23 @@ async fn acknowledged_writes_survive_sigkill() {
         }
         verify(dir.path(), round, &acked_keys, acked_increments).await;
     }
-    assert!(killed_mid_write >= ROUNDS / 2, "most rounds must have acknowledged writes before the kill");
+    assert!(
+        killed_mid_write >= ROUNDS / 2,
+        "most rounds must have acknowledged writes before the kill"
+    );
 }
 
 async fn verify(dir: &std::path::Path, round: u64, acked: &[String], increments: i64) {
-    let storage = Storage::new(config(&dir.display().to_string())).await.unwrap_or_else(|e| panic!("round {round}: reopen failed: {e}"));
+    let storage = Storage::new(config(&dir.display().to_string()))
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: reopen failed: {e}"));
     for key in acked {
         let value: Option<String> = storage.get(key).await.unwrap();
-        assert_eq!(value.as_deref(), Some(value_for(key).as_str()), "round {round}: acknowledged {key}");
+        assert_eq!(
+            value.as_deref(),
+            Some(value_for(key).as_str()),
+            "round {round}: acknowledged {key}"
+        );
     }
     // Unacknowledged writes may or may not be there, but whatever is there is whole.
     let mut after = None;
@@ -131,7 +168,12 @@ async fn verify(dir: &std::path::Path, round: u64, acked: &[String], increments:
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
         for entry in &page {
-            assert_eq!(entry.value, serde_json::json!(value_for(&entry.key)), "round {round}: torn {}", entry.key);
+            assert_eq!(
+                entry.value,
+                serde_json::json!(value_for(&entry.key)),
+                "round {round}: torn {}",
+                entry.key
+            );
         }
     }
     // At most one increment was in flight when the writer died.

@@ -1,0 +1,277 @@
+//! The `agentstore` command as a user runs it: real processes, real data directories.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn agentstore(dir: &Path, args: &[&str]) -> Run {
+    let output: Output = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("AGENTSTORE_CONFIG")
+        .output()
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn repo_file(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn put_get_delete_and_scan_with_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = agentstore(dir.path(), &["put", "notes:hello", "world"]);
+    assert_eq!(put.code, 0, "{}", put.stderr);
+    assert!(
+        put.stdout.starts_with("ok notes:hello version=local:1"),
+        "{}",
+        put.stdout
+    );
+    assert_eq!(
+        agentstore(dir.path(), &["get", "notes:hello"]).stdout,
+        "\"world\"\n"
+    );
+    agentstore(dir.path(), &["put", "notes:n", "42"]);
+    agentstore(dir.path(), &["put", "notes:s", "42", "--string"]);
+    let scan = agentstore(dir.path(), &["scan", "notes"]);
+    assert_eq!(
+        scan.stdout,
+        "notes:hello\t\"world\"\nnotes:n\t42\nnotes:s\t\"42\"\n"
+    );
+    assert_eq!(agentstore(dir.path(), &["del", "notes:hello"]).code, 0);
+    let missing = agentstore(dir.path(), &["get", "notes:hello"]);
+    assert_eq!((missing.code, missing.stdout.as_str()), (3, ""));
+}
+
+#[test]
+fn json_output_is_machine_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = agentstore(
+        dir.path(),
+        &[
+            "--json",
+            "put",
+            "agent:identity:123",
+            r#"{"name":"ada"}"#,
+            "--consistency",
+            "strong",
+        ],
+    );
+    let receipt: serde_json::Value = serde_json::from_str(&put.stdout).unwrap();
+    assert_eq!(receipt["level"], "strong");
+    assert_eq!(receipt["delivered"], "strong");
+    let get = agentstore(dir.path(), &["--json", "get", "agent:identity:123"]);
+    let read: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
+    assert_eq!(read["value"]["name"], "ada");
+    assert_eq!(read["version"], receipt["version"]);
+}
+
+#[test]
+fn a_lost_compare_and_set_exits_5_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        agentstore(dir.path(), &["put", "locks:job", "a", "--if-version", "-"]).code,
+        0
+    );
+    let lost = agentstore(dir.path(), &["put", "locks:job", "b", "--if-version", "-"]);
+    assert_eq!(lost.code, 5, "{}", lost.stderr);
+    assert!(
+        lost.stderr.contains("compare-and-set failed"),
+        "{}",
+        lost.stderr
+    );
+    let won = agentstore(
+        dir.path(),
+        &["put", "locks:job", "c", "--if-version", "local:1"],
+    );
+    assert_eq!(won.code, 0, "{}", won.stderr);
+    assert_eq!(
+        agentstore(dir.path(), &["get", "locks:job"]).stdout,
+        "\"c\"\n"
+    );
+}
+
+#[test]
+fn counters_sets_and_siblings_follow_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentstore.yaml");
+    std::fs::write(
+        &config,
+        "storage:\n  collections:\n    hits:\n      conflict: pn_counter\n    peers:\n      conflict: or_set\n    docs:\n      conflict: multi_value\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    assert_eq!(
+        agentstore(dir.path(), &["-c", c, "counter", "add", "hits:home", "5"]).stdout,
+        "5\n"
+    );
+    assert_eq!(
+        agentstore(dir.path(), &["-c", c, "counter", "add", "hits:home", "-2"]).stdout,
+        "3\n"
+    );
+    assert_eq!(
+        agentstore(dir.path(), &["-c", c, "counter", "get", "hits:home"]).stdout,
+        "3\n"
+    );
+    agentstore(dir.path(), &["-c", c, "set", "add", "peers:online", "p1"]);
+    agentstore(dir.path(), &["-c", c, "set", "add", "peers:online", "p2"]);
+    agentstore(
+        dir.path(),
+        &["-c", c, "set", "remove", "peers:online", "p1"],
+    );
+    assert_eq!(
+        agentstore(dir.path(), &["-c", c, "set", "members", "peers:online"]).stdout,
+        "[\"p2\"]\n"
+    );
+    agentstore(dir.path(), &["-c", c, "put", "docs:plan", "a"]);
+    agentstore(dir.path(), &["-c", c, "put", "docs:plan", "b"]);
+    let conflict = agentstore(dir.path(), &["-c", c, "get", "docs:plan"]);
+    assert_eq!(
+        conflict.code, 5,
+        "siblings must be resolved: {}",
+        conflict.stderr
+    );
+    let siblings = agentstore(
+        dir.path(),
+        &["-c", c, "--json", "get", "--siblings", "docs:plan"],
+    );
+    let siblings: serde_json::Value = serde_json::from_str(&siblings.stdout).unwrap();
+    assert_eq!(siblings["values"].as_array().unwrap().len(), 2);
+    let context = siblings["context"].as_str().unwrap();
+    assert_eq!(
+        agentstore(
+            dir.path(),
+            &["-c", c, "put", "docs:plan", "ab", "--context", context]
+        )
+        .code,
+        0
+    );
+    assert_eq!(
+        agentstore(dir.path(), &["-c", c, "get", "docs:plan"]).stdout,
+        "\"ab\"\n"
+    );
+    let wrong = agentstore(dir.path(), &["-c", c, "counter", "add", "docs:plan", "1"]);
+    assert_eq!(wrong.code, 2);
+    assert!(
+        wrong
+            .stderr
+            .contains("storage.collections.docs.conflict: pn_counter"),
+        "{}",
+        wrong.stderr
+    );
+}
+
+#[test]
+fn config_check_reports_what_each_collection_really_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = agentstore(
+        dir.path(),
+        &["config", "check", &repo_file("examples/agentstore.yaml")],
+    );
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    assert!(
+        check
+            .stdout
+            .contains("quorum N=3 W=2 R=2 -> overlapping quorums"),
+        "{}",
+        check.stdout
+    );
+    let task = check
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("task "))
+        .unwrap();
+    assert!(
+        task.contains("redis") && task.contains("causal") && task.contains("eventual:"),
+        "{task}"
+    );
+    let json = agentstore(
+        dir.path(),
+        &[
+            "--json",
+            "config",
+            "check",
+            &repo_file("examples/agentstore.yaml"),
+        ],
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(parsed["replication"]["overlapping"], true);
+}
+
+#[test]
+fn an_invalid_config_exits_4_naming_file_line_column_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.yaml");
+    std::fs::write(
+        &config,
+        "storage:\n  consistency_overrides:\n    agents: strnog\n",
+    )
+    .unwrap();
+    let check = agentstore(dir.path(), &["config", "check", config.to_str().unwrap()]);
+    assert_eq!(check.code, 4);
+    let expected = format!(
+        "{}:3:13: field `storage.consistency_overrides.agents`",
+        config.display()
+    );
+    assert!(check.stderr.contains(&expected), "{}", check.stderr);
+    assert!(
+        check.stderr.contains("did you mean `strong`?"),
+        "{}",
+        check.stderr
+    );
+    let put = agentstore(
+        dir.path(),
+        &["-c", config.to_str().unwrap(), "put", "a:b", "1"],
+    );
+    assert_eq!(put.code, 4);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_directory_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = p2p_ai_agents::storage::Config {
+        data_dir: Some(dir.path().display().to_string()),
+        ..Default::default()
+    };
+    let _held = p2p_ai_agents::storage::Storage::new(config).await.unwrap();
+    let run = agentstore(dir.path(), &["get", "a:b"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("in use by another agentstore process"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(agentstore(dir.path(), &["frobnicate"]).code, 2);
+    let bad_level = agentstore(
+        dir.path(),
+        &["put", "a:b", "1", "--consistency", "strongest"],
+    );
+    assert_eq!(bad_level.code, 2);
+    assert!(
+        bad_level.stderr.contains("unknown consistency level"),
+        "{}",
+        bad_level.stderr
+    );
+    assert_eq!(agentstore(dir.path(), &["put", ":b", "1"]).code, 2);
+    assert_eq!(agentstore(dir.path(), &["--help"]).code, 0);
+}
