@@ -32,6 +32,7 @@ mod error;
 mod values;
 mod version;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -129,12 +130,16 @@ struct Inner {
     config: Config,
     data_dir: PathBuf,
     local: LocalEngine,
+    /// Plans of the named collections, computed once: every call looks one up.
+    plans: HashMap<String, CollectionPlan>,
+    /// The plan of every other collection (its `name` is empty).
+    default_plan: CollectionPlan,
 }
 
 /// What a call resolved to: the key, its collection's plan, and the effective level.
-struct Call {
+struct Call<'a> {
     key: Key,
-    plan: CollectionPlan,
+    plan: &'a CollectionPlan,
     level: ConsistencyLevel,
 }
 
@@ -170,12 +175,10 @@ impl Storage {
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
         let local = LocalEngine::open(&data_dir, clock)?;
         tracing::info!(data_dir = %data_dir.display(), "storage open");
+        let plans = config.plans().into_iter().map(|plan| (plan.name.clone(), plan)).collect();
+        let default_plan = config.plan("");
         Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                data_dir,
-                local,
-            }),
+            inner: Arc::new(Inner { config, data_dir, local, plans, default_plan }),
         })
     }
 
@@ -200,16 +203,16 @@ impl Storage {
 
     /// Resolves a call: validates the key, finds its collection's plan, computes the
     /// effective level and checks that the collection delivers it.
-    fn call(&self, key: &str, requested: Option<ConsistencyLevel>) -> Result<Call> {
+    fn call(&self, key: &str, requested: Option<ConsistencyLevel>) -> Result<Call<'_>> {
         let parsed: Key = key.parse().map_err(|source| StorageError::Key {
             key: key.to_owned(),
             source,
         })?;
-        let plan = self.plan(parsed.collection());
+        let plan = self.inner.plans.get(parsed.collection()).unwrap_or(&self.inner.default_plan);
         let level = requested.map_or(plan.consistency, |r| r.max(plan.consistency));
         if level > plan.guarantee.level {
             return Err(StorageError::LevelUnavailable {
-                collection: plan.name,
+                collection: parsed.collection().to_owned(),
                 delivered: plan.guarantee.level,
                 requested: level,
             });
@@ -221,7 +224,7 @@ impl Storage {
         })
     }
 
-    fn receipt(call: &Call, record: &Record) -> WriteReceipt {
+    fn receipt(call: &Call<'_>, record: &Record) -> WriteReceipt {
         WriteReceipt {
             version: Version(record.version.clone()),
             level: call.level,
@@ -229,17 +232,17 @@ impl Storage {
         }
     }
 
-    fn wrong(call: &Call, operation: &'static str, hint: impl Into<String>) -> StorageError {
+    fn wrong(call: &Call<'_>, operation: &'static str, hint: impl Into<String>) -> StorageError {
         StorageError::WrongOperation {
             key: call.key.to_string(),
-            collection: call.plan.name.clone(),
+            collection: call.key.collection().to_owned(),
             strategy: call.plan.conflict,
             operation,
             hint: hint.into(),
         }
     }
 
-    fn encode<T: Serialize>(call: &Call, value: &T) -> Result<Vec<u8>> {
+    fn encode<T: Serialize>(call: &Call<'_>, value: &T) -> Result<Vec<u8>> {
         serde_json::to_vec(value).map_err(|source| StorageError::Serialize {
             key: call.key.to_string(),
             source,
@@ -625,16 +628,16 @@ fn counter_value(value: &Value) -> Option<i64> {
     }
 }
 
-fn counter_hint(call: &Call) -> String {
+fn counter_hint(call: &Call<'_>) -> String {
     format!(
         "set `storage.collections.{}.conflict: pn_counter` (or g_counter) to count",
-        call.plan.name
+        call.key.collection()
     )
 }
 
-fn set_hint(call: &Call) -> String {
+fn set_hint(call: &Call<'_>) -> String {
     format!(
         "set `storage.collections.{}.conflict: or_set` (or g_set) to keep a set",
-        call.plan.name
+        call.key.collection()
     )
 }
