@@ -247,29 +247,26 @@ impl Reader<'_> {
     fn vector(&mut self) -> Result<BTreeMap<NodeId, u64>, DecodeError> {
         let n = self.count()?;
         let mut entries = BTreeMap::new();
-        let mut last: Option<NodeId> = None;
         for _ in 0..n {
             let node = self.node()?;
-            if last.as_ref().is_some_and(|prev| *prev >= node) {
+            if entries
+                .last_key_value()
+                .is_some_and(|(prev, _)| *prev >= node)
+            {
                 return Err(self.malformed("vector nodes are not strictly increasing"));
             }
             let counter = self.positive()?;
-            last = Some(node.clone());
             entries.insert(node, counter);
         }
         Ok(entries)
     }
 
     fn version_vector(&mut self) -> Result<VersionVector, DecodeError> {
-        Ok(self.vector()?.into_iter().collect())
+        Ok(VersionVector::from_entries(self.vector()?))
     }
 
     fn gcounter(&mut self) -> Result<GCounter, DecodeError> {
-        let mut counter = GCounter::new();
-        for (node, count) in self.vector()? {
-            counter.witness(&node, count);
-        }
-        Ok(counter)
+        Ok(GCounter::from_entries(self.vector()?))
     }
 
     fn record_v1(&mut self) -> Result<Record, DecodeError> {

@@ -69,10 +69,22 @@ impl VersionVector {
 
     /// Raises `node`'s entry to at least `counter`.
     pub fn witness(&mut self, node: &NodeId, counter: u64) {
-        if counter > 0 {
-            let entry = self.0.entry(node.clone()).or_insert(0);
-            *entry = (*entry).max(counter);
+        match self.0.get_mut(node) {
+            Some(entry) => *entry = (*entry).max(counter),
+            None if counter > 0 => {
+                self.0.insert(node.clone(), counter);
+            }
+            None => {}
         }
+    }
+
+    /// A vector from entries already known to be positive (decoding checked them).
+    pub(crate) fn from_entries(entries: BTreeMap<NodeId, u64>) -> Self {
+        debug_assert!(
+            entries.values().all(|&c| c > 0),
+            "version vector entries are positive"
+        );
+        Self(entries)
     }
 
     /// Whether every event seen by `other` was seen by `self`.

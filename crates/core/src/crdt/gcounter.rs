@@ -38,11 +38,23 @@ impl GCounter {
         self.0.iter().map(|(node, &count)| (node, count))
     }
 
-    /// Sets `node`'s count to at least `count` (used by decoding and merging).
+    /// A counter from entries already known to be positive (decoding checked them).
+    pub(crate) fn from_entries(entries: BTreeMap<NodeId, u64>) -> Self {
+        debug_assert!(
+            entries.values().all(|&c| c > 0),
+            "counter entries are positive"
+        );
+        Self(entries)
+    }
+
+    /// Sets `node`'s count to at least `count` (used by merging).
     pub fn witness(&mut self, node: &NodeId, count: u64) {
-        if count > 0 {
-            let entry = self.0.entry(node.clone()).or_insert(0);
-            *entry = (*entry).max(count);
+        match self.0.get_mut(node) {
+            Some(entry) => *entry = (*entry).max(count),
+            None if count > 0 => {
+                self.0.insert(node.clone(), count);
+            }
+            None => {}
         }
     }
 }

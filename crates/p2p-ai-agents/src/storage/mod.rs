@@ -175,10 +175,20 @@ impl Storage {
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
         let local = LocalEngine::open(&data_dir, clock)?;
         tracing::info!(data_dir = %data_dir.display(), "storage open");
-        let plans = config.plans().into_iter().map(|plan| (plan.name.clone(), plan)).collect();
+        let plans = config
+            .plans()
+            .into_iter()
+            .map(|plan| (plan.name.clone(), plan))
+            .collect();
         let default_plan = config.plan("");
         Ok(Self {
-            inner: Arc::new(Inner { config, data_dir, local, plans, default_plan }),
+            inner: Arc::new(Inner {
+                config,
+                data_dir,
+                local,
+                plans,
+                default_plan,
+            }),
         })
     }
 
@@ -208,7 +218,11 @@ impl Storage {
             key: key.to_owned(),
             source,
         })?;
-        let plan = self.inner.plans.get(parsed.collection()).unwrap_or(&self.inner.default_plan);
+        let plan = self
+            .inner
+            .plans
+            .get(parsed.collection())
+            .unwrap_or(&self.inner.default_plan);
         let level = requested.map_or(plan.consistency, |r| r.max(plan.consistency));
         if level > plan.guarantee.level {
             return Err(StorageError::LevelUnavailable {
@@ -371,18 +385,24 @@ impl Storage {
             key: call.key.to_string(),
             source,
         };
-        let json = match values::read(record.as_ref()).map_err(decode_error)? {
-            Reading::Absent => return Ok(None),
-            Reading::One(json) => json,
-            Reading::Siblings(values) => {
-                return Err(StorageError::Siblings {
-                    key: call.key.to_string(),
-                    count: values.len(),
-                });
-            }
+        let Some(record) = record else {
+            return Ok(None);
         };
-        let value = serde_json::from_value(json).map_err(decode_error)?;
-        let version = Version(record.map(|r| r.version).unwrap_or_default());
+        let value = match &record.value {
+            // The common case, parsed straight from the stored bytes into `T`.
+            Value::Register(Some(bytes)) => serde_json::from_slice(bytes).map_err(decode_error)?,
+            _ => match values::read(Some(&record)).map_err(decode_error)? {
+                Reading::Absent => return Ok(None),
+                Reading::One(json) => serde_json::from_value(json).map_err(decode_error)?,
+                Reading::Siblings(values) => {
+                    return Err(StorageError::Siblings {
+                        key: call.key.to_string(),
+                        count: values.len(),
+                    });
+                }
+            },
+        };
+        let version = Version(record.version);
         Ok(Some(Versioned { value, version }))
     }
 
