@@ -39,12 +39,12 @@ fn config(dir: &str) -> Config {
     config
 }
 
-/// The writer's entry point; does nothing unless run by the crash test as its writer.
+/// The writer's entry point, not a test of its own: the crash test runs it (with
+/// `--ignored`) in a child process that it then kills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by acknowledged_writes_survive_sigkill as its writer process"]
 async fn writer_process() {
-    let Ok(dir) = std::env::var(WRITER_ENV) else {
-        return;
-    };
+    let dir = std::env::var(WRITER_ENV).expect("run by the crash test, which sets CRASH_WRITER_DIR");
     let round = std::env::var("CRASH_ROUND").unwrap();
     let storage = Storage::new(config(&dir)).await.expect("open storage");
     // The test harness has printed `test writer_process ... ` without a newline; end that line
@@ -99,6 +99,7 @@ async fn acknowledged_writes_survive_sigkill() {
             .args([
                 "--exact",
                 "writer_process",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
