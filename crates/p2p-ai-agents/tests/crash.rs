@@ -44,7 +44,8 @@ fn config(dir: &str) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by acknowledged_writes_survive_sigkill as its writer process"]
 async fn writer_process() {
-    let dir = std::env::var(WRITER_ENV).expect("run by the crash test, which sets CRASH_WRITER_DIR");
+    let dir =
+        std::env::var(WRITER_ENV).expect("run by the crash test, which sets CRASH_WRITER_DIR");
     let round = std::env::var("CRASH_ROUND").unwrap();
     let storage = Storage::new(config(&dir)).await.expect("open storage");
     // The test harness has printed `test writer_process ... ` without a newline; end that line
