@@ -65,6 +65,36 @@ pub enum EngineError {
         /// The underlying error.
         detail: String,
     },
+    /// The backend server cannot be reached (connection refused, dropped, timed out). The
+    /// operation was not acknowledged; a write may or may not have been applied.
+    #[error("{backend} is unavailable: {detail}")]
+    Unavailable {
+        /// Which backend.
+        backend: &'static str,
+        /// The underlying error.
+        detail: String,
+    },
+    /// Concurrent writers kept changing the same keys; the batch was retried `attempts` times
+    /// and not applied.
+    #[error("the batch lost to concurrent writers {attempts} times and was not applied")]
+    Contention {
+        /// How many times it was tried.
+        attempts: u32,
+    },
+    /// A strong write reached the primary but fewer replicas than required acknowledged it in
+    /// time. The outcome is indeterminate, not failed: the write is on the primary and will
+    /// normally replicate, but a failover before it does can lose it.
+    #[error(
+        "write applied on the primary but only {acknowledged} of {required} replicas acknowledged          it within {timeout_ms} ms (indeterminate: it may be lost if the primary fails now)"
+    )]
+    ReplicationShortfall {
+        /// Replicas that acknowledged.
+        acknowledged: u64,
+        /// Replicas required.
+        required: u64,
+        /// How long the write waited.
+        timeout_ms: u64,
+    },
     /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,

@@ -9,10 +9,13 @@
 //! Architecture invariant: engines know nothing of collections, consistency levels or
 //! configuration; they store records and apply mutations with `agentstore_core::record::apply`.
 
+mod batch;
 mod clock;
 pub mod conformance;
 mod error;
 mod local;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::future::Future;
 
@@ -21,6 +24,8 @@ pub use agentstore_core::record::{Expect, Mutation, Record};
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, LocalEngine};
+#[cfg(feature = "redis")]
+pub use redis::{RedisEngine, RedisOptions, WaitPolicy};
 
 /// One change in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use agentstore_core::codec;
-use agentstore_core::record::{self, Record};
+use agentstore_core::record::Record;
 use redb::{Database, ReadableTable, Table};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DATA, decode};
+use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
 use crate::{Key, Write};
@@ -98,48 +99,14 @@ fn apply_group(
     Ok(outcomes)
 }
 
-/// Computes the records one request would write, without writing: checks every expectation
-/// and applies every mutation to the stored record, or to the result of an earlier write of
-/// the same request.
 fn prepare(
     table: &Table<'_, &[u8], &[u8]>,
     clock: &NodeClock,
     writes: &[Write],
 ) -> Result<Vec<(Key, Record)>, EngineError> {
-    let physical_ms = clock.physical_ms();
-    let mut results: Vec<(Key, Record)> = Vec::with_capacity(writes.len());
-    for write in writes {
-        let earlier = results
-            .iter()
-            .rev()
-            .find(|(key, _)| *key == write.key)
-            .map(|(_, r)| r.clone());
-        let current = match earlier {
-            Some(record) => Some(record),
-            None => {
-                let stored = table
-                    .get(write.key.as_bytes())
-                    .map_err(EngineError::storage)?;
-                stored
-                    .map(|bytes| decode(&write.key, bytes.value()))
-                    .transpose()?
-            }
-        };
-        if let Some(expect) = &write.expect {
-            expect
-                .check(current.as_ref())
-                .map_err(|source| EngineError::ExpectationFailed {
-                    key: write.key.clone(),
-                    source,
-                })?;
-        }
-        let mut hlc = clock.lock();
-        let next = record::apply(current.as_ref(), &write.mutation, &mut hlc, physical_ms)
-            .map_err(|source| EngineError::WrongKind {
-                key: write.key.clone(),
-                source,
-            })?;
-        results.push((write.key.clone(), next));
-    }
-    Ok(results)
+    let stored = |key: &Key| {
+        let bytes = table.get(key.as_bytes()).map_err(EngineError::storage)?;
+        bytes.map(|bytes| decode(key, bytes.value())).transpose()
+    };
+    batch::prepare(stored, clock, writes)
 }

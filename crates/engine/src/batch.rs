@@ -1,0 +1,60 @@
+//! Applying a batch of writes to stored records: the part of `commit` every engine shares.
+
+use agentstore_core::record::{self, Record};
+
+use crate::clock::NodeClock;
+use crate::error::EngineError;
+use crate::{Key, Write};
+
+/// Computes the records a batch would write, without writing: checks every expectation and
+/// applies every mutation to the stored record, or to the result of an earlier write of the
+/// same batch. `stored` reads a key's stored record as of the engine's transaction.
+///
+/// Returns one `(key, record)` per write, in order.
+pub(crate) fn prepare(
+    mut stored: impl FnMut(&Key) -> Result<Option<Record>, EngineError>,
+    clock: &NodeClock,
+    writes: &[Write],
+) -> Result<Vec<(Key, Record)>, EngineError> {
+    let physical_ms = clock.physical_ms();
+    let mut results: Vec<(Key, Record)> = Vec::with_capacity(writes.len());
+    for write in writes {
+        let earlier = results
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == write.key)
+            .map(|(_, r)| r.clone());
+        let current = match earlier {
+            Some(record) => Some(record),
+            None => stored(&write.key)?,
+        };
+        if let Some(expect) = &write.expect {
+            expect
+                .check(current.as_ref())
+                .map_err(|source| EngineError::ExpectationFailed {
+                    key: write.key.clone(),
+                    source,
+                })?;
+        }
+        let mut hlc = clock.lock();
+        let next = record::apply(current.as_ref(), &write.mutation, &mut hlc, physical_ms)
+            .map_err(|source| EngineError::WrongKind {
+                key: write.key.clone(),
+                source,
+            })?;
+        results.push((write.key.clone(), next));
+    }
+    Ok(results)
+}
+
+/// The last record written to each distinct key of a prepared batch, in first-write order.
+pub(crate) fn final_records(results: &[(Key, Record)]) -> Vec<(&Key, &Record)> {
+    let mut out: Vec<(&Key, &Record)> = Vec::new();
+    for (key, record) in results {
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = record,
+            None => out.push((key, record)),
+        }
+    }
+    out
+}

@@ -1,0 +1,63 @@
+//! Strong writes on Redis: `WAIT` for replicas, and a typed error when they do not answer.
+
+mod support {
+    pub(crate) mod redis_server;
+}
+
+use agentstore_core::NodeId;
+use agentstore_engine::{
+    Engine, EngineError, Key, Mutation, NodeClock, RedisEngine, RedisOptions, WaitPolicy,
+};
+use support::redis_server::RedisServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_writes_wait_for_replicas_and_report_a_shortfall() {
+    let primary = RedisServer::start(&[]);
+    let mut first = RedisServer::replica_of(&primary);
+    let second = RedisServer::replica_of(&primary);
+    primary.wait_until(
+        |info| info.matches("state=online").count() == 2,
+        "both replicas are online",
+    );
+
+    let clock = NodeClock::system(NodeId::new("wait-test").unwrap(), 500);
+    let options = RedisOptions {
+        wait: Some(WaitPolicy {
+            replicas: 2,
+            timeout_ms: 500,
+        }),
+        ..RedisOptions::new(primary.url())
+    };
+    let engine = RedisEngine::connect(options, clock).await.unwrap();
+    let key: Key = "identity:alice".parse().unwrap();
+    engine
+        .apply(key.clone(), Mutation::Put(b"v1".to_vec()))
+        .await
+        .expect("both replicas acknowledge");
+
+    first.stop();
+    primary.wait_until(
+        |info| info.matches("state=online").count() == 1,
+        "one replica is gone",
+    );
+    match engine
+        .apply(key.clone(), Mutation::Put(b"v2".to_vec()))
+        .await
+    {
+        Err(EngineError::ReplicationShortfall {
+            acknowledged,
+            required,
+            timeout_ms,
+        }) => {
+            assert_eq!((acknowledged, required, timeout_ms), (1, 2, 500));
+        }
+        other => panic!("expected a replication shortfall, got {other:?}"),
+    }
+    // Indeterminate, not failed: the write is on the primary and on the remaining replica.
+    let stored = engine.get(&key).await.unwrap().unwrap();
+    assert_eq!(
+        stored.value,
+        agentstore_core::Value::Register(Some(b"v2".to_vec()))
+    );
+    drop(second);
+}
