@@ -65,6 +65,12 @@ pub enum EngineError {
         /// The underlying error.
         detail: String,
     },
+    /// The engine's settings cannot work (a wrong kind of URL, an unsupported schema...).
+    #[error("invalid engine settings: {detail}")]
+    InvalidSettings {
+        /// What is wrong and what is needed.
+        detail: String,
+    },
     /// The backend server cannot be reached (connection refused, dropped, timed out). The
     /// operation was not acknowledged; a write may or may not have been applied.
     #[error("{backend} is unavailable: {detail}")]

@@ -14,6 +14,8 @@ mod clock;
 pub mod conformance;
 mod error;
 mod local;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
@@ -24,6 +26,8 @@ pub use agentstore_core::record::{Expect, Mutation, Record};
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, LocalEngine};
+#[cfg(feature = "postgres")]
+pub use postgres::{Isolation, PostgresEngine, PostgresOptions};
 #[cfg(feature = "redis")]
 pub use redis::{RedisEngine, RedisOptions, WaitPolicy};
 

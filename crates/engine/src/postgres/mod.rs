@@ -1,0 +1,460 @@
+//! The PostgreSQL engine (a Supabase project is PostgreSQL).
+//!
+//! Records live in one table, `agentstore_records (key bytea primary key, record bytea)`,
+//! created and upgraded by versioned migrations (`agentstore_migrations`) under an advisory
+//! lock, so nodes starting together do not race.
+//!
+//! A commit is one transaction at the configured isolation (serializable by default): it makes
+//! sure a row exists for every key of the batch (a placeholder with a NULL record), locks the
+//! rows (`FOR UPDATE`), merges with the same `agentstore_core::record::apply` as every engine,
+//! and writes the results. The placeholder matters at read committed: `FOR UPDATE` cannot lock
+//! a row that does not exist yet, and two transactions creating the same key would otherwise
+//! both think it absent. Serialization failures (40001) and deadlocks (40P01) are retried with
+//! bounded, jittered backoff; the last one surfaces as a typed error.
+//!
+//! Statements are sent unnamed (`query_typed`), so the engine also works through Supavisor or
+//! PgBouncer in transaction mode, which reject named prepared statements.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentstore_core::codec;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{IsolationLevel, NoTls};
+
+use crate::batch;
+use crate::clock::NodeClock;
+use crate::error::EngineError;
+use crate::{Engine, Key, Record, Write};
+
+/// Transaction isolation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// SERIALIZABLE.
+    Serializable,
+    /// READ COMMITTED.
+    ReadCommitted,
+}
+
+/// How a PostgreSQL engine is set up.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// `postgresql://user:password@host:port/database`.
+    pub url: String,
+    /// Isolation of every transaction.
+    pub isolation: Isolation,
+    /// Most connections open at once.
+    pub pool_size: usize,
+    /// `application_name` of the connections (visible in `pg_stat_activity`).
+    pub application_name: String,
+}
+
+impl PostgresOptions {
+    /// Serializable, 10 connections, on `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            isolation: Isolation::Serializable,
+            pool_size: 10,
+            application_name: "agentstore".into(),
+        }
+    }
+}
+
+/// Schema versions, applied in order, each once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE agentstore_records (key bytea PRIMARY KEY, record bytea)",
+)];
+
+/// Attempts before a transaction that keeps failing to serialize gives up.
+const MAX_ATTEMPTS: u32 = 32;
+
+/// The PostgreSQL engine. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresEngine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: Pool,
+    options: PostgresOptions,
+    clock: Arc<NodeClock>,
+}
+
+impl std::fmt::Debug for PostgresEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresEngine")
+            .field("isolation", &self.shared.options.isolation)
+            .field("pool_size", &self.shared.options.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(detail: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable {
+        backend: "postgres",
+        detail: detail.to_string(),
+    }
+}
+
+fn pg_error(err: tokio_postgres::Error) -> EngineError {
+    if err.is_closed() || err.code().is_none() {
+        unavailable(err)
+    } else {
+        EngineError::Storage {
+            detail: format!("postgres: {err}"),
+        }
+    }
+}
+
+fn pool_error(err: deadpool_postgres::PoolError) -> EngineError {
+    unavailable(err)
+}
+
+fn retryable(err: &tokio_postgres::Error) -> bool {
+    matches!(err.code(), Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// What `connect` says about a URL that is not a database URL.
+fn check_url(url: &str) -> Result<(), EngineError> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Err(EngineError::InvalidSettings {
+            detail: format!(
+                "`{url}` is a Supabase project's API URL; agentstore needs the database \
+                 connection string (Supabase dashboard: Connect > Connection string), e.g. \
+                 postgresql://postgres:PASSWORD@db.PROJECT.supabase.co:5432/postgres"
+            ),
+        });
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(EngineError::InvalidSettings {
+            detail: format!("`{url}` is not a postgresql:// connection URL"),
+        });
+    }
+    Ok(())
+}
+
+impl PostgresEngine {
+    /// Connects, creates or upgrades the schema, and opens a pool of `pool_size` connections.
+    pub async fn connect(
+        options: PostgresOptions,
+        clock: Arc<NodeClock>,
+    ) -> Result<Self, EngineError> {
+        check_url(&options.url)?;
+        let mut pg: tokio_postgres::Config =
+            options
+                .url
+                .parse()
+                .map_err(|e| EngineError::InvalidSettings {
+                    detail: format!("invalid database URL: {e}"),
+                })?;
+        pg.application_name(&options.application_name);
+        pg.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let mut pool_config = PoolConfig::new(options.pool_size.max(1));
+        pool_config.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(30)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        };
+        let pool = Pool::builder(manager)
+            .config(pool_config)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| EngineError::InvalidSettings {
+                detail: format!("connection pool: {e}"),
+            })?;
+        let engine = Self {
+            shared: Arc::new(Shared {
+                pool,
+                options,
+                clock,
+            }),
+        };
+        engine.migrate().await?;
+        Ok(engine)
+    }
+
+    async fn migrate(&self) -> Result<(), EngineError> {
+        let mut client = self.shared.pool.get().await.map_err(pool_error)?;
+        let txn = client.transaction().await.map_err(pg_error)?;
+        txn.execute_typed("SELECT pg_advisory_xact_lock(7234712347)", &[])
+            .await
+            .map_err(pg_error)?;
+        txn.execute_typed(
+            "CREATE TABLE IF NOT EXISTS agentstore_migrations \
+             (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+        let row = txn
+            .query_typed_one(
+                "SELECT coalesce(max(version), 0) FROM agentstore_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        let current: i32 = row.get(0);
+        let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if current > latest {
+            return Err(EngineError::InvalidSettings {
+                detail: format!(
+                    "the database schema is at version {current}, newer than this agentstore \
+                     understands ({latest})"
+                ),
+            });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            txn.batch_execute(sql).await.map_err(pg_error)?;
+            txn.execute_typed(
+                "INSERT INTO agentstore_migrations (version) VALUES ($1)",
+                &[(version, Type::INT4)],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        txn.commit().await.map_err(pg_error)
+    }
+
+    fn isolation(&self) -> IsolationLevel {
+        match self.shared.options.isolation {
+            Isolation::Serializable => IsolationLevel::Serializable,
+            Isolation::ReadCommitted => IsolationLevel::ReadCommitted,
+        }
+    }
+
+    /// The isolation level a commit transaction really runs at, as PostgreSQL reports it.
+    pub async fn isolation_in_use(&self) -> Result<String, EngineError> {
+        let mut client = self.shared.pool.get().await.map_err(pool_error)?;
+        let txn = client
+            .build_transaction()
+            .isolation_level(self.isolation())
+            .start()
+            .await
+            .map_err(pg_error)?;
+        let row = txn
+            .query_typed_one("SHOW transaction_isolation", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get(0))
+    }
+
+    /// The pool's current size and limit.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let status = self.shared.pool.status();
+        (status.size, status.max_size)
+    }
+
+    fn decode(key: &Key, bytes: Option<Vec<u8>>) -> Result<Option<Record>, EngineError> {
+        bytes
+            .map(|b| {
+                codec::decode(&b).map_err(|source| EngineError::Decode {
+                    key: key.clone(),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// One transaction. `Ok(Err(e))` is a retryable failure.
+    async fn try_commit(
+        &self,
+        writes: &[Write],
+    ) -> Result<Result<Vec<Record>, tokio_postgres::Error>, EngineError> {
+        let mut keys: Vec<&Key> = Vec::new();
+        for write in writes {
+            if !keys.contains(&&write.key) {
+                keys.push(&write.key);
+            }
+        }
+        // A fixed lock order makes deadlocks between two batches rarer (they are retried anyway).
+        keys.sort();
+        let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let mut client = self.shared.pool.get().await.map_err(pool_error)?;
+        let txn = match client
+            .build_transaction()
+            .isolation_level(self.isolation())
+            .start()
+            .await
+        {
+            Ok(txn) => txn,
+            Err(e) if retryable(&e) => return Ok(Err(e)),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let attempt = async {
+            txn.execute_typed(
+                "INSERT INTO agentstore_records (key, record) SELECT k, NULL FROM unnest($1::bytea[]) AS k \
+                 ORDER BY k ON CONFLICT (key) DO NOTHING",
+                &[(&key_bytes, Type::BYTEA_ARRAY)],
+            )
+            .await?;
+            let rows = txn
+                .query_typed(
+                    "SELECT key, record FROM agentstore_records WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+                    &[(&key_bytes, Type::BYTEA_ARRAY)],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(rows)
+        };
+        let rows = match attempt.await {
+            Ok(rows) => rows,
+            Err(e) if retryable(&e) => return Ok(Err(e)),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
+                detail: format!("postgres holds an invalid key: {e}"),
+            })?;
+            let record = Self::decode(&key, row.get(1))?;
+            stored.push((key, record));
+        }
+        let results = batch::prepare(
+            |key| {
+                Ok(stored
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .and_then(|(_, r)| r.clone()))
+            },
+            &self.shared.clock,
+            writes,
+        )?;
+        let finals = batch::final_records(&results);
+        let final_keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
+        let final_records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [
+            (&final_keys, Type::BYTEA_ARRAY),
+            (&final_records, Type::BYTEA_ARRAY),
+        ];
+        let finish = async {
+            txn.execute_typed(
+                "UPDATE agentstore_records SET record = v.record \
+                 FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
+                &params,
+            )
+            .await?;
+            txn.commit().await
+        };
+        match finish.await {
+            Ok(()) => Ok(Ok(results.into_iter().map(|(_, r)| r).collect())),
+            Err(e) if retryable(&e) => Ok(Err(e)),
+            Err(e) => Err(pg_error(e)),
+        }
+    }
+}
+
+/// A random delay for retry number `attempt`: exponential, capped, fully jittered.
+fn backoff(attempt: u32) -> Duration {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let cap_micros = 200u64 << attempt.min(7);
+    Duration::from_micros(random % cap_micros)
+}
+
+impl Engine for PostgresEngine {
+    async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_typed_opt(
+                "SELECT record FROM agentstore_records WHERE key = $1",
+                &[(&key.as_bytes(), Type::BYTEA)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Self::decode(key, row.and_then(|row| row.get(0)))
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Record)>, EngineError> {
+        let lower: &[u8] = match start_after {
+            Some(after) if after.as_bytes() >= prefix => after.as_bytes(),
+            _ => prefix,
+        };
+        let exclusive = start_after.is_some_and(|after| after.as_bytes() >= prefix);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = if exclusive {
+            "SELECT key, record FROM agentstore_records WHERE key > $1 AND record IS NOT NULL \
+             AND substring(key from 1 for length($2)) = $2 ORDER BY key LIMIT $3"
+        } else {
+            "SELECT key, record FROM agentstore_records WHERE key >= $1 AND record IS NOT NULL \
+             AND substring(key from 1 for length($2)) = $2 ORDER BY key LIMIT $3"
+        };
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let rows = client
+            .query_typed(
+                sql,
+                &[
+                    (&lower, Type::BYTEA),
+                    (&prefix, Type::BYTEA),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
+                detail: format!("postgres holds an invalid key: {e}"),
+            })?;
+            if let Some(record) = Self::decode(&key, row.get(1))? {
+                out.push((key, record));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = None;
+        for attempt in 0..MAX_ATTEMPTS {
+            match self.try_commit(&writes).await? {
+                Ok(records) => return Ok(records),
+                Err(err) => {
+                    tracing::debug!(attempt, error = %err, "transaction retried");
+                    last = Some(err);
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+        let detail = last.map_or_else(String::new, |e| e.to_string());
+        tracing::warn!(%detail, "transaction gave up after {MAX_ATTEMPTS} attempts");
+        Err(EngineError::Contention {
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_url;
+
+    #[test]
+    fn a_project_api_url_gets_an_error_that_says_which_url_is_needed() {
+        let err = check_url("https://project.supabase.co")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database connection string"), "{err}");
+        assert!(check_url("postgresql://postgres@127.0.0.1:5432/test").is_ok());
+        assert!(check_url("mysql://x").is_err());
+    }
+}

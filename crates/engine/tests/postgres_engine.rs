@@ -1,0 +1,131 @@
+//! What only the PostgreSQL engine has: isolation levels, a bounded pool, URL checks.
+
+use agentstore_core::NodeId;
+use agentstore_core::record::Value;
+use agentstore_engine::{
+    Engine, EngineError, Isolation, Key, Mutation, NodeClock, PostgresEngine, PostgresOptions,
+};
+
+fn postgres_url() -> String {
+    std::env::var("AGENTSTORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn engine(options: PostgresOptions) -> PostgresEngine {
+    let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);
+    PostgresEngine::connect(options, clock).await.unwrap()
+}
+
+#[tokio::test]
+async fn transactions_run_at_the_configured_isolation() {
+    let serializable = engine(PostgresOptions::new(postgres_url())).await;
+    assert_eq!(
+        serializable.isolation_in_use().await.unwrap(),
+        "serializable"
+    );
+    let options = PostgresOptions {
+        isolation: Isolation::ReadCommitted,
+        ..PostgresOptions::new(postgres_url())
+    };
+    assert_eq!(
+        engine(options).await.isolation_in_use().await.unwrap(),
+        "read committed"
+    );
+}
+
+/// Counts the server connections with our application name, from another connection.
+async fn open_connections(application_name: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_never_opens_more_connections_than_configured_and_counts_stay_exact() {
+    for isolation in [Isolation::Serializable, Isolation::ReadCommitted] {
+        let name = format!("agentstore-pool-test-{}-{isolation:?}", std::process::id());
+        let options = PostgresOptions {
+            pool_size: 3,
+            isolation,
+            application_name: name.clone(),
+            ..PostgresOptions::new(postgres_url())
+        };
+        let engine = engine(options).await;
+        let key: Key = format!("pool{}:{isolation:?}", std::process::id())
+            .parse()
+            .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..24 {
+            let (engine, key) = (engine.clone(), key.clone());
+            tasks.spawn(async move {
+                for _ in 0..5 {
+                    engine
+                        .apply(key.clone(), Mutation::PnCounterAdd(1))
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        let mut peak = 0;
+        while !tasks.is_empty() {
+            peak = peak.max(open_connections(&name).await);
+            if let Ok(Some(done)) =
+                tokio::time::timeout(std::time::Duration::from_millis(20), tasks.join_next()).await
+            {
+                done.unwrap();
+            }
+        }
+        assert!(
+            peak >= 1 && peak <= 3,
+            "{isolation:?}: {peak} connections open, pool size 3"
+        );
+        let (_, max) = engine.pool_status();
+        assert_eq!(max, 3);
+        match engine.get(&key).await.unwrap().unwrap().value {
+            Value::PnCounter(counter) => {
+                assert_eq!(counter.value(), 120, "{isolation:?}: increments lost")
+            }
+            other => panic!("expected a counter, got {:?}", other.kind()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_supabase_api_url_is_refused_with_the_url_that_is_needed() {
+    let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);
+    let err = PostgresEngine::connect(PostgresOptions::new("https://project.supabase.co"), clock)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::InvalidSettings { .. }));
+    assert!(
+        err.to_string()
+            .contains("postgresql://postgres:PASSWORD@db.PROJECT.supabase.co"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_typed_error() {
+    let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);
+    let options = PostgresOptions::new("postgresql://postgres@127.0.0.1:1/test");
+    let err = PostgresEngine::connect(options, clock).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Unavailable {
+                backend: "postgres",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
