@@ -85,7 +85,7 @@ async fn the_pool_never_opens_more_connections_than_configured_and_counts_stay_e
             }
         }
         assert!(
-            peak >= 1 && peak <= 3,
+            (1..=3).contains(&peak),
             "{isolation:?}: {peak} connections open, pool size 3"
         );
         let (_, max) = engine.pool_status();
