@@ -217,7 +217,6 @@ fn exit_code(err: &StorageError) -> u8 {
         StorageError::Config(_)
         | StorageError::ConfigFile { .. }
         | StorageError::InvalidConfig(_) => exit::CONFIG,
-        StorageError::BackendUnavailable { .. } => exit::CONFIG,
         StorageError::Key { .. }
         | StorageError::WrongOperation { .. }
         | StorageError::LevelUnavailable { .. } => exit::USAGE,

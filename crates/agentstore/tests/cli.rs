@@ -196,9 +196,19 @@ fn config_check_reports_what_each_collection_really_gets() {
         .lines()
         .find(|l| l.starts_with("task "))
         .unwrap();
+    assert!(task.contains("redis") && task.contains("causal"), "{task}");
     assert!(
-        task.contains("redis") && task.contains("causal") && task.contains("eventual:"),
+        task.contains("WAIT") && task.contains("not linearizable"),
         "{task}"
+    );
+    let metrics = check
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("metrics "))
+        .unwrap();
+    assert!(
+        metrics.contains("eventual: asynchronous Redis replication"),
+        "{metrics}"
     );
     let json = agentstore(
         dir.path(),

@@ -9,6 +9,7 @@
 //! Architecture invariant: engines know nothing of collections, consistency levels or
 //! configuration; they store records and apply mutations with `agentstore_core::record::apply`.
 
+mod any;
 mod batch;
 mod clock;
 pub mod conformance;
@@ -18,11 +19,14 @@ mod local;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::future::Future;
 
 pub use agentstore_core::Key;
 pub use agentstore_core::record::{Expect, Mutation, Record};
+pub use any::AnyEngine;
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, LocalEngine};

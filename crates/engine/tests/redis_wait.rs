@@ -1,14 +1,10 @@
 //! Strong writes on Redis: `WAIT` for replicas, and a typed error when they do not answer.
 
-mod support {
-    pub(crate) mod redis_server;
-}
-
 use agentstore_core::NodeId;
+use agentstore_engine::testkit::RedisServer;
 use agentstore_engine::{
     Engine, EngineError, Key, Mutation, NodeClock, RedisEngine, RedisOptions, WaitPolicy,
 };
-use support::redis_server::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strong_writes_wait_for_replicas_and_report_a_shortfall() {

@@ -1,7 +1,7 @@
 //! The facade end to end on the embedded engine.
 
 use p2p_ai_agents::storage::{
-    Backend, CollectionConfig, Config, ConflictStrategy, ConsistencyLevel, Storage, StorageError,
+    CollectionConfig, Config, ConflictStrategy, ConsistencyLevel, Storage, StorageError,
 };
 
 struct Fixture {
@@ -317,21 +317,6 @@ async fn data_survives_reopen_and_a_second_opener_is_refused() {
         storage.get::<String>("k:1").await.unwrap().as_deref(),
         Some("kept")
     );
-}
-
-#[tokio::test]
-async fn backends_this_build_cannot_serve_are_refused_at_open() {
-    let text = "storage:\n  redis: {}\n  collections:\n    task:\n      backend: redis\n";
-    let config = Config::from_yaml(text, "test.yaml").unwrap();
-    match Storage::new(config).await {
-        Err(StorageError::BackendUnavailable {
-            collection,
-            backend,
-        }) => {
-            assert_eq!((collection.as_str(), backend), ("task", Backend::Redis));
-        }
-        other => panic!("expected BackendUnavailable, got {other:?}"),
-    }
 }
 
 /// Runs the specification's code example (examples/spec_example.rs) as a real process.

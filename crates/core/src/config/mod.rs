@@ -251,34 +251,31 @@ impl Config {
                     .into(),
                 caveat: None,
             },
-            Backend::Redis => {
-                let redis = self.redis.as_ref();
-                match redis.filter(|r| r.consistency == ConsistencyLevel::Strong) {
-                    Some(redis) => Guarantee {
-                        level: ConsistencyLevel::Strong,
-                        summary: format!(
-                            "synchronous replication: every write waits (WAIT) for {} replica(s), \
+            Backend::Redis => match self.redis_wait(Backend::Redis, level) {
+                Some(redis) => Guarantee {
+                    level: ConsistencyLevel::Strong,
+                    summary: format!(
+                        "synchronous replication: every write waits (WAIT) for {} replica(s), \
                              at most {} ms",
-                            redis.replicas, redis.wait_timeout_ms
-                        ),
-                        caveat: Some(
-                            "not linearizable: a failover can still lose or reorder acknowledged \
+                        redis.replicas, redis.wait_timeout_ms
+                    ),
+                    caveat: Some(
+                        "not linearizable: a failover can still lose or reorder acknowledged \
                              writes, as Redis documents for WAIT"
-                                .into(),
-                        ),
-                    },
-                    None => Guarantee {
-                        level: ConsistencyLevel::Eventual,
-                        summary: "asynchronous Redis replication".into(),
-                        caveat: (level > ConsistencyLevel::Eventual).then(|| {
-                            format!(
-                                "the collection asks for {level}, but storage.redis.consistency is \
-                                 eventual: a failover can lose acknowledged writes"
-                            )
-                        }),
-                    },
-                }
-            }
+                            .into(),
+                    ),
+                },
+                None => Guarantee {
+                    level: ConsistencyLevel::Eventual,
+                    summary: "asynchronous Redis replication".into(),
+                    caveat: (level > ConsistencyLevel::Eventual).then(|| {
+                        format!(
+                            "the collection asks for {level}, which Redis gives only with \
+                                 storage.redis.consistency: strong; calls are refused until then"
+                        )
+                    }),
+                },
+            },
             Backend::Supabase => {
                 let isolation = self.supabase.as_ref().map(|s| s.isolation_level);
                 Guarantee {
@@ -295,6 +292,17 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// The Redis settings when writes of a collection on `backend` at `level` must `WAIT`
+    /// for replicas: on Redis, with `storage.redis.consistency: strong`, for collections that
+    /// ask for more than eventual. Eventual collections skip the wait even then.
+    pub fn redis_wait(&self, backend: Backend, level: ConsistencyLevel) -> Option<&RedisConfig> {
+        self.redis.as_ref().filter(|redis| {
+            backend == Backend::Redis
+                && redis.consistency == ConsistencyLevel::Strong
+                && level > ConsistencyLevel::Eventual
+        })
     }
 
     /// The quorum guarantee of the replication settings.

@@ -181,6 +181,30 @@ fn guarantees_are_computed_not_copied_from_the_label() {
         "asking more than the backend gives is flagged"
     );
 
+    // With WAIT configured, only collections that ask for more than eventual wait.
+    let config = parse(
+        "storage:\n  redis:\n    consistency: strong\n    replicas: 1\n  collections:\n    metrics:\n      backend: redis\n    locks:\n      backend: redis\n      consistency: causal\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.plan("metrics").guarantee.level,
+        ConsistencyLevel::Eventual
+    );
+    assert!(
+        config
+            .redis_wait(Backend::Redis, ConsistencyLevel::Eventual)
+            .is_none()
+    );
+    assert_eq!(
+        config.plan("locks").guarantee.level,
+        ConsistencyLevel::Strong
+    );
+    assert!(
+        config
+            .redis_wait(Backend::Redis, ConsistencyLevel::Causal)
+            .is_some()
+    );
+
     assert_eq!(
         Config::default().plan("anything").guarantee.level,
         ConsistencyLevel::Strong

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use agentstore_core::ConsistencyLevel;
-use agentstore_core::config::{Backend, ConfigError, ConflictStrategy};
+use agentstore_core::config::{ConfigError, ConflictStrategy};
 use agentstore_core::key::KeyError;
 use agentstore_engine::EngineError;
 
@@ -81,17 +81,6 @@ pub enum StorageError {
     VersionMismatch {
         /// The key.
         key: String,
-    },
-    /// The collection's backend is not available in this build or deployment.
-    #[error(
-        "collection `{collection}` is configured for backend {backend}, which this agentstore build \
-         cannot serve yet; route it to `local` (storage.collections.{collection}.backend: local)"
-    )]
-    BackendUnavailable {
-        /// The collection.
-        collection: String,
-        /// Its backend.
-        backend: Backend,
     },
     /// The call asks for a level the collection's mechanism cannot deliver.
     #[error(

@@ -29,10 +29,10 @@
 //! configuration line to change.
 
 mod error;
+mod routes;
 mod values;
 mod version;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,12 +44,13 @@ pub use agentstore_core::config::{
     IsolationLevel, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
 };
 use agentstore_core::record::{Mutation, Value};
-use agentstore_engine::{Engine, EngineError, Expect, LocalEngine, NodeClock, Record, Write};
+use agentstore_engine::{AnyEngine, Engine, EngineError, Expect, NodeClock, Record, Write};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
 pub use self::error::{Result, StorageError};
+use self::routes::Routes;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
 
@@ -129,65 +130,36 @@ pub struct Storage {
 struct Inner {
     config: Config,
     data_dir: PathBuf,
-    local: LocalEngine,
-    /// Plans of the named collections, computed once: every call looks one up.
-    plans: HashMap<String, CollectionPlan>,
-    /// The plan of every other collection (its `name` is empty).
-    default_plan: CollectionPlan,
+    /// The plan and engine of every collection, computed once: every call looks one up.
+    routes: Routes,
 }
 
-/// What a call resolved to: the key, its collection's plan, and the effective level.
+/// What a call resolved to: the key, its collection's plan and engine, and the effective level.
 struct Call<'a> {
     key: Key,
     plan: &'a CollectionPlan,
+    engine: &'a AnyEngine,
     level: ConsistencyLevel,
 }
 
 impl Storage {
-    /// Opens the store described by `config`: an embedded node on the local engine in the
-    /// configured data directory (see [`default_data_dir`]).
+    /// Opens the store described by `config`: the local engine in the configured data
+    /// directory (see [`default_data_dir`]) if any collection uses it, and connections to Redis
+    /// and PostgreSQL if any collection uses them.
     #[tracing::instrument(skip_all, fields(node = %config.node_id))]
     pub async fn new(config: Config) -> Result<Self> {
         config.validate().map_err(StorageError::InvalidConfig)?;
-        // Redis and PostgreSQL engines are not in this build: refuse them now rather than at
-        // the first call that touches such a collection.
-        if config.default_backend != Backend::Local {
-            let collection = "(default: storage.default_backend)".to_owned();
-            return Err(StorageError::BackendUnavailable {
-                collection,
-                backend: config.default_backend,
-            });
-        }
-        if let Some(plan) = config
-            .plans()
-            .into_iter()
-            .find(|plan| plan.backend != Backend::Local)
-        {
-            return Err(StorageError::BackendUnavailable {
-                collection: plan.name,
-                backend: plan.backend,
-            });
-        }
         let data_dir = config
             .data_dir
             .as_ref()
             .map_or_else(default_data_dir, PathBuf::from);
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
-        let local = LocalEngine::open(&data_dir, clock)?;
-        tracing::info!(data_dir = %data_dir.display(), "storage open");
-        let plans = config
-            .plans()
-            .into_iter()
-            .map(|plan| (plan.name.clone(), plan))
-            .collect();
-        let default_plan = config.plan("");
+        let routes = Routes::open(&config, &data_dir, clock).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 data_dir,
-                local,
-                plans,
-                default_plan,
+                routes,
             }),
         })
     }
@@ -207,10 +179,6 @@ impl Storage {
         self.inner.config.plan(collection)
     }
 
-    fn engine(&self) -> &LocalEngine {
-        &self.inner.local
-    }
-
     /// Resolves a call: validates the key, finds its collection's plan, computes the
     /// effective level and checks that the collection delivers it.
     fn call(&self, key: &str, requested: Option<ConsistencyLevel>) -> Result<Call<'_>> {
@@ -218,11 +186,8 @@ impl Storage {
             key: key.to_owned(),
             source,
         })?;
-        let plan = self
-            .inner
-            .plans
-            .get(parsed.collection())
-            .unwrap_or(&self.inner.default_plan);
+        let route = self.inner.routes.get(parsed.collection());
+        let plan = &route.plan;
         let level = requested.map_or(plan.consistency, |r| r.max(plan.consistency));
         if level > plan.guarantee.level {
             return Err(StorageError::LevelUnavailable {
@@ -234,6 +199,7 @@ impl Storage {
         Ok(Call {
             key: parsed,
             plan,
+            engine: &route.engine,
             level,
         })
     }
@@ -303,7 +269,7 @@ impl Storage {
                 ));
             }
         };
-        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        let record = call.engine.apply(call.key.clone(), mutation).await?;
         Ok(Self::receipt(&call, &record))
     }
 
@@ -326,8 +292,8 @@ impl Storage {
         }
         let bytes = Self::encode(&call, &value)?;
         let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
-        match self
-            .engine()
+        match call
+            .engine
             .apply_if(call.key.clone(), Mutation::Put(bytes), expect)
             .await
         {
@@ -380,7 +346,7 @@ impl Storage {
         level: Option<ConsistencyLevel>,
     ) -> Result<Option<Versioned<T>>> {
         let call = self.call(key, level)?;
-        let record = self.engine().get(&call.key).await?;
+        let record = call.engine.get(&call.key).await?;
         let decode_error = |source| StorageError::Deserialize {
             key: call.key.to_string(),
             source,
@@ -412,7 +378,7 @@ impl Storage {
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, key: &str) -> Result<WriteReceipt> {
         let call = self.call(key, None)?;
-        let current = self.engine().get(&call.key).await?;
+        let current = call.engine.get(&call.key).await?;
         let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
             (ConflictStrategy::Register, _) => vec![Mutation::Delete],
             (ConflictStrategy::MultiValue, Some(Value::MultiValue(register))) => {
@@ -448,7 +414,7 @@ impl Storage {
         let version = if batch.is_empty() {
             current.map(|r| r.version).unwrap_or_default()
         } else {
-            let mut records = self.engine().commit(batch).await?;
+            let mut records = call.engine.commit(batch).await?;
             records.pop().map(|r| r.version).unwrap_or_default()
         };
         Ok(WriteReceipt {
@@ -474,7 +440,7 @@ impl Storage {
             }
             _ => return Err(Self::wrong(&call, "counter_add", counter_hint(&call))),
         };
-        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        let record = call.engine.apply(call.key.clone(), mutation).await?;
         Ok(counter_value(&record.value).unwrap_or(0))
     }
 
@@ -487,7 +453,7 @@ impl Storage {
         ) {
             return Err(Self::wrong(&call, "counter", counter_hint(&call)));
         }
-        let record = self.engine().get(&call.key).await?;
+        let record = call.engine.get(&call.key).await?;
         Ok(record.and_then(|r| counter_value(&r.value)).unwrap_or(0))
     }
 
@@ -501,7 +467,7 @@ impl Storage {
             ConflictStrategy::OrSet => Mutation::OrSetAdd(bytes),
             _ => return Err(Self::wrong(&call, "set_add", set_hint(&call))),
         };
-        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        let record = call.engine.apply(call.key.clone(), mutation).await?;
         Ok(Self::receipt(&call, &record))
     }
 
@@ -517,8 +483,8 @@ impl Storage {
             ));
         }
         let bytes = Self::encode(&call, &member)?;
-        let record = self
-            .engine()
+        let record = call
+            .engine
             .apply(call.key.clone(), Mutation::OrSetRemove(bytes))
             .await?;
         Ok(Self::receipt(&call, &record))
@@ -540,7 +506,7 @@ impl Storage {
     /// keys too (at most one value).
     pub async fn get_siblings<T: DeserializeOwned>(&self, key: &str) -> Result<Siblings<T>> {
         let call = self.call(key, None)?;
-        let record = self.engine().get(&call.key).await?;
+        let record = call.engine.get(&call.key).await?;
         let decode_error = |source| StorageError::Deserialize {
             key: call.key.to_string(),
             source,
@@ -585,7 +551,7 @@ impl Storage {
             value: Some(bytes),
             context: context.0.clone(),
         };
-        let record = self.engine().apply(call.key.clone(), mutation).await?;
+        let record = call.engine.apply(call.key.clone(), mutation).await?;
         Ok(Self::receipt(&call, &record))
     }
 
@@ -610,12 +576,14 @@ impl Storage {
                 })
             })
             .transpose()?;
+        // The prefix names its collection (the part before the first `:`), which names the engine.
+        let collection = prefix.split(':').next().unwrap_or_default();
+        let engine = &self.inner.routes.get(collection).engine;
         let mut out = Vec::new();
         let mut cursor = after;
         // Tombstones are skipped, so a page may need several engine pages.
         while out.len() < limit {
-            let page = self
-                .engine()
+            let page = engine
                 .scan(prefix.as_bytes(), cursor.as_ref(), limit - out.len())
                 .await?;
             let Some((last, _)) = page.last() else { break };

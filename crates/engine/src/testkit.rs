@@ -1,12 +1,16 @@
-//! Throwaway `redis-server` processes on free loopback ports, stopped when dropped.
+//! Test helpers (feature `testkit`): throwaway `redis-server` processes on free loopback
+//! ports, stopped (SIGKILL, by their process) when dropped.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub(crate) struct RedisServer {
+/// A `redis-server` child process.
+#[derive(Debug)]
+pub struct RedisServer {
     child: Child,
-    pub(crate) port: u16,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
 }
 
 fn free_port() -> u16 {
@@ -19,7 +23,7 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     /// Starts a server (keeping nothing on disk) with extra arguments, and waits until it answers.
-    pub(crate) fn start(extra: &[String]) -> Self {
+    pub fn start(extra: &[String]) -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
             .args([
@@ -43,7 +47,7 @@ impl RedisServer {
     }
 
     /// A replica of `primary`.
-    pub(crate) fn replica_of(primary: &RedisServer) -> Self {
+    pub fn replica_of(primary: &RedisServer) -> Self {
         Self::start(&[
             "--replicaof".into(),
             "127.0.0.1".into(),
@@ -51,12 +55,13 @@ impl RedisServer {
         ])
     }
 
-    pub(crate) fn url(&self) -> String {
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// `INFO replication` of this server ("" if it does not answer).
-    pub(crate) fn info(&self) -> String {
+    pub fn info(&self) -> String {
         let output = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "INFO", "replication"])
             .output();
@@ -66,7 +71,7 @@ impl RedisServer {
     }
 
     /// Polls `INFO replication` until `ready` holds (at most 20 s).
-    pub(crate) fn wait_until(&self, ready: impl Fn(&str) -> bool, what: &str) {
+    pub fn wait_until(&self, ready: impl Fn(&str) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if ready(&self.info()) {
@@ -78,7 +83,7 @@ impl RedisServer {
     }
 
     /// Stops the server (SIGKILL) and waits for it to exit.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

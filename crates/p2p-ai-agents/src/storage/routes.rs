@@ -1,0 +1,141 @@
+//! Which engine serves each collection.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use agentstore_core::config::{Backend, CollectionPlan, Config, IsolationLevel};
+use agentstore_engine::{
+    AnyEngine, Isolation, LocalEngine, NodeClock, PostgresEngine, PostgresOptions, RedisEngine,
+    RedisOptions, WaitPolicy,
+};
+
+use super::Result;
+
+/// A collection's plan and the engine that serves it.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) plan: CollectionPlan,
+    pub(crate) engine: AnyEngine,
+}
+
+/// Every route of a store: the named collections and the default one.
+#[derive(Debug)]
+pub(crate) struct Routes {
+    named: HashMap<String, Route>,
+    default: Route,
+}
+
+impl Routes {
+    /// Opens the engines the configuration uses (and only those) and routes each collection.
+    pub(crate) async fn open(
+        config: &Config,
+        data_dir: &Path,
+        clock: Arc<NodeClock>,
+    ) -> Result<Self> {
+        let mut engines = Engines {
+            config,
+            data_dir,
+            clock,
+            opened: HashMap::new(),
+        };
+        let default = config.plan("");
+        let default = Route {
+            engine: engines.for_plan(&default).await?,
+            plan: default,
+        };
+        let mut named = HashMap::new();
+        for plan in config.plans() {
+            let engine = engines.for_plan(&plan).await?;
+            named.insert(plan.name.clone(), Route { plan, engine });
+        }
+        Ok(Self { named, default })
+    }
+
+    /// The route of `collection`.
+    pub(crate) fn get(&self, collection: &str) -> &Route {
+        self.named.get(collection).unwrap_or(&self.default)
+    }
+}
+
+/// Which engine instance a plan needs: Redis collections that must WAIT get their own
+/// instance (with dedicated connections), the others share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Instance {
+    Local,
+    Redis { wait: bool },
+    Postgres,
+}
+
+struct Engines<'a> {
+    config: &'a Config,
+    data_dir: &'a Path,
+    clock: Arc<NodeClock>,
+    opened: HashMap<Instance, AnyEngine>,
+}
+
+impl Engines<'_> {
+    async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<AnyEngine> {
+        let instance = match plan.backend {
+            Backend::Local => Instance::Local,
+            Backend::Redis => Instance::Redis {
+                wait: self
+                    .config
+                    .redis_wait(plan.backend, plan.consistency)
+                    .is_some(),
+            },
+            Backend::Supabase => Instance::Postgres,
+        };
+        if let Some(engine) = self.opened.get(&instance) {
+            return Ok(engine.clone());
+        }
+        let engine = self.open(instance).await?;
+        self.opened.insert(instance, engine.clone());
+        Ok(engine)
+    }
+
+    async fn open(&self, instance: Instance) -> Result<AnyEngine> {
+        let clock = Arc::clone(&self.clock);
+        let missing = |block: &str| {
+            super::StorageError::InvalidConfig(format!(
+                "a collection uses {block} but storage.{block} is not set"
+            ))
+        };
+        Ok(match instance {
+            Instance::Local => {
+                let engine = LocalEngine::open(self.data_dir, clock)?;
+                tracing::info!(data_dir = %self.data_dir.display(), "local engine open");
+                AnyEngine::Local(engine)
+            }
+            Instance::Redis { wait } => {
+                let redis = self.config.redis.as_ref().ok_or_else(|| missing("redis"))?;
+                let wait = wait.then_some(WaitPolicy {
+                    replicas: u64::from(redis.replicas),
+                    timeout_ms: redis.wait_timeout_ms,
+                });
+                let options = RedisOptions {
+                    wait,
+                    ..RedisOptions::new(redis.url.clone())
+                };
+                AnyEngine::Redis(RedisEngine::connect(options, clock).await?)
+            }
+            Instance::Postgres => {
+                let supabase = self
+                    .config
+                    .supabase
+                    .as_ref()
+                    .ok_or_else(|| missing("supabase"))?;
+                let options = PostgresOptions {
+                    isolation: match supabase.isolation_level {
+                        IsolationLevel::Serializable => Isolation::Serializable,
+                        IsolationLevel::ReadCommitted => Isolation::ReadCommitted,
+                    },
+                    pool_size: supabase.connection_pool_size as usize,
+                    application_name: format!("agentstore-{}", self.config.node_id),
+                    ..PostgresOptions::new(supabase.url.clone())
+                };
+                AnyEngine::Postgres(PostgresEngine::connect(options, clock).await?)
+            }
+        })
+    }
+}
