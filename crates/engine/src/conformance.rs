@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use agentstore_core::record::{Kind, Value};
 use agentstore_core::{Causality, Crdt, HybridClock, NodeId, VersionVector};
 
-use crate::{Engine, EngineError, Expect, Key, Mutation, Write};
+use crate::{Engine, EngineError, Expect, Fence, Key, Mutation, Write};
 
 /// Generates one `#[tokio::test]` per check. `$make` is an async fn returning the engine and
 /// a guard kept alive for the test (a temporary directory, a server handle, ...).
@@ -37,7 +37,8 @@ macro_rules! conformance_tests {
             multi_value_keeps_siblings_until_a_context_write,
             sets_add_and_remove,
             a_mutation_of_the_wrong_kind_is_refused,
-            merging_a_remote_state_joins_it
+            merging_a_remote_state_joins_it,
+            a_write_with_an_older_fencing_token_is_rejected
         );
     };
     (@each $make:path; $($check:ident),*) => {
@@ -447,4 +448,49 @@ pub async fn merging_a_remote_state_joins_it<E: Engine + Clone>(engine: &E, ns: 
             .unwrap(),
         merged
     );
+}
+
+/// A write fenced by a token older than one the engine has seen for that lock is refused
+/// whole; the current holder's token (and newer ones) pass.
+pub async fn a_write_with_an_older_fencing_token_is_rejected<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let k = key(ns, "guarded");
+    let lock = format!("{ns}-lock");
+    let fenced = |value: &[u8], token: u64| {
+        vec![
+            Write::new(k.clone(), Mutation::Put(value.to_vec())).fenced(Fence {
+                lock: lock.clone(),
+                token,
+            }),
+        ]
+    };
+    engine.commit(fenced(b"five", 5)).await.unwrap();
+    engine.commit(fenced(b"seven", 7)).await.unwrap();
+    match engine.commit(fenced(b"six", 6)).await {
+        Err(EngineError::Fenced {
+            lock: l,
+            token,
+            highest,
+        }) => assert_eq!((l, token, highest), (lock.clone(), 6, 7)),
+        other => panic!("a stale token must be fenced off, got {other:?}"),
+    }
+    assert_eq!(
+        register(&engine.get(&k).await.unwrap().unwrap()),
+        Some(&b"seven"[..]),
+        "nothing of a fenced batch is written"
+    );
+    engine
+        .commit(fenced(b"seven again", 7))
+        .await
+        .expect("the current holder keeps writing");
+    // Another lock's tokens are independent.
+    let other = vec![
+        Write::new(key(ns, "other"), Mutation::Put(vec![1])).fenced(Fence {
+            lock: format!("{ns}-other"),
+            token: 1,
+        }),
+    ];
+    engine.commit(other).await.unwrap();
 }

@@ -58,6 +58,17 @@ pub enum EngineError {
         /// What was expected and found.
         source: ExpectationFailed,
     },
+    /// The batch carries a fencing token older than one already seen for its lock: the
+    /// writer's lock was granted to someone else since. Nothing was written.
+    #[error("fenced off: lock `{lock}` has seen token {highest}, this write carries {token}")]
+    Fenced {
+        /// The lock.
+        lock: String,
+        /// The token the write carried.
+        token: u64,
+        /// The highest token seen for the lock.
+        highest: u64,
+    },
     /// The storage below the engine failed (I/O, disk full, ...). The batch was not
     /// acknowledged; it may or may not have been applied only if the error says so.
     #[error("storage failure: {detail}")]

@@ -44,6 +44,20 @@ pub struct Write {
     pub mutation: Mutation,
     /// A condition on the stored record (compare-and-set); `None` applies unconditionally.
     pub expect: Option<Expect>,
+    /// The fencing token of the lock the writer holds, if any (see [`Fence`]).
+    pub fence: Option<Fence>,
+}
+
+/// A fencing token: a lock's name and the token its current grant carries. Tokens of one lock
+/// only increase, so an engine that remembers the highest token it has seen per lock can
+/// refuse a write from a holder whose lock has since been granted to someone else (a paused
+/// or partitioned former holder), which a lock alone cannot prevent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The lock's name.
+    pub lock: String,
+    /// The token of the grant the writer holds.
+    pub token: u64,
 }
 
 impl Write {
@@ -53,6 +67,7 @@ impl Write {
             key,
             mutation,
             expect: None,
+            fence: None,
         }
     }
 
@@ -62,8 +77,30 @@ impl Write {
             key,
             mutation,
             expect: Some(expect),
+            fence: None,
         }
     }
+
+    /// The same write, fenced by `fence`.
+    pub fn fenced(self, fence: Fence) -> Self {
+        Self {
+            fence: Some(fence),
+            ..self
+        }
+    }
+}
+
+/// The fences of a batch: the highest token per lock (a batch fenced twice by one lock is
+/// checked against its highest token).
+pub(crate) fn batch_fences(writes: &[Write]) -> Vec<Fence> {
+    let mut fences: Vec<Fence> = Vec::new();
+    for fence in writes.iter().filter_map(|w| w.fence.as_ref()) {
+        match fences.iter_mut().find(|f| f.lock == fence.lock) {
+            Some(existing) => existing.token = existing.token.max(fence.token),
+            None => fences.push(fence.clone()),
+        }
+    }
+    fences
 }
 
 /// The storage contract.
@@ -81,7 +118,10 @@ impl Write {
 /// 5. **Tombstones**: a delete stores a tombstone record; `get` and `scan` return it, so
 ///    replication can carry deletes. Callers that want live values filter them.
 /// 6. **Order**: `scan` returns keys in byte order.
-/// 7. **Typed failure**: backend and data errors are [`EngineError`]s, never panics.
+/// 7. **Fencing**: a batch whose writes carry a [`Fence`] older than the highest token the
+///    engine has seen for that lock is refused whole ([`EngineError::Fenced`]); otherwise the
+///    engine records the token as the highest, durably and atomically with the batch.
+/// 8. **Typed failure**: backend and data errors are [`EngineError`]s, never panics.
 pub trait Engine: Send + Sync + 'static {
     /// The stored record of `key`, tombstones included.
     fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, EngineError>> + Send;

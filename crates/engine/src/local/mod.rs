@@ -34,6 +34,8 @@ pub const DATA_FILE: &str = "agentstore.redb";
 const DATA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
 /// Facts about the file itself (its format version).
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The highest fencing token seen per lock.
+const FENCES: TableDefinition<'_, &str, u64> = TableDefinition::new("fences");
 /// The data-file format this version writes and the newest it reads.
 const FILE_FORMAT: u64 = 1;
 /// Requests waiting for the writer; senders wait when it is full (back-pressure).
@@ -165,6 +167,7 @@ fn check_format(db: &Database, path: &Path) -> Result<(), EngineError> {
             }
         }
         txn.open_table(DATA).map_err(EngineError::storage)?;
+        txn.open_table(FENCES).map_err(EngineError::storage)?;
     }
     txn.commit().map_err(EngineError::storage)
 }

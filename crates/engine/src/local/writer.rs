@@ -8,11 +8,11 @@ use agentstore_core::record::Record;
 use redb::{Database, ReadableTable, Table};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DATA, decode};
+use super::{DATA, FENCES, decode};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
-use crate::{Key, Write};
+use crate::{Fence, Key, Write, batch_fences};
 
 /// Most requests committed in one transaction. Bounds the latency one commit adds to the
 /// requests queued behind it, and the memory a group holds.
@@ -80,13 +80,21 @@ fn apply_group(
     let mut outcomes = Vec::with_capacity(group.len());
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
+        let mut fences = txn.open_table(FENCES).map_err(EngineError::storage)?;
         for request in group {
-            match prepare(&table, clock, &request.writes) {
-                Ok(results) => {
+            let checked = check_fences(&fences, &request.writes)
+                .and_then(|accepted| Ok((accepted, prepare(&table, clock, &request.writes)?)));
+            match checked {
+                Ok((accepted, results)) => {
                     for (key, record) in &results {
                         let bytes = codec::encode(record);
                         table
                             .insert(key.as_bytes(), bytes.as_slice())
+                            .map_err(EngineError::storage)?;
+                    }
+                    for fence in accepted {
+                        fences
+                            .insert(fence.lock.as_str(), fence.token)
                             .map_err(EngineError::storage)?;
                     }
                     outcomes.push(Ok(results.into_iter().map(|(_, record)| record).collect()));
@@ -97,6 +105,29 @@ fn apply_group(
     }
     txn.commit().map_err(EngineError::storage)?;
     Ok(outcomes)
+}
+
+/// Refuses a batch fenced by a token older than the highest seen for its lock; returns the
+/// fences to record once the batch is written.
+fn check_fences(
+    fences: &Table<'_, &str, u64>,
+    writes: &[Write],
+) -> Result<Vec<Fence>, EngineError> {
+    let batch = batch_fences(writes);
+    for fence in &batch {
+        let highest = fences
+            .get(fence.lock.as_str())
+            .map_err(EngineError::storage)?
+            .map_or(0, |v| v.value());
+        if fence.token < highest {
+            return Err(EngineError::Fenced {
+                lock: fence.lock.clone(),
+                token: fence.token,
+                highest,
+            });
+        }
+    }
+    Ok(batch)
 }
 
 fn prepare(

@@ -1,6 +1,7 @@
 //! The PostgreSQL engine (a Supabase project is PostgreSQL).
 //!
-//! Records live in one table, `agentstore_records (key bytea primary key, record bytea)`,
+//! Records live in one table, `agentstore_records (key bytea primary key, record bytea)`, the
+//! highest fencing token per lock in `agentstore_fences`; both are
 //! created and upgraded by versioned migrations (`agentstore_migrations`) under an advisory
 //! lock, so nodes starting together do not race.
 //!
@@ -30,7 +31,7 @@ use tokio_postgres::{IsolationLevel, NoTls};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
-use crate::{Engine, Key, Record, Write};
+use crate::{Engine, Key, Record, Write, batch_fences};
 
 /// Transaction isolation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +68,16 @@ impl PostgresOptions {
 }
 
 /// Schema versions, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE agentstore_records (key bytea PRIMARY KEY, record bytea)",
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE agentstore_records (key bytea PRIMARY KEY, record bytea)",
+    ),
+    (
+        2,
+        "CREATE TABLE agentstore_fences (lock text PRIMARY KEY, token bigint NOT NULL)",
+    ),
+];
 
 /// Attempts before a transaction that keeps failing to serialize gives up.
 const MAX_ATTEMPTS: u32 = 32;
@@ -332,6 +339,48 @@ impl PostgresEngine {
             &self.shared.clock,
             writes,
         )?;
+        let fences = batch_fences(writes);
+        let locks: Vec<&str> = fences.iter().map(|f| f.lock.as_str()).collect();
+        let tokens: Vec<i64> = fences
+            .iter()
+            .map(|f| {
+                i64::try_from(f.token).map_err(|_| EngineError::InvalidSettings {
+                    detail: format!("fencing token {} exceeds PostgreSQL's bigint", f.token),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if !fences.is_empty() {
+            let highest = async {
+                txn.execute_typed(
+                    "INSERT INTO agentstore_fences (lock, token) SELECT l, 0 FROM unnest($1::text[]) AS l \
+                     ORDER BY l ON CONFLICT (lock) DO NOTHING",
+                    &[(&locks, Type::TEXT_ARRAY)],
+                )
+                .await?;
+                txn.query_typed(
+                    "SELECT lock, token FROM agentstore_fences WHERE lock = ANY($1) ORDER BY lock FOR UPDATE",
+                    &[(&locks, Type::TEXT_ARRAY)],
+                )
+                .await
+            };
+            let rows = match highest.await {
+                Ok(rows) => rows,
+                Err(e) if retryable(&e) => return Ok(Err(e)),
+                Err(e) => return Err(pg_error(e)),
+            };
+            for row in rows {
+                let (lock, highest): (String, i64) = (row.get(0), row.get(1));
+                if let Some(fence) = fences.iter().find(|f| f.lock == lock)
+                    && fence.token < highest.unsigned_abs()
+                {
+                    return Err(EngineError::Fenced {
+                        lock,
+                        token: fence.token,
+                        highest: highest.unsigned_abs(),
+                    });
+                }
+            }
+        }
         let finals = batch::final_records(&results);
         let final_keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
         let final_records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
@@ -346,6 +395,14 @@ impl PostgresEngine {
                 &params,
             )
             .await?;
+            if !fences.is_empty() {
+                txn.execute_typed(
+                    "UPDATE agentstore_fences SET token = v.token \
+                     FROM unnest($1::text[], $2::int8[]) AS v(lock, token) WHERE agentstore_fences.lock = v.lock",
+                    &[(&locks, Type::TEXT_ARRAY), (&tokens, Type::INT8_ARRAY)],
+                )
+                .await?;
+            }
             txn.commit().await
         };
         match finish.await {

@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
-use crate::{Engine, Key, Record, Write};
+use crate::{Engine, Fence, Key, Record, Write, batch_fences};
 
 /// How a Redis engine is set up.
 #[derive(Debug, Clone)]
@@ -60,26 +60,36 @@ impl RedisOptions {
     }
 }
 
-/// Compare-and-swap of several records at once, and index maintenance.
-/// KEYS[1] = index, KEYS[2..] = records. ARGV = expected bytes per record ('' = absent), then
-/// new bytes per record, then the index member per record. Returns 1 if written, 0 if any
-/// record changed since it was read.
+/// Compare-and-swap of several records at once, fencing, and index maintenance.
+/// KEYS = index, n record keys, m fence keys. ARGV = n, m, then per record the expected bytes
+/// ('' = absent), the new bytes and the index member, then per fence the token.
+/// Returns {1, 0} if written, {0, 0} if a record changed since it was read (retry), and
+/// {-1, j, highest} if fence j carries a token older than `highest` (nothing written).
+/// Tokens are compared as Lua numbers, exact below 2^53.
 const CAS_SCRIPT: &str = r"
-local n = #KEYS - 1
+local n = tonumber(ARGV[1])
+local m = tonumber(ARGV[2])
+for j = 1, m do
+  local highest = tonumber(redis.call('GET', KEYS[1 + n + j]) or '0')
+  if tonumber(ARGV[2 + 3 * n + j]) < highest then return {-1, j, highest} end
+end
 for i = 1, n do
-  local current = redis.call('GET', KEYS[i + 1])
-  local expected = ARGV[i]
+  local current = redis.call('GET', KEYS[1 + i])
+  local expected = ARGV[2 + i]
   if expected == '' then
-    if current then return 0 end
+    if current then return {0, 0} end
   elseif current ~= expected then
-    return 0
+    return {0, 0}
   end
 end
 for i = 1, n do
-  redis.call('SET', KEYS[i + 1], ARGV[n + i])
-  redis.call('ZADD', KEYS[1], 0, ARGV[2 * n + i])
+  redis.call('SET', KEYS[1 + i], ARGV[2 + n + i])
+  redis.call('ZADD', KEYS[1], 0, ARGV[2 + 2 * n + i])
 end
-return 1
+for j = 1, m do
+  redis.call('SET', KEYS[1 + n + j], ARGV[2 + 3 * n + j])
+end
+return {1, 0}
 ";
 
 /// Attempts before a batch that keeps losing to concurrent writers gives up.
@@ -185,6 +195,10 @@ impl RedisEngine {
         out
     }
 
+    fn fence_key(&self, lock: &str) -> Vec<u8> {
+        format!("{}f:{lock}", self.shared.options.prefix).into_bytes()
+    }
+
     fn decode(key: &Key, bytes: Option<Vec<u8>>) -> Result<Option<Record>, EngineError> {
         bytes
             .map(|b| {
@@ -198,10 +212,7 @@ impl RedisEngine {
 
     /// One attempt: read, merge, compare-and-swap. `Ok(None)` means another writer got there
     /// first and the batch should be retried.
-    async fn try_commit(
-        &self,
-        writes: &[Write],
-    ) -> Result<Option<(Vec<Record>, Option<usize>)>, EngineError> {
+    async fn try_commit(&self, writes: &[Write]) -> Result<Option<Vec<Record>>, EngineError> {
         let mut distinct: Vec<&Key> = Vec::new();
         for write in writes {
             if !distinct.contains(&&write.key) {
@@ -230,10 +241,15 @@ impl RedisEngine {
             writes,
         )?;
         let finals = batch::final_records(&results);
+        let fences = batch_fences(writes);
         let mut invocation = self.shared.cas.key(self.shared.index.as_slice());
         for key in &record_keys {
             invocation.key(key.as_slice());
         }
+        for fence in &fences {
+            invocation.key(self.fence_key(&fence.lock));
+        }
+        invocation.arg(record_keys.len()).arg(fences.len());
         for bytes in &current {
             invocation.arg(bytes.as_deref().unwrap_or(b""));
         }
@@ -243,35 +259,49 @@ impl RedisEngine {
         for (key, _) in &finals {
             invocation.arg(key.as_bytes());
         }
-        let (written, waiter): (i64, Option<usize>) = match &self.shared.options.wait {
-            None => (
-                invocation
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?,
-                None,
-            ),
+        for fence in &fences {
+            invocation.arg(fence.token);
+        }
+        let outcome: Vec<i64> = match &self.shared.options.wait {
+            None => invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?,
             Some(wait) => {
                 let slot = self.shared.next_waiter.fetch_add(1, Ordering::Relaxed)
                     % self.shared.waiters.len();
                 let mut dedicated = self.shared.waiters[slot].lock().await;
-                let written: i64 = invocation
+                let outcome: Vec<i64> = invocation
                     .invoke_async(&mut *dedicated)
                     .await
                     .map_err(redis_error)?;
-                if written == 1 {
+                if outcome.first() == Some(&1) {
                     Self::wait(&mut dedicated, *wait).await?;
                 }
-                (written, Some(slot))
+                outcome
             }
         };
-        if written == 1 {
-            Ok(Some((
-                results.into_iter().map(|(_, r)| r).collect(),
-                waiter,
-            )))
-        } else {
-            Ok(None)
+        match outcome.as_slice() {
+            [1, ..] => Ok(Some(results.into_iter().map(|(_, r)| r).collect())),
+            [0, ..] => Ok(None),
+            [-1, j, highest] => {
+                let fence = usize::try_from(*j)
+                    .ok()
+                    .and_then(|j| fences.get(j - 1))
+                    .cloned()
+                    .unwrap_or(Fence {
+                        lock: String::new(),
+                        token: 0,
+                    });
+                Err(EngineError::Fenced {
+                    lock: fence.lock,
+                    token: fence.token,
+                    highest: u64::try_from(*highest).unwrap_or(0),
+                })
+            }
+            other => Err(EngineError::Internal {
+                detail: format!("unexpected compare-and-swap reply {other:?}"),
+            }),
         }
     }
 
@@ -379,7 +409,7 @@ impl Engine for RedisEngine {
             return Ok(Vec::new());
         }
         for attempt in 0..MAX_ATTEMPTS {
-            if let Some((records, _)) = self.try_commit(&writes).await? {
+            if let Some(records) = self.try_commit(&writes).await? {
                 return Ok(records);
             }
             // Lost a race: back off a little (growing, with jitter from the clock) and retry.
