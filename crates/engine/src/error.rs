@@ -112,6 +112,16 @@ pub enum EngineError {
         /// How long the write waited.
         timeout_ms: u64,
     },
+    /// A lock could not be taken (or kept): fewer masters than a majority granted it in time.
+    #[error("lock `{lock}` not acquired: {granted} of the {needed} masters needed granted it")]
+    LockNotAcquired {
+        /// The lock.
+        lock: String,
+        /// Masters that granted it.
+        granted: usize,
+        /// Masters needed (a majority).
+        needed: usize,
+    },
     /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,

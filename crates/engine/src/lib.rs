@@ -33,7 +33,7 @@ pub use local::{DATA_FILE, LocalEngine};
 #[cfg(feature = "postgres")]
 pub use postgres::{Isolation, PostgresEngine, PostgresOptions};
 #[cfg(feature = "redis")]
-pub use redis::{RedisEngine, RedisOptions, WaitPolicy};
+pub use redis::{LockGrant, RedisEngine, RedisOptions, Redlock, WaitPolicy};
 
 /// One change in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

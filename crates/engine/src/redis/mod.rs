@@ -15,6 +15,10 @@
 //! [`EngineError::ReplicationShortfall`]. This is synchronous replication, not linearizability:
 //! Redis can still lose acknowledged writes on failover.
 
+mod redlock;
+
+pub use redlock::{LockGrant, Redlock};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
