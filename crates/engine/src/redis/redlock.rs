@@ -108,7 +108,7 @@ impl Redlock {
     /// A lock manager over `urls`, which must be an odd number (3 or more) of independent
     /// masters (not replicas of each other).
     pub fn new(urls: &[String]) -> Result<Self, EngineError> {
-        if urls.len() < 3 || urls.len() % 2 == 0 {
+        if urls.len() < 3 || urls.len().is_multiple_of(2) {
             return Err(EngineError::InvalidSettings {
                 detail: format!(
                     "Redlock needs an odd number of independent masters, at least 3; got {}",
