@@ -1,5 +1,6 @@
-//! Test helpers (feature `testkit`): throwaway `redis-server` processes on free loopback
-//! ports, stopped (SIGKILL, by their process) when dropped.
+//! Test helpers (feature `testkit`): throwaway `redis-server` and PostgreSQL servers on free
+//! loopback ports, stopped when dropped, so tests that kill or restart a server never touch
+//! the machine's shared ones.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -11,6 +12,7 @@ pub struct RedisServer {
     child: Child,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -24,7 +26,10 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server (keeping nothing on disk) with extra arguments, and waits until it answers.
     pub fn start(extra: &[String]) -> Self {
-        let port = free_port();
+        Self::spawn(free_port(), extra.to_vec())
+    }
+
+    fn spawn(port: u16, extra: Vec<String>) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -33,17 +38,22 @@ impl RedisServer {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
-            .args(extra)
+            .args(&extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed");
-        let server = Self { child, port };
+        let server = Self { child, port, extra };
         server.wait_until(|info| !info.is_empty(), "the server answers");
         server
+    }
+
+    /// Starts the server again on the same port with the same arguments (after `stop`).
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Self::spawn(self.port, self.extra.clone());
+        *self = again;
     }
 
     /// A replica of `primary`.
@@ -93,4 +103,161 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A private PostgreSQL cluster (initdb in a temporary directory, trust auth), run as the
+/// `postgres` system user when the tests run as root, as PostgreSQL refuses to run as root.
+#[derive(Debug)]
+pub struct PostgresServer {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PostgresServer {
+    /// Creates and starts a cluster.
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(Result::ok)
+            .map(|entry| entry.path().join("bin"))
+            .find(|bin| bin.join("initdb").exists())
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!(
+            "agentstore-pg-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = Self {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        server.chown();
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &server.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        server.ctl("start");
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn chown(&self) {
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&self.dir)
+                .status();
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let status = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+        } else {
+            Command::new(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+        };
+        assert!(status.is_ok_and(|s| s.success()), "{tool} {args:?} failed");
+    }
+
+    fn ctl(&self, action: &str) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "-w",
+                "-m",
+                "fast",
+                action,
+            ],
+        );
+    }
+
+    /// Stops the server (fast shutdown: connections are cut).
+    pub fn stop(&self) {
+        self.ctl("stop");
+    }
+
+    /// Starts it again on the same port after `stop`.
+    pub fn start_again(&self) {
+        self.ctl("start");
+    }
+
+    /// `postgresql://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let options = format!("-p {}", self.port);
+        let program = self.bin.join("pg_ctl");
+        let args = [
+            "-D",
+            &self.data(),
+            "-o",
+            &options,
+            "-m",
+            "immediate",
+            "stop",
+        ];
+        let _ = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        } else {
+            Command::new(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
 }

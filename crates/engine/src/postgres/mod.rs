@@ -111,11 +111,21 @@ fn unavailable(detail: impl std::fmt::Display) -> EngineError {
 }
 
 fn pg_error(err: tokio_postgres::Error) -> EngineError {
-    if err.is_closed() || err.code().is_none() {
-        unavailable(err)
+    // tokio-postgres displays a server error as just "db error"; say what the server said.
+    let detail = match err.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
+        None => err.to_string(),
+    };
+    let code = err.code().map(SqlState::code);
+    // Class 08: connection exceptions; 57P01-57P03: the server is shutting down or starting.
+    let connection_lost = err.is_closed()
+        || code.is_none()
+        || code.is_some_and(|c| c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"));
+    if connection_lost {
+        unavailable(detail)
     } else {
         EngineError::Storage {
-            detail: format!("postgres: {err}"),
+            detail: format!("postgres: {detail}"),
         }
     }
 }
