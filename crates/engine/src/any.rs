@@ -17,6 +17,19 @@ pub enum AnyEngine {
     Postgres(crate::PostgresEngine),
 }
 
+impl AnyEngine {
+    /// The backend's name, as metrics label it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyEngine::Local(_) => "local",
+            #[cfg(feature = "redis")]
+            AnyEngine::Redis(_) => "redis",
+            #[cfg(feature = "postgres")]
+            AnyEngine::Postgres(_) => "postgres",
+        }
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $engine:ident => $call:expr) => {
         match $self {

@@ -134,6 +134,27 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A stable, short name of the error's kind (for metrics and logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Locked { .. } => "locked",
+            EngineError::Corrupted { .. } => "corrupted",
+            EngineError::UnsupportedFormat { .. } => "unsupported_format",
+            EngineError::Decode { .. } => "decode",
+            EngineError::WrongKind { .. } => "wrong_kind",
+            EngineError::ExpectationFailed { .. } => "expectation_failed",
+            EngineError::Fenced { .. } => "fenced",
+            EngineError::Storage { .. } => "storage",
+            EngineError::InvalidSettings { .. } => "invalid_settings",
+            EngineError::Unavailable { .. } => "unavailable",
+            EngineError::Contention { .. } => "contention",
+            EngineError::ReplicationShortfall { .. } => "replication_shortfall",
+            EngineError::LockNotAcquired { .. } => "lock_not_acquired",
+            EngineError::Closed => "closed",
+            EngineError::Internal { .. } => "internal",
+        }
+    }
+
     pub(crate) fn storage(err: impl std::fmt::Display) -> Self {
         EngineError::Storage {
             detail: err.to_string(),

@@ -15,6 +15,7 @@ mod clock;
 pub mod conformance;
 mod error;
 mod local;
+mod metrics;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
@@ -30,6 +31,7 @@ pub use any::AnyEngine;
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, LocalEngine};
+pub use metrics::{EngineMetrics, Instrumented};
 #[cfg(feature = "postgres")]
 pub use postgres::{Isolation, PostgresEngine, PostgresOptions};
 #[cfg(feature = "redis")]

@@ -24,7 +24,10 @@ async fn strong_writes_wait_for_replicas_and_report_a_shortfall() {
         }),
         ..RedisOptions::new(primary.url())
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = agentstore_engine::EngineMetrics::register(&mut registry);
     let engine = RedisEngine::connect(options, clock).await.unwrap();
+    let engine = agentstore_engine::Instrumented::new(engine, "redis", metrics);
     let key: Key = "identity:alice".parse().unwrap();
     engine
         .apply(key.clone(), Mutation::Put(b"v1".to_vec()))
@@ -49,6 +52,12 @@ async fn strong_writes_wait_for_replicas_and_report_a_shortfall() {
         }
         other => panic!("expected a replication shortfall, got {other:?}"),
     }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"agentstore_engine_wait_shortfalls_total{backend="redis"} 1"#),
+        "{text}"
+    );
     // Indeterminate, not failed: the write is on the primary and on the remaining replica.
     let stored = engine.get(&key).await.unwrap().unwrap();
     assert_eq!(

@@ -356,3 +356,38 @@ fn the_spec_example_runs() {
     );
     assert!(dir.path().join("agentstore.redb").exists());
 }
+
+/// The value of a counter or histogram count line of the metrics text, if present.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn engine_operations_and_errors_are_measured() {
+    let f = open(&[]).await;
+    f.storage.set("m:1", 1).await.unwrap();
+    f.storage.set("m:2", 2).await.unwrap();
+    f.storage.get::<u32>("m:1").await.unwrap();
+    let _ = f.storage.compare_and_set("m:1", 3, None).await; // fails: the key exists
+    let text = f.storage.metrics_text();
+    let commits = metric(
+        &text,
+        r#"agentstore_engine_operation_seconds_count{backend="local",op="commit"}"#,
+    );
+    assert_eq!(commits, Some(3.0), "{text}");
+    let gets = metric(
+        &text,
+        r#"agentstore_engine_operation_seconds_count{backend="local",op="get"}"#,
+    );
+    assert_eq!(gets, Some(1.0), "{text}");
+    let failed = metric(
+        &text,
+        r#"agentstore_engine_errors_total{backend="local",op="commit",kind="expectation_failed"}"#,
+    );
+    assert_eq!(failed, Some(1.0), "{text}");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
+}

@@ -31,6 +31,7 @@ use tokio_postgres::{IsolationLevel, NoTls};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
+use crate::metrics::EngineMetrics;
 use crate::{Engine, Key, Record, Write, batch_fences};
 
 /// Transaction isolation.
@@ -53,6 +54,8 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// `application_name` of the connections (visible in `pg_stat_activity`).
     pub application_name: String,
+    /// Where to count retries, if anywhere.
+    pub metrics: Option<EngineMetrics>,
 }
 
 impl PostgresOptions {
@@ -63,6 +66,7 @@ impl PostgresOptions {
             isolation: Isolation::Serializable,
             pool_size: 10,
             application_name: "agentstore".into(),
+            metrics: None,
         }
     }
 }
@@ -498,6 +502,9 @@ impl Engine for PostgresEngine {
                 Ok(records) => return Ok(records),
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "transaction retried");
+                    if let Some(metrics) = &self.shared.options.metrics {
+                        metrics.retry("postgres");
+                    }
                     last = Some(err);
                     tokio::time::sleep(backoff(attempt)).await;
                 }

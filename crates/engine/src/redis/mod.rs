@@ -31,6 +31,7 @@ use tokio::sync::Mutex;
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
+use crate::metrics::EngineMetrics;
 use crate::{Engine, Fence, Key, Record, Write, batch_fences};
 
 /// How a Redis engine is set up.
@@ -42,6 +43,8 @@ pub struct RedisOptions {
     pub prefix: String,
     /// For strong collections: replicas that must acknowledge each write, and how long to wait.
     pub wait: Option<WaitPolicy>,
+    /// Where to count retries, if anywhere.
+    pub metrics: Option<EngineMetrics>,
 }
 
 /// `WAIT` settings of strong writes.
@@ -60,6 +63,7 @@ impl RedisOptions {
             url: url.into(),
             prefix: "agentstore:".into(),
             wait: None,
+            metrics: None,
         }
     }
 }
@@ -415,6 +419,9 @@ impl Engine for RedisEngine {
         for attempt in 0..MAX_ATTEMPTS {
             if let Some(records) = self.try_commit(&writes).await? {
                 return Ok(records);
+            }
+            if let Some(metrics) = &self.shared.options.metrics {
+                metrics.retry("redis");
             }
             // Lost a race: back off a little (growing, with jitter from the clock) and retry.
             let jitter = u64::from(self.shared.clock.physical_ms() as u32 % 7);

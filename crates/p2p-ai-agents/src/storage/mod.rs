@@ -44,7 +44,9 @@ pub use agentstore_core::config::{
     IsolationLevel, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
 };
 use agentstore_core::record::{Mutation, Value};
-use agentstore_engine::{AnyEngine, Engine, EngineError, Expect, NodeClock, Record, Write};
+use agentstore_engine::{
+    AnyEngine, Engine, EngineError, EngineMetrics, Expect, Instrumented, NodeClock, Record, Write,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
@@ -53,6 +55,7 @@ pub use self::error::{Result, StorageError};
 use self::routes::Routes;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
+use prometheus_client::registry::Registry;
 
 /// Environment variable that overrides the default data directory.
 pub const DATA_DIR_ENV: &str = "AGENTSTORE_DATA_DIR";
@@ -132,13 +135,15 @@ struct Inner {
     data_dir: PathBuf,
     /// The plan and engine of every collection, computed once: every call looks one up.
     routes: Routes,
+    /// This store's metrics (engine latency, errors, retries, WAIT shortfalls).
+    registry: Registry,
 }
 
 /// What a call resolved to: the key, its collection's plan and engine, and the effective level.
 struct Call<'a> {
     key: Key,
     plan: &'a CollectionPlan,
-    engine: &'a AnyEngine,
+    engine: &'a Instrumented<AnyEngine>,
     level: ConsistencyLevel,
 }
 
@@ -154,12 +159,15 @@ impl Storage {
             .as_ref()
             .map_or_else(default_data_dir, PathBuf::from);
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
-        let routes = Routes::open(&config, &data_dir, clock).await?;
+        let mut registry = Registry::default();
+        let metrics = EngineMetrics::register(&mut registry);
+        let routes = Routes::open(&config, &data_dir, clock, metrics).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 data_dir,
                 routes,
+                registry,
             }),
         })
     }
@@ -172,6 +180,15 @@ impl Storage {
     /// The data directory of the local engine.
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
+    }
+
+    /// This store's metrics in the OpenMetrics text format (what a `/metrics` endpoint serves,
+    /// with content type `application/openmetrics-text; version=1.0.0; charset=utf-8`).
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
     }
 
     /// Settings and guarantee of a collection.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use agentstore_core::config::{Backend, CollectionPlan, Config, IsolationLevel};
 use agentstore_engine::{
-    AnyEngine, Isolation, LocalEngine, NodeClock, PostgresEngine, PostgresOptions, RedisEngine,
-    RedisOptions, WaitPolicy,
+    AnyEngine, EngineMetrics, Instrumented, Isolation, LocalEngine, NodeClock, PostgresEngine,
+    PostgresOptions, RedisEngine, RedisOptions, WaitPolicy,
 };
 
 use super::Result;
@@ -16,7 +16,7 @@ use super::Result;
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) plan: CollectionPlan,
-    pub(crate) engine: AnyEngine,
+    pub(crate) engine: Instrumented<AnyEngine>,
 }
 
 /// Every route of a store: the named collections and the default one.
@@ -32,11 +32,13 @@ impl Routes {
         config: &Config,
         data_dir: &Path,
         clock: Arc<NodeClock>,
+        metrics: EngineMetrics,
     ) -> Result<Self> {
         let mut engines = Engines {
             config,
             data_dir,
             clock,
+            metrics,
             opened: HashMap::new(),
         };
         let default = config.plan("");
@@ -71,11 +73,12 @@ struct Engines<'a> {
     config: &'a Config,
     data_dir: &'a Path,
     clock: Arc<NodeClock>,
-    opened: HashMap<Instance, AnyEngine>,
+    metrics: EngineMetrics,
+    opened: HashMap<Instance, Instrumented<AnyEngine>>,
 }
 
 impl Engines<'_> {
-    async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<AnyEngine> {
+    async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<Instrumented<AnyEngine>> {
         let instance = match plan.backend {
             Backend::Local => Instance::Local,
             Backend::Redis => Instance::Redis {
@@ -90,6 +93,8 @@ impl Engines<'_> {
             return Ok(engine.clone());
         }
         let engine = self.open(instance).await?;
+        let backend = engine.backend();
+        let engine = Instrumented::new(engine, backend, self.metrics.clone());
         self.opened.insert(instance, engine.clone());
         Ok(engine)
     }
@@ -115,6 +120,7 @@ impl Engines<'_> {
                 });
                 let options = RedisOptions {
                     wait,
+                    metrics: Some(self.metrics.clone()),
                     ..RedisOptions::new(redis.url.clone())
                 };
                 AnyEngine::Redis(RedisEngine::connect(options, clock).await?)
@@ -126,6 +132,7 @@ impl Engines<'_> {
                     .as_ref()
                     .ok_or_else(|| missing("supabase"))?;
                 let options = PostgresOptions {
+                    metrics: Some(self.metrics.clone()),
                     isolation: match supabase.isolation_level {
                         IsolationLevel::Serializable => Isolation::Serializable,
                         IsolationLevel::ReadCommitted => Isolation::ReadCommitted,

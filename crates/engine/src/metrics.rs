@@ -1,0 +1,164 @@
+//! Engine metrics: latency of every operation, errors by kind, retries, WAIT shortfalls.
+//!
+//! Metrics live in a `prometheus_client` registry that the caller owns (one per node, so nodes
+//! sharing a process in tests do not mix), ready to be served as `/metrics`.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::EngineError;
+use crate::{Engine, Key, Record, Write};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Operation {
+    backend: &'static str,
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Failure {
+    backend: &'static str,
+    op: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: &'static str,
+}
+
+/// Handles to the engine metrics of one registry. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    latency: Family<Operation, Histogram, fn() -> Histogram>,
+    errors: Family<Failure, Counter>,
+    retries: Family<BackendLabel, Counter>,
+    wait_shortfalls: Family<BackendLabel, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~5 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+}
+
+impl EngineMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            latency: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            retries: Family::default(),
+            wait_shortfalls: Family::default(),
+        };
+        registry.register(
+            "agentstore_engine_operation_seconds",
+            "Latency of engine operations (get, scan, commit) by backend",
+            metrics.latency.clone(),
+        );
+        registry.register(
+            "agentstore_engine_errors",
+            "Failed engine operations by backend, operation and error kind",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "agentstore_engine_retries",
+            "Transactions retried after losing to a concurrent writer or a serialization failure",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "agentstore_engine_wait_shortfalls",
+            "Strong writes that fewer replicas than required acknowledged in time",
+            metrics.wait_shortfalls.clone(),
+        );
+        metrics
+    }
+
+    /// Counts one retry of a transaction on `backend`.
+    pub fn retry(&self, backend: &'static str) {
+        self.retries.get_or_create(&BackendLabel { backend }).inc();
+    }
+
+    fn observe<T>(
+        &self,
+        backend: &'static str,
+        op: &'static str,
+        started: Instant,
+        result: &Result<T, EngineError>,
+    ) {
+        self.latency
+            .get_or_create(&Operation { backend, op })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(err) = result {
+            if matches!(err, EngineError::ReplicationShortfall { .. }) {
+                self.wait_shortfalls
+                    .get_or_create(&BackendLabel { backend })
+                    .inc();
+            }
+            self.errors
+                .get_or_create(&Failure {
+                    backend,
+                    op,
+                    kind: err.kind(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// Any engine, measured.
+#[derive(Debug, Clone)]
+pub struct Instrumented<E> {
+    inner: E,
+    backend: &'static str,
+    metrics: EngineMetrics,
+}
+
+impl<E: Engine> Instrumented<E> {
+    /// Measures `inner`'s operations under the label `backend`.
+    pub fn new(inner: E, backend: &'static str, metrics: EngineMetrics) -> Self {
+        Self {
+            inner,
+            backend,
+            metrics,
+        }
+    }
+
+    /// The measured engine.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+}
+
+impl<E: Engine> Engine for Instrumented<E> {
+    async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.get(key).await;
+        self.metrics.observe(self.backend, "get", started, &result);
+        result
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Record)>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.scan(prefix, start_after, limit).await;
+        self.metrics.observe(self.backend, "scan", started, &result);
+        result
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.commit(writes).await;
+        self.metrics
+            .observe(self.backend, "commit", started, &result);
+        result
+    }
+}
