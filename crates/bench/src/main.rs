@@ -1,12 +1,17 @@
 //! Benchmarks that compare agentstore with its anchors in one run and report ratios.
 //!
 //!     cargo run --release -p agentstore-bench -- local [--ops N]
+//!     cargo run --release -p agentstore-bench -- redis [--seconds S]
+//!     cargo run --release -p agentstore-bench -- postgres [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
 //! Raw redb commits every put on its own (it has one writer at a time); the facade's local
 //! engine commits concurrent writes together (group commit). Values are 100 bytes.
 
+mod load;
+mod postgres;
+mod redis;
 mod stats;
 
 use std::sync::Arc;
@@ -23,19 +28,22 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let suite = args.next().unwrap_or_else(|| "local".into());
     let mut ops = 2000usize;
+    let mut seconds = 5u64;
     while let Some(arg) = args.next() {
-        if arg == "--ops" {
-            ops = args
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("--ops takes a number");
+        let mut number = || args.next().and_then(|n| n.parse().ok()).expect("a number");
+        match arg.as_str() {
+            "--ops" => ops = number() as usize,
+            "--seconds" => seconds = number(),
+            other => panic!("unknown option {other}"),
         }
     }
     match suite.as_str() {
         "local" => local(ops, true),
         "local-get" => local(ops, false),
+        "redis" => redis::run(seconds),
+        "postgres" => postgres::run(seconds),
         other => {
-            eprintln!("unknown benchmark `{other}`; available: local, local-get");
+            eprintln!("unknown benchmark `{other}`; available: local, local-get, redis, postgres");
             std::process::exit(2);
         }
     }

@@ -28,6 +28,14 @@ impl Sample {
         let rank = ((p / 100.0) * (self.sorted.len() - 1) as f64).round() as usize;
         self.sorted[rank]
     }
+
+    fn figures(&self) -> Figures {
+        Figures {
+            ops_per_sec: self.ops_per_sec(),
+            p50: self.percentile(50.0),
+            p99: self.percentile(99.0),
+        }
+    }
 }
 
 /// The round with the median throughput.
@@ -37,16 +45,47 @@ pub(crate) fn median(mut rounds: Vec<Sample>) -> Sample {
     rounds.swap_remove(middle)
 }
 
+/// Throughput and latency of one side of a comparison.
+pub(crate) struct Figures {
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
 /// One workload measured on agentstore and on its anchor.
 pub(crate) struct Row {
     name: String,
-    ours: Sample,
-    anchor: Sample,
+    ours: Figures,
+    anchor: Figures,
 }
 
 impl Row {
     pub(crate) fn new(name: String, ours: Sample, anchor: Sample) -> Self {
-        Self { name, ours, anchor }
+        Self {
+            name,
+            ours: ours.figures(),
+            anchor: anchor.figures(),
+        }
+    }
+
+    /// A row whose anchor was measured by an external tool that reports its own figures.
+    pub(crate) fn with_anchor_figures(
+        name: &str,
+        ours: Sample,
+        ops_per_sec: f64,
+        p50_ms: f64,
+        p99_ms: f64,
+    ) -> Self {
+        let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
+        Self {
+            name: name.to_owned(),
+            ours: ours.figures(),
+            anchor: Figures {
+                ops_per_sec,
+                p50: ms(p50_ms),
+                p99: ms(p99_ms),
+            },
+        }
     }
 }
 
@@ -55,21 +94,25 @@ fn micros(d: Duration) -> String {
 }
 
 pub(crate) fn print_table(rows: &[Row]) {
+    print_table_with("raw", rows);
+}
+
+pub(crate) fn print_table_with(anchor: &str, rows: &[Row]) {
     println!(
-        "| workload | agentstore ops/s | p50 | p99 | raw ops/s | p50 | p99 | ratio (ours/raw ops/s) |"
+        "| workload | agentstore ops/s | p50 | p99 | {anchor} ops/s | p50 | p99 | ratio (ours/{anchor} ops/s) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
             "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2}x |",
             row.name,
-            row.ours.ops_per_sec(),
-            micros(row.ours.percentile(50.0)),
-            micros(row.ours.percentile(99.0)),
-            row.anchor.ops_per_sec(),
-            micros(row.anchor.percentile(50.0)),
-            micros(row.anchor.percentile(99.0)),
-            row.ours.ops_per_sec() / row.anchor.ops_per_sec(),
+            row.ours.ops_per_sec,
+            micros(row.ours.p50),
+            micros(row.ours.p99),
+            row.anchor.ops_per_sec,
+            micros(row.anchor.p50),
+            micros(row.anchor.p99),
+            row.ours.ops_per_sec / row.anchor.ops_per_sec,
         );
     }
 }

@@ -1,0 +1,133 @@
+//! Redis engine vs `redis-benchmark` on the same server at the same concurrency.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentstore_core::NodeId;
+use agentstore_engine::testkit::RedisServer;
+use agentstore_engine::{Engine, Key, Mutation, NodeClock, RedisEngine, RedisOptions};
+
+use crate::load;
+use crate::stats::Row;
+
+const CLIENTS: usize = 50;
+const KEYS: u64 = 100_000;
+
+/// What `redis-benchmark --csv` reports for one test.
+pub(crate) struct Anchor {
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+}
+
+fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            test,
+            "-n",
+            &requests.to_string(),
+        ])
+        .args([
+            "-c",
+            &CLIENTS.to_string(),
+            "-d",
+            "100",
+            "-r",
+            &KEYS.to_string(),
+            "--csv",
+        ])
+        .output()
+        .expect("redis-benchmark is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .nth(1)
+        .expect("redis-benchmark printed a result");
+    let fields: Vec<f64> = line
+        .split(',')
+        .skip(1)
+        .map(|f| f.trim_matches('"').parse().unwrap_or(0.0))
+        .collect();
+    Anchor {
+        rps: fields[0],
+        p50_ms: fields[3],
+        p99_ms: fields[5],
+    }
+}
+
+pub(crate) fn run(seconds: u64) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = RedisServer::start(&[]);
+    let engine = runtime.block_on(async {
+        let clock = NodeClock::system(NodeId::new("bench").unwrap(), 500);
+        RedisEngine::connect(RedisOptions::new(server.url()), clock)
+            .await
+            .unwrap()
+    });
+    let engine = Arc::new(engine);
+    let value = vec![b'v'; 100];
+    let duration = Duration::from_secs(seconds);
+    println!(
+        "Redis engine vs redis-benchmark, one redis-server (no persistence), {CLIENTS} clients, 100-byte values, {KEYS} keys\n"
+    );
+    let mut rows = Vec::new();
+
+    let put = {
+        let (engine, value) = (Arc::clone(&engine), value.clone());
+        runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
+            let (engine, value) = (Arc::clone(&engine), value.clone());
+            async move {
+                let key: Key = format!("bench:{}", load::key_index(client, i, KEYS))
+                    .parse()
+                    .unwrap();
+                engine.apply(key, Mutation::Put(value)).await.unwrap();
+            }
+        }))
+    };
+    let set = redis_benchmark(
+        server.port,
+        "set",
+        (put.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
+    );
+    rows.push(Row::with_anchor_figures(
+        "put vs SET",
+        put,
+        set.rps,
+        set.p50_ms,
+        set.p99_ms,
+    ));
+
+    let get = {
+        let engine = Arc::clone(&engine);
+        runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
+            let engine = Arc::clone(&engine);
+            async move {
+                let key: Key = format!("bench:{}", load::key_index(client, i, KEYS))
+                    .parse()
+                    .unwrap();
+                engine.get(&key).await.unwrap();
+            }
+        }))
+    };
+    let anchor = redis_benchmark(
+        server.port,
+        "get",
+        (get.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
+    );
+    rows.push(Row::with_anchor_figures(
+        "get vs GET",
+        get,
+        anchor.rps,
+        anchor.p50_ms,
+        anchor.p99_ms,
+    ));
+    crate::stats::print_table_with("redis-benchmark", &rows);
+}
