@@ -122,22 +122,22 @@ pub(crate) fn run(seconds: u64) {
         "PostgreSQL engine vs pgbench, serializable, {CLIENTS} clients, 100-byte values, {KEYS} keys\n"
     );
 
-    let value = vec![b'v'; 100];
-    let ours_put = {
+    let put_load = || {
         let engine = Arc::clone(&engine);
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
-            let (engine, value) = (Arc::clone(&engine), value.clone());
+            let engine = Arc::clone(&engine);
             async move {
                 let key: Key = format!("pgbench:{}", load::key_index(client, i, KEYS))
                     .parse()
                     .unwrap();
-                engine.apply(key, Mutation::Put(value)).await.unwrap();
+                engine
+                    .apply(key, Mutation::Put(vec![b'v'; 100]))
+                    .await
+                    .unwrap();
             }
         }))
     };
-    let upsert = pgbench(UPSERT, seconds);
-    let merge_shape = pgbench(MERGE_SHAPE, seconds);
-    let ours_get = {
+    let get_load = || {
         let engine = Arc::clone(&engine);
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
             let engine = Arc::clone(&engine);
@@ -149,33 +149,23 @@ pub(crate) fn run(seconds: u64) {
             }
         }))
     };
-    let select = pgbench(SELECT, seconds);
-    let put_vs_shape = Row::new(
-        "put vs pgbench merge-shaped transaction".into(),
-        ours_put,
-        merge_shape,
-    );
-    let ours_put_again = {
-        let engine = Arc::clone(&engine);
-        let value = vec![b'v'; 100];
-        runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
-            let (engine, value) = (Arc::clone(&engine), value.clone());
-            async move {
-                let key: Key = format!("pgbench:{}", load::key_index(client, i, KEYS))
-                    .parse()
-                    .unwrap();
-                engine.apply(key, Mutation::Put(value)).await.unwrap();
-            }
-        }))
-    };
+    // Each pgbench run sits between two of ours, so drift in the machine's load shows.
     let rows = vec![
         Row::new(
             "put vs pgbench single-statement upsert".into(),
-            ours_put_again,
-            upsert,
+            put_load(),
+            pgbench(UPSERT, seconds),
         ),
-        put_vs_shape,
-        Row::new("get vs pgbench SELECT".into(), ours_get, select),
+        Row::new(
+            "put vs pgbench merge-shaped transaction".into(),
+            put_load(),
+            pgbench(MERGE_SHAPE, seconds),
+        ),
+        Row::new(
+            "get vs pgbench SELECT".into(),
+            get_load(),
+            pgbench(SELECT, seconds),
+        ),
     ];
     crate::stats::print_table_with("pgbench", &rows);
     psql("DROP TABLE IF EXISTS agentstore_bench_upsert, agentstore_bench_tx");

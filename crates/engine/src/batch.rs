@@ -1,5 +1,6 @@
 //! Applying a batch of writes to stored records: the part of `commit` every engine shares.
 
+use agentstore_core::codec;
 use agentstore_core::record::{self, Record};
 
 use crate::clock::NodeClock;
@@ -57,4 +58,31 @@ pub(crate) fn final_records(results: &[(Key, Record)]) -> Vec<(&Key, &Record)> {
         }
     }
     out
+}
+
+/// The distinct keys of a batch, in first-write order.
+pub(crate) fn distinct_keys(writes: &[Write]) -> Vec<&Key> {
+    let mut keys: Vec<&Key> = Vec::new();
+    for write in writes {
+        if !keys.contains(&&write.key) {
+            keys.push(&write.key);
+        }
+    }
+    keys
+}
+
+/// Decodes the stored bytes of `key`, naming the key if they are not a record.
+pub(crate) fn decode(key: &Key, bytes: &[u8]) -> Result<Record, EngineError> {
+    codec::decode(bytes).map_err(|source| EngineError::Decode {
+        key: key.clone(),
+        source,
+    })
+}
+
+/// [`decode`] for a value that may be missing.
+pub(crate) fn decode_stored(
+    key: &Key,
+    bytes: Option<&[u8]>,
+) -> Result<Option<Record>, EngineError> {
+    bytes.map(|bytes| decode(key, bytes)).transpose()
 }

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use agentstore_core::codec;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
 use crate::{Engine, Key, Record, Write};
@@ -172,19 +172,14 @@ fn check_format(db: &Database, path: &Path) -> Result<(), EngineError> {
     txn.commit().map_err(EngineError::storage)
 }
 
-fn decode(key: &Key, bytes: &[u8]) -> Result<Record, EngineError> {
-    codec::decode(bytes).map_err(|source| EngineError::Decode {
-        key: key.clone(),
-        source,
-    })
-}
-
 impl Engine for LocalEngine {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
         let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let stored = table.get(key.as_bytes()).map_err(EngineError::storage)?;
-        stored.map(|bytes| decode(key, bytes.value())).transpose()
+        stored
+            .map(|bytes| batch::decode(key, bytes.value()))
+            .transpose()
     }
 
     async fn scan(
@@ -219,7 +214,7 @@ impl Engine for LocalEngine {
                     key_bytes.escape_ascii().to_string()
                 ),
             })?;
-            let record = decode(&key, value.value())?;
+            let record = batch::decode(&key, value.value())?;
             out.push((key, record));
         }
         Ok(out)

@@ -8,7 +8,7 @@ use agentstore_core::record::Record;
 use redb::{Database, ReadableTable, Table};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DATA, FENCES, decode};
+use super::{DATA, FENCES};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
@@ -137,7 +137,9 @@ fn prepare(
 ) -> Result<Vec<(Key, Record)>, EngineError> {
     let stored = |key: &Key| {
         let bytes = table.get(key.as_bytes()).map_err(EngineError::storage)?;
-        bytes.map(|bytes| decode(key, bytes.value())).transpose()
+        bytes
+            .map(|bytes| batch::decode(key, bytes.value()))
+            .transpose()
     };
     batch::prepare(stored, clock, writes)
 }

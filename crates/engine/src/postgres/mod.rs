@@ -279,28 +279,12 @@ impl PostgresEngine {
         (status.size, status.max_size)
     }
 
-    fn decode(key: &Key, bytes: Option<Vec<u8>>) -> Result<Option<Record>, EngineError> {
-        bytes
-            .map(|b| {
-                codec::decode(&b).map_err(|source| EngineError::Decode {
-                    key: key.clone(),
-                    source,
-                })
-            })
-            .transpose()
-    }
-
     /// One transaction. `Ok(Err(e))` is a retryable failure.
     async fn try_commit(
         &self,
         writes: &[Write],
     ) -> Result<Result<Vec<Record>, tokio_postgres::Error>, EngineError> {
-        let mut keys: Vec<&Key> = Vec::new();
-        for write in writes {
-            if !keys.contains(&&write.key) {
-                keys.push(&write.key);
-            }
-        }
+        let mut keys = batch::distinct_keys(writes);
         // A fixed lock order makes deadlocks between two batches rarer (they are retried anyway).
         keys.sort();
         let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
@@ -340,7 +324,7 @@ impl PostgresEngine {
             let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
                 detail: format!("postgres holds an invalid key: {e}"),
             })?;
-            let record = Self::decode(&key, row.get(1))?;
+            let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
             stored.push((key, record));
         }
         let results = batch::prepare(
@@ -446,7 +430,10 @@ impl Engine for PostgresEngine {
             )
             .await
             .map_err(pg_error)?;
-        Self::decode(key, row.and_then(|row| row.get(0)))
+        batch::decode_stored(
+            key,
+            row.as_ref().and_then(|row| row.get::<_, Option<&[u8]>>(0)),
+        )
     }
 
     async fn scan(
@@ -485,7 +472,7 @@ impl Engine for PostgresEngine {
             let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
                 detail: format!("postgres holds an invalid key: {e}"),
             })?;
-            if let Some(record) = Self::decode(&key, row.get(1))? {
+            if let Some(record) = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))? {
                 out.push((key, record));
             }
         }

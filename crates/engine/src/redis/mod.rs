@@ -207,26 +207,10 @@ impl RedisEngine {
         format!("{}f:{lock}", self.shared.options.prefix).into_bytes()
     }
 
-    fn decode(key: &Key, bytes: Option<Vec<u8>>) -> Result<Option<Record>, EngineError> {
-        bytes
-            .map(|b| {
-                codec::decode(&b).map_err(|source| EngineError::Decode {
-                    key: key.clone(),
-                    source,
-                })
-            })
-            .transpose()
-    }
-
     /// One attempt: read, merge, compare-and-swap. `Ok(None)` means another writer got there
     /// first and the batch should be retried.
     async fn try_commit(&self, writes: &[Write]) -> Result<Option<Vec<Record>>, EngineError> {
-        let mut distinct: Vec<&Key> = Vec::new();
-        for write in writes {
-            if !distinct.contains(&&write.key) {
-                distinct.push(&write.key);
-            }
-        }
+        let distinct = batch::distinct_keys(writes);
         let record_keys: Vec<Vec<u8>> = distinct.iter().map(|k| self.record_key(k)).collect();
         let mut conn = self.shared.conn.clone();
         let current: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
@@ -236,7 +220,7 @@ impl RedisEngine {
             .map_err(redis_error)?;
         let mut stored = Vec::with_capacity(distinct.len());
         for (key, bytes) in distinct.iter().zip(&current) {
-            stored.push(Self::decode(key, bytes.clone())?);
+            stored.push(batch::decode_stored(key, bytes.as_deref())?);
         }
         let results = batch::prepare(
             |key| {
@@ -351,7 +335,7 @@ impl Engine for RedisEngine {
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Self::decode(key, bytes)
+        batch::decode_stored(key, bytes.as_deref())
     }
 
     async fn scan(
@@ -405,7 +389,7 @@ impl Engine for RedisEngine {
             .map_err(redis_error)?;
         let mut out = Vec::with_capacity(keys.len());
         for (key, bytes) in keys.into_iter().zip(values) {
-            if let Some(record) = Self::decode(&key, bytes)? {
+            if let Some(record) = batch::decode_stored(&key, bytes.as_deref())? {
                 out.push((key, record));
             }
         }
