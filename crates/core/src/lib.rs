@@ -10,10 +10,13 @@
 pub mod codec;
 pub mod config;
 pub mod crdt;
+pub mod hash;
 pub mod hlc;
 pub mod key;
 pub mod level;
+pub mod merkle;
 pub mod node;
+pub mod placement;
 pub mod quorum;
 pub mod record;
 pub mod version;
