@@ -13,7 +13,7 @@
 use crate::hash::stable_hash;
 
 const BUCKET_SEED: u64 = 0x6d65_726b_6c65; // "merkle"
-const ENTRY_SEED: u64 = 0x656e_7472_79; // "entry"
+const ENTRY_SEED: u64 = 0x0065_6e74_7279; // "entry"
 const NODE_SEED: u64 = 0x6e6f_6465; // "node"
 
 /// The deepest tree allowed (65,536 leaves).
