@@ -19,6 +19,7 @@ pub mod node;
 pub mod placement;
 pub mod quorum;
 pub mod record;
+pub mod replication;
 pub mod version;
 
 pub use crdt::Crdt;

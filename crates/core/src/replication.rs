@@ -1,0 +1,558 @@
+//! Leaderless replication, as a sans-io state machine (the coordinator's side).
+//!
+//! A node that receives a client's write or read coordinates it over the key's replicas (from
+//! [`crate::placement::Ring`]). This module decides *what* to do; the node runtime (or the
+//! simulator) does it and feeds back what happened:
+//!
+//! - **Write**: apply the mutation locally ([`Effect::ApplyLocal`]), send the resulting record
+//!   to every other replica ([`Message::Replicate`], which they merge), and answer the client
+//!   once `w` replicas (this one included) hold it. A replica that has not acknowledged by
+//!   the deadline gets a hint ([`Effect::Hint`]) that the runtime stores durably and delivers
+//!   when the replica is back (hinted handoff). A write that misses its quorum by the deadline
+//!   fails with [`Outcome::QuorumFailed`], which is indeterminate, not rolled back: the record
+//!   is durable on the replicas that acknowledged and will spread.
+//! - **Read**: read locally and ask the other replicas; answer with the join
+//!   ([`Crdt::merge`]) of the first `r` answers. Every replica whose answer is older than the
+//!   join gets the join (read repair), including replicas answering after the client got its
+//!   answer.
+//!
+//! Time is an argument (`now_ms`); deadlines fire on [`Input::Tick`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crdt::Crdt;
+use crate::key::Key;
+use crate::node::NodeId;
+use crate::record::{Mutation, Record};
+
+/// Identifies one client request at its coordinator.
+pub type RequestId = u64;
+
+/// What replicas send each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Merge `record` into `key` durably, then answer [`Message::Replicated`].
+    Replicate {
+        /// The coordinator's request (0: a repair nobody waits for).
+        request: RequestId,
+        /// The key.
+        key: Key,
+        /// The state to merge.
+        record: Record,
+    },
+    /// `Replicate` was merged durably.
+    Replicated {
+        /// The request it answers.
+        request: RequestId,
+    },
+    /// Send your record of `key`.
+    Read {
+        /// The coordinator's request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+    },
+    /// A replica's record of the key.
+    ReadReply {
+        /// The request it answers.
+        request: RequestId,
+        /// What the replica holds.
+        record: Option<Record>,
+    },
+}
+
+/// What happens to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A client writes.
+    Write {
+        /// The request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+        /// The change.
+        mutation: Mutation,
+        /// The key's replicas (the coordinator may or may not be one of them).
+        replicas: Vec<NodeId>,
+        /// Acknowledgements needed.
+        w: usize,
+        /// When to give up waiting.
+        deadline_ms: u64,
+    },
+    /// The local engine applied a write's mutation (or failed to).
+    LocalApplied {
+        /// The request.
+        request: RequestId,
+        /// The resulting record, or why it failed.
+        result: Result<Record, String>,
+    },
+    /// A client reads.
+    Read {
+        /// The request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+        /// The key's replicas.
+        replicas: Vec<NodeId>,
+        /// Answers needed.
+        r: usize,
+        /// When to give up waiting.
+        deadline_ms: u64,
+    },
+    /// The local engine's record of a read's key.
+    LocalRead {
+        /// The request.
+        request: RequestId,
+        /// The record.
+        record: Option<Record>,
+    },
+    /// A message from another replica.
+    Received {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        message: Message,
+    },
+    /// Time passed.
+    Tick,
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Apply `mutation` to `key` on the local engine, then feed [`Input::LocalApplied`].
+    ApplyLocal {
+        /// The request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+        /// The change.
+        mutation: Mutation,
+    },
+    /// Read `key` from the local engine, then feed [`Input::LocalRead`].
+    ReadLocal {
+        /// The request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+    },
+    /// Merge `record` into the local engine (read repair of this node).
+    MergeLocal {
+        /// The key.
+        key: Key,
+        /// The state to merge.
+        record: Record,
+    },
+    /// Send a message.
+    Send {
+        /// The recipient.
+        to: NodeId,
+        /// The message.
+        message: Message,
+    },
+    /// Store `record` for `node` durably and deliver it when `node` is reachable again.
+    Hint {
+        /// The replica that missed the write.
+        node: NodeId,
+        /// The key.
+        key: Key,
+        /// The state to deliver.
+        record: Record,
+    },
+    /// Answer the client.
+    Reply {
+        /// The request.
+        request: RequestId,
+        /// The answer.
+        outcome: Outcome,
+    },
+}
+
+/// The answer to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The write is durable on at least `w` replicas.
+    Written {
+        /// The record written.
+        record: Record,
+    },
+    /// The join of at least `r` replicas' records.
+    Read {
+        /// What they hold together.
+        record: Option<Record>,
+    },
+    /// The quorum was not reached by the deadline. For a write: indeterminate, not failed —
+    /// it is durable where it was acknowledged and will spread.
+    QuorumFailed {
+        /// Replicas that answered.
+        answered: usize,
+        /// Replicas needed.
+        needed: usize,
+    },
+    /// This node is not one of the key's replicas; forward the write to one of them.
+    NotAReplica {
+        /// The key's replicas.
+        replicas: Vec<NodeId>,
+    },
+    /// The local engine failed.
+    LocalFailure {
+        /// Why.
+        detail: String,
+    },
+}
+
+#[derive(Debug)]
+enum Pending {
+    Write {
+        key: Key,
+        record: Option<Record>,
+        others: BTreeSet<NodeId>,
+        acked: BTreeSet<NodeId>,
+        w: usize,
+        deadline_ms: u64,
+        replied: bool,
+    },
+    Read {
+        key: Key,
+        answers: BTreeMap<NodeId, Option<Record>>,
+        expected: BTreeSet<NodeId>,
+        r: usize,
+        deadline_ms: u64,
+        replied: Option<Option<Record>>,
+    },
+}
+
+/// The coordinator of one node.
+#[derive(Debug)]
+pub struct Coordinator {
+    node: NodeId,
+    pending: BTreeMap<RequestId, Pending>,
+}
+
+fn join(a: Option<&Record>, b: Option<&Record>) -> Option<Record> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut joined = a.clone();
+            joined.merge(b);
+            Some(joined)
+        }
+        (a, b) => a.or(b).cloned(),
+    }
+}
+
+impl Coordinator {
+    /// The coordinator of `node`.
+    pub fn new(node: NodeId) -> Self {
+        Self {
+            node,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Requests still in flight (waiting for a quorum, or for late replicas).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Feeds one input at time `now_ms`; returns what to do, in order.
+    pub fn step(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match input {
+            Input::Write {
+                request,
+                key,
+                mutation,
+                replicas,
+                w,
+                deadline_ms,
+            } => {
+                if !replicas.contains(&self.node) {
+                    // Only a replica may stamp and store the key: the runtime forwards the write.
+                    effects.push(Effect::Reply {
+                        request,
+                        outcome: Outcome::NotAReplica { replicas },
+                    });
+                    return effects;
+                }
+                let others: BTreeSet<NodeId> =
+                    replicas.into_iter().filter(|n| *n != self.node).collect();
+                let w = w.clamp(1, others.len() + 1);
+                effects.push(Effect::ApplyLocal {
+                    request,
+                    key: key.clone(),
+                    mutation,
+                });
+                self.pending.insert(
+                    request,
+                    Pending::Write {
+                        key,
+                        record: None,
+                        others,
+                        acked: BTreeSet::new(),
+                        w,
+                        deadline_ms,
+                        replied: false,
+                    },
+                );
+            }
+            Input::LocalApplied { request, result } => {
+                self.local_applied(request, result, &mut effects)
+            }
+            Input::Read {
+                request,
+                key,
+                replicas,
+                r,
+                deadline_ms,
+            } => {
+                let expected: BTreeSet<NodeId> = replicas.into_iter().collect();
+                let r = r.clamp(1, expected.len().max(1));
+                if expected.contains(&self.node) {
+                    effects.push(Effect::ReadLocal {
+                        request,
+                        key: key.clone(),
+                    });
+                }
+                for node in expected.iter().filter(|n| **n != self.node) {
+                    effects.push(Effect::Send {
+                        to: node.clone(),
+                        message: Message::Read {
+                            request,
+                            key: key.clone(),
+                        },
+                    });
+                }
+                self.pending.insert(
+                    request,
+                    Pending::Read {
+                        key,
+                        answers: BTreeMap::new(),
+                        expected,
+                        r,
+                        deadline_ms,
+                        replied: None,
+                    },
+                );
+            }
+            Input::LocalRead { request, record } => {
+                let node = self.node.clone();
+                self.read_answer(request, node, record, &mut effects);
+            }
+            Input::Received { from, message } => match message {
+                Message::Replicated { request } => self.acked(request, from, &mut effects),
+                Message::ReadReply { request, record } => {
+                    self.read_answer(request, from, record, &mut effects)
+                }
+                // A replica's own duties (merge and answer) are the runtime's: they need no state.
+                Message::Replicate { .. } | Message::Read { .. } => {}
+            },
+            Input::Tick => self.expire(now_ms, &mut effects),
+        }
+        effects
+    }
+
+    fn local_applied(
+        &mut self,
+        request: RequestId,
+        result: Result<Record, String>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(Pending::Write {
+            key,
+            record,
+            others,
+            acked,
+            ..
+        }) = self.pending.get_mut(&request)
+        else {
+            return;
+        };
+        match result {
+            Err(detail) => {
+                self.pending.remove(&request);
+                effects.push(Effect::Reply {
+                    request,
+                    outcome: Outcome::LocalFailure { detail },
+                });
+            }
+            Ok(applied) => {
+                for node in others.iter() {
+                    let message = Message::Replicate {
+                        request,
+                        key: key.clone(),
+                        record: applied.clone(),
+                    };
+                    effects.push(Effect::Send {
+                        to: node.clone(),
+                        message,
+                    });
+                }
+                *record = Some(applied);
+                acked.insert(self.node.clone());
+                self.settle(request, effects);
+            }
+        }
+    }
+
+    fn acked(&mut self, request: RequestId, from: NodeId, effects: &mut Vec<Effect>) {
+        if let Some(Pending::Write { others, acked, .. }) = self.pending.get_mut(&request)
+            && others.contains(&from)
+        {
+            acked.insert(from);
+            self.settle(request, effects);
+        }
+    }
+
+    /// Replies once the quorum is reached; forgets the write once every replica acknowledged.
+    fn settle(&mut self, request: RequestId, effects: &mut Vec<Effect>) {
+        let Some(Pending::Write {
+            record: Some(record),
+            others,
+            acked,
+            w,
+            replied,
+            ..
+        }) = self.pending.get_mut(&request)
+        else {
+            return;
+        };
+        if !*replied && acked.len() >= *w {
+            *replied = true;
+            effects.push(Effect::Reply {
+                request,
+                outcome: Outcome::Written {
+                    record: record.clone(),
+                },
+            });
+        }
+        if acked.len() == others.len() + 1 {
+            self.pending.remove(&request);
+        }
+    }
+
+    fn read_answer(
+        &mut self,
+        request: RequestId,
+        from: NodeId,
+        record: Option<Record>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(Pending::Read {
+            key,
+            answers,
+            expected,
+            r,
+            replied,
+            ..
+        }) = self.pending.get_mut(&request)
+        else {
+            return;
+        };
+        if !expected.contains(&from) {
+            return;
+        }
+        answers.insert(from, record);
+        let joined = answers
+            .values()
+            .fold(None, |acc, rec| join(acc.as_ref(), rec.as_ref()));
+        if replied.is_none() && answers.len() >= *r {
+            effects.push(Effect::Reply {
+                request,
+                outcome: Outcome::Read {
+                    record: joined.clone(),
+                },
+            });
+            *replied = Some(joined.clone());
+        }
+        if let Some(best) = replied.as_ref().and(joined.as_ref()) {
+            // Read repair: everyone who answered with less than the join gets the join.
+            for (node, answer) in answers.iter() {
+                if answer.as_ref() != Some(best) {
+                    if *node == self.node {
+                        effects.push(Effect::MergeLocal {
+                            key: key.clone(),
+                            record: best.clone(),
+                        });
+                    } else {
+                        let message = Message::Replicate {
+                            request: 0,
+                            key: key.clone(),
+                            record: best.clone(),
+                        };
+                        effects.push(Effect::Send {
+                            to: node.clone(),
+                            message,
+                        });
+                    }
+                }
+            }
+            for answer in answers.values_mut() {
+                *answer = Some(best.clone());
+            }
+        }
+        if answers.len() == expected.len().max(1) {
+            self.pending.remove(&request);
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let expired: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Write { deadline_ms, .. } | Pending::Read { deadline_ms, .. } => {
+                    now_ms >= *deadline_ms
+                }
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for request in expired {
+            match self.pending.remove(&request) {
+                Some(Pending::Write {
+                    key,
+                    record,
+                    others,
+                    acked,
+                    w,
+                    replied,
+                    ..
+                }) => {
+                    if !replied {
+                        effects.push(Effect::Reply {
+                            request,
+                            outcome: Outcome::QuorumFailed {
+                                answered: acked.len(),
+                                needed: w,
+                            },
+                        });
+                    }
+                    if let Some(record) = record {
+                        for node in others.difference(&acked) {
+                            effects.push(Effect::Hint {
+                                node: node.clone(),
+                                key: key.clone(),
+                                record: record.clone(),
+                            });
+                        }
+                    }
+                }
+                Some(Pending::Read {
+                    answers,
+                    r,
+                    replied: None,
+                    ..
+                }) => {
+                    let outcome = Outcome::QuorumFailed {
+                        answered: answers.len(),
+                        needed: r,
+                    };
+                    effects.push(Effect::Reply { request, outcome });
+                }
+                Some(Pending::Read { .. }) | None => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
