@@ -445,7 +445,7 @@ impl Sim {
         for node in up {
             self.step(node, Input::Tick);
         }
-        if self.now_ms % 50 == 0 {
+        if self.now_ms.is_multiple_of(50) {
             self.deliver_hints();
         }
     }
