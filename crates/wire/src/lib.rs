@@ -1,0 +1,270 @@
+//! What crosses the network between nodes, and nothing else.
+//!
+//! A connection carries **frames**: a 4-byte big-endian length, then that many bytes, at most
+//! [`MAX_FRAME`]. A frame holds one **envelope**:
+//!
+//! ```text
+//! envelope = version:u8(=1) request:uvarint deadline_ms:uvarint body
+//! body     = 1 key record                 Replicate
+//!          | 2                            Replicated
+//!          | 3 key                        Read
+//!          | 4 0                          ReadReply, no record
+//!          | 4 1 record                   ReadReply
+//! key      = len:uvarint bytes            (a valid agentstore key)
+//! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
+//! ```
+//!
+//! The request id and deadline travel in the envelope, so a receiver can drop work whose
+//! caller has given up. Decoding is canonical and total: any bytes give a message or a typed
+//! error, never a panic, and never an allocation larger than the input.
+//!
+//! Architecture invariant: this crate depends on `agentstore-core` only, and does no I/O:
+//! [`FrameDecoder`] splits bytes that the transport hands it.
+
+use agentstore_core::codec::{self, DecodeError};
+use agentstore_core::key::{Key, KeyError};
+use agentstore_core::replication::{Message, RequestId};
+
+/// The envelope version this build speaks.
+pub const VERSION: u8 = 1;
+/// The largest frame accepted (16 MiB): a record of the largest value plus metadata fits.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// One message with its request id and deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The request the message belongs to (0 for messages nobody answers).
+    pub request: RequestId,
+    /// When the sender stops waiting, in milliseconds since the Unix epoch (0: no deadline).
+    pub deadline_ms: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// Bytes that are not a valid envelope or frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A frame announces more bytes than [`MAX_FRAME`].
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME}")]
+    FrameTooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The envelope version is not one this build speaks.
+    #[error("unsupported envelope version {0} (this node speaks {VERSION})")]
+    Version(u8),
+    /// The envelope is malformed.
+    #[error("malformed envelope at byte {offset}: {reason}")]
+    Malformed {
+        /// Where.
+        offset: usize,
+        /// What.
+        reason: &'static str,
+    },
+    /// A key in the envelope is invalid.
+    #[error("invalid key in envelope: {0}")]
+    Key(#[from] KeyError),
+    /// A record in the envelope does not decode.
+    #[error("invalid record in envelope: {0}")]
+    Record(#[from] DecodeError),
+}
+
+fn put_uvarint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_uvarint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Encodes an envelope (without the frame length).
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    put_uvarint(&mut out, envelope.request);
+    put_uvarint(&mut out, envelope.deadline_ms);
+    match &envelope.message {
+        Message::Replicate { key, record, .. } => {
+            out.push(1);
+            put_bytes(&mut out, key.as_bytes());
+            put_bytes(&mut out, &codec::encode(record));
+        }
+        Message::Replicated { .. } => out.push(2),
+        Message::Read { key, .. } => {
+            out.push(3);
+            put_bytes(&mut out, key.as_bytes());
+        }
+        Message::ReadReply { record: None, .. } => out.extend_from_slice(&[4, 0]),
+        Message::ReadReply {
+            record: Some(record),
+            ..
+        } => {
+            out.extend_from_slice(&[4, 1]);
+            put_bytes(&mut out, &codec::encode(record));
+        }
+    }
+    out
+}
+
+/// Encodes an envelope as a whole frame (length prefix included).
+pub fn encode_frame(envelope: &Envelope) -> Vec<u8> {
+    let body = encode(envelope);
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl Reader<'_> {
+    fn malformed(&self, reason: &'static str) -> WireError {
+        WireError::Malformed {
+            offset: self.offset,
+            reason,
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        let byte = *self
+            .bytes
+            .get(self.offset)
+            .ok_or_else(|| self.malformed("truncated"))?;
+        self.offset += 1;
+        Ok(byte)
+    }
+
+    fn uvarint(&mut self) -> Result<u64, WireError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(self.malformed("varint overflows 64 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                if byte == 0 && shift > 0 {
+                    return Err(self.malformed("varint is not in shortest form"));
+                }
+                return Ok(value);
+            }
+        }
+        Err(self.malformed("varint longer than 10 bytes"))
+    }
+
+    fn bytes(&mut self) -> Result<&[u8], WireError> {
+        let len = self.uvarint()?;
+        if len > (self.bytes.len() - self.offset) as u64 {
+            return Err(self.malformed("length exceeds the bytes left"));
+        }
+        let start = self.offset;
+        self.offset += len as usize;
+        Ok(&self.bytes[start..self.offset])
+    }
+
+    fn key(&mut self) -> Result<Key, WireError> {
+        Ok(Key::new(self.bytes()?)?)
+    }
+
+    fn record(&mut self) -> Result<agentstore_core::Record, WireError> {
+        Ok(codec::decode(self.bytes()?)?)
+    }
+}
+
+/// Decodes an envelope (without the frame length).
+pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
+    let mut r = Reader { bytes, offset: 0 };
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let request = r.uvarint()?;
+    let deadline_ms = r.uvarint()?;
+    let message = match r.u8()? {
+        1 => Message::Replicate {
+            request,
+            key: r.key()?,
+            record: r.record()?,
+        },
+        2 => Message::Replicated { request },
+        3 => Message::Read {
+            request,
+            key: r.key()?,
+        },
+        4 => match r.u8()? {
+            0 => Message::ReadReply {
+                request,
+                record: None,
+            },
+            1 => Message::ReadReply {
+                request,
+                record: Some(r.record()?),
+            },
+            _ => return Err(r.malformed("unknown read reply form")),
+        },
+        _ => return Err(r.malformed("unknown message type")),
+    };
+    if r.offset != bytes.len() {
+        return Err(r.malformed("trailing bytes after the message"));
+    }
+    Ok(Envelope {
+        request,
+        deadline_ms,
+        message,
+    })
+}
+
+/// Splits a byte stream into frames, sans-io: the transport pushes what it reads, and takes
+/// out whole envelopes. It holds at most one frame's bytes (bounded by [`MAX_FRAME`]).
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder with nothing buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes read from the connection.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next whole envelope, `Ok(None)` if more bytes are needed. After an error the
+    /// connection must be closed: the stream is no longer in sync.
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope>, WireError> {
+        if self.buffer.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ]) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::FrameTooLarge { len });
+        }
+        if self.buffer.len() < 4 + len {
+            return Ok(None);
+        }
+        let envelope = decode(&self.buffer[4..4 + len]);
+        self.buffer.drain(..4 + len);
+        envelope.map(Some)
+    }
+
+    /// Bytes buffered but not yet a whole frame.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+}
