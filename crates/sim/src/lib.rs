@@ -19,6 +19,7 @@ use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::record::{self, Mutation, Record, Value};
 use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
 use agentstore_core::{HybridClock, Key, NodeId, codec};
+use agentstore_wire as wire;
 
 pub use rng::Rng;
 
@@ -107,11 +108,13 @@ struct Node {
     up: bool,
 }
 
+/// A message in flight, as the bytes of its wire frame: every simulated message goes through
+/// the real wire encoding and decoding.
 struct Envelope {
     at_ms: u64,
     from: usize,
     to: usize,
-    message: Message,
+    frame: Vec<u8>,
 }
 
 struct Sim {
@@ -195,13 +198,24 @@ impl Sim {
         } else {
             1
         };
+        let request = match &message {
+            Message::Replicate { request, .. }
+            | Message::Replicated { request }
+            | Message::Read { request, .. }
+            | Message::ReadReply { request, .. } => *request,
+        };
+        let frame = wire::encode_frame(&wire::Envelope {
+            request,
+            deadline_ms: 0,
+            message,
+        });
         for _ in 0..copies {
             let delay = 1 + self.rng.below(if self.faults_on { 40 } else { 5 });
             self.network.push(Envelope {
                 at_ms: self.now_ms + delay,
                 from,
                 to,
-                message: message.clone(),
+                frame: frame.clone(),
             });
         }
     }
@@ -281,8 +295,14 @@ impl Sim {
     /// A replica's own duties when a message arrives.
     fn deliver(&mut self, envelope: Envelope) {
         let Envelope {
-            from, to, message, ..
+            from, to, frame, ..
         } = envelope;
+        let mut decoder = wire::FrameDecoder::new();
+        decoder.push(&frame);
+        let message = match decoder.next_envelope() {
+            Ok(Some(envelope)) => envelope.message,
+            other => panic!("a frame this simulator encoded does not decode: {other:?}"),
+        };
         if !self.nodes[to].up || self.cut.contains(&(from.min(to), from.max(to))) {
             return;
         }
