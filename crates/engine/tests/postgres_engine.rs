@@ -18,10 +18,12 @@ async fn engine(options: PostgresOptions) -> PostgresEngine {
 
 #[tokio::test]
 async fn transactions_run_at_the_configured_isolation() {
+    // Single statements and multi-write transactions alike.
+    let both = |s: &str| (s.to_owned(), s.to_owned());
     let serializable = engine(PostgresOptions::new(postgres_url())).await;
     assert_eq!(
         serializable.isolation_in_use().await.unwrap(),
-        "serializable"
+        both("serializable")
     );
     let options = PostgresOptions {
         isolation: Isolation::ReadCommitted,
@@ -29,7 +31,7 @@ async fn transactions_run_at_the_configured_isolation() {
     };
     assert_eq!(
         engine(options).await.isolation_in_use().await.unwrap(),
-        "read committed"
+        both("read committed")
     );
 }
 

@@ -5,7 +5,12 @@
 //! created and upgraded by versioned migrations (`agentstore_migrations`) under an advisory
 //! lock, so nodes starting together do not race.
 //!
-//! A commit is one transaction at the configured isolation (serializable by default): it makes
+//! A batch of one unfenced write (the common case) is optimistic: read the row, merge, then
+//! write only if the row still holds the bytes read (`UPDATE ... WHERE record IS NOT DISTINCT
+//! FROM $read`, or `INSERT ... ON CONFLICT DO NOTHING` for a new key); zero rows written means a
+//! concurrent writer won, and the write is merged again on fresh data. Two round trips.
+//!
+//! Any other batch is one transaction at the configured isolation (serializable by default): it makes
 //! sure a row exists for every key of the batch (a placeholder with a NULL record), locks the
 //! rows (`FOR UPDATE`), merges with the same `agentstore_core::record::apply` as every engine,
 //! and writes the results. The placeholder matters at read committed: `FOR UPDATE` cannot lock
@@ -177,6 +182,12 @@ impl PostgresEngine {
                 })?;
         pg.application_name(&options.application_name);
         pg.connect_timeout(Duration::from_secs(5));
+        // Single statements (the optimistic write path, reads) run at the configured isolation
+        // too, not at the server's default.
+        pg.options(match options.isolation {
+            Isolation::Serializable => "-c default_transaction_isolation=serializable",
+            Isolation::ReadCommitted => "-c default_transaction_isolation=read\\ committed",
+        });
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -257,26 +268,80 @@ impl PostgresEngine {
         }
     }
 
-    /// The isolation level a commit transaction really runs at, as PostgreSQL reports it.
-    pub async fn isolation_in_use(&self) -> Result<String, EngineError> {
+    /// The isolation levels writes really run at, as PostgreSQL reports them: that of a
+    /// single statement (the optimistic path) and that of a multi-write transaction.
+    pub async fn isolation_in_use(&self) -> Result<(String, String), EngineError> {
         let mut client = self.shared.pool.get().await.map_err(pool_error)?;
+        let single = client
+            .query_typed_one("SHOW transaction_isolation", &[])
+            .await
+            .map_err(pg_error)?;
         let txn = client
             .build_transaction()
             .isolation_level(self.isolation())
             .start()
             .await
             .map_err(pg_error)?;
-        let row = txn
+        let batch = txn
             .query_typed_one("SHOW transaction_isolation", &[])
             .await
             .map_err(pg_error)?;
-        Ok(row.get(0))
+        Ok((single.get(0), batch.get(0)))
     }
 
     /// The pool's current size and limit.
     pub fn pool_status(&self) -> (usize, usize) {
         let status = self.shared.pool.status();
         (status.size, status.max_size)
+    }
+
+    /// The optimistic path for a batch of one unfenced write: read the row, merge, and write
+    /// only if the row still holds the bytes read (an atomic conditional statement). Two round
+    /// trips instead of a five-statement transaction. `Ok(Err(reason))` means retry.
+    async fn try_single(&self, write: &Write) -> Result<Result<Vec<Record>, String>, EngineError> {
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let key = write.key.as_bytes();
+        let row = match client
+            .query_typed_opt(
+                "SELECT record FROM agentstore_records WHERE key = $1",
+                &[(&key, Type::BYTEA)],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(e) if retryable(&e) => return Ok(Err(e.to_string())),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let exists = row.is_some();
+        let old: Option<Vec<u8>> = row.and_then(|row| row.get(0));
+        let stored = batch::decode_stored(&write.key, old.as_deref())?;
+        let results = batch::prepare(
+            |_| Ok(stored.clone()),
+            &self.shared.clock,
+            std::slice::from_ref(write),
+        )?;
+        let new = codec::encode(&results[0].1);
+        let written = if exists {
+            client
+                .execute_typed(
+                    "UPDATE agentstore_records SET record = $2 WHERE key = $1 AND record IS NOT DISTINCT FROM $3",
+                    &[(&key, Type::BYTEA), (&new, Type::BYTEA), (&old, Type::BYTEA)],
+                )
+                .await
+        } else {
+            client
+                .execute_typed(
+                    "INSERT INTO agentstore_records (key, record) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    &[(&key, Type::BYTEA), (&new, Type::BYTEA)],
+                )
+                .await
+        };
+        match written {
+            Ok(1) => Ok(Ok(results.into_iter().map(|(_, r)| r).collect())),
+            Ok(_) => Ok(Err("the row changed since it was read".into())),
+            Err(e) if retryable(&e) => Ok(Err(e.to_string())),
+            Err(e) => Err(pg_error(e)),
+        }
     }
 
     /// One transaction. `Ok(Err(e))` is a retryable failure.
@@ -485,7 +550,11 @@ impl Engine for PostgresEngine {
         }
         let mut last = None;
         for attempt in 0..MAX_ATTEMPTS {
-            match self.try_commit(&writes).await? {
+            let outcome = match writes.as_slice() {
+                [single] if single.fence.is_none() => self.try_single(single).await?,
+                _ => self.try_commit(&writes).await?.map_err(|e| e.to_string()),
+            };
+            match outcome {
                 Ok(records) => return Ok(records),
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "transaction retried");
@@ -497,7 +566,7 @@ impl Engine for PostgresEngine {
                 }
             }
         }
-        let detail = last.map_or_else(String::new, |e| e.to_string());
+        let detail = last.unwrap_or_default();
         tracing::warn!(%detail, "transaction gave up after {MAX_ATTEMPTS} attempts");
         Err(EngineError::Contention {
             attempts: MAX_ATTEMPTS,
