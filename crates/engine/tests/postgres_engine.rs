@@ -131,3 +131,55 @@ async fn an_unreachable_server_is_a_typed_error() {
         "{err:?}"
     );
 }
+
+fn with_params(params: &str) -> String {
+    let url = postgres_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{params}")
+}
+
+#[tokio::test]
+async fn sslmode_encrypts_as_libpq_does() {
+    let clock = || NodeClock::system(NodeId::new("pg-test").unwrap(), 500);
+    let connect = |url: String| PostgresEngine::connect(PostgresOptions::new(url), clock());
+    let required = connect(with_params("sslmode=require")).await.unwrap();
+    assert!(
+        required.connection_encrypted().await.unwrap(),
+        "sslmode=require encrypts"
+    );
+    let preferred = connect(postgres_url()).await.unwrap();
+    assert!(
+        preferred.connection_encrypted().await.unwrap(),
+        "the default (prefer) encrypts when the server offers TLS"
+    );
+    let plain = connect(with_params("sslmode=disable")).await.unwrap();
+    assert!(
+        !plain.connection_encrypted().await.unwrap(),
+        "sslmode=disable does not"
+    );
+}
+
+#[tokio::test]
+async fn verify_full_refuses_a_certificate_that_does_not_name_the_host() {
+    let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);
+    // The server's own certificate as the trusted root: it chains, but it names the machine,
+    // not 127.0.0.1.
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cert: String = client
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let url = with_params(&format!("sslmode=verify-full&sslrootcert={cert}"));
+    let err = PostgresEngine::connect(PostgresOptions::new(url), clock)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable { .. }), "{err:?}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}

@@ -21,6 +21,8 @@
 //! Statements are sent unnamed (`query_typed`), so the engine also works through Supavisor or
 //! PgBouncer in transaction mode, which reject named prepared statements.
 
+mod tls;
+
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +31,9 @@ use agentstore_core::codec;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts,
 };
+use tokio_postgres::IsolationLevel;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{IsolationLevel, NoTls};
 
 use crate::batch;
 use crate::clock::NodeClock;
@@ -123,7 +125,7 @@ fn pg_error(err: tokio_postgres::Error) -> EngineError {
     // tokio-postgres displays a server error as just "db error"; say what the server said.
     let detail = match err.as_db_error() {
         Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
-        None => err.to_string(),
+        None => with_causes(&err),
     };
     let code = err.code().map(SqlState::code);
     // Class 08: connection exceptions; 57P01-57P03: the server is shutting down or starting.
@@ -140,7 +142,23 @@ fn pg_error(err: tokio_postgres::Error) -> EngineError {
 }
 
 fn pool_error(err: deadpool_postgres::PoolError) -> EngineError {
-    unavailable(err)
+    unavailable(with_causes(&err))
+}
+
+/// An error and its chain of causes ("cannot connect: TLS handshake: certificate not valid
+/// for name ..."), since the outermost message alone rarely says what to fix.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn retryable(err: &tokio_postgres::Error) -> bool {
@@ -173,15 +191,14 @@ impl PostgresEngine {
         clock: Arc<NodeClock>,
     ) -> Result<Self, EngineError> {
         check_url(&options.url)?;
+        let (url, tls) = tls::split(&options.url)?;
         let mut pg: tokio_postgres::Config =
-            options
-                .url
-                .parse()
-                .map_err(|e| EngineError::InvalidSettings {
-                    detail: format!("invalid database URL: {e}"),
-                })?;
+            url.parse().map_err(|e| EngineError::InvalidSettings {
+                detail: format!("invalid database URL: {e}"),
+            })?;
         pg.application_name(&options.application_name);
         pg.connect_timeout(Duration::from_secs(5));
+        pg.ssl_mode(tls.ssl_mode());
         // Single statements (the optimistic write path, reads) run at the configured isolation
         // too, not at the server's default.
         pg.options(match options.isolation {
@@ -190,7 +207,7 @@ impl PostgresEngine {
         });
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls.connector()?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -287,6 +304,16 @@ impl PostgresEngine {
             .await
             .map_err(pg_error)?;
         Ok((single.get(0), batch.get(0)))
+    }
+
+    /// Whether this engine's connections are encrypted (TLS), as the server reports it.
+    pub async fn connection_encrypted(&self) -> Result<bool, EngineError> {
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_typed_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get(0))
     }
 
     /// The pool's current size and limit.
