@@ -83,30 +83,19 @@ impl EngineMetrics {
         self.retries.get_or_create(&BackendLabel { backend }).inc();
     }
 
-    fn observe<T>(
-        &self,
-        backend: &'static str,
-        op: &'static str,
-        started: Instant,
-        result: &Result<T, EngineError>,
-    ) {
-        self.latency
-            .get_or_create(&Operation { backend, op })
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(err) = result {
-            if matches!(err, EngineError::ReplicationShortfall { .. }) {
-                self.wait_shortfalls
-                    .get_or_create(&BackendLabel { backend })
-                    .inc();
-            }
-            self.errors
-                .get_or_create(&Failure {
-                    backend,
-                    op,
-                    kind: err.kind(),
-                })
+    fn failed(&self, backend: &'static str, op: &'static str, err: &EngineError) {
+        if matches!(err, EngineError::ReplicationShortfall { .. }) {
+            self.wait_shortfalls
+                .get_or_create(&BackendLabel { backend })
                 .inc();
         }
+        self.errors
+            .get_or_create(&Failure {
+                backend,
+                op,
+                kind: err.kind(),
+            })
+            .inc();
     }
 }
 
@@ -116,15 +105,38 @@ pub struct Instrumented<E> {
     inner: E,
     backend: &'static str,
     metrics: EngineMetrics,
+    /// The latency histograms of get, scan and commit, looked up once: a label lookup per call
+    /// would take a lock and hash the labels on every read.
+    latency: [Histogram; 3],
 }
 
 impl<E: Engine> Instrumented<E> {
     /// Measures `inner`'s operations under the label `backend`.
     pub fn new(inner: E, backend: &'static str, metrics: EngineMetrics) -> Self {
+        let latency = ["get", "scan", "commit"].map(|op| {
+            metrics
+                .latency
+                .get_or_create(&Operation { backend, op })
+                .clone()
+        });
         Self {
             inner,
             backend,
             metrics,
+            latency,
+        }
+    }
+
+    fn observe<T>(
+        &self,
+        index: usize,
+        op: &'static str,
+        started: Instant,
+        result: &Result<T, EngineError>,
+    ) {
+        self.latency[index].observe(started.elapsed().as_secs_f64());
+        if let Err(err) = result {
+            self.metrics.failed(self.backend, op, err);
         }
     }
 
@@ -138,7 +150,7 @@ impl<E: Engine> Engine for Instrumented<E> {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
         let started = Instant::now();
         let result = self.inner.get(key).await;
-        self.metrics.observe(self.backend, "get", started, &result);
+        self.observe(0, "get", started, &result);
         result
     }
 
@@ -150,15 +162,14 @@ impl<E: Engine> Engine for Instrumented<E> {
     ) -> Result<Vec<(Key, Record)>, EngineError> {
         let started = Instant::now();
         let result = self.inner.scan(prefix, start_after, limit).await;
-        self.metrics.observe(self.backend, "scan", started, &result);
+        self.observe(1, "scan", started, &result);
         result
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
         let started = Instant::now();
         let result = self.inner.commit(writes).await;
-        self.metrics
-            .observe(self.backend, "commit", started, &result);
+        self.observe(2, "commit", started, &result);
         result
     }
 }

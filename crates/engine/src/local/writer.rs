@@ -1,6 +1,6 @@
 //! The group-commit writer thread.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use agentstore_core::codec;
@@ -23,9 +23,14 @@ pub(super) struct Request {
     pub(super) reply: oneshot::Sender<Result<Vec<Record>, EngineError>>,
 }
 
+/// Held by whoever is committing (the writer thread, or a caller committing inline), so a
+/// caller can tell that nobody is.
+pub(super) type Turn = Arc<Mutex<()>>;
+
 pub(super) fn spawn(
     db: Arc<Database>,
     clock: Arc<NodeClock>,
+    turn: Turn,
     mut requests: mpsc::Receiver<Request>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -40,6 +45,7 @@ pub(super) fn spawn(
                         Err(_) => break,
                     }
                 }
+                let _turn = turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 commit_group(&db, &clock, &mut group);
             }
         })
@@ -49,7 +55,8 @@ pub(super) fn spawn(
 /// A request whose own checks fail gets its error and writes nothing; the others proceed.
 /// If the commit itself fails, every request gets the error: none was acknowledged.
 fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
-    let outcomes = match apply_group(db, clock, group) {
+    let batches: Vec<&[Write]> = group.iter().map(|r| r.writes.as_slice()).collect();
+    let outcomes = match apply_group(db, clock, &batches) {
         Ok(outcomes) => outcomes,
         Err(err) => {
             let detail = err.to_string();
@@ -71,19 +78,28 @@ fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
 
 type Outcome = Result<Vec<Record>, EngineError>;
 
+/// Commits one batch on the calling thread (the caller holds the turn).
+pub(super) fn commit_now(db: &Database, clock: &NodeClock, writes: &[Write]) -> Outcome {
+    apply_group(db, clock, &[writes])?.pop().unwrap_or_else(|| {
+        Err(EngineError::Internal {
+            detail: "a one-batch group returned no outcome".into(),
+        })
+    })
+}
+
 fn apply_group(
     db: &Database,
     clock: &NodeClock,
-    group: &[Request],
+    group: &[&[Write]],
 ) -> Result<Vec<Outcome>, EngineError> {
     let txn = db.begin_write().map_err(EngineError::storage)?;
     let mut outcomes = Vec::with_capacity(group.len());
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let mut fences = txn.open_table(FENCES).map_err(EngineError::storage)?;
-        for request in group {
-            let checked = check_fences(&fences, &request.writes)
-                .and_then(|accepted| Ok((accepted, prepare(&table, clock, &request.writes)?)));
+        for writes in group {
+            let checked = check_fences(&fences, writes)
+                .and_then(|accepted| Ok((accepted, prepare(&table, clock, writes)?)));
             match checked {
                 Ok((accepted, results)) => {
                     for (key, record) in &results {
