@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use agentstore_core::crdt::Crdt;
 use agentstore_core::merkle::{MerkleTree, entry_digest};
+use agentstore_core::placement::Ring;
 use agentstore_core::record::{self, Mutation, Record, Value};
 use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
 use agentstore_core::{HybridClock, Key, NodeId, codec};
@@ -26,8 +27,10 @@ pub use rng::Rng;
 /// The cluster and its faults.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Nodes (every node is a replica of every key: N = nodes).
+    /// Nodes.
     pub nodes: usize,
+    /// Replicas of each key (N), placed by the consistent-hash ring.
+    pub replication: usize,
     /// Write quorum.
     pub w: usize,
     /// Read quorum.
@@ -43,11 +46,12 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings a seed picks: 3 nodes, W and R from {1, 2, 3}, moderate faults.
+    /// The settings a seed picks: 3 or 5 nodes, N = 3, W and R from {1, 2, 3}, moderate faults.
     pub fn for_seed(seed: u64) -> Self {
         let mut rng = Rng::new(seed ^ 0x5e77_1a65);
         Self {
-            nodes: 3,
+            nodes: if rng.chance(50) { 3 } else { 5 },
+            replication: 3,
             w: 1 + rng.below(3) as usize,
             r: 1 + rng.below(3) as usize,
             operations: 60,
@@ -94,6 +98,8 @@ pub struct Report {
     pub calls: Vec<Call>,
     /// Each node's store at the end.
     pub stores: Vec<BTreeMap<Key, Record>>,
+    /// The replicas (node indexes) of every key the run used.
+    pub replicas: BTreeMap<Key, Vec<usize>>,
     /// Messages dropped, duplicated; crashes; partitions.
     pub faults: (usize, usize, usize, usize),
 }
@@ -125,6 +131,9 @@ struct Sim {
     cut: BTreeSet<(usize, usize)>,
     faults_on: bool,
     settings: Settings,
+    ring: Ring,
+    /// What each request in flight asked, to forward it if it reached a non-replica.
+    inputs: BTreeMap<RequestId, Input>,
     calls: Vec<Call>,
     /// Request id → (coordinating node, call index).
     requests: BTreeMap<RequestId, (usize, usize)>,
@@ -155,7 +164,8 @@ impl Sim {
                     up: true,
                 }
             })
-            .collect();
+            .collect::<Vec<Node>>();
+        let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
         Self {
             rng,
             now_ms: 1_000_000,
@@ -163,6 +173,8 @@ impl Sim {
             network: Vec::new(),
             cut: BTreeSet::new(),
             faults_on: true,
+            ring: Ring::new(ids, 32),
+            inputs: BTreeMap::new(),
             settings,
             calls: Vec::new(),
             requests: BTreeMap::new(),
@@ -176,8 +188,9 @@ impl Sim {
         self.now_ms.saturating_add_signed(self.nodes[node].skew_ms)
     }
 
-    fn replicas(&self) -> Vec<NodeId> {
-        self.nodes.iter().map(|n| n.id.clone()).collect()
+    fn replicas(&self, key: &Key) -> Vec<NodeId> {
+        self.ring
+            .replicas(key.as_bytes(), self.settings.replication)
     }
 
     fn index_of(&self, id: &NodeId) -> usize {
@@ -271,7 +284,26 @@ impl Sim {
                 self.next_hint += 1;
                 self.nodes[node].hints.push((id, target, key, record));
             }
+            Effect::Reply {
+                request,
+                outcome: Outcome::NotAReplica { replicas },
+            } => {
+                // What a node runtime does: forward the write to a replica that is up.
+                let target = replicas
+                    .iter()
+                    .map(|id| self.index_of(id))
+                    .find(|&i| self.nodes[i].up);
+                let (Some(target), Some(input)) = (target, self.inputs.get(&request).cloned())
+                else {
+                    return;
+                };
+                if let Some(entry) = self.requests.get_mut(&request) {
+                    entry.0 = target;
+                }
+                self.step(target, input);
+            }
             Effect::Reply { request, outcome } => {
+                self.inputs.remove(&request);
                 if let Some((_, call)) = self.requests.remove(&request) {
                     self.calls[call].answer = Some((self.now_ms, outcome));
                 }
@@ -367,7 +399,10 @@ impl Sim {
             applied: None,
         });
         let deadline_ms = self.now_ms + 200;
-        let replicas = self.replicas();
+        let key = match &op {
+            Op::Put(key, _) | Op::Increment(key) | Op::Read(key) => key.clone(),
+        };
+        let replicas = self.replicas(&key);
         let input = match op {
             Op::Put(key, value) => Input::Write {
                 request,
@@ -393,6 +428,7 @@ impl Sim {
                 deadline_ms,
             },
         };
+        self.inputs.insert(request, input.clone());
         self.step(node, input);
     }
 
@@ -405,6 +441,8 @@ impl Sim {
             self.nodes[node].coordinator = Coordinator::new(self.nodes[node].id.clone());
             self.requests
                 .retain(|_, (coordinator, _)| *coordinator != node);
+            let requests = &self.requests;
+            self.inputs.retain(|id, _| requests.contains_key(id));
         } else {
             self.nodes[node].up = true;
         }
@@ -471,21 +509,32 @@ impl Sim {
     }
 
     /// Merkle-tree anti-entropy between every pair: exchange only the differing buckets.
+    /// Merkle-tree anti-entropy between every pair of nodes, over the keys they both
+    /// replicate: only the keys of differing buckets are exchanged.
     fn anti_entropy(&mut self) {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
                 if a == b {
                     continue;
                 }
-                let (ta, tb) = (tree(&self.nodes[a].store), tree(&self.nodes[b].store));
+                let (id_a, id_b) = (self.nodes[a].id.clone(), self.nodes[b].id.clone());
+                let shared = |store: &BTreeMap<Key, Record>| -> BTreeMap<Key, Record> {
+                    store
+                        .iter()
+                        .filter(|(k, _)| {
+                            let replicas = self.replicas(k);
+                            replicas.contains(&id_a) && replicas.contains(&id_b)
+                        })
+                        .map(|(k, r)| (k.clone(), r.clone()))
+                        .collect()
+                };
+                let (ours, theirs) = (shared(&self.nodes[a].store), shared(&self.nodes[b].store));
+                let (ta, tb) = (tree(&ours), tree(&theirs));
                 let buckets: BTreeSet<usize> = ta.diff(&tb).into_iter().collect();
-                let sending: Vec<(Key, Record)> = self.nodes[a]
-                    .store
-                    .iter()
+                for (key, record) in ours
+                    .into_iter()
                     .filter(|(k, _)| buckets.contains(&ta.bucket(k.as_bytes())))
-                    .map(|(k, r)| (k.clone(), r.clone()))
-                    .collect();
-                for (key, record) in sending {
+                {
                     self.merge(b, key, &record);
                 }
             }
@@ -531,8 +580,27 @@ pub fn run(seed: u64, settings: Settings) -> Report {
         sim.tick();
     }
     sim.anti_entropy();
+    let keys: BTreeSet<Key> = sim
+        .calls
+        .iter()
+        .map(|c| match &c.op {
+            Op::Put(key, _) | Op::Increment(key) | Op::Read(key) => key.clone(),
+        })
+        .collect();
+    let replicas = keys
+        .into_iter()
+        .map(|key| {
+            let nodes = sim
+                .replicas(&key)
+                .iter()
+                .map(|id| sim.index_of(id))
+                .collect();
+            (key, nodes)
+        })
+        .collect();
     Report {
         seed,
+        replicas,
         settings,
         calls: sim.calls,
         stores: sim.nodes.into_iter().map(|n| n.store).collect(),
@@ -561,12 +629,27 @@ pub struct Observations {
 /// was issued.
 pub fn check(report: &Report) -> Result<Observations, Violation> {
     let fail = |what: String| Err(Violation(format!("seed {}: {what}", report.seed)));
-    let first = &report.stores[0];
-    if let Some(i) = report.stores.iter().position(|s| s != first) {
-        return fail(format!(
-            "replicas did not converge: node 0 and node {i} differ after healing"
-        ));
+    // Every key's replicas agree, and no other node holds it.
+    let mut first: BTreeMap<Key, Record> = BTreeMap::new();
+    for (key, nodes) in &report.replicas {
+        let held: Vec<Option<&Record>> = nodes.iter().map(|&n| report.stores[n].get(key)).collect();
+        if held.iter().any(|r| *r != held[0]) {
+            return fail(format!(
+                "the replicas {nodes:?} of {key} did not converge after healing"
+            ));
+        }
+        for (n, store) in report.stores.iter().enumerate() {
+            if !nodes.contains(&n) && store.contains_key(key) {
+                return fail(format!(
+                    "node {n} holds {key} but is not one of its replicas {nodes:?}"
+                ));
+            }
+        }
+        if let Some(record) = held[0] {
+            first.insert(key.clone(), record.clone());
+        }
     }
+    let first = &first;
     let mut observations = Observations::default();
     let mut applied_increments: BTreeMap<&Key, i64> = BTreeMap::new();
     for call in &report.calls {
@@ -635,7 +718,7 @@ pub fn check(report: &Report) -> Result<Observations, Violation> {
             ));
         }
     }
-    if report.settings.w + report.settings.r > report.settings.nodes {
+    if report.settings.w + report.settings.r > report.settings.replication {
         for read in &report.calls {
             let (Op::Read(key), Some((_, Outcome::Read { record }))) = (&read.op, &read.answer)
             else {
