@@ -30,7 +30,7 @@ pub use agentstore_core::record::{Expect, Mutation, Record};
 pub use any::AnyEngine;
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
-pub use local::{DATA_FILE, LocalEngine};
+pub use local::{DATA_FILE, Hint, LocalEngine};
 pub use metrics::{EngineMetrics, Instrumented};
 #[cfg(feature = "postgres")]
 pub use postgres::{Isolation, PostgresEngine, PostgresOptions};

@@ -146,3 +146,59 @@ fn a_missing_directory_is_created_and_an_unusable_one_is_an_error() {
         Err(EngineError::Storage { .. })
     ));
 }
+
+#[tokio::test]
+async fn hints_are_durable_per_node_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, c) = (
+        NodeId::new("node-b").unwrap(),
+        NodeId::new("node-c").unwrap(),
+    );
+    let stored = {
+        let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+        let first = engine
+            .apply(key("k:1"), Mutation::Put(b"one".to_vec()))
+            .await
+            .unwrap();
+        let second = engine
+            .apply(key("k:2"), Mutation::Put(b"two".to_vec()))
+            .await
+            .unwrap();
+        let id1 = engine.store_hint(&b, &key("k:1"), &first).unwrap();
+        let id2 = engine.store_hint(&c, &key("k:1"), &first).unwrap();
+        let id3 = engine.store_hint(&b, &key("k:2"), &second).unwrap();
+        assert!(id1 < id2 && id2 < id3);
+        (first, second, id1, id3)
+    };
+    let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+    let for_b = engine.hints_for(&b, 10).unwrap();
+    assert_eq!(
+        for_b
+            .iter()
+            .map(|h| (h.key.clone(), h.record.clone()))
+            .collect::<Vec<_>>(),
+        [
+            (key("k:1"), stored.0.clone()),
+            (key("k:2"), stored.1.clone()),
+        ]
+    );
+    assert_eq!(engine.hints_for(&c, 10).unwrap().len(), 1);
+    engine.remove_hint(&b, stored.2).unwrap();
+    assert_eq!(
+        engine
+            .hints_for(&b, 10)
+            .unwrap()
+            .iter()
+            .map(|h| h.id)
+            .collect::<Vec<_>>(),
+        [stored.3]
+    );
+    let id = engine.store_hint(&b, &key("k:1"), &stored.0).unwrap();
+    assert!(id > stored.3, "ids stay unique across reopen");
+    assert!(
+        engine
+            .hints_for(&NodeId::new("node-d").unwrap(), 10)
+            .unwrap()
+            .is_empty()
+    );
+}

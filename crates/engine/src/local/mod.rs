@@ -8,7 +8,10 @@
 //! a redb read transaction is an in-memory snapshot lookup that takes microseconds, cheaper
 //! than a hop to a blocking pool.
 
+mod hints;
 mod writer;
+
+pub use hints::Hint;
 
 use std::fmt;
 use std::ops::Bound;
