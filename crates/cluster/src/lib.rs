@@ -1,0 +1,13 @@
+//! The agentstore node runtime.
+//!
+//! [`Node`] runs the sans-io replication [`Coordinator`](agentstore_core::replication::Coordinator)
+//! against a [`LocalEngine`](agentstore_engine::LocalEngine) and a TCP [`Transport`] carrying
+//! `agentstore-wire` frames. This is the first slice of the cluster: every node knows every
+//! peer from its configuration (no membership protocol yet), and clients call a node in
+//! process (no network API yet).
+
+mod node;
+mod transport;
+
+pub use node::{Node, NodeConfig, NodeError};
+pub use transport::{Incoming, Transport};

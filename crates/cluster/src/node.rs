@@ -1,0 +1,342 @@
+//! A node: the replication coordinator, the local engine and the transport, in one loop.
+//!
+//! The loop owns the [`Coordinator`] and executes its effects: local applies and reads on the
+//! engine, messages on the transport, hints in the engine's durable hint table, replies to the
+//! waiting callers. It also does a replica's duties (merge a replicated record and acknowledge
+//! it; answer reads) and delivers stored hints every half second until the peer acknowledges
+//! them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentstore_core::placement::Ring;
+use agentstore_core::record::Mutation;
+use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
+use agentstore_core::{Key, NodeId};
+use agentstore_engine::{Engine, LocalEngine};
+use agentstore_wire::Envelope;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::transport::{Incoming, Transport};
+
+/// Hint deliveries carry request ids with the top bit set, so their acknowledgements are the
+/// loop's business, not the coordinator's.
+const HINT_BIT: RequestId = 1 << 63;
+/// Client requests waiting for the loop.
+const COMMANDS: usize = 1024;
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node.
+    pub id: NodeId,
+    /// Every other node and its peer address.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Replicas per key (N).
+    pub replicas: usize,
+    /// Write quorum (W).
+    pub write_quorum: usize,
+    /// Read quorum (R).
+    pub read_quorum: usize,
+    /// How long a request waits for its quorum.
+    pub request_timeout: Duration,
+}
+
+/// Why a call to a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node has shut down.
+    #[error("the node has shut down")]
+    Stopped,
+}
+
+enum Command {
+    Write {
+        key: Key,
+        mutation: Mutation,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Read {
+        key: Key,
+        reply: oneshot::Sender<Outcome>,
+    },
+}
+
+/// A running node. Dropping it (or calling [`Node::shutdown`]) stops it.
+#[derive(Debug)]
+pub struct Node {
+    commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts a node serving peers on `listener`.
+    pub fn start(config: NodeConfig, engine: LocalEngine, listener: TcpListener) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let (transport, inbox) = Transport::start(
+            config.id.clone(),
+            listener,
+            config.peers.clone(),
+            stopped.clone(),
+        );
+        let (commands, requests) = mpsc::channel(COMMANDS);
+        let mut nodes: Vec<NodeId> = config.peers.keys().cloned().collect();
+        nodes.push(config.id.clone());
+        let state = Loop {
+            ring: Ring::new(nodes, 64),
+            coordinator: Coordinator::new(config.id.clone()),
+            config,
+            engine,
+            transport,
+            replies: BTreeMap::new(),
+            next_request: 1,
+        };
+        let task = tokio::spawn(state.run(requests, inbox, stopped));
+        Self {
+            commands,
+            stop,
+            task,
+        }
+    }
+
+    /// Writes `mutation` to `key` through this node (it must be one of the key's replicas).
+    pub async fn write(&self, key: Key, mutation: Mutation) -> Result<Outcome, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Write {
+                key,
+                mutation,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Reads `key` through this node.
+    pub async fn read(&self, key: Key) -> Result<Outcome, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Read { key, reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Stops the node: its loop, its listener and its connections end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Loop {
+    config: NodeConfig,
+    ring: Ring,
+    coordinator: Coordinator,
+    engine: LocalEngine,
+    transport: Transport,
+    replies: BTreeMap<RequestId, oneshot::Sender<Outcome>>,
+    next_request: RequestId,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn envelope_of(message: Message) -> Envelope {
+    let request = match &message {
+        Message::Replicate { request, .. }
+        | Message::Replicated { request }
+        | Message::Read { request, .. }
+        | Message::ReadReply { request, .. } => *request,
+    };
+    Envelope {
+        request,
+        deadline_ms: 0,
+        message,
+    }
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Command>,
+        mut inbox: mpsc::Receiver<Incoming>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut hints = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                Some(command) = requests.recv() => self.command(command).await,
+                Some(incoming) = inbox.recv() => self.incoming(incoming).await,
+                _ = tick.tick() => {
+                    let effects = self.coordinator.step(Input::Tick, now_ms());
+                    self.execute(effects).await;
+                }
+                _ = hints.tick() => self.deliver_hints().await,
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let deadline_ms = now_ms() + self.config.request_timeout.as_millis() as u64;
+        let input = match command {
+            Command::Write {
+                key,
+                mutation,
+                reply,
+            } => {
+                self.replies.insert(request, reply);
+                let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+                Input::Write {
+                    request,
+                    key,
+                    mutation,
+                    replicas,
+                    w: self.config.write_quorum,
+                    deadline_ms,
+                }
+            }
+            Command::Read { key, reply } => {
+                self.replies.insert(request, reply);
+                let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+                Input::Read {
+                    request,
+                    key,
+                    replicas,
+                    r: self.config.read_quorum,
+                    deadline_ms,
+                }
+            }
+        };
+        let effects = self.coordinator.step(input, now_ms());
+        self.execute(effects).await;
+    }
+
+    /// A replica's duties, and the coordinator's messages.
+    async fn incoming(&mut self, Incoming { from, envelope }: Incoming) {
+        match envelope.message {
+            Message::Replicate {
+                request,
+                key,
+                record,
+            } => {
+                if self
+                    .engine
+                    .apply(key, Mutation::Merge(record))
+                    .await
+                    .is_ok()
+                    && request != 0
+                {
+                    self.transport
+                        .send(&from, envelope_of(Message::Replicated { request }));
+                }
+            }
+            Message::Read { request, key } => {
+                if let Ok(record) = self.engine.get(&key).await {
+                    self.transport
+                        .send(&from, envelope_of(Message::ReadReply { request, record }));
+                }
+            }
+            Message::Replicated { request } if request & HINT_BIT != 0 => {
+                let (engine, id) = (self.engine.clone(), request & !HINT_BIT);
+                let _ = tokio::task::spawn_blocking(move || engine.remove_hint(&from, id)).await;
+            }
+            message => {
+                let effects = self
+                    .coordinator
+                    .step(Input::Received { from, message }, now_ms());
+                self.execute(effects).await;
+            }
+        }
+    }
+
+    async fn deliver_hints(&mut self) {
+        for peer in self.config.peers.keys() {
+            let (engine, node) = (self.engine.clone(), peer.clone());
+            let Ok(Ok(hints)) =
+                tokio::task::spawn_blocking(move || engine.hints_for(&node, 256)).await
+            else {
+                continue;
+            };
+            for hint in hints {
+                let message = Message::Replicate {
+                    request: hint.id | HINT_BIT,
+                    key: hint.key,
+                    record: hint.record,
+                };
+                self.transport.send(peer, envelope_of(message));
+            }
+        }
+    }
+
+    /// Executes effects in order; effects that feed the coordinator add their own.
+    async fn execute(&mut self, effects: Vec<Effect>) {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::ApplyLocal {
+                    request,
+                    key,
+                    mutation,
+                } => {
+                    let result = self
+                        .engine
+                        .apply(key, mutation)
+                        .await
+                        .map_err(|e| e.to_string());
+                    queue.extend(
+                        self.coordinator
+                            .step(Input::LocalApplied { request, result }, now_ms()),
+                    );
+                }
+                Effect::ReadLocal { request, key } => {
+                    // A failed local read counts as an answer with nothing; the other replicas
+                    // still answer, and the error is logged.
+                    let record = self.engine.get(&key).await.unwrap_or_else(|err| {
+                        tracing::warn!(%err, "local read failed");
+                        None
+                    });
+                    queue.extend(
+                        self.coordinator
+                            .step(Input::LocalRead { request, record }, now_ms()),
+                    );
+                }
+                Effect::MergeLocal { key, record } => {
+                    if let Err(err) = self.engine.apply(key, Mutation::Merge(record)).await {
+                        tracing::warn!(%err, "read repair of the local copy failed");
+                    }
+                }
+                Effect::Send { to, message } => self.transport.send(&to, envelope_of(message)),
+                Effect::Hint { node, key, record } => {
+                    let engine = self.engine.clone();
+                    let stored = tokio::task::spawn_blocking(move || {
+                        engine.store_hint(&node, &key, &record)
+                    })
+                    .await;
+                    if !matches!(stored, Ok(Ok(_))) {
+                        tracing::warn!(
+                            "a hint could not be stored; anti-entropy will repair the replica"
+                        );
+                    }
+                }
+                Effect::Reply { request, outcome } => {
+                    if let Some(reply) = self.replies.remove(&request) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+}

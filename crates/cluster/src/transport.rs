@@ -1,0 +1,204 @@
+//! TCP between nodes: wire frames over one outbound connection per peer, bounded queues.
+//!
+//! A node dials each peer it sends to and keeps that connection; it accepts the connections
+//! its peers dial to it. A connection starts with a hello frame naming the dialer, then
+//! carries wire frames one way. Sending never blocks: each peer has a bounded queue, and a
+//! message that does not fit is dropped and counted (the protocol already tolerates loss:
+//! a missing acknowledgement becomes a hint, anti-entropy repairs the rest). A connection
+//! that fails is dropped and re-dialled for the next message. Incoming frames go to one
+//! bounded inbox, so a slow node slows its peers' readers instead of growing without bound.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentstore_core::NodeId;
+use agentstore_wire::{Envelope, FrameDecoder, encode_frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// Messages waiting for one peer's connection.
+const PEER_QUEUE: usize = 1024;
+/// Messages received and not yet handled.
+const INBOX: usize = 4096;
+/// The longest node id a hello may carry.
+const MAX_HELLO: usize = 64;
+
+/// A message from a peer.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Who sent it (as its hello said).
+    pub from: NodeId,
+    /// The message.
+    pub envelope: Envelope,
+}
+
+/// The sending side of a node's transport. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    node: NodeId,
+    peers: Arc<BTreeMap<NodeId, SocketAddr>>,
+    queues: Arc<Mutex<BTreeMap<NodeId, mpsc::Sender<Envelope>>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Transport {
+    /// Starts accepting peers on `listener`; returns the sender and the inbox.
+    /// Stops accepting when `stopped` turns true.
+    pub fn start(
+        node: NodeId,
+        listener: TcpListener,
+        peers: BTreeMap<NodeId, SocketAddr>,
+        stopped: watch::Receiver<bool>,
+    ) -> (Self, mpsc::Receiver<Incoming>) {
+        let (inbox, incoming) = mpsc::channel(INBOX);
+        tokio::spawn(accept(listener, inbox, stopped));
+        let transport = Self {
+            node,
+            peers: Arc::new(peers),
+            queues: Arc::default(),
+            dropped: Arc::default(),
+        };
+        (transport, incoming)
+    }
+
+    /// Queues `envelope` for `to`; drops it (and counts it) if the peer's queue is full or the
+    /// peer is unknown.
+    pub fn send(&self, to: &NodeId, envelope: Envelope) {
+        let Some(addr) = self.peers.get(to).copied() else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = queues.entry(to.clone()).or_insert_with(|| {
+            let (queue, messages) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(dial(self.node.clone(), addr, messages));
+            queue
+        });
+        if queue.try_send(envelope).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Messages dropped so far (full queues, unknown peers).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn hello(node: &NodeId) -> Vec<u8> {
+    let id = node.as_str().as_bytes();
+    let mut frame = (id.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(id);
+    frame
+}
+
+/// Owns the connection to one peer: writes its queued messages, re-dialling after failures.
+async fn dial(node: NodeId, addr: SocketAddr, mut messages: mpsc::Receiver<Envelope>) {
+    let mut connection: Option<TcpStream> = None;
+    while let Some(envelope) = messages.recv().await {
+        if connection.is_none() {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await;
+            if let Ok(Ok(mut stream)) = connected {
+                let _ = stream.set_nodelay(true);
+                if stream.write_all(&hello(&node)).await.is_ok() {
+                    connection = Some(stream);
+                }
+            }
+        }
+        let Some(stream) = connection.as_mut() else {
+            continue; // Unreachable: this message is lost, the protocol copes.
+        };
+        if stream.write_all(&encode_frame(&envelope)).await.is_err() {
+            connection = None;
+        }
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    inbox: mpsc::Sender<Incoming>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            // Returning drops the listener: the port is free again.
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(read(stream, inbox.clone(), stopped.clone()));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Reads one peer's connection until it closes or sends something invalid.
+async fn read(
+    mut stream: TcpStream,
+    inbox: mpsc::Sender<Incoming>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut len = [0u8; 4];
+    if stream.read_exact(&mut len).await.is_err() {
+        return;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_HELLO {
+        return;
+    }
+    let mut id = vec![0u8; len];
+    if stream.read_exact(&mut id).await.is_err() {
+        return;
+    }
+    let Some(from) = String::from_utf8(id)
+        .ok()
+        .and_then(|id| NodeId::new(id).ok())
+    else {
+        return;
+    };
+    let mut decoder = FrameDecoder::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            _ = stopped.changed() => return,
+            read = stream.read(&mut buffer) => read,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        decoder.push(&buffer[..n]);
+        loop {
+            match decoder.next_envelope() {
+                Ok(Some(envelope)) => {
+                    if inbox
+                        .send(Incoming {
+                            from: from.clone(),
+                            envelope,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    // The stream is out of sync: drop the connection, the sender re-dials.
+                    tracing::warn!(%from, %err, "invalid frame; closing the connection");
+                    return;
+                }
+            }
+        }
+    }
+}

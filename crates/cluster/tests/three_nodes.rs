@@ -1,0 +1,211 @@
+//! Three nodes on loopback, real TCP between them, real engines.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agentstore_cluster::{Node, NodeConfig};
+use agentstore_core::record::{Mutation, Value};
+use agentstore_core::replication::Outcome;
+use agentstore_core::{Key, NodeId};
+use agentstore_engine::{Engine, LocalEngine, NodeClock};
+use tokio::net::TcpListener;
+
+struct Cluster {
+    ids: Vec<NodeId>,
+    addrs: Vec<std::net::SocketAddr>,
+    engines: Vec<LocalEngine>,
+    nodes: Vec<Option<Node>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn config(ids: &[NodeId], addrs: &[std::net::SocketAddr], me: usize) -> NodeConfig {
+    let peers: BTreeMap<NodeId, std::net::SocketAddr> = ids
+        .iter()
+        .cloned()
+        .zip(addrs.iter().copied())
+        .enumerate()
+        .filter(|(i, _)| *i != me)
+        .map(|(_, p)| p)
+        .collect();
+    NodeConfig {
+        id: ids[me].clone(),
+        peers,
+        replicas: 3,
+        write_quorum: 2,
+        read_quorum: 2,
+        request_timeout: Duration::from_millis(500),
+    }
+}
+
+async fn cluster() -> Cluster {
+    let ids: Vec<NodeId> = ["node-a", "node-b", "node-c"]
+        .map(|n| NodeId::new(n).unwrap())
+        .to_vec();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let engines: Vec<LocalEngine> = (0..3)
+        .map(|i| LocalEngine::open(dirs[i].path(), NodeClock::system(ids[i].clone(), 500)).unwrap())
+        .collect();
+    let nodes = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            Some(Node::start(
+                config(&ids, &addrs, i),
+                engines[i].clone(),
+                listener,
+            ))
+        })
+        .collect();
+    Cluster {
+        ids,
+        addrs,
+        engines,
+        nodes,
+        _dirs: dirs,
+    }
+}
+
+fn key(k: &str) -> Key {
+    k.parse().unwrap()
+}
+
+fn value(outcome: &Outcome) -> Option<Value> {
+    match outcome {
+        Outcome::Read { record } => record.as_ref().map(|r| r.value.clone()),
+        other => panic!("expected a read, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_node_is_read_on_another() {
+    let c = cluster().await;
+    let (a, cc) = (c.nodes[0].as_ref().unwrap(), c.nodes[2].as_ref().unwrap());
+    let written = a
+        .write(key("doc:1"), Mutation::Put(b"hello".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(written, Outcome::Written { .. }), "{written:?}");
+    let read = cc.read(key("doc:1")).await.unwrap();
+    assert_eq!(
+        value(&read),
+        Some(Value::Register(Some(b"hello".to_vec()))),
+        "W + R > N: C sees A's write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_on_every_node_are_exact() {
+    let c = cluster().await;
+    let nodes: Vec<&Node> = c.nodes.iter().map(|n| n.as_ref().unwrap()).collect();
+    // Every node increments at the same time.
+    let rounds = nodes.iter().map(|node| async move {
+        for _ in 0..10 {
+            let outcome = node
+                .write(key("hits:x"), Mutation::PnCounterAdd(1))
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Outcome::Written { .. }), "{outcome:?}");
+        }
+    });
+    let mut all = Vec::new();
+    for round in rounds {
+        all.push(round);
+    }
+    let (r0, r1, r2) = (all.remove(0), all.remove(0), all.remove(0));
+    tokio::join!(r0, r1, r2);
+    let read = nodes[1].read(key("hits:x")).await.unwrap();
+    match value(&read) {
+        Some(Value::PnCounter(counter)) => assert_eq!(counter.value(), 30),
+        other => panic!("expected a counter, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_down_receives_what_it_missed_through_hints() {
+    let mut c = cluster().await;
+    c.nodes[1].take().unwrap().shutdown().await; // node-b goes down
+    let a = c.nodes[0].as_ref().unwrap();
+    let written = a
+        .write(
+            key("doc:missed"),
+            Mutation::Put(b"while b was down".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(written, Outcome::Written { .. }),
+        "W=2 of N=3 with one replica down: {written:?}"
+    );
+    // After the request's deadline, A keeps a hint for B.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        c.engines[1]
+            .get(&key("doc:missed"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // node-b restarts on the same address with the same data.
+    let listener = TcpListener::bind(c.addrs[1]).await.unwrap();
+    c.nodes[1] = Some(Node::start(
+        config(&c.ids, &c.addrs, 1),
+        c.engines[1].clone(),
+        listener,
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(record) = c.engines[1].get(&key("doc:missed")).await.unwrap() {
+            assert_eq!(
+                record.value,
+                Value::Register(Some(b"while b was down".to_vec()))
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hint was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delivered hints are forgotten.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.engines[0].hints_for(&c.ids[1], 10).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivered hint was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_peer_connection_is_dropped_and_the_node_keeps_working() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster().await;
+    for junk in [
+        &b"\x00\x00\x00\x05node-a\xff\xff\xff\xff"[..],
+        b"\x00\x00\x00\x06node-a\x00\x00\x00\x03abc",
+        b"\xff\xff\xff\xff",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(c.addrs[1]).await.unwrap();
+        stream.write_all(junk).await.unwrap();
+    }
+    let b = c.nodes[1].as_ref().unwrap();
+    let written = b
+        .write(key("doc:after-junk"), Mutation::Put(b"fine".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(written, Outcome::Written { .. }), "{written:?}");
+    let read = c.nodes[0]
+        .as_ref()
+        .unwrap()
+        .read(key("doc:after-junk"))
+        .await
+        .unwrap();
+    assert_eq!(value(&read), Some(Value::Register(Some(b"fine".to_vec()))));
+}
