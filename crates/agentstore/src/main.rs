@@ -4,6 +4,7 @@
 //! returns. Exit codes are part of its interface (see `ExitCode` below and the README).
 
 mod check;
+mod node;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +123,9 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run this machine as a cluster node (needs `storage.cluster` in --config): serves the
+    /// HTTP API on `client_addr` and replicates with the peers until SIGTERM or Ctrl-C.
+    Node,
 }
 
 #[derive(Subcommand)]
@@ -193,10 +197,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // A node serves many clients at once; one-shot commands need a single thread.
+    let runtime = if matches!(cli.command, Command::Node) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -270,6 +281,9 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         let config = storage::load_config(path)?;
         check::print(&config, cli.json);
         return Ok(exit::OK);
+    }
+    if let Command::Node = &cli.command {
+        return node::run(load(&cli)?).await;
     }
     let storage = Storage::new(load(&cli)?).await?;
     match &cli.command {
@@ -382,7 +396,7 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             let members = storage.set_members::<Json>(key).await?;
             print_value(&cli, key, Json::Array(members));
         }
-        Command::Config(_) => unreachable!("handled before the store is opened"),
+        Command::Config(_) | Command::Node => unreachable!("handled before the store is opened"),
     }
     Ok(exit::OK)
 }

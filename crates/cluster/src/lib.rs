@@ -3,9 +3,10 @@
 //! [`Node`] runs the sans-io replication [`Coordinator`](agentstore_core::replication::Coordinator)
 //! against a [`LocalEngine`](agentstore_engine::LocalEngine) and a TCP [`Transport`] carrying
 //! `agentstore-wire` frames. This is the first slice of the cluster: every node knows every
-//! peer from its configuration (no membership protocol yet), and clients call a node in
-//! process (no network API yet).
+//! peer from its configuration (no membership protocol yet); clients use the HTTP/JSON API
+//! in [`http`].
 
+pub mod http;
 mod node;
 mod transport;
 

@@ -144,6 +144,19 @@ pub struct Config {
     pub supabase: Option<SupabaseConfig>,
     /// Largest clock offset accepted from another node, in milliseconds.
     pub max_clock_offset_ms: u64,
+    /// This node's place in a cluster, when it runs as a node (`agentstore node`).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A node's addresses and its peers (`storage.cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Where clients reach the node's HTTP API.
+    pub client_addr: std::net::SocketAddr,
+    /// Where the other nodes reach this one.
+    pub peer_addr: std::net::SocketAddr,
+    /// Every other node and its peer address.
+    pub peers: BTreeMap<NodeId, std::net::SocketAddr>,
 }
 
 /// Default largest accepted clock offset between nodes.
@@ -166,6 +179,7 @@ impl Default for Config {
             redis: None,
             supabase: None,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
+            cluster: None,
         }
     }
 }

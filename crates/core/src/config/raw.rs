@@ -8,8 +8,8 @@ use serde_saphyr::{RenderOptions, SnippetMode};
 use super::error::{expected_names, nearest, unknown_name};
 use super::locate::{locate, path_at};
 use super::{
-    Backend, CollectionConfig, Config, ConfigError, ConflictStrategy, IsolationLevel, RedisConfig,
-    Replication, ReplicationStrategy, SupabaseConfig,
+    Backend, ClusterConfig, CollectionConfig, Config, ConfigError, ConflictStrategy,
+    IsolationLevel, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
 };
 use crate::key::validate_collection;
 use crate::level::ConsistencyLevel;
@@ -38,6 +38,16 @@ struct Storage {
     redis: Option<Redis>,
     supabase: Option<Supabase>,
     clock: Option<Clock>,
+    cluster: Option<Cluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cluster {
+    client_addr: String,
+    peer_addr: String,
+    #[serde(default)]
+    peers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +215,44 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 .isolation_level
                 .unwrap_or(IsolationLevel::Serializable),
             connection_pool_size: pool,
+        });
+    }
+    if let Some(cluster) = storage.cluster {
+        let addr = |field: &str, text: &str| {
+            text.parse::<std::net::SocketAddr>().map_err(|_| {
+                source.error(
+                    field,
+                    format!("`{text}` is not an address of the form 127.0.0.1:7000"),
+                )
+            })
+        };
+        let client_addr = addr("storage.cluster.client_addr", &cluster.client_addr)?;
+        let peer_addr = addr("storage.cluster.peer_addr", &cluster.peer_addr)?;
+        let mut peers = BTreeMap::new();
+        for (id, text) in &cluster.peers {
+            let field = format!("storage.cluster.peers.{id}");
+            let node = NodeId::new(id.clone()).map_err(|e| source.error(&field, e.to_string()))?;
+            if node == config.node_id {
+                return Err(
+                    source.error(&field, "a node is not its own peer; list the other nodes")
+                );
+            }
+            peers.insert(node, addr(&field, text)?);
+        }
+        let nodes = peers.len() + 1;
+        if usize::from(config.replication.quorum.n) > nodes {
+            return Err(source.error(
+                "storage.replication.replicas",
+                format!(
+                    "{} replicas need at least that many nodes; the cluster has {nodes}",
+                    config.replication.quorum.n
+                ),
+            ));
+        }
+        config.cluster = Some(ClusterConfig {
+            client_addr,
+            peer_addr,
+            peers,
         });
     }
     if let Some(clock) = storage.clock {

@@ -210,3 +210,32 @@ fn guarantees_are_computed_not_copied_from_the_label() {
         ConsistencyLevel::Strong
     );
 }
+
+#[test]
+fn a_cluster_block_names_the_nodes_addresses_and_peers() {
+    let text = "storage:\n  node_id: node-a\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:7001\n    peer_addr: 127.0.0.1:7101\n    peers:\n      node-b: 127.0.0.1:7102\n      node-c: 127.0.0.1:7103\n";
+    let cluster = parse(text).unwrap().cluster.unwrap();
+    assert_eq!(cluster.client_addr.port(), 7001);
+    assert_eq!(cluster.peers.len(), 2);
+}
+
+#[test]
+fn cluster_mistakes_are_located() {
+    let err =
+        error("storage:\n  cluster:\n    client_addr: localhost\n    peer_addr: 127.0.0.1:1\n");
+    assert_eq!(
+        (err.field.as_str(), err.line),
+        ("storage.cluster.client_addr", 3)
+    );
+    let err = error(
+        "storage:\n  node_id: a\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n    peers:\n      a: 127.0.0.1:3\n",
+    );
+    assert_eq!(
+        (err.field.as_str(), err.line),
+        ("storage.cluster.peers.a", 7)
+    );
+    let err = error(
+        "storage:\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n",
+    );
+    assert_eq!(err.field, "storage.replication.replicas");
+}
