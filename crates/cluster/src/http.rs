@@ -27,27 +27,46 @@ use tokio::net::TcpListener;
 
 use crate::node::Node;
 
-fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
-    (
-        status,
-        axum::Json(json!({ "error": { "code": code, "message": message.to_string() } })),
-    )
-        .into_response()
+/// An error answer: status, stable code, message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn parse_key(key: &str) -> Result<Key, Response> {
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn parse_key(key: &str) -> Result<Key, ApiError> {
     key.parse()
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_key", e))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_key", e))
 }
 
-fn failure(outcome: Outcome) -> Response {
+fn failure(outcome: Outcome) -> ApiError {
     match outcome {
-        Outcome::QuorumFailed { answered, needed } => error(
+        Outcome::QuorumFailed { answered, needed } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "quorum_unavailable",
             format!("{answered} of the {needed} replicas needed answered in time"),
         ),
-        Outcome::NotAReplica { replicas } => error(
+        Outcome::NotAReplica { replicas } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_a_replica",
             format!("this node does not hold the key; its replicas are {replicas:?}"),
@@ -55,17 +74,21 @@ fn failure(outcome: Outcome) -> Response {
         // The engine refuses a mutation for another kind of value with this wording
         // (`record::WrongKind`); anything else is a failure of the node's storage.
         Outcome::LocalFailure { detail } if detail.contains("cannot apply to it") => {
-            error(StatusCode::CONFLICT, "wrong_kind", detail)
+            ApiError::new(StatusCode::CONFLICT, "wrong_kind", detail)
         }
         Outcome::LocalFailure { detail } => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, "local_failure", detail)
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "local_failure", detail)
         }
-        other => error(
+        other => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             format!("unexpected outcome {other:?}"),
         ),
     }
+}
+
+fn stopped(err: crate::node::NodeError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", err)
 }
 
 fn version(record: &Record) -> String {
@@ -90,51 +113,47 @@ async fn put(
     State(node): State<Arc<Node>>,
     Path(key): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let key = match parse_key(&key) {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    let Ok(value) = serde_json::from_slice::<Json>(&body) else {
-        return error(
+) -> Answer {
+    let key = parse_key(&key)?;
+    let value: Json = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             "the body must be a JSON value",
-        );
-    };
+        )
+    })?;
     let bytes = serde_json::to_vec(&value).unwrap_or_default();
-    match node.write(key.clone(), Mutation::Put(bytes)).await {
-        Ok(Outcome::Written { record }) => {
-            axum::Json(json!({ "key": key.to_string(), "version": version(&record) }))
-                .into_response()
-        }
-        Ok(other) => failure(other),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "stopped", e),
+    match node
+        .write(key.clone(), Mutation::Put(bytes))
+        .await
+        .map_err(stopped)?
+    {
+        Outcome::Written { record } => Ok(axum::Json(
+            json!({ "key": key.to_string(), "version": version(&record) }),
+        )
+        .into_response()),
+        other => Err(failure(other)),
     }
 }
 
-async fn read(State(node): State<Arc<Node>>, Path(key): Path<String>) -> Response {
-    let key = match parse_key(&key) {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    match node.read(key.clone()).await {
-        Ok(Outcome::Read { record }) => match record
+async fn read(State(node): State<Arc<Node>>, Path(key): Path<String>) -> Answer {
+    let key = parse_key(&key)?;
+    match node.read(key.clone()).await.map_err(stopped)? {
+        Outcome::Read { record } => match record
             .as_ref()
             .filter(|r| !r.is_tombstone())
             .and_then(rendered)
         {
             Some(value) => {
-                axum::Json(json!({ "key": key.to_string(), "value": value })).into_response()
+                Ok(axum::Json(json!({ "key": key.to_string(), "value": value })).into_response())
             }
-            None => error(
+            None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no value for {key}"),
-            ),
+            )),
         },
-        Ok(other) => failure(other),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "stopped", e),
+        other => Err(failure(other)),
     }
 }
 
@@ -142,28 +161,28 @@ async fn add(
     State(node): State<Arc<Node>>,
     Path(key): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let key = match parse_key(&key) {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    let Some(delta) = serde_json::from_slice::<Json>(&body)
+) -> Answer {
+    let key = parse_key(&key)?;
+    let delta = serde_json::from_slice::<Json>(&body)
         .ok()
         .and_then(|b| b.get("delta").and_then(Json::as_i64))
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            "the body must be {\"delta\": <integer>}",
-        );
-    };
-    match node.write(key.clone(), Mutation::PnCounterAdd(delta)).await {
-        Ok(Outcome::Written { record }) => {
-            axum::Json(json!({ "key": key.to_string(), "value": rendered(&record) }))
-                .into_response()
-        }
-        Ok(other) => failure(other),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "stopped", e),
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the body must be {\"delta\": <integer>}",
+            )
+        })?;
+    match node
+        .write(key.clone(), Mutation::PnCounterAdd(delta))
+        .await
+        .map_err(stopped)?
+    {
+        Outcome::Written { record } => Ok(axum::Json(
+            json!({ "key": key.to_string(), "value": rendered(&record) }),
+        )
+        .into_response()),
+        other => Err(failure(other)),
     }
 }
 
