@@ -151,12 +151,7 @@ fn now_ms() -> u64 {
 }
 
 fn envelope_of(message: Message) -> Envelope {
-    let request = match &message {
-        Message::Replicate { request, .. }
-        | Message::Replicated { request }
-        | Message::Read { request, .. }
-        | Message::ReadReply { request, .. } => *request,
-    };
+    let request = message.request();
     Envelope {
         request,
         deadline_ms: 0,

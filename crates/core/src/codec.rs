@@ -129,7 +129,9 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     }
 }
 
-fn put_uvarint(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` as an unsigned LEB128 varint, shortest form (the encoding's integers; the wire
+/// format uses it too).
+pub fn put_uvarint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
         n >>= 7;
@@ -137,7 +139,8 @@ fn put_uvarint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Appends a length-prefixed byte string.
+pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_uvarint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
@@ -159,13 +162,27 @@ fn put_vector<'a>(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = (&'a
     }
 }
 
-struct Reader<'a> {
+/// Reads the primitives of the encoding from a byte slice, refusing anything malformed: the
+/// record decoder and the wire format both read through it.
+#[derive(Debug)]
+pub struct Reader<'a> {
     bytes: &'a [u8],
     offset: usize,
 }
 
-impl Reader<'_> {
-    fn malformed(&self, reason: &'static str) -> DecodeError {
+impl<'a> Reader<'a> {
+    /// A reader at the start of `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, offset: 0 }
+    }
+
+    /// How many bytes have been read.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The error for malformed input at the current offset.
+    pub fn malformed(&self, reason: &'static str) -> DecodeError {
         DecodeError::Malformed {
             offset: self.offset,
             reason,
@@ -176,7 +193,8 @@ impl Reader<'_> {
         self.bytes.len() - self.offset
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    /// One byte.
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let byte = *self
             .bytes
             .get(self.offset)
@@ -185,7 +203,8 @@ impl Reader<'_> {
         Ok(byte)
     }
 
-    fn uvarint(&mut self) -> Result<u64, DecodeError> {
+    /// An unsigned LEB128 varint in shortest form.
+    pub fn uvarint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -214,11 +233,16 @@ impl Reader<'_> {
         Ok(n as usize)
     }
 
-    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+    /// A length-prefixed byte string, borrowed from the input.
+    pub fn slice(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.count()?;
-        let out = self.bytes[self.offset..self.offset + len].to_vec();
+        let out = &self.bytes[self.offset..self.offset + len];
         self.offset += len;
         Ok(out)
+    }
+
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        Ok(self.slice()?.to_vec())
     }
 
     fn node(&mut self) -> Result<NodeId, DecodeError> {

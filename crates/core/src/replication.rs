@@ -61,6 +61,18 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The request the message belongs to.
+    pub fn request(&self) -> RequestId {
+        match self {
+            Message::Replicate { request, .. }
+            | Message::Replicated { request }
+            | Message::Read { request, .. }
+            | Message::ReadReply { request, .. } => *request,
+        }
+    }
+}
+
 /// What happens to the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {

@@ -211,12 +211,7 @@ impl Sim {
         } else {
             1
         };
-        let request = match &message {
-            Message::Replicate { request, .. }
-            | Message::Replicated { request }
-            | Message::Read { request, .. }
-            | Message::ReadReply { request, .. } => *request,
-        };
+        let request = message.request();
         let frame = wire::encode_frame(&wire::Envelope {
             request,
             deadline_ms: 0,

@@ -21,7 +21,7 @@
 //! Architecture invariant: this crate depends on `agentstore-core` only, and does no I/O:
 //! [`FrameDecoder`] splits bytes that the transport hands it.
 
-use agentstore_core::codec::{self, DecodeError};
+use agentstore_core::codec::{self, DecodeError, Reader, put_bytes, put_uvarint};
 use agentstore_core::key::{Key, KeyError};
 use agentstore_core::replication::{Message, RequestId};
 
@@ -69,19 +69,6 @@ pub enum WireError {
     Record(#[from] DecodeError),
 }
 
-fn put_uvarint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    put_uvarint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
 /// Encodes an envelope (without the frame length).
 pub fn encode(envelope: &Envelope) -> Vec<u8> {
     let mut out = vec![VERSION];
@@ -119,101 +106,57 @@ pub fn encode_frame(envelope: &Envelope) -> Vec<u8> {
     frame
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    offset: usize,
+/// The envelope's structure errors keep their offset; a bad record stays a record error.
+fn malformed(err: DecodeError) -> WireError {
+    match err {
+        DecodeError::Malformed { offset, reason } => WireError::Malformed { offset, reason },
+        other => WireError::Record(other),
+    }
 }
 
-impl Reader<'_> {
-    fn malformed(&self, reason: &'static str) -> WireError {
-        WireError::Malformed {
-            offset: self.offset,
-            reason,
-        }
-    }
+fn key(r: &mut Reader<'_>) -> Result<Key, WireError> {
+    Ok(Key::new(r.slice().map_err(malformed)?)?)
+}
 
-    fn u8(&mut self) -> Result<u8, WireError> {
-        let byte = *self
-            .bytes
-            .get(self.offset)
-            .ok_or_else(|| self.malformed("truncated"))?;
-        self.offset += 1;
-        Ok(byte)
-    }
-
-    fn uvarint(&mut self) -> Result<u64, WireError> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.u8()?;
-            let bits = u64::from(byte & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(self.malformed("varint overflows 64 bits"));
-            }
-            value |= bits << shift;
-            if byte & 0x80 == 0 {
-                if byte == 0 && shift > 0 {
-                    return Err(self.malformed("varint is not in shortest form"));
-                }
-                return Ok(value);
-            }
-        }
-        Err(self.malformed("varint longer than 10 bytes"))
-    }
-
-    fn bytes(&mut self) -> Result<&[u8], WireError> {
-        let len = self.uvarint()?;
-        if len > (self.bytes.len() - self.offset) as u64 {
-            return Err(self.malformed("length exceeds the bytes left"));
-        }
-        let start = self.offset;
-        self.offset += len as usize;
-        Ok(&self.bytes[start..self.offset])
-    }
-
-    fn key(&mut self) -> Result<Key, WireError> {
-        Ok(Key::new(self.bytes()?)?)
-    }
-
-    fn record(&mut self) -> Result<agentstore_core::Record, WireError> {
-        Ok(codec::decode(self.bytes()?)?)
-    }
+fn record(r: &mut Reader<'_>) -> Result<agentstore_core::Record, WireError> {
+    Ok(codec::decode(r.slice().map_err(malformed)?)?)
 }
 
 /// Decodes an envelope (without the frame length).
 pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
-    let mut r = Reader { bytes, offset: 0 };
-    let version = r.u8()?;
+    let mut r = Reader::new(bytes);
+    let version = r.u8().map_err(malformed)?;
     if version != VERSION {
         return Err(WireError::Version(version));
     }
-    let request = r.uvarint()?;
-    let deadline_ms = r.uvarint()?;
-    let message = match r.u8()? {
+    let request = r.uvarint().map_err(malformed)?;
+    let deadline_ms = r.uvarint().map_err(malformed)?;
+    let message = match r.u8().map_err(malformed)? {
         1 => Message::Replicate {
             request,
-            key: r.key()?,
-            record: r.record()?,
+            key: key(&mut r)?,
+            record: record(&mut r)?,
         },
         2 => Message::Replicated { request },
         3 => Message::Read {
             request,
-            key: r.key()?,
+            key: key(&mut r)?,
         },
-        4 => match r.u8()? {
+        4 => match r.u8().map_err(malformed)? {
             0 => Message::ReadReply {
                 request,
                 record: None,
             },
             1 => Message::ReadReply {
                 request,
-                record: Some(r.record()?),
+                record: Some(record(&mut r)?),
             },
-            _ => return Err(r.malformed("unknown read reply form")),
+            _ => return Err(malformed(r.malformed("unknown read reply form"))),
         },
-        _ => return Err(r.malformed("unknown message type")),
+        _ => return Err(malformed(r.malformed("unknown message type"))),
     };
-    if r.offset != bytes.len() {
-        return Err(r.malformed("trailing bytes after the message"));
+    if r.offset() != bytes.len() {
+        return Err(malformed(r.malformed("trailing bytes after the message")));
     }
     Ok(Envelope {
         request,
