@@ -151,6 +151,11 @@ fn three_node_processes_replicate_survive_a_kill_and_stop_cleanly() {
         "increments from every node are exact: {body}"
     );
 
+    let (status, _) = http(c, "DELETE", "/v1/keys/agent:identity:123", "").unwrap();
+    assert_eq!(status, 200);
+    let (status, body) = http(a, "GET", "/v1/keys/agent:identity:123", "").unwrap();
+    assert_eq!(status, 404, "a delete on C is seen on A: {body}");
+
     // node-b is killed; writes still reach W=2 of N=3.
     nodes[1].signal("-KILL");
     let (status, body) = http(
@@ -187,6 +192,21 @@ fn three_node_processes_replicate_survive_a_kill_and_stop_cleanly() {
         );
         nodes[1].start();
     }
+    let (status, metrics) = http(a, "GET", "/metrics", "").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"agentstore_node_requests_total{op="write",outcome="ok"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentstore_node_hints_stored_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"agentstore_engine_operation_seconds_count{backend="local",op="commit"}"#),
+        "{metrics}"
+    );
     assert_eq!(nodes[0].signal("-TERM"), Some(0));
     assert_eq!(nodes[2].signal("-TERM"), Some(0));
 }

@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | `PUT /v1/keys/{key}` | any JSON value | `200 {"key", "version"}` |
 //! | `GET /v1/keys/{key}` | | `200 {"key", "value"}`, `404` |
+//! | `DELETE /v1/keys/{key}` | | `200 {"key", "version"}` (a tombstone that replicates) |
 //! | `POST /v1/counters/{key}` | `{"delta": n}` | `200 {"key", "value"}` (the new total) |
+//! | `GET /metrics` | | OpenMetrics text: the node's and its engine's metrics |
 //! | `GET /healthz` | | `200 ok` |
 //!
 //! Errors are `{"error": {"code", "message"}}` with a stable `code`: `invalid_key` and
@@ -136,6 +138,30 @@ async fn put(
     }
 }
 
+async fn delete(State(node): State<Arc<Node>>, Path(key): Path<String>) -> Answer {
+    let key = parse_key(&key)?;
+    match node
+        .write(key.clone(), Mutation::Delete)
+        .await
+        .map_err(stopped)?
+    {
+        Outcome::Written { record } => Ok(axum::Json(
+            json!({ "key": key.to_string(), "version": version(&record) }),
+        )
+        .into_response()),
+        other => Err(failure(other)),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        node.metrics_text(),
+    )
+        .into_response()
+}
+
 async fn read(State(node): State<Arc<Node>>, Path(key): Path<String>) -> Answer {
     let key = parse_key(&key)?;
     match node.read(key.clone()).await.map_err(stopped)? {
@@ -193,9 +219,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/v1/keys/{key}", get(read).put(put))
+        .route("/v1/keys/{key}", get(read).put(put).delete(delete))
         .route("/v1/counters/{key}", post(add))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .with_state(node);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -7,6 +7,7 @@
 //! in [`http`].
 
 pub mod http;
+mod metrics;
 mod node;
 mod transport;
 

@@ -13,13 +13,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::Mutation;
 use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
-use agentstore_core::{Key, NodeId};
-use agentstore_engine::{Engine, LocalEngine};
+use agentstore_core::{Causality, Key, NodeId};
+use agentstore_engine::{Engine, EngineMetrics, Instrumented, LocalEngine};
 use agentstore_wire::Envelope;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::metrics::NodeMetrics;
 use crate::transport::{Incoming, Transport};
 
 /// Hint deliveries carry request ids with the top bit set, so their acknowledgements are the
@@ -71,6 +73,7 @@ pub struct Node {
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    registry: Registry,
 }
 
 impl Node {
@@ -84,6 +87,13 @@ impl Node {
             stopped.clone(),
         );
         let (commands, requests) = mpsc::channel(COMMANDS);
+        let mut registry = Registry::default();
+        let measured = Instrumented::new(
+            engine.clone(),
+            "local",
+            EngineMetrics::register(&mut registry),
+        );
+        let metrics = NodeMetrics::register(&mut registry);
         let mut nodes: Vec<NodeId> = config.peers.keys().cloned().collect();
         nodes.push(config.id.clone());
         let state = Loop {
@@ -91,6 +101,8 @@ impl Node {
             coordinator: Coordinator::new(config.id.clone()),
             config,
             engine,
+            measured,
+            metrics,
             transport,
             replies: BTreeMap::new(),
             next_request: 1,
@@ -100,6 +112,7 @@ impl Node {
             commands,
             stop,
             task,
+            registry,
         }
     }
 
@@ -127,6 +140,14 @@ impl Node {
         answer.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// This node's metrics in the OpenMetrics text format (served as `/metrics`).
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
     /// Stops the node: its loop, its listener and its connections end.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -138,9 +159,13 @@ struct Loop {
     config: NodeConfig,
     ring: Ring,
     coordinator: Coordinator,
+    /// The engine itself, for hints (node-local state the `Engine` trait does not cover).
     engine: LocalEngine,
+    /// The same engine, measured: every record read and write goes through it.
+    measured: Instrumented<LocalEngine>,
+    metrics: NodeMetrics,
     transport: Transport,
-    replies: BTreeMap<RequestId, oneshot::Sender<Outcome>>,
+    replies: BTreeMap<RequestId, (&'static str, oneshot::Sender<Outcome>)>,
     next_request: RequestId,
 }
 
@@ -192,7 +217,7 @@ impl Loop {
                 mutation,
                 reply,
             } => {
-                self.replies.insert(request, reply);
+                self.replies.insert(request, ("write", reply));
                 let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
                 Input::Write {
                     request,
@@ -204,7 +229,7 @@ impl Loop {
                 }
             }
             Command::Read { key, reply } => {
-                self.replies.insert(request, reply);
+                self.replies.insert(request, ("read", reply));
                 let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
                 Input::Read {
                     request,
@@ -227,8 +252,13 @@ impl Loop {
                 key,
                 record,
             } => {
+                if let Ok(Some(stored)) = self.measured.get(&key).await
+                    && stored.causality(&record) == Causality::Concurrent
+                {
+                    self.metrics.conflict(record.value.kind().as_str());
+                }
                 if self
-                    .engine
+                    .measured
                     .apply(key, Mutation::Merge(record))
                     .await
                     .is_ok()
@@ -239,14 +269,18 @@ impl Loop {
                 }
             }
             Message::Read { request, key } => {
-                if let Ok(record) = self.engine.get(&key).await {
+                if let Ok(record) = self.measured.get(&key).await {
                     self.transport
                         .send(&from, envelope_of(Message::ReadReply { request, record }));
                 }
             }
             Message::Replicated { request } if request & HINT_BIT != 0 => {
                 let (engine, id) = (self.engine.clone(), request & !HINT_BIT);
-                let _ = tokio::task::spawn_blocking(move || engine.remove_hint(&from, id)).await;
+                if let Ok(Ok(())) =
+                    tokio::task::spawn_blocking(move || engine.remove_hint(&from, id)).await
+                {
+                    self.metrics.hint_delivered();
+                }
             }
             message => {
                 let effects = self
@@ -287,7 +321,7 @@ impl Loop {
                     mutation,
                 } => {
                     let result = self
-                        .engine
+                        .measured
                         .apply(key, mutation)
                         .await
                         .map_err(|e| e.to_string());
@@ -299,7 +333,7 @@ impl Loop {
                 Effect::ReadLocal { request, key } => {
                     // A failed local read counts as an answer with nothing; the other replicas
                     // still answer, and the error is logged.
-                    let record = self.engine.get(&key).await.unwrap_or_else(|err| {
+                    let record = self.measured.get(&key).await.unwrap_or_else(|err| {
                         tracing::warn!(%err, "local read failed");
                         None
                     });
@@ -309,7 +343,7 @@ impl Loop {
                     );
                 }
                 Effect::MergeLocal { key, record } => {
-                    if let Err(err) = self.engine.apply(key, Mutation::Merge(record)).await {
+                    if let Err(err) = self.measured.apply(key, Mutation::Merge(record)).await {
                         tracing::warn!(%err, "read repair of the local copy failed");
                     }
                 }
@@ -320,14 +354,17 @@ impl Loop {
                         engine.store_hint(&node, &key, &record)
                     })
                     .await;
-                    if !matches!(stored, Ok(Ok(_))) {
+                    if matches!(stored, Ok(Ok(_))) {
+                        self.metrics.hint_stored();
+                    } else {
                         tracing::warn!(
                             "a hint could not be stored; anti-entropy will repair the replica"
                         );
                     }
                 }
                 Effect::Reply { request, outcome } => {
-                    if let Some(reply) = self.replies.remove(&request) {
+                    if let Some((op, reply)) = self.replies.remove(&request) {
+                        self.metrics.request(op, &outcome);
                         let _ = reply.send(outcome);
                     }
                 }

@@ -209,3 +209,37 @@ async fn garbage_on_a_peer_connection_is_dropped_and_the_node_keeps_working() {
         .unwrap();
     assert_eq!(value(&read), Some(Value::Register(Some(b"fine".to_vec()))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_everywhere() {
+    let c = cluster().await;
+    // node-c holds a version of the key that node-a has never seen.
+    c.engines[2]
+        .apply(key("doc:contested"), Mutation::Put(b"from c".to_vec()))
+        .await
+        .unwrap();
+    let a = c.nodes[0].as_ref().unwrap();
+    let written = a
+        .write(key("doc:contested"), Mutation::Put(b"from a".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(written, Outcome::Written { .. }));
+    let metrics = c.nodes[2].as_ref().unwrap().metrics_text();
+    assert!(
+        metrics.contains(r#"agentstore_node_conflicts_total{strategy="lww"} 1"#),
+        "{metrics}"
+    );
+    // Every replica resolves the conflict the same way (LWW by hybrid timestamp).
+    let winner = value(
+        &c.nodes[1]
+            .as_ref()
+            .unwrap()
+            .read(key("doc:contested"))
+            .await
+            .unwrap(),
+    );
+    for node in c.nodes.iter().flatten() {
+        let read = node.read(key("doc:contested")).await.unwrap();
+        assert_eq!(value(&read), winner);
+    }
+}
