@@ -53,6 +53,7 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
         write_quorum: usize::from(quorum.w),
         read_quorum: usize::from(quorum.r),
         request_timeout: Duration::from_secs(2),
+        anti_entropy_interval: Duration::from_secs(1),
     };
     let node = Arc::new(Node::start(node_config, engine, peers));
     eprintln!(

@@ -26,6 +26,7 @@ pub(crate) struct NodeMetrics {
     conflicts: Family<Strategy, Counter>,
     hints_stored: Counter,
     hints_delivered: Counter,
+    repaired: Counter,
 }
 
 impl NodeMetrics {
@@ -51,6 +52,11 @@ impl NodeMetrics {
             "Hints acknowledged by the replica they were for",
             metrics.hints_delivered.clone(),
         );
+        registry.register(
+            "agentstore_node_anti_entropy_records",
+            "Records sent to a peer because anti-entropy found their bucket different",
+            metrics.repaired.clone(),
+        );
         metrics
     }
 
@@ -74,5 +80,9 @@ impl NodeMetrics {
 
     pub(crate) fn hint_delivered(&self) {
         self.hints_delivered.inc();
+    }
+
+    pub(crate) fn repaired(&self) {
+        self.repaired.inc();
     }
 }

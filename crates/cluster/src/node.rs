@@ -10,10 +10,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use agentstore_core::codec;
+use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::Mutation;
 use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
-use agentstore_core::{Causality, Key, NodeId};
+use agentstore_core::{Causality, Key, NodeId, Record};
 use agentstore_engine::{Engine, EngineMetrics, Instrumented, LocalEngine};
 use agentstore_wire::Envelope;
 use prometheus_client::registry::Registry;
@@ -29,6 +31,8 @@ use crate::transport::{Incoming, Transport};
 const HINT_BIT: RequestId = 1 << 63;
 /// Client requests waiting for the loop.
 const COMMANDS: usize = 1024;
+/// Depth of the anti-entropy trees (64 buckets).
+const TREE_DEPTH: u8 = 6;
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ pub struct NodeConfig {
     pub read_quorum: usize,
     /// How long a request waits for its quorum.
     pub request_timeout: Duration,
+    /// How often this node compares its data with one peer (Merkle anti-entropy), taking the
+    /// peers in turn.
+    pub anti_entropy_interval: Duration,
 }
 
 /// Why a call to a node failed.
@@ -106,6 +113,7 @@ impl Node {
             transport,
             replies: BTreeMap::new(),
             next_request: 1,
+            next_peer: 0,
         };
         let task = tokio::spawn(state.run(requests, inbox, stopped));
         Self {
@@ -166,6 +174,8 @@ struct Loop {
     metrics: NodeMetrics,
     transport: Transport,
     replies: BTreeMap<RequestId, (&'static str, oneshot::Sender<Outcome>)>,
+    /// The peer the next anti-entropy round compares with.
+    next_peer: usize,
     next_request: RequestId,
 }
 
@@ -193,6 +203,7 @@ impl Loop {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut hints = tokio::time::interval(Duration::from_millis(500));
+        let mut sync = tokio::time::interval(self.config.anti_entropy_interval);
         loop {
             tokio::select! {
                 _ = stopped.changed() => return,
@@ -203,6 +214,7 @@ impl Loop {
                     self.execute(effects).await;
                 }
                 _ = hints.tick() => self.deliver_hints().await,
+                _ = sync.tick() => self.start_anti_entropy().await,
             }
         }
     }
@@ -274,6 +286,12 @@ impl Loop {
                         .send(&from, envelope_of(Message::ReadReply { request, record }));
                 }
             }
+            Message::TreeLeaves { depth, leaves } => self.compare_trees(&from, depth, leaves).await,
+            Message::Buckets { depth, buckets } if depth == TREE_DEPTH => {
+                let buckets: std::collections::BTreeSet<usize> =
+                    buckets.into_iter().map(|b| b as usize).collect();
+                self.send_buckets(&from, &buckets).await;
+            }
             Message::Replicated { request } if request & HINT_BIT != 0 => {
                 let (engine, id) = (self.engine.clone(), request & !HINT_BIT);
                 if let Ok(Ok(())) =
@@ -287,6 +305,98 @@ impl Loop {
                     .coordinator
                     .step(Input::Received { from, message }, now_ms());
                 self.execute(effects).await;
+            }
+        }
+    }
+
+    /// Every local record that `peer` replicates too.
+    async fn shared_with(&self, peer: &NodeId) -> Vec<(Key, Record)> {
+        let mut shared = Vec::new();
+        let mut after: Option<Key> = None;
+        loop {
+            let Ok(page) = self.measured.scan(b"", after.as_ref(), 1024).await else {
+                break;
+            };
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, record) in page {
+                if self
+                    .ring
+                    .replicas(key.as_bytes(), self.config.replicas)
+                    .contains(peer)
+                {
+                    shared.push((key, record));
+                }
+            }
+        }
+        shared
+    }
+
+    fn tree(records: &[(Key, Record)]) -> MerkleTree {
+        let mut tree = MerkleTree::new(TREE_DEPTH);
+        for (key, record) in records {
+            tree.insert(
+                key.as_bytes(),
+                entry_digest(key.as_bytes(), &codec::encode(record)),
+            );
+        }
+        tree
+    }
+
+    /// Anti-entropy, step 1: send the next peer the leaves of the tree of what we share.
+    async fn start_anti_entropy(&mut self) {
+        let peers: Vec<NodeId> = self.config.peers.keys().cloned().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[self.next_peer % peers.len()].clone();
+        self.next_peer += 1;
+        let tree = Self::tree(&self.shared_with(&peer).await);
+        let message = Message::TreeLeaves {
+            depth: TREE_DEPTH,
+            leaves: tree.leaves().to_vec(),
+        };
+        self.transport.send(&peer, envelope_of(message));
+    }
+
+    /// Anti-entropy, step 2: compare with the peer's leaves; send our records of the buckets
+    /// that differ, and ask for theirs.
+    async fn compare_trees(&mut self, from: &NodeId, depth: u8, leaves: Vec<u64>) {
+        let Some(theirs) =
+            MerkleTree::from_leaves(depth, leaves).filter(|t| t.depth() == TREE_DEPTH)
+        else {
+            return;
+        };
+        let ours = Self::tree(&self.shared_with(from).await);
+        let buckets: std::collections::BTreeSet<usize> = ours.diff(&theirs).into_iter().collect();
+        if buckets.is_empty() {
+            return;
+        }
+        self.send_buckets(from, &buckets).await;
+        let buckets = buckets.into_iter().map(|b| b as u32).collect();
+        self.transport.send(
+            from,
+            envelope_of(Message::Buckets {
+                depth: TREE_DEPTH,
+                buckets,
+            }),
+        );
+    }
+
+    /// Anti-entropy, step 3: send `peer` our records in `buckets` (it merges them).
+    async fn send_buckets(&mut self, peer: &NodeId, buckets: &std::collections::BTreeSet<usize>) {
+        let probe = MerkleTree::new(TREE_DEPTH);
+        for (key, record) in self.shared_with(peer).await {
+            if buckets.contains(&probe.bucket(key.as_bytes())) {
+                self.metrics.repaired();
+                self.transport.send(
+                    peer,
+                    envelope_of(Message::Replicate {
+                        request: 0,
+                        key,
+                        record,
+                    }),
+                );
             }
         }
     }

@@ -18,7 +18,12 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-fn config(ids: &[NodeId], addrs: &[std::net::SocketAddr], me: usize) -> NodeConfig {
+fn config(
+    ids: &[NodeId],
+    addrs: &[std::net::SocketAddr],
+    me: usize,
+    anti_entropy: Duration,
+) -> NodeConfig {
     let peers: BTreeMap<NodeId, std::net::SocketAddr> = ids
         .iter()
         .cloned()
@@ -34,10 +39,19 @@ fn config(ids: &[NodeId], addrs: &[std::net::SocketAddr], me: usize) -> NodeConf
         write_quorum: 2,
         read_quorum: 2,
         request_timeout: Duration::from_millis(500),
+        anti_entropy_interval: anti_entropy,
     }
 }
 
+/// Anti-entropy off in effect (an hour between rounds), so each test sees only what its own
+/// messages did; `anti_entropy_repairs_what_no_message_carried` turns it on.
+const NO_ANTI_ENTROPY: Duration = Duration::from_secs(3600);
+
 async fn cluster() -> Cluster {
+    cluster_with(NO_ANTI_ENTROPY).await
+}
+
+async fn cluster_with(anti_entropy: Duration) -> Cluster {
     let ids: Vec<NodeId> = ["node-a", "node-b", "node-c"]
         .map(|n| NodeId::new(n).unwrap())
         .to_vec();
@@ -55,7 +69,7 @@ async fn cluster() -> Cluster {
         .enumerate()
         .map(|(i, listener)| {
             Some(Node::start(
-                config(&ids, &addrs, i),
+                config(&ids, &addrs, i, anti_entropy),
                 engines[i].clone(),
                 listener,
             ))
@@ -153,7 +167,7 @@ async fn a_node_that_was_down_receives_what_it_missed_through_hints() {
     // node-b restarts on the same address with the same data.
     let listener = TcpListener::bind(c.addrs[1]).await.unwrap();
     c.nodes[1] = Some(Node::start(
-        config(&c.ids, &c.addrs, 1),
+        config(&c.ids, &c.addrs, 1, NO_ANTI_ENTROPY),
         c.engines[1].clone(),
         listener,
     ));
@@ -242,4 +256,40 @@ async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_every
         let read = node.read(key("doc:contested")).await.unwrap();
         assert_eq!(value(&read), winner);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_repairs_what_no_message_carried() {
+    let c = cluster_with(Duration::from_millis(100)).await;
+    // A record that reached node-a's engine without being replicated (as after a dropped
+    // message): only anti-entropy can carry it to the other replicas.
+    c.engines[0]
+        .apply(
+            key("doc:unreplicated"),
+            Mutation::Put(b"found by the trees".to_vec()),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for engine in &c.engines[1..] {
+        loop {
+            if let Some(record) = engine.get(&key("doc:unreplicated")).await.unwrap() {
+                assert_eq!(
+                    record.value,
+                    Value::Register(Some(b"found by the trees".to_vec()))
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "anti-entropy never repaired a replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let metrics = c.nodes[0].as_ref().unwrap().metrics_text();
+    assert!(
+        metrics.contains("agentstore_node_anti_entropy_records_total"),
+        "{metrics}"
+    );
 }

@@ -53,6 +53,17 @@ impl MerkleTree {
         }
     }
 
+    /// A tree with the given leaves (as another node sent them); `None` if their number is not
+    /// `2^depth` for a depth of at most [`MAX_DEPTH`].
+    pub fn from_leaves(depth: u8, leaves: Vec<u64>) -> Option<Self> {
+        (depth <= MAX_DEPTH && leaves.len() == 1 << depth).then_some(Self { depth, leaves })
+    }
+
+    /// The leaves: one sum per bucket.
+    pub fn leaves(&self) -> &[u64] {
+        &self.leaves
+    }
+
     /// The tree's depth.
     pub fn depth(&self) -> u8 {
         self.depth

@@ -59,6 +59,20 @@ pub enum Message {
         /// What the replica holds.
         record: Option<Record>,
     },
+    /// Anti-entropy: the leaves of the sender's Merkle tree over the keys both nodes replicate.
+    TreeLeaves {
+        /// The tree's depth (`2^depth` leaves).
+        depth: u8,
+        /// The leaves.
+        leaves: Vec<u64>,
+    },
+    /// Anti-entropy: the buckets found different; send your records in them.
+    Buckets {
+        /// The tree's depth.
+        depth: u8,
+        /// The differing buckets.
+        buckets: Vec<u32>,
+    },
 }
 
 impl Message {
@@ -69,6 +83,7 @@ impl Message {
             | Message::Replicated { request }
             | Message::Read { request, .. }
             | Message::ReadReply { request, .. } => *request,
+            Message::TreeLeaves { .. } | Message::Buckets { .. } => 0,
         }
     }
 }
@@ -356,7 +371,10 @@ impl Coordinator {
                     self.read_answer(request, from, record, &mut effects)
                 }
                 // A replica's own duties (merge and answer) are the runtime's: they need no state.
-                Message::Replicate { .. } | Message::Read { .. } => {}
+                Message::Replicate { .. }
+                | Message::Read { .. }
+                | Message::TreeLeaves { .. }
+                | Message::Buckets { .. } => {}
             },
             Input::Tick => self.expire(now_ms, &mut effects),
         }

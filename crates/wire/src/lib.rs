@@ -10,6 +10,8 @@
 //!          | 3 key                        Read
 //!          | 4 0                          ReadReply, no record
 //!          | 4 1 record                   ReadReply
+//!          | 5 depth:u8 count:uvarint leaf:u64le*     TreeLeaves (count = 2^depth)
+//!          | 6 depth:u8 count:uvarint bucket:uvarint* Buckets (each < 2^depth)
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
 //! ```
@@ -93,6 +95,20 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             out.extend_from_slice(&[4, 1]);
             put_bytes(&mut out, &codec::encode(record));
         }
+        Message::TreeLeaves { depth, leaves } => {
+            out.extend_from_slice(&[5, *depth]);
+            put_uvarint(&mut out, leaves.len() as u64);
+            for leaf in leaves {
+                out.extend_from_slice(&leaf.to_le_bytes());
+            }
+        }
+        Message::Buckets { depth, buckets } => {
+            out.extend_from_slice(&[6, *depth]);
+            put_uvarint(&mut out, buckets.len() as u64);
+            for bucket in buckets {
+                put_uvarint(&mut out, u64::from(*bucket));
+            }
+        }
     }
     out
 }
@@ -153,6 +169,40 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
             },
             _ => return Err(malformed(r.malformed("unknown read reply form"))),
         },
+        5 => {
+            let depth = r.u8().map_err(malformed)?;
+            let count = r.uvarint().map_err(malformed)?;
+            if depth > agentstore_core::merkle::MAX_DEPTH || count != 1 << depth {
+                return Err(malformed(
+                    r.malformed("leaf count does not match the depth"),
+                ));
+            }
+            let mut leaves = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let mut word = [0u8; 8];
+                for byte in &mut word {
+                    *byte = r.u8().map_err(malformed)?;
+                }
+                leaves.push(u64::from_le_bytes(word));
+            }
+            Message::TreeLeaves { depth, leaves }
+        }
+        6 => {
+            let depth = r.u8().map_err(malformed)?;
+            let count = r.uvarint().map_err(malformed)?;
+            if depth > agentstore_core::merkle::MAX_DEPTH || count > 1 << depth {
+                return Err(malformed(r.malformed("more buckets than the tree has")));
+            }
+            let mut buckets = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let bucket = r.uvarint().map_err(malformed)?;
+                if bucket >= 1 << depth {
+                    return Err(malformed(r.malformed("bucket outside the tree")));
+                }
+                buckets.push(bucket as u32);
+            }
+            Message::Buckets { depth, buckets }
+        }
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };
     if r.offset() != bytes.len() {

@@ -33,6 +33,16 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 record: r.map(|(v, t)| record(v, u64::from(t))),
             }
         }),
+        (0u8..5).prop_flat_map(|depth| prop::collection::vec(any::<u64>(), 1usize << depth)
+            .prop_map(move |leaves| Message::TreeLeaves { depth, leaves })),
+        (0u8..5).prop_flat_map(
+            |depth| prop::collection::btree_set(0u32..(1 << depth), 0..4).prop_map(move |b| {
+                Message::Buckets {
+                    depth,
+                    buckets: b.into_iter().collect(),
+                }
+            })
+        ),
     ];
     (any::<u64>(), any::<u64>(), message).prop_map(|(request, deadline_ms, message)| {
         // The request id lives in the envelope; the message carries the same one.
@@ -45,6 +55,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             Message::Replicated { .. } => Message::Replicated { request },
             Message::Read { key, .. } => Message::Read { request, key },
             Message::ReadReply { record, .. } => Message::ReadReply { request, record },
+            anti_entropy => anti_entropy,
         };
         Envelope {
             request,
