@@ -125,11 +125,12 @@ async fn put(
         )
     })?;
     let bytes = serde_json::to_vec(&value).unwrap_or_default();
-    match node
-        .write(key.clone(), Mutation::Put(bytes))
-        .await
-        .map_err(stopped)?
-    {
+    write(&node, key, Mutation::Put(bytes)).await
+}
+
+/// Writes through the node and answers `{"key", "version"}`.
+async fn write(node: &Node, key: Key, mutation: Mutation) -> Answer {
+    match node.write(key.clone(), mutation).await.map_err(stopped)? {
         Outcome::Written { record } => Ok(axum::Json(
             json!({ "key": key.to_string(), "version": version(&record) }),
         )
@@ -139,18 +140,7 @@ async fn put(
 }
 
 async fn delete(State(node): State<Arc<Node>>, Path(key): Path<String>) -> Answer {
-    let key = parse_key(&key)?;
-    match node
-        .write(key.clone(), Mutation::Delete)
-        .await
-        .map_err(stopped)?
-    {
-        Outcome::Written { record } => Ok(axum::Json(
-            json!({ "key": key.to_string(), "version": version(&record) }),
-        )
-        .into_response()),
-        other => Err(failure(other)),
-    }
+    write(&node, parse_key(&key)?, Mutation::Delete).await
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
