@@ -14,7 +14,9 @@ use agentstore_core::codec;
 use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::Mutation;
-use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
+use agentstore_core::replication::{
+    Coordinator, Effect, HINT_REQUEST_BIT, Input, Message, Outcome, RequestId,
+};
 use agentstore_core::{Causality, Key, NodeId, Record};
 use agentstore_engine::{Engine, EngineMetrics, Instrumented, LocalEngine};
 use agentstore_wire::Envelope;
@@ -26,9 +28,6 @@ use tokio::task::JoinHandle;
 use crate::metrics::NodeMetrics;
 use crate::transport::{Incoming, Transport};
 
-/// Hint deliveries carry request ids with the top bit set, so their acknowledgements are the
-/// loop's business, not the coordinator's.
-const HINT_BIT: RequestId = 1 << 63;
 /// Client requests waiting for the loop.
 const COMMANDS: usize = 1024;
 /// Depth of the anti-entropy trees (64 buckets).
@@ -185,15 +184,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn envelope_of(message: Message) -> Envelope {
-    let request = message.request();
-    Envelope {
-        request,
-        deadline_ms: 0,
-        message,
-    }
-}
-
 impl Loop {
     async fn run(
         mut self,
@@ -277,13 +267,13 @@ impl Loop {
                     && request != 0
                 {
                     self.transport
-                        .send(&from, envelope_of(Message::Replicated { request }));
+                        .send(&from, Envelope::new(Message::Replicated { request }));
                 }
             }
             Message::Read { request, key } => {
                 if let Ok(record) = self.measured.get(&key).await {
                     self.transport
-                        .send(&from, envelope_of(Message::ReadReply { request, record }));
+                        .send(&from, Envelope::new(Message::ReadReply { request, record }));
                 }
             }
             Message::TreeLeaves { depth, leaves } => self.compare_trees(&from, depth, leaves).await,
@@ -292,8 +282,8 @@ impl Loop {
                     buckets.into_iter().map(|b| b as usize).collect();
                 self.send_buckets(&from, &buckets).await;
             }
-            Message::Replicated { request } if request & HINT_BIT != 0 => {
-                let (engine, id) = (self.engine.clone(), request & !HINT_BIT);
+            Message::Replicated { request } if request & HINT_REQUEST_BIT != 0 => {
+                let (engine, id) = (self.engine.clone(), request & !HINT_REQUEST_BIT);
                 if let Ok(Ok(())) =
                     tokio::task::spawn_blocking(move || engine.remove_hint(&from, id)).await
                 {
@@ -356,7 +346,7 @@ impl Loop {
             depth: TREE_DEPTH,
             leaves: tree.leaves().to_vec(),
         };
-        self.transport.send(&peer, envelope_of(message));
+        self.transport.send(&peer, Envelope::new(message));
     }
 
     /// Anti-entropy, step 2: compare with the peer's leaves; send our records of the buckets
@@ -376,7 +366,7 @@ impl Loop {
         let buckets = buckets.into_iter().map(|b| b as u32).collect();
         self.transport.send(
             from,
-            envelope_of(Message::Buckets {
+            Envelope::new(Message::Buckets {
                 depth: TREE_DEPTH,
                 buckets,
             }),
@@ -391,7 +381,7 @@ impl Loop {
                 self.metrics.repaired();
                 self.transport.send(
                     peer,
-                    envelope_of(Message::Replicate {
+                    Envelope::new(Message::Replicate {
                         request: 0,
                         key,
                         record,
@@ -411,11 +401,11 @@ impl Loop {
             };
             for hint in hints {
                 let message = Message::Replicate {
-                    request: hint.id | HINT_BIT,
+                    request: hint.id | HINT_REQUEST_BIT,
                     key: hint.key,
                     record: hint.record,
                 };
-                self.transport.send(peer, envelope_of(message));
+                self.transport.send(peer, Envelope::new(message));
             }
         }
     }
@@ -457,7 +447,7 @@ impl Loop {
                         tracing::warn!(%err, "read repair of the local copy failed");
                     }
                 }
-                Effect::Send { to, message } => self.transport.send(&to, envelope_of(message)),
+                Effect::Send { to, message } => self.transport.send(&to, Envelope::new(message)),
                 Effect::Hint { node, key, record } => {
                     let engine = self.engine.clone();
                     let stored = tokio::task::spawn_blocking(move || {

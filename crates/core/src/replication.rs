@@ -28,6 +28,11 @@ use crate::record::{Mutation, Record};
 /// Identifies one client request at its coordinator.
 pub type RequestId = u64;
 
+/// Request ids with this bit set belong to hint deliveries (hinted handoff), not to a client
+/// request: their `Replicated` acknowledgements go to the runtime's hint store, never to the
+/// coordinator. Coordinators number client requests below it.
+pub const HINT_REQUEST_BIT: RequestId = 1 << 63;
+
 /// What replicas send each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {

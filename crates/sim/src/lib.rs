@@ -18,7 +18,9 @@ use agentstore_core::crdt::Crdt;
 use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::{self, Mutation, Record, Value};
-use agentstore_core::replication::{Coordinator, Effect, Input, Message, Outcome, RequestId};
+use agentstore_core::replication::{
+    Coordinator, Effect, HINT_REQUEST_BIT, Input, Message, Outcome, RequestId,
+};
 use agentstore_core::{HybridClock, Key, NodeId, codec};
 use agentstore_wire as wire;
 
@@ -142,10 +144,6 @@ struct Sim {
     faults: (usize, usize, usize, usize),
 }
 
-/// Hint deliveries use request ids with the top bit set, so their acknowledgements are
-/// recognised by the runtime rather than a coordinator.
-const HINT_BIT: u64 = 1 << 63;
-
 impl Sim {
     fn new(seed: u64, settings: Settings) -> Self {
         let mut rng = Rng::new(seed);
@@ -211,12 +209,7 @@ impl Sim {
         } else {
             1
         };
-        let request = message.request();
-        let frame = wire::encode_frame(&wire::Envelope {
-            request,
-            deadline_ms: 0,
-            message,
-        });
+        let frame = wire::encode_frame(&wire::Envelope::new(message));
         for _ in 0..copies {
             let delay = 1 + self.rng.below(if self.faults_on { 40 } else { 5 });
             self.network.push(Envelope {
@@ -348,10 +341,10 @@ impl Sim {
                 let record = self.nodes[to].store.get(&key).cloned();
                 self.send(to, from, Message::ReadReply { request, record });
             }
-            Message::Replicated { request } if request & HINT_BIT != 0 => {
+            Message::Replicated { request } if request & HINT_REQUEST_BIT != 0 => {
                 self.nodes[to]
                     .hints
-                    .retain(|(id, ..)| *id != request & !HINT_BIT);
+                    .retain(|(id, ..)| *id != request & !HINT_REQUEST_BIT);
             }
             message => {
                 let from = self.nodes[from].id.clone();
@@ -467,7 +460,7 @@ impl Sim {
                     node,
                     to,
                     Message::Replicate {
-                        request: id | HINT_BIT,
+                        request: id | HINT_REQUEST_BIT,
                         key,
                         record,
                     },

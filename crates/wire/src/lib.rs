@@ -43,6 +43,17 @@ pub struct Envelope {
     pub message: Message,
 }
 
+impl Envelope {
+    /// An envelope for `message`, carrying its request id and no deadline.
+    pub fn new(message: Message) -> Self {
+        Self {
+            request: message.request(),
+            deadline_ms: 0,
+            message,
+        }
+    }
+}
+
 /// Bytes that are not a valid envelope or frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
