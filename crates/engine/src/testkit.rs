@@ -6,6 +6,18 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The shared PostgreSQL the tests use: `AGENTSTORE_TEST_POSTGRES_URL`, else
+/// `postgresql://postgres@127.0.0.1:5432/test` (what `.ci/run` makes sure is running).
+pub fn postgres_url() -> String {
+    std::env::var("AGENTSTORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The shared Redis the tests use: `AGENTSTORE_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("AGENTSTORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 /// A `redis-server` child process.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -15,7 +27,8 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -2,12 +2,8 @@
 //! (127.0.0.1:5432, database `test`, or `AGENTSTORE_TEST_POSTGRES_URL`).
 
 use agentstore_core::NodeId;
+use agentstore_engine::testkit::postgres_url;
 use agentstore_engine::{NodeClock, PostgresEngine, PostgresOptions};
-
-fn postgres_url() -> String {
-    std::env::var("AGENTSTORE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
-}
 
 async fn make() -> (PostgresEngine, ()) {
     let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);

@@ -2,14 +2,10 @@
 
 use agentstore_core::NodeId;
 use agentstore_core::record::Value;
+use agentstore_engine::testkit::postgres_url;
 use agentstore_engine::{
     Engine, EngineError, Isolation, Key, Mutation, NodeClock, PostgresEngine, PostgresOptions,
 };
-
-fn postgres_url() -> String {
-    std::env::var("AGENTSTORE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
-}
 
 async fn engine(options: PostgresOptions) -> PostgresEngine {
     let clock = NodeClock::system(NodeId::new("pg-test").unwrap(), 500);

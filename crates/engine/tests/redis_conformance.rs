@@ -3,11 +3,8 @@
 
 use agentstore_core::NodeId;
 use agentstore_engine::conformance::namespace;
+use agentstore_engine::testkit::redis_url;
 use agentstore_engine::{NodeClock, RedisEngine, RedisOptions};
-
-fn redis_url() -> String {
-    std::env::var("AGENTSTORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// Deletes a test's keys from the shared Redis when the test ends.
 struct Cleanup {

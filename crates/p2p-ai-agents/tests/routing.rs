@@ -2,12 +2,8 @@
 //! configuration that reproduces the spec's data-category tables, on real servers.
 
 use agentstore_engine::testkit::RedisServer;
+use agentstore_engine::testkit::postgres_url;
 use p2p_ai_agents::storage::{self, ConsistencyLevel, Storage, StorageError};
-
-fn postgres_url() -> String {
-    std::env::var("AGENTSTORE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
-}
 
 fn unique() -> String {
     let nanos = std::time::SystemTime::now()
