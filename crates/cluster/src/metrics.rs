@@ -27,6 +27,7 @@ pub(crate) struct NodeMetrics {
     hints_stored: Counter,
     hints_delivered: Counter,
     repaired: Counter,
+    dropped: Counter,
 }
 
 impl NodeMetrics {
@@ -57,6 +58,11 @@ impl NodeMetrics {
             "Records sent to a peer because anti-entropy found their bucket different",
             metrics.repaired.clone(),
         );
+        registry.register(
+            "agentstore_node_messages_dropped",
+            "Messages to peers lost before sending: a full queue, or an unreachable peer",
+            metrics.dropped.clone(),
+        );
         metrics
     }
 
@@ -80,6 +86,11 @@ impl NodeMetrics {
 
     pub(crate) fn hint_delivered(&self) {
         self.hints_delivered.inc();
+    }
+
+    /// The counter the transport increments for every message it loses.
+    pub(crate) fn dropped(&self) -> Counter {
+        self.dropped.clone()
     }
 
     pub(crate) fn repaired(&self) {

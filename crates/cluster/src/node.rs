@@ -86,13 +86,6 @@ impl Node {
     /// Starts a node serving peers on `listener`.
     pub fn start(config: NodeConfig, engine: LocalEngine, listener: TcpListener) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let (transport, inbox) = Transport::start(
-            config.id.clone(),
-            listener,
-            config.peers.clone(),
-            stopped.clone(),
-        );
-        let (commands, requests) = mpsc::channel(COMMANDS);
         let mut registry = Registry::default();
         let measured = Instrumented::new(
             engine.clone(),
@@ -100,6 +93,14 @@ impl Node {
             EngineMetrics::register(&mut registry),
         );
         let metrics = NodeMetrics::register(&mut registry);
+        let (transport, inbox) = Transport::start(
+            config.id.clone(),
+            listener,
+            config.peers.clone(),
+            stopped.clone(),
+            metrics.dropped(),
+        );
+        let (commands, requests) = mpsc::channel(COMMANDS);
         let mut nodes: Vec<NodeId> = config.peers.keys().cloned().collect();
         nodes.push(config.id.clone());
         let state = Loop {

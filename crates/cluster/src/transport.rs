@@ -3,19 +3,19 @@
 //! A node dials each peer it sends to and keeps that connection; it accepts the connections
 //! its peers dial to it. A connection starts with a hello frame naming the dialer, then
 //! carries wire frames one way. Sending never blocks: each peer has a bounded queue, and a
-//! message that does not fit is dropped and counted (the protocol already tolerates loss:
+//! message that does not fit, or that finds its peer unreachable, is dropped and counted (the protocol already tolerates loss:
 //! a missing acknowledgement becomes a hint, anti-entropy repairs the rest). A connection
 //! that fails is dropped and re-dialled for the next message. Incoming frames go to one
 //! bounded inbox, so a slow node slows its peers' readers instead of growing without bound.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentstore_core::NodeId;
 use agentstore_wire::{Envelope, FrameDecoder, encode_frame};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -42,17 +42,18 @@ pub struct Transport {
     node: NodeId,
     peers: Arc<BTreeMap<NodeId, SocketAddr>>,
     queues: Arc<Mutex<BTreeMap<NodeId, mpsc::Sender<Envelope>>>>,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 impl Transport {
     /// Starts accepting peers on `listener`; returns the sender and the inbox.
-    /// Stops accepting when `stopped` turns true.
+    /// Stops accepting when `stopped` turns true; counts lost messages in `dropped`.
     pub fn start(
         node: NodeId,
         listener: TcpListener,
         peers: BTreeMap<NodeId, SocketAddr>,
         stopped: watch::Receiver<bool>,
+        dropped: Counter,
     ) -> (Self, mpsc::Receiver<Incoming>) {
         let (inbox, incoming) = mpsc::channel(INBOX);
         tokio::spawn(accept(listener, inbox, stopped));
@@ -60,7 +61,7 @@ impl Transport {
             node,
             peers: Arc::new(peers),
             queues: Arc::default(),
-            dropped: Arc::default(),
+            dropped,
         };
         (transport, incoming)
     }
@@ -69,23 +70,23 @@ impl Transport {
     /// peer is unknown.
     pub fn send(&self, to: &NodeId, envelope: Envelope) {
         let Some(addr) = self.peers.get(to).copied() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
             return;
         };
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         let queue = queues.entry(to.clone()).or_insert_with(|| {
             let (queue, messages) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(dial(self.node.clone(), addr, messages));
+            tokio::spawn(dial(
+                self.node.clone(),
+                addr,
+                messages,
+                self.dropped.clone(),
+            ));
             queue
         });
         if queue.try_send(envelope).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
-    }
-
-    /// Messages dropped so far (full queues, unknown peers).
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -97,7 +98,12 @@ fn hello(node: &NodeId) -> Vec<u8> {
 }
 
 /// Owns the connection to one peer: writes its queued messages, re-dialling after failures.
-async fn dial(node: NodeId, addr: SocketAddr, mut messages: mpsc::Receiver<Envelope>) {
+async fn dial(
+    node: NodeId,
+    addr: SocketAddr,
+    mut messages: mpsc::Receiver<Envelope>,
+    dropped: Counter,
+) {
     let mut connection: Option<TcpStream> = None;
     while let Some(envelope) = messages.recv().await {
         if connection.is_none() {
@@ -111,9 +117,12 @@ async fn dial(node: NodeId, addr: SocketAddr, mut messages: mpsc::Receiver<Envel
             }
         }
         let Some(stream) = connection.as_mut() else {
-            continue; // Unreachable: this message is lost, the protocol copes.
+            // Unreachable: this message is lost (counted); the protocol copes.
+            dropped.inc();
+            continue;
         };
         if stream.write_all(&encode_frame(&envelope)).await.is_err() {
+            dropped.inc();
             connection = None;
         }
     }

@@ -240,7 +240,9 @@ async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_every
     assert!(matches!(written, Outcome::Written { .. }));
     let metrics = c.nodes[2].as_ref().unwrap().metrics_text();
     assert!(
-        metrics.contains(r#"agentstore_node_conflicts_total{strategy="lww"} 1"#),
+        metrics
+            .lines()
+            .any(|l| l == r#"agentstore_node_conflicts_total{strategy="lww"} 1"#),
         "{metrics}"
     );
     // Every replica resolves the conflict the same way (LWW by hybrid timestamp).
@@ -292,4 +294,59 @@ async fn anti_entropy_repairs_what_no_message_carried() {
         metrics.contains("agentstore_node_anti_entropy_records_total"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        NodeId::new("node-a").unwrap(),
+        NodeId::new("node-b").unwrap(),
+    );
+    let nobody: std::net::SocketAddr =
+        format!("127.0.0.1:{}", agentstore_engine::testkit::free_port())
+            .parse()
+            .unwrap();
+    let engine = LocalEngine::open(dir.path(), NodeClock::system(a.clone(), 500)).unwrap();
+    let config = NodeConfig {
+        id: a,
+        peers: BTreeMap::from([(b, nobody)]),
+        replicas: 2,
+        write_quorum: 1,
+        read_quorum: 1,
+        request_timeout: Duration::from_millis(200),
+        anti_entropy_interval: NO_ANTI_ENTROPY,
+    };
+    let node = Node::start(
+        config,
+        engine,
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let written = node
+        .write(key("doc:lonely"), Mutation::Put(b"x".to_vec()))
+        .await
+        .unwrap();
+    assert!(
+        matches!(written, Outcome::Written { .. }),
+        "W=1 needs only this node"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dropped = |text: String| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("agentstore_node_messages_dropped_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    while dropped(node.metrics_text()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            node.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.shutdown().await;
 }
