@@ -46,3 +46,10 @@ pub(crate) fn key_index(client: usize, i: u64, keys: u64) -> u64 {
     x ^= x >> 31;
     x % keys
 }
+
+/// The key operation `i` of `client` uses: `<collection>:<index>` among `keys` keys.
+pub(crate) fn key(collection: &str, client: usize, i: u64, keys: u64) -> agentstore_core::Key {
+    format!("{collection}:{}", key_index(client, i, keys))
+        .parse()
+        .expect("a valid key")
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentstore_core::NodeId;
-use agentstore_engine::{Engine, Key, Mutation, NodeClock, PostgresEngine, PostgresOptions};
+use agentstore_engine::{Engine, Mutation, NodeClock, PostgresEngine, PostgresOptions};
 
 use crate::load;
 use crate::stats::{Row, Sample};
@@ -127,9 +127,7 @@ pub(crate) fn run(seconds: u64) {
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
             let engine = Arc::clone(&engine);
             async move {
-                let key: Key = format!("pgbench:{}", load::key_index(client, i, KEYS))
-                    .parse()
-                    .unwrap();
+                let key = load::key("pgbench", client, i, KEYS);
                 engine
                     .apply(key, Mutation::Put(vec![b'v'; 100]))
                     .await
@@ -142,9 +140,7 @@ pub(crate) fn run(seconds: u64) {
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
             let engine = Arc::clone(&engine);
             async move {
-                let key: Key = format!("pgbench:{}", load::key_index(client, i, KEYS))
-                    .parse()
-                    .unwrap();
+                let key = load::key("pgbench", client, i, KEYS);
                 engine.get(&key).await.unwrap();
             }
         }))

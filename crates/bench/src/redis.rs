@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentstore_core::NodeId;
 use agentstore_engine::testkit::RedisServer;
-use agentstore_engine::{Engine, Key, Mutation, NodeClock, RedisEngine, RedisOptions};
+use agentstore_engine::{Engine, Mutation, NodeClock, RedisEngine, RedisOptions};
 
 use crate::load;
 use crate::stats::Row;
@@ -85,9 +85,7 @@ pub(crate) fn run(seconds: u64) {
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
             let (engine, value) = (Arc::clone(&engine), value.clone());
             async move {
-                let key: Key = format!("bench:{}", load::key_index(client, i, KEYS))
-                    .parse()
-                    .unwrap();
+                let key = load::key("bench", client, i, KEYS);
                 engine.apply(key, Mutation::Put(value)).await.unwrap();
             }
         }))
@@ -110,9 +108,7 @@ pub(crate) fn run(seconds: u64) {
         runtime.block_on(load::run(CLIENTS, duration, move |client, i| {
             let engine = Arc::clone(&engine);
             async move {
-                let key: Key = format!("bench:{}", load::key_index(client, i, KEYS))
-                    .parse()
-                    .unwrap();
+                let key = load::key("bench", client, i, KEYS);
                 engine.get(&key).await.unwrap();
             }
         }))
