@@ -48,7 +48,8 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
     let quorum = config.replication.quorum;
     let node_config = NodeConfig {
         id: config.node_id.clone(),
-        peers: cluster.peers.clone(),
+        client_addr: Some(cluster.client_addr),
+        seeds: cluster.peers.clone(),
         replicas: usize::from(quorum.n),
         write_quorum: usize::from(quorum.w),
         read_quorum: usize::from(quorum.r),

@@ -7,9 +7,10 @@
 //! in [`http`].
 
 pub mod http;
+pub mod membership;
 mod metrics;
 mod node;
 mod transport;
 
-pub use node::{Node, NodeConfig, NodeError};
-pub use transport::{Incoming, Transport};
+pub use node::{MemberStatus, Node, NodeConfig, NodeError, Status};
+pub use transport::{Dropped, Incoming, Transport};

@@ -8,6 +8,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::transport::Dropped;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Request {
     op: &'static str,
@@ -27,7 +29,8 @@ pub(crate) struct NodeMetrics {
     hints_stored: Counter,
     hints_delivered: Counter,
     repaired: Counter,
-    dropped: Counter,
+    handed_off: Counter,
+    dropped: Family<Dropped, Counter>,
 }
 
 impl NodeMetrics {
@@ -59,8 +62,13 @@ impl NodeMetrics {
             metrics.repaired.clone(),
         );
         registry.register(
+            "agentstore_node_handed_off_records",
+            "Records purged here after every new replica acknowledged them (a join or a leave moved their key)",
+            metrics.handed_off.clone(),
+        );
+        registry.register(
             "agentstore_node_messages_dropped",
-            "Messages to peers lost before sending: a full queue, or an unreachable peer",
+            "Messages to peers lost before sending (a full queue, or an unreachable peer), by message type",
             metrics.dropped.clone(),
         );
         metrics
@@ -89,11 +97,15 @@ impl NodeMetrics {
     }
 
     /// The counter the transport increments for every message it loses.
-    pub(crate) fn dropped(&self) -> Counter {
+    pub(crate) fn dropped(&self) -> Family<Dropped, Counter> {
         self.dropped.clone()
     }
 
     pub(crate) fn repaired(&self) {
         self.repaired.inc();
+    }
+
+    pub(crate) fn handed_off(&self) {
+        self.handed_off.inc();
     }
 }

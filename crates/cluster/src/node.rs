@@ -3,14 +3,16 @@
 //! The loop owns the [`Coordinator`] and executes its effects: local applies and reads on the
 //! engine, messages on the transport, hints in the engine's durable hint table, replies to the
 //! waiting callers. It also does a replica's duties (merge a replicated record and acknowledge
-//! it; answer reads) and delivers stored hints every half second until the peer acknowledges
-//! them.
+//! it; answer reads; coordinate writes that a non-replica forwards), delivers stored hints
+//! every half second until the peer acknowledges them, and runs the membership protocol
+//! ([`Membership`]): members that join enter placement, members that leave go out of it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentstore_core::codec;
+use agentstore_core::crdt::Crdt;
 use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::Mutation;
@@ -25,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::membership::{Event, Liveness, Membership, Peer};
 use crate::metrics::NodeMetrics;
 use crate::transport::{Incoming, Transport};
 
@@ -32,14 +35,22 @@ use crate::transport::{Incoming, Transport};
 const COMMANDS: usize = 1024;
 /// Depth of the anti-entropy trees (64 buckets).
 const TREE_DEPTH: u8 = 6;
+/// Request ids with this bit set belong to handoffs (a record sent to the key's replicas
+/// because this node no longer replicates it); their acknowledgements go to the handoff, not
+/// to the coordinator, which numbers client requests below it.
+const HANDOFF_REQUEST_BIT: RequestId = 1 << 62;
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// This node.
     pub id: NodeId,
-    /// Every other node and its peer address.
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Where this node serves clients, told to the other members (for `status`).
+    pub client_addr: Option<SocketAddr>,
+    /// The nodes known from configuration and their peer addresses: this node announces itself
+    /// to them, and learns the rest of the cluster from whichever answers. They are members
+    /// (they hold keys) from the start.
+    pub seeds: BTreeMap<NodeId, SocketAddr>,
     /// Replicas per key (N).
     pub replicas: usize,
     /// Write quorum (W).
@@ -59,6 +70,13 @@ pub enum NodeError {
     /// The node has shut down.
     #[error("the node has shut down")]
     Stopped,
+    /// The node could not hand all its records to the other replicas in time; it is still a
+    /// member, and asking it to leave again carries on.
+    #[error("{remaining} record(s) not yet handed to their new replicas; still a member")]
+    HandoffIncomplete {
+        /// Records still held.
+        remaining: usize,
+    },
 }
 
 enum Command {
@@ -71,6 +89,44 @@ enum Command {
         key: Key,
         reply: oneshot::Sender<Outcome>,
     },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Leave {
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+}
+
+/// A member of the cluster as one node sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MemberStatus {
+    /// The node.
+    pub id: NodeId,
+    /// Where it listens for peers.
+    pub peer_addr: Option<SocketAddr>,
+    /// Where it serves clients, once it has said so.
+    pub client_addr: Option<SocketAddr>,
+    /// Whether it answers.
+    pub liveness: Liveness,
+    /// The share of keys it replicates (of N copies each; the shares add up to N).
+    pub share: f64,
+}
+
+/// What a node reports about itself and the cluster.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    /// This node.
+    pub node: NodeId,
+    /// Every member, this node included, in id order.
+    pub members: Vec<MemberStatus>,
+    /// Replicas per key (N).
+    pub replicas: usize,
+    /// Write quorum (W).
+    pub write_quorum: usize,
+    /// Read quorum (R).
+    pub read_quorum: usize,
+    /// Requests this node is coordinating.
+    pub in_flight: usize,
 }
 
 /// A running node. Dropping it (or calling [`Node::shutdown`]) stops it.
@@ -83,8 +139,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node serving peers on `listener`.
+    /// Starts a node serving peers on `listener`, and announces it to the seeds.
     pub fn start(config: NodeConfig, engine: LocalEngine, listener: TcpListener) -> Self {
+        let peer_addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop, stopped) = watch::channel(false);
         let mut registry = Registry::default();
         let measured = Instrumented::new(
@@ -96,25 +155,43 @@ impl Node {
         let (transport, inbox) = Transport::start(
             config.id.clone(),
             listener,
-            config.peers.clone(),
+            config.seeds.clone(),
             stopped.clone(),
             metrics.dropped(),
         );
         let (commands, requests) = mpsc::channel(COMMANDS);
-        let mut nodes: Vec<NodeId> = config.peers.keys().cloned().collect();
-        nodes.push(config.id.clone());
-        let state = Loop {
-            ring: Ring::new(nodes, 64),
+        let me = Peer::new(
+            config.id.clone(),
+            peer_addr,
+            config.client_addr.unwrap_or(peer_addr),
+        );
+        let seed = agentstore_core::hash::stable_hash(now_ms(), config.id.as_str().as_bytes());
+        let membership = Membership::new(me, config.seeds.len() + 1, seed);
+        let members = config
+            .seeds
+            .iter()
+            .map(|(id, addr)| (id.clone(), Peer::seed(id.clone(), *addr)))
+            .collect();
+        let mut state = Loop {
+            ring: Ring::new([config.id.clone()], 64),
             coordinator: Coordinator::new(config.id.clone()),
             config,
             engine,
             measured,
             metrics,
             transport,
-            replies: BTreeMap::new(),
+            membership,
+            members,
+            peer_addr,
+            waiters: BTreeMap::new(),
+            forwarded: BTreeMap::new(),
+            handoffs: BTreeMap::new(),
+            leaving: None,
+            departed: Default::default(),
             next_request: 1,
             next_peer: 0,
         };
+        state.rebuild_ring();
         let task = tokio::spawn(state.run(requests, inbox, stopped));
         Self {
             commands,
@@ -148,6 +225,28 @@ impl Node {
         answer.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// What this node knows of the cluster.
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Leaves the cluster for good: hands every record to the replicas that take this node's
+    /// place (waiting until each of them acknowledged it), tells the members, then stops
+    /// answering as a member. Call [`Node::shutdown`] afterwards.
+    pub async fn leave(&self) -> Result<(), NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Leave { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)?
+    }
+
     /// This node's metrics in the OpenMetrics text format (served as `/metrics`).
     pub fn metrics_text(&self) -> String {
         let mut out = String::new();
@@ -173,10 +272,53 @@ struct Loop {
     measured: Instrumented<LocalEngine>,
     metrics: NodeMetrics,
     transport: Transport,
-    replies: BTreeMap<RequestId, (&'static str, oneshot::Sender<Outcome>)>,
+    membership: Membership,
+    /// The other members: they hold keys (placement), whether they answer or not.
+    members: BTreeMap<NodeId, Peer>,
+    /// Members that left (told us so): their gossip no longer makes them members. Kept in
+    /// memory: a node restarted with a departed node among its seeds places keys on it again
+    /// until it hears `Leaving` (the departed node's id should leave the configuration).
+    departed: std::collections::BTreeSet<NodeId>,
+    peer_addr: SocketAddr,
+    /// Who waits for each request this node coordinates.
+    waiters: BTreeMap<RequestId, Waiter>,
+    /// Writes this node forwarded to a replica, waiting for its answer.
+    forwarded: BTreeMap<RequestId, Forwarded>,
+    /// Records being handed to the replicas of keys this node no longer replicates, by
+    /// request id: the record sent and the replicas that have not acknowledged it yet.
+    handoffs: BTreeMap<RequestId, Handoff>,
+    /// Set while leaving: who waits for the handoff to finish, and until when.
+    leaving: Option<(oneshot::Sender<Result<(), NodeError>>, Instant)>,
     /// The peer the next anti-entropy round compares with.
     next_peer: usize,
     next_request: RequestId,
+}
+
+/// Who waits for a request's outcome.
+enum Waiter {
+    /// A client of this node.
+    Client(&'static str, oneshot::Sender<Outcome>),
+    /// A node that forwarded the write, under its own request id.
+    Peer(NodeId, RequestId),
+}
+
+/// A record sent to the replicas of a key this node no longer replicates.
+struct Handoff {
+    key: Key,
+    record: Record,
+    /// Replicas that have not acknowledged it yet.
+    waiting: Vec<NodeId>,
+    sent: Instant,
+}
+
+/// How long a handoff waits for its acknowledgements before it is sent again.
+const HANDOFF_RETRY: Duration = Duration::from_secs(5);
+
+/// A write forwarded to one of its replicas.
+struct Forwarded {
+    reply: oneshot::Sender<Outcome>,
+    needed: usize,
+    deadline_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -195,12 +337,17 @@ impl Loop {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut hints = tokio::time::interval(Duration::from_millis(500));
         let mut sync = tokio::time::interval(self.config.anti_entropy_interval);
+        let events = self.membership.start(&self.config.seeds, Instant::now());
+        self.membership_events(events);
         loop {
             tokio::select! {
                 _ = stopped.changed() => return,
                 Some(command) = requests.recv() => self.command(command).await,
                 Some(incoming) = inbox.recv() => self.incoming(incoming).await,
                 _ = tick.tick() => {
+                    let events = self.membership.tick(Instant::now());
+                    self.membership_events(events);
+                    self.expire_forwarded();
                     let effects = self.coordinator.step(Input::Tick, now_ms());
                     self.execute(effects).await;
                 }
@@ -210,18 +357,256 @@ impl Loop {
         }
     }
 
+    /// Placement over the members; a leaving node places nothing on itself.
+    fn rebuild_ring(&mut self) {
+        let mut nodes: Vec<NodeId> = self.members.keys().cloned().collect();
+        if self.leaving.is_none() {
+            nodes.push(self.config.id.clone());
+        }
+        self.ring = Ring::new(nodes, 64);
+    }
+
+    /// Handoff: sends every local record of a key this node no longer replicates to the key's
+    /// replicas; a record acknowledged by all of them is purged here (if it has not changed
+    /// meanwhile). Handoffs unacknowledged for [`HANDOFF_RETRY`] are sent again.
+    async fn hand_off(&mut self) {
+        self.handoffs
+            .retain(|_, h| h.sent.elapsed() < HANDOFF_RETRY);
+        let in_flight: std::collections::BTreeSet<Key> =
+            self.handoffs.values().map(|h| h.key.clone()).collect();
+        let me = self.config.id.clone();
+        if self.leaving.is_some() {
+            // Sent every round: a lost message must not keep a member placing keys here.
+            for member in self.members.keys() {
+                self.transport.send(member, Envelope::new(Message::Leaving));
+            }
+        }
+        let moved = self.local_records(|replicas| !replicas.contains(&me)).await;
+        if moved.is_empty() {
+            if self.leaving.is_some() {
+                self.finish_leaving();
+            }
+            return;
+        }
+        if let Some((_, until)) = &self.leaving
+            && Instant::now() > *until
+        {
+            if let Some((reply, _)) = self.leaving.take() {
+                let _ = reply.send(Err(NodeError::HandoffIncomplete {
+                    remaining: moved.len(),
+                }));
+            }
+            self.rebuild_ring();
+            return;
+        }
+        for (key, record) in moved {
+            if in_flight.contains(&key) {
+                continue;
+            }
+            let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+            let request = HANDOFF_REQUEST_BIT | self.next_request;
+            self.next_request += 1;
+            for replica in &replicas {
+                let message = Message::Replicate {
+                    request,
+                    key: key.clone(),
+                    record: record.clone(),
+                };
+                self.transport.send(replica, Envelope::new(message));
+            }
+            self.handoffs.insert(
+                request,
+                Handoff {
+                    key,
+                    record,
+                    waiting: replicas,
+                    sent: Instant::now(),
+                },
+            );
+        }
+    }
+
+    async fn handoff_acknowledged(&mut self, from: &NodeId, request: RequestId) {
+        let Some(handoff) = self.handoffs.get_mut(&request) else {
+            return;
+        };
+        handoff.waiting.retain(|n| n != from);
+        if !handoff.waiting.is_empty() {
+            return;
+        }
+        let Some(Handoff { key, record, .. }) = self.handoffs.remove(&request) else {
+            return;
+        };
+        let engine = self.engine.clone();
+        if let Ok(Ok(true)) =
+            tokio::task::spawn_blocking(move || engine.purge_if_unchanged(&key, &record)).await
+        {
+            self.metrics.handed_off();
+        }
+    }
+
+    /// Every record is with its new replicas (and the members know this node leaves): leave
+    /// the membership.
+    fn finish_leaving(&mut self) {
+        let events = self.membership.leave(Instant::now());
+        self.membership_events(events);
+        if let Some((reply, _)) = self.leaving.take() {
+            let _ = reply.send(Ok(()));
+        }
+        tracing::info!("left the cluster");
+    }
+
+    fn membership_events(&mut self, events: Vec<Event>) {
+        for event in events {
+            match event {
+                Event::Send(peer, data) => {
+                    self.transport.add_peer(&peer.id, peer.peer_addr);
+                    self.transport
+                        .send(&peer.id, Envelope::new(Message::Gossip { data }));
+                }
+                Event::Up(peer) if self.departed.contains(&peer.id) => {}
+                Event::Up(peer) => {
+                    self.transport.add_peer(&peer.id, peer.peer_addr);
+                    let joined = !self.members.contains_key(&peer.id);
+                    tracing::info!(node = %peer.id, joined, "member up");
+                    self.members.insert(peer.id.clone(), peer);
+                    if joined {
+                        self.rebuild_ring();
+                    }
+                }
+                Event::Down(peer) => tracing::warn!(node = %peer.id, "member down"),
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut members: Vec<MemberStatus> = self
+            .members
+            .values()
+            .map(|peer| MemberStatus {
+                id: peer.id.clone(),
+                peer_addr: Some(peer.peer_addr),
+                client_addr: peer.client_addr,
+                liveness: self.membership.liveness(&peer.id),
+                share: 0.0,
+            })
+            .collect();
+        members.push(MemberStatus {
+            id: self.config.id.clone(),
+            peer_addr: Some(self.peer_addr),
+            client_addr: self.config.client_addr,
+            liveness: Liveness::Alive,
+            share: 0.0,
+        });
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        // Each member's share of a fixed sample of keys: what placement gives it.
+        const SAMPLE: usize = 4096;
+        for i in 0..SAMPLE {
+            for node in self
+                .ring
+                .replicas(format!("sample:{i}").as_bytes(), self.config.replicas)
+            {
+                if let Some(member) = members.iter_mut().find(|m| m.id == node) {
+                    member.share += 1.0 / SAMPLE as f64;
+                }
+            }
+        }
+        Status {
+            node: self.config.id.clone(),
+            members,
+            replicas: self.config.replicas,
+            write_quorum: self.config.write_quorum,
+            read_quorum: self.config.read_quorum,
+            in_flight: self.coordinator.in_flight() + self.forwarded.len(),
+        }
+    }
+
+    /// Forwarded writes whose replica did not answer in time: indeterminate, like a missed
+    /// quorum (the replica may have applied it).
+    fn expire_forwarded(&mut self) {
+        let now = now_ms();
+        let expired: Vec<RequestId> = self
+            .forwarded
+            .iter()
+            .filter(|(_, f)| f.deadline_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(forwarded) = self.forwarded.remove(&id) {
+                let outcome = Outcome::QuorumFailed {
+                    answered: 0,
+                    needed: forwarded.needed,
+                };
+                self.metrics.request("write", &outcome);
+                let _ = forwarded.reply.send(outcome);
+            }
+        }
+    }
+
+    /// Sends a client's write to one of its replicas (the first that answers probes), which
+    /// coordinates it.
+    fn forward(
+        &mut self,
+        request: RequestId,
+        key: Key,
+        mutation: Mutation,
+        replicas: Vec<NodeId>,
+        reply: oneshot::Sender<Outcome>,
+        deadline_ms: u64,
+    ) {
+        let target = replicas
+            .iter()
+            .find(|n| self.membership.liveness(n) == Liveness::Alive)
+            .or(replicas.first())
+            .cloned();
+        let Some(target) = target else {
+            let _ = reply.send(Outcome::NotAReplica { replicas });
+            return;
+        };
+        self.forwarded.insert(
+            request,
+            Forwarded {
+                reply,
+                needed: self.config.write_quorum,
+                deadline_ms,
+            },
+        );
+        let mut envelope = Envelope::new(Message::Forward {
+            request,
+            key,
+            mutation,
+        });
+        envelope.deadline_ms = deadline_ms;
+        self.transport.send(&target, envelope);
+    }
+
     async fn command(&mut self, command: Command) {
         let request = self.next_request;
         self.next_request += 1;
         let deadline_ms = now_ms() + self.config.request_timeout.as_millis() as u64;
         let input = match command {
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+                return;
+            }
+            Command::Leave { reply } => {
+                // Handoff rounds run with anti-entropy; give them a minute.
+                self.leaving = Some((reply, Instant::now() + Duration::from_secs(60)));
+                self.rebuild_ring();
+                self.hand_off().await;
+                return;
+            }
             Command::Write {
                 key,
                 mutation,
                 reply,
             } => {
-                self.replies.insert(request, ("write", reply));
                 let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+                if !replicas.contains(&self.config.id) {
+                    self.forward(request, key, mutation, replicas, reply, deadline_ms);
+                    return;
+                }
+                self.waiters.insert(request, Waiter::Client("write", reply));
                 Input::Write {
                     request,
                     key,
@@ -232,7 +617,7 @@ impl Loop {
                 }
             }
             Command::Read { key, reply } => {
-                self.replies.insert(request, ("read", reply));
+                self.waiters.insert(request, Waiter::Client("read", reply));
                 let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
                 Input::Read {
                     request,
@@ -255,18 +640,26 @@ impl Loop {
                 key,
                 record,
             } => {
-                if let Ok(Some(stored)) = self.measured.get(&key).await
+                let stored = self.measured.get(&key).await;
+                if let Ok(Some(stored)) = &stored
                     && stored.causality(&record) == Causality::Concurrent
                 {
                     self.metrics.conflict(record.value.kind().as_str());
                 }
-                if self
-                    .measured
-                    .apply(key, Mutation::Merge(record))
-                    .await
-                    .is_ok()
-                    && request != 0
-                {
+                // A record this replica already holds (a repeated repair, a duplicate) changes
+                // nothing: acknowledge without a commit.
+                let known = matches!(&stored, Ok(Some(stored)) if {
+                    let mut merged = stored.clone();
+                    merged.merge(&record);
+                    merged == *stored
+                });
+                let merged = known
+                    || self
+                        .measured
+                        .apply(key, Mutation::Merge(record))
+                        .await
+                        .is_ok();
+                if merged && request != 0 {
                     self.transport
                         .send(&from, Envelope::new(Message::Replicated { request }));
                 }
@@ -277,11 +670,51 @@ impl Loop {
                         .send(&from, Envelope::new(Message::ReadReply { request, record }));
                 }
             }
+            Message::Forward {
+                request: theirs,
+                key,
+                mutation,
+            } => {
+                let request = self.next_request;
+                self.next_request += 1;
+                self.waiters.insert(request, Waiter::Peer(from, theirs));
+                let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+                let input = Input::Write {
+                    request,
+                    key,
+                    mutation,
+                    replicas,
+                    w: self.config.write_quorum,
+                    deadline_ms: now_ms() + self.config.request_timeout.as_millis() as u64,
+                };
+                let effects = self.coordinator.step(input, now_ms());
+                self.execute(effects).await;
+            }
+            Message::Forwarded { request, outcome } => {
+                if let Some(forwarded) = self.forwarded.remove(&request) {
+                    self.metrics.request("write", &outcome);
+                    let _ = forwarded.reply.send(outcome);
+                }
+            }
+            Message::Gossip { data } => {
+                let events = self.membership.receive(&data, Instant::now());
+                self.membership_events(events);
+            }
+            Message::Leaving => {
+                tracing::info!(node = %from, "member leaves");
+                self.departed.insert(from.clone());
+                if self.members.remove(&from).is_some() {
+                    self.rebuild_ring();
+                }
+            }
             Message::TreeLeaves { depth, leaves } => self.compare_trees(&from, depth, leaves).await,
             Message::Buckets { depth, buckets } if depth == TREE_DEPTH => {
                 let buckets: std::collections::BTreeSet<usize> =
                     buckets.into_iter().map(|b| b as usize).collect();
                 self.send_buckets(&from, &buckets).await;
+            }
+            Message::Replicated { request } if request & HANDOFF_REQUEST_BIT != 0 => {
+                self.handoff_acknowledged(&from, request).await;
             }
             Message::Replicated { request } if request & HINT_REQUEST_BIT != 0 => {
                 let (engine, id) = (self.engine.clone(), request & !HINT_REQUEST_BIT);
@@ -300,8 +733,15 @@ impl Loop {
         }
     }
 
-    /// Every local record that `peer` replicates too.
+    /// Every local record of a key that both this node and `peer` replicate.
     async fn shared_with(&self, peer: &NodeId) -> Vec<(Key, Record)> {
+        let me = self.config.id.clone();
+        self.local_records(|replicas| replicas.contains(peer) && replicas.contains(&me))
+            .await
+    }
+
+    /// Every local record whose replicas (under the current placement) satisfy `keep`.
+    async fn local_records(&self, keep: impl Fn(&[NodeId]) -> bool) -> Vec<(Key, Record)> {
         let mut shared = Vec::new();
         let mut after: Option<Key> = None;
         loop {
@@ -311,11 +751,7 @@ impl Loop {
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (key, record) in page {
-                if self
-                    .ring
-                    .replicas(key.as_bytes(), self.config.replicas)
-                    .contains(peer)
-                {
+                if keep(&self.ring.replicas(key.as_bytes(), self.config.replicas)) {
                     shared.push((key, record));
                 }
             }
@@ -335,8 +771,10 @@ impl Loop {
     }
 
     /// Anti-entropy, step 1: send the next peer the leaves of the tree of what we share.
+    /// Also hands off what this node no longer replicates.
     async fn start_anti_entropy(&mut self) {
-        let peers: Vec<NodeId> = self.config.peers.keys().cloned().collect();
+        self.hand_off().await;
+        let peers: Vec<NodeId> = self.members.keys().cloned().collect();
         if peers.is_empty() {
             return;
         }
@@ -393,7 +831,7 @@ impl Loop {
     }
 
     async fn deliver_hints(&mut self) {
-        for peer in self.config.peers.keys() {
+        for peer in self.members.keys() {
             let (engine, node) = (self.engine.clone(), peer.clone());
             let Ok(Ok(hints)) =
                 tokio::task::spawn_blocking(move || engine.hints_for(&node, 256)).await
@@ -463,12 +901,21 @@ impl Loop {
                         );
                     }
                 }
-                Effect::Reply { request, outcome } => {
-                    if let Some((op, reply)) = self.replies.remove(&request) {
+                Effect::Reply { request, outcome } => match self.waiters.remove(&request) {
+                    Some(Waiter::Client(op, reply)) => {
                         self.metrics.request(op, &outcome);
                         let _ = reply.send(outcome);
                     }
-                }
+                    Some(Waiter::Peer(origin, theirs)) => {
+                        self.metrics.request("forwarded_write", &outcome);
+                        let message = Message::Forwarded {
+                            request: theirs,
+                            outcome,
+                        };
+                        self.transport.send(&origin, Envelope::new(message));
+                    }
+                    None => {}
+                },
             }
         }
     }

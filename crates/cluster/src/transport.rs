@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentstore_core::NodeId;
-use agentstore_wire::{Envelope, FrameDecoder, encode_frame};
+use agentstore_wire::{Envelope, FrameDecoder, encode_frame, message_name};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -40,9 +42,9 @@ pub struct Incoming {
 #[derive(Debug, Clone)]
 pub struct Transport {
     node: NodeId,
-    peers: Arc<BTreeMap<NodeId, SocketAddr>>,
+    peers: Arc<Mutex<BTreeMap<NodeId, SocketAddr>>>,
     queues: Arc<Mutex<BTreeMap<NodeId, mpsc::Sender<Envelope>>>>,
-    dropped: Counter,
+    dropped: Family<Dropped, Counter>,
 }
 
 impl Transport {
@@ -53,24 +55,42 @@ impl Transport {
         listener: TcpListener,
         peers: BTreeMap<NodeId, SocketAddr>,
         stopped: watch::Receiver<bool>,
-        dropped: Counter,
+        dropped: Family<Dropped, Counter>,
     ) -> (Self, mpsc::Receiver<Incoming>) {
         let (inbox, incoming) = mpsc::channel(INBOX);
         tokio::spawn(accept(listener, inbox, stopped));
         let transport = Self {
             node,
-            peers: Arc::new(peers),
+            peers: Arc::new(Mutex::new(peers)),
             queues: Arc::default(),
             dropped,
         };
         (transport, incoming)
     }
 
+    /// Learns (or updates) where `node` listens for peers.
+    pub fn add_peer(&self, node: &NodeId, addr: SocketAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.insert(node.clone(), addr) != Some(addr) {
+            // A new address: the next message dials it (dropping the queue ends the old dialer).
+            self.queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(node);
+        }
+    }
+
     /// Queues `envelope` for `to`; drops it (and counts it) if the peer's queue is full or the
     /// peer is unknown.
     pub fn send(&self, to: &NodeId, envelope: Envelope) {
-        let Some(addr) = self.peers.get(to).copied() else {
-            self.dropped.inc();
+        let addr = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to)
+            .copied();
+        let Some(addr) = addr else {
+            count_drop(&self.dropped, &envelope);
             return;
         };
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -84,10 +104,23 @@ impl Transport {
             ));
             queue
         });
-        if queue.try_send(envelope).is_err() {
-            self.dropped.inc();
+        if let Err(err) = queue.try_send(envelope) {
+            let (mpsc::error::TrySendError::Full(envelope)
+            | mpsc::error::TrySendError::Closed(envelope)) = err;
+            count_drop(&self.dropped, &envelope);
         }
     }
+}
+
+/// The label of the dropped-messages counter: which kind of message was lost.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Dropped {
+    message: &'static str,
+}
+
+fn count_drop(dropped: &Family<Dropped, Counter>, envelope: &Envelope) {
+    let message = message_name(&envelope.message);
+    dropped.get_or_create(&Dropped { message }).inc();
 }
 
 fn hello(node: &NodeId) -> Vec<u8> {
@@ -102,7 +135,7 @@ async fn dial(
     node: NodeId,
     addr: SocketAddr,
     mut messages: mpsc::Receiver<Envelope>,
-    dropped: Counter,
+    dropped: Family<Dropped, Counter>,
 ) {
     let mut connection: Option<TcpStream> = None;
     while let Some(envelope) = messages.recv().await {
@@ -118,11 +151,11 @@ async fn dial(
         }
         let Some(stream) = connection.as_mut() else {
             // Unreachable: this message is lost (counted); the protocol copes.
-            dropped.inc();
+            count_drop(&dropped, &envelope);
             continue;
         };
         if stream.write_all(&encode_frame(&envelope)).await.is_err() {
-            dropped.inc();
+            count_drop(&dropped, &envelope);
             connection = None;
         }
     }

@@ -34,7 +34,8 @@ fn config(
         .collect();
     NodeConfig {
         id: ids[me].clone(),
-        peers,
+        client_addr: None,
+        seeds: peers,
         replicas: 3,
         write_quorum: 2,
         read_quorum: 2,
@@ -310,7 +311,8 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
     let engine = LocalEngine::open(dir.path(), NodeClock::system(a.clone(), 500)).unwrap();
     let config = NodeConfig {
         id: a,
-        peers: BTreeMap::from([(b, nobody)]),
+        client_addr: None,
+        seeds: BTreeMap::from([(b, nobody)]),
         replicas: 2,
         write_quorum: 1,
         read_quorum: 1,
@@ -334,7 +336,7 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
     let dropped = |text: String| -> u64 {
         text.lines()
             .find_map(|l| {
-                l.strip_prefix("agentstore_node_messages_dropped_total ")?
+                l.strip_prefix("agentstore_node_messages_dropped_total{message=\"replicate\"} ")?
                     .parse()
                     .ok()
             })

@@ -145,7 +145,13 @@ pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-fn put_node(out: &mut Vec<u8>, node: &NodeId) {
+/// Appends a version vector (`vector` in the grammar).
+pub fn put_version(out: &mut Vec<u8>, version: &VersionVector) {
+    put_vector(out, version.iter());
+}
+
+/// Appends a node id (`node` in the grammar).
+pub fn put_node(out: &mut Vec<u8>, node: &NodeId) {
     put_bytes(out, node.as_str().as_bytes());
 }
 
@@ -241,11 +247,13 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+    /// Reads a length-prefixed byte string.
+    pub fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         Ok(self.slice()?.to_vec())
     }
 
-    fn node(&mut self) -> Result<NodeId, DecodeError> {
+    /// Reads a node id (`node` in the grammar).
+    pub fn node(&mut self) -> Result<NodeId, DecodeError> {
         let raw = self.bytes()?;
         if raw.is_empty() || raw.len() > MAX_NODE_ID_LEN {
             return Err(self.malformed("node id length out of range"));
@@ -285,7 +293,8 @@ impl<'a> Reader<'a> {
         Ok(entries)
     }
 
-    fn version_vector(&mut self) -> Result<VersionVector, DecodeError> {
+    /// Reads a version vector (`vector` in the grammar).
+    pub fn version_vector(&mut self) -> Result<VersionVector, DecodeError> {
         Ok(VersionVector::from_entries(self.vector()?))
     }
 

@@ -78,6 +78,30 @@ pub enum Message {
         /// The differing buckets.
         buckets: Vec<u32>,
     },
+    /// Coordinate this client write: the sender is not one of the key's replicas. Answered
+    /// with [`Message::Forwarded`].
+    Forward {
+        /// The sender's request.
+        request: RequestId,
+        /// The key.
+        key: Key,
+        /// The change.
+        mutation: Mutation,
+    },
+    /// The outcome of a forwarded write.
+    Forwarded {
+        /// The request it answers.
+        request: RequestId,
+        /// What the coordinating replica answered.
+        outcome: Outcome,
+    },
+    /// A membership protocol (SWIM) packet, opaque to replication.
+    Gossip {
+        /// The packet.
+        data: Vec<u8>,
+    },
+    /// The sender leaves the cluster for good: take it out of placement.
+    Leaving,
 }
 
 impl Message {
@@ -87,8 +111,13 @@ impl Message {
             Message::Replicate { request, .. }
             | Message::Replicated { request }
             | Message::Read { request, .. }
-            | Message::ReadReply { request, .. } => *request,
-            Message::TreeLeaves { .. } | Message::Buckets { .. } => 0,
+            | Message::ReadReply { request, .. }
+            | Message::Forward { request, .. }
+            | Message::Forwarded { request, .. } => *request,
+            Message::TreeLeaves { .. }
+            | Message::Buckets { .. }
+            | Message::Gossip { .. }
+            | Message::Leaving => 0,
         }
     }
 }
@@ -379,7 +408,11 @@ impl Coordinator {
                 Message::Replicate { .. }
                 | Message::Read { .. }
                 | Message::TreeLeaves { .. }
-                | Message::Buckets { .. } => {}
+                | Message::Buckets { .. }
+                | Message::Forward { .. }
+                | Message::Forwarded { .. }
+                | Message::Gossip { .. }
+                | Message::Leaving => {}
             },
             Input::Tick => self.expire(now_ms, &mut effects),
         }

@@ -12,6 +12,10 @@
 //!          | 4 1 record                   ReadReply
 //!          | 5 depth:u8 count:uvarint leaf:u64le*     TreeLeaves (count = 2^depth)
 //!          | 6 depth:u8 count:uvarint bucket:uvarint* Buckets (each < 2^depth)
+//!          | 7 key mutation               Forward (see [`forward`](crate::forward) for the
+//!          | 8 outcome                    Forwarded  mutation and outcome grammar)
+//!          | 9 len:uvarint bytes          Gossip (a SWIM packet, opaque here)
+//!          | 10                           Leaving
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
 //! ```
@@ -22,6 +26,8 @@
 //!
 //! Architecture invariant: this crate depends on `agentstore-core` only, and does no I/O:
 //! [`FrameDecoder`] splits bytes that the transport hands it.
+
+mod forward;
 
 use agentstore_core::codec::{self, DecodeError, Reader, put_bytes, put_uvarint};
 use agentstore_core::key::{Key, KeyError};
@@ -82,6 +88,22 @@ pub enum WireError {
     Record(#[from] DecodeError),
 }
 
+/// A short name of the message's type, for metrics and logs.
+pub fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Replicate { .. } => "replicate",
+        Message::Replicated { .. } => "replicated",
+        Message::Read { .. } => "read",
+        Message::ReadReply { .. } => "read_reply",
+        Message::TreeLeaves { .. } => "tree_leaves",
+        Message::Buckets { .. } => "buckets",
+        Message::Forward { .. } => "forward",
+        Message::Forwarded { .. } => "forwarded",
+        Message::Gossip { .. } => "gossip",
+        Message::Leaving => "leaving",
+    }
+}
+
 /// Encodes an envelope (without the frame length).
 pub fn encode(envelope: &Envelope) -> Vec<u8> {
     let mut out = vec![VERSION];
@@ -120,6 +142,20 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
                 put_uvarint(&mut out, u64::from(*bucket));
             }
         }
+        Message::Forward { key, mutation, .. } => {
+            out.push(7);
+            put_bytes(&mut out, key.as_bytes());
+            forward::put_mutation(&mut out, mutation);
+        }
+        Message::Forwarded { outcome, .. } => {
+            out.push(8);
+            forward::put_outcome(&mut out, outcome);
+        }
+        Message::Gossip { data } => {
+            out.push(9);
+            put_bytes(&mut out, data);
+        }
+        Message::Leaving => out.push(10),
     }
     out
 }
@@ -214,6 +250,19 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
             }
             Message::Buckets { depth, buckets }
         }
+        7 => Message::Forward {
+            request,
+            key: key(&mut r)?,
+            mutation: forward::mutation(&mut r)?,
+        },
+        8 => Message::Forwarded {
+            request,
+            outcome: forward::outcome(&mut r)?,
+        },
+        9 => Message::Gossip {
+            data: r.bytes().map_err(malformed)?,
+        },
+        10 => Message::Leaving,
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };
     if r.offset() != bytes.len() {

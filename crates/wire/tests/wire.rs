@@ -2,7 +2,7 @@
 //! without a panic.
 
 use agentstore_core::record::{self, Mutation};
-use agentstore_core::replication::Message;
+use agentstore_core::replication::{Message, Outcome};
 use agentstore_core::{HybridClock, Key, NodeId};
 use agentstore_wire::{Envelope, FrameDecoder, MAX_FRAME, WireError, decode, encode, encode_frame};
 use proptest::prelude::*;
@@ -26,7 +26,8 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 record: record(value, u64::from(t))
             }),
         Just(Message::Replicated { request: 0 }),
-        key.prop_map(|key| Message::Read { request: 0, key }),
+        key.clone()
+            .prop_map(|key| Message::Read { request: 0, key }),
         prop::option::of((prop::collection::vec(any::<u8>(), 0..64), any::<u32>())).prop_map(|r| {
             Message::ReadReply {
                 request: 0,
@@ -44,6 +45,53 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             })
         ),
     ];
+    let bytes = || prop::collection::vec(any::<u8>(), 0..32);
+    let node = "[a-z]{1,6}".prop_map(|n| NodeId::new(n).unwrap());
+    let context = prop::collection::btree_map(node.clone(), 1u64..1000, 0..3).prop_map(|entries| {
+        let mut vv = agentstore_core::VersionVector::new();
+        for (node, counter) in entries {
+            vv.witness(&node, counter);
+        }
+        vv
+    });
+    let mutation = prop_oneof![
+        bytes().prop_map(Mutation::Put),
+        Just(Mutation::Delete),
+        (prop::option::of(bytes()), context)
+            .prop_map(|(value, context)| Mutation::PutSibling { value, context }),
+        any::<u64>().prop_map(Mutation::GCounterAdd),
+        any::<i64>().prop_map(Mutation::PnCounterAdd),
+        bytes().prop_map(Mutation::GSetAdd),
+        bytes().prop_map(Mutation::OrSetAdd),
+        bytes().prop_map(Mutation::OrSetRemove),
+        (bytes(), any::<u32>()).prop_map(|(v, t)| Mutation::Merge(record(v, u64::from(t)))),
+    ];
+    let outcome = prop_oneof![
+        (bytes(), any::<u32>()).prop_map(|(v, t)| Outcome::Written {
+            record: record(v, u64::from(t))
+        }),
+        prop::option::of((bytes(), any::<u32>())).prop_map(|r| Outcome::Read {
+            record: r.map(|(v, t)| record(v, u64::from(t)))
+        }),
+        (0usize..10, 0usize..10)
+            .prop_map(|(answered, needed)| Outcome::QuorumFailed { answered, needed }),
+        prop::collection::vec(node, 0..5).prop_map(|replicas| Outcome::NotAReplica { replicas }),
+        ".{0,20}".prop_map(|detail| Outcome::LocalFailure { detail }),
+    ];
+    let membership = prop_oneof![
+        (key, mutation).prop_map(|(key, mutation)| Message::Forward {
+            request: 0,
+            key,
+            mutation
+        }),
+        outcome.prop_map(|outcome| Message::Forwarded {
+            request: 0,
+            outcome
+        }),
+        bytes().prop_map(|data| Message::Gossip { data }),
+        Just(Message::Leaving),
+    ];
+    let message = prop_oneof![message, membership];
     (any::<u64>(), any::<u64>(), message).prop_map(|(request, deadline_ms, message)| {
         // The request id lives in the envelope; the message carries the same one.
         let message = match message {
@@ -55,7 +103,13 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             Message::Replicated { .. } => Message::Replicated { request },
             Message::Read { key, .. } => Message::Read { request, key },
             Message::ReadReply { record, .. } => Message::ReadReply { request, record },
-            anti_entropy => anti_entropy,
+            Message::Forward { key, mutation, .. } => Message::Forward {
+                request,
+                key,
+                mutation,
+            },
+            Message::Forwarded { outcome, .. } => Message::Forwarded { request, outcome },
+            unnumbered => unnumbered,
         };
         Envelope {
             request,

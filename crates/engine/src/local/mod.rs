@@ -9,6 +9,7 @@
 //! than a hop to a blocking pool.
 
 mod hints;
+mod purge;
 mod writer;
 
 pub use hints::Hint;

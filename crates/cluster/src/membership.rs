@@ -1,0 +1,240 @@
+//! Who is in the cluster and who is up: SWIM failure detection (the `foca` crate) behind a
+//! small sans-io wrapper.
+//!
+//! foca decides; this module turns its decisions into [`Event`]s for the node loop (send
+//! these bytes to that peer, this peer is up, that one is down) and keeps its timers. Time is
+//! an argument, so the wrapper never reads a clock.
+//!
+//! A node starts from its configured peers (seeds): it records them as down and announces
+//! itself to each; whichever answers brings it the rest of the cluster. It keeps announcing
+//! to members it believes down every two seconds, so a seed that starts later, or a
+//! partition that heals, is found again without a restart.
+//!
+//! Being *up* is not being a *member*: placement (which nodes replicate a key) changes only
+//! when a node joins or leaves, never because one stopped answering. A down replica gets
+//! hints and anti-entropy; its keys do not move.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::{Duration, Instant};
+
+use agentstore_core::NodeId;
+use foca::{AccumulatingRuntime, Config, Foca, Identity, Member, OwnedNotification, PostcardCodec};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+/// A node as the membership protocol knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// The node's id.
+    pub id: NodeId,
+    /// Where it listens for peers.
+    pub peer_addr: SocketAddr,
+    /// Where it listens for clients (unknown for a seed that has not answered yet).
+    pub client_addr: Option<SocketAddr>,
+    /// Renewed each time the node rejoins after being declared down.
+    incarnation: u64,
+}
+
+impl Peer {
+    /// A running node (this one).
+    pub fn new(id: NodeId, peer_addr: SocketAddr, client_addr: SocketAddr) -> Self {
+        Self {
+            id,
+            peer_addr,
+            client_addr: Some(client_addr),
+            incarnation: 1,
+        }
+    }
+
+    /// A seed from the configuration: its id and peer address, nothing else yet.
+    pub(crate) fn seed(id: NodeId, peer_addr: SocketAddr) -> Self {
+        Self {
+            id,
+            peer_addr,
+            client_addr: None,
+            incarnation: 0,
+        }
+    }
+}
+
+impl Identity for Peer {
+    type Addr = NodeId;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Self {
+            incarnation: self.incarnation.wrapping_add(1).max(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> NodeId {
+        self.id.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+/// Whether a member answers, as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// Answers probes.
+    Alive,
+    /// Missed probes; declared dead unless it refutes in time.
+    Suspect,
+    /// Declared dead (or never heard from: a seed not yet reached).
+    Dead,
+}
+
+/// What the node loop must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Send this membership packet to the peer.
+    Send(Peer, Vec<u8>),
+    /// The peer is up (it may be new to the cluster).
+    Up(Peer),
+    /// The peer is down.
+    Down(Peer),
+}
+
+/// One node's membership state.
+pub struct Membership {
+    foca: Foca<Peer, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    runtime: AccumulatingRuntime<Peer>,
+    timers: Vec<(Instant, foca::Timer<Peer>)>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("members", &self.foca.num_members())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// The membership of node `me`, expecting a cluster of about `size` nodes; `seed` seeds
+    /// the protocol's random choices (whom to probe).
+    pub fn new(me: Peer, size: usize, seed: u64) -> Self {
+        let size = NonZeroU32::new(u32::try_from(size.max(1)).unwrap_or(u32::MAX))
+            .unwrap_or(NonZeroU32::MIN);
+        let config = Config {
+            // Probe every 500 ms and wait 250 ms for an answer: loopback and LAN clusters
+            // notice a dead node within a few seconds.
+            probe_period: Duration::from_millis(500),
+            probe_rtt: Duration::from_millis(250),
+            periodic_announce_to_down_members: Some(foca::PeriodicParams {
+                frequency: Duration::from_secs(2),
+                num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+            }),
+            // Members are never forgotten: a dead member is still a replica (see the module
+            // documentation), and its status stays visible.
+            remove_down_after: None,
+            ..Config::new_lan(size)
+        };
+        Self {
+            foca: Foca::new(me, config, StdRng::seed_from_u64(seed), PostcardCodec),
+            runtime: AccumulatingRuntime::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    /// Starts from the configured seeds: announce this node to each of them.
+    pub fn start(&mut self, seeds: &BTreeMap<NodeId, SocketAddr>, now: Instant) -> Vec<Event> {
+        let seeds: Vec<Peer> = seeds
+            .iter()
+            .map(|(id, addr)| Peer::seed(id.clone(), *addr))
+            .collect();
+        let _ = self.foca.apply_many(
+            seeds.iter().cloned().map(Member::down),
+            false,
+            &mut self.runtime,
+        );
+        for seed in seeds {
+            if let Err(err) = self.foca.announce(seed, &mut self.runtime) {
+                tracing::debug!(%err, "announce failed");
+            }
+        }
+        self.drain(now)
+    }
+
+    /// A membership packet from a peer.
+    pub fn receive(&mut self, data: &[u8], now: Instant) -> Vec<Event> {
+        if let Err(err) = self.foca.handle_data(data, &mut self.runtime) {
+            tracing::debug!(%err, "membership packet refused");
+        }
+        self.drain(now)
+    }
+
+    /// Fires the timers that are due.
+    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.timers)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.timers = later;
+        for (_, timer) in due {
+            if let Err(err) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!(%err, "membership timer failed");
+            }
+        }
+        self.drain(now)
+    }
+
+    /// Tells the cluster this node is leaving.
+    pub fn leave(&mut self, now: Instant) -> Vec<Event> {
+        let _ = self.foca.leave_cluster(&mut self.runtime);
+        self.drain(now)
+    }
+
+    /// Every other member this node has heard of, with its liveness.
+    pub fn members(&self) -> Vec<(Peer, Liveness)> {
+        self.foca
+            .iter_membership_state()
+            .map(|member| {
+                let liveness = match member.state() {
+                    foca::State::Alive => Liveness::Alive,
+                    foca::State::Suspect => Liveness::Suspect,
+                    foca::State::Down => Liveness::Dead,
+                };
+                (member.id().clone(), liveness)
+            })
+            .collect()
+    }
+
+    /// The liveness of `node` (`Dead` if unknown).
+    pub fn liveness(&self, node: &NodeId) -> Liveness {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id().id == *node)
+            .map_or(Liveness::Dead, |m| match m.state() {
+                foca::State::Alive => Liveness::Alive,
+                foca::State::Suspect => Liveness::Suspect,
+                foca::State::Down => Liveness::Dead,
+            })
+    }
+
+    fn drain(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Some((to, data)) = self.runtime.to_send() {
+            events.push(Event::Send(to, data.to_vec()));
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timers.push((now + after, timer));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::MemberUp(peer) | OwnedNotification::Rename(_, peer) => {
+                    events.push(Event::Up(peer));
+                }
+                OwnedNotification::MemberDown(peer) => events.push(Event::Down(peer)),
+                _ => {}
+            }
+        }
+        events
+    }
+}

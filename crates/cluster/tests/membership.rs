@@ -1,0 +1,236 @@
+//! Membership on loopback: nodes find each other from seeds, a fourth node joins through one
+//! seed and receives its share of the data, writes reaching a non-replica are forwarded, and a
+//! stopped node is seen dead by the others.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use agentstore_cluster::membership::Liveness;
+use agentstore_cluster::{Node, NodeConfig, Status};
+use agentstore_core::placement::Ring;
+use agentstore_core::record::{Mutation, Value};
+use agentstore_core::replication::Outcome;
+use agentstore_core::{Key, NodeId};
+use agentstore_engine::{Engine, LocalEngine, NodeClock};
+use tokio::net::TcpListener;
+
+struct Member {
+    id: NodeId,
+    addr: SocketAddr,
+    engine: LocalEngine,
+    node: Node,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(name: &str, seeds: &[&Member]) -> Member {
+    let id = NodeId::new(name).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LocalEngine::open(dir.path(), NodeClock::system(id.clone(), 500)).unwrap();
+    let config = NodeConfig {
+        id: id.clone(),
+        client_addr: None,
+        seeds: seeds.iter().map(|m| (m.id.clone(), m.addr)).collect(),
+        replicas: 3,
+        write_quorum: 2,
+        read_quorum: 2,
+        request_timeout: Duration::from_secs(5),
+        anti_entropy_interval: Duration::from_millis(100),
+    };
+    let node = Node::start(config, engine.clone(), listener);
+    Member {
+        id,
+        addr,
+        engine,
+        node,
+        _dir: dir,
+    }
+}
+
+fn key(k: &str) -> Key {
+    k.parse().unwrap()
+}
+
+fn alive(status: &Status) -> Vec<String> {
+    status
+        .members
+        .iter()
+        .filter(|m| m.liveness == Liveness::Alive)
+        .map(|m| m.id.to_string())
+        .collect()
+}
+
+/// Waits until `check` holds, or fails with what `describe` says.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("{what}: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn sees_alive(member: &Member, expected: &[&str]) -> Result<(), String> {
+    let status = member.node.status().await.map_err(|e| e.to_string())?;
+    let alive = alive(&status);
+    if alive == expected {
+        Ok(())
+    } else {
+        Err(format!("{} sees {alive:?} alive", member.id))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_through_one_seed_and_receives_its_share() {
+    let a = start("node-a", &[]).await;
+    let b = start("node-b", &[&a]).await;
+    let c = start("node-c", &[&a]).await;
+    // B and C know only A; they learn each other through it.
+    for m in [&a, &b, &c] {
+        eventually("three members alive", || {
+            sees_alive(m, &["node-a", "node-b", "node-c"])
+        })
+        .await;
+    }
+    let keys: Vec<Key> = (0..120).map(|i| key(&format!("doc:{i}"))).collect();
+    for k in &keys {
+        let put = a
+            .node
+            .write(k.clone(), Mutation::Put(k.to_string().into_bytes()))
+            .await
+            .unwrap();
+        assert!(matches!(put, Outcome::Written { .. }), "{put:?}");
+    }
+
+    let d = start("node-d", &[&b]).await;
+    for m in [&a, &b, &c, &d] {
+        eventually("four members alive", || {
+            sees_alive(m, &["node-a", "node-b", "node-c", "node-d"])
+        })
+        .await;
+    }
+    // Every key placed on D reaches D (anti-entropy from the old replicas); none is lost.
+    let ring = Ring::new([&a, &b, &c, &d].map(|m| m.id.clone()), 64);
+    let on_d: Vec<&Key> = keys
+        .iter()
+        .filter(|k| ring.replicas(k.as_bytes(), 3).contains(&d.id))
+        .collect();
+    assert!(
+        !on_d.is_empty() && on_d.len() < keys.len(),
+        "D replicates some keys, not all: {}",
+        on_d.len()
+    );
+    eventually("D holds every key placed on it", || async {
+        for k in &on_d {
+            match d.engine.get(k).await.map_err(|e| e.to_string())? {
+                Some(r) if r.value == Value::Register(Some(k.to_string().into_bytes())) => {}
+                other => return Err(format!("{k}: {other:?}")),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    for k in &keys {
+        let read = d.node.read(k.clone()).await.unwrap();
+        let Outcome::Read { record: Some(r) } = read else {
+            panic!("{k} lost: {read:?}")
+        };
+        assert_eq!(r.value, Value::Register(Some(k.to_string().into_bytes())));
+    }
+
+    // A write on a node that does not replicate the key is forwarded to one that does.
+    let members = [&a, &b, &c, &d];
+    let k = keys
+        .iter()
+        .find(|k| !ring.replicas(k.as_bytes(), 3).contains(&a.id))
+        .expect("with 4 nodes and N=3, A misses some keys");
+    let written = a
+        .node
+        .write(k.clone(), Mutation::Put(b"forwarded".to_vec()))
+        .await
+        .unwrap();
+    let Outcome::Written { record } = written else {
+        panic!("forwarded write failed: {written:?}")
+    };
+    assert_eq!(record.value, Value::Register(Some(b"forwarded".to_vec())));
+    assert!(
+        a.engine.get(k).await.unwrap().map(|r| r.value) != Some(record.value.clone()),
+        "the non-replica did not store the write itself"
+    );
+    for m in members {
+        let read = m.node.read(k.clone()).await.unwrap();
+        assert_eq!(
+            read,
+            Outcome::Read {
+                record: Some(record.clone())
+            },
+            "on {}",
+            m.id
+        );
+    }
+    // Old replicas hand their moved keys over and keep nothing they no longer replicate.
+    for m in members {
+        eventually("non-replicas hold nothing", || async {
+            for k in &keys {
+                let held = m.engine.get(k).await.map_err(|e| e.to_string())?.is_some();
+                if held && !ring.replicas(k.as_bytes(), 3).contains(&m.id) {
+                    return Err(format!("{} still holds {k}", m.id));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    // D leaves: its records go to the replicas taking its place, the others drop it from
+    // placement, and nothing is lost.
+    d.node.leave().await.unwrap();
+    assert!(
+        d.engine.scan(b"", None, 10).await.unwrap().is_empty(),
+        "a node that left holds nothing"
+    );
+    let Member { node, .. } = d;
+    node.shutdown().await;
+    for m in [&a, &b, &c] {
+        eventually("D out of placement", || async {
+            let status = m.node.status().await.map_err(|e| e.to_string())?;
+            let ids: Vec<&str> = status.members.iter().map(|s| s.id.as_str()).collect();
+            if ids == ["node-a", "node-b", "node-c"] {
+                Ok(())
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        })
+        .await;
+    }
+    for k in &keys {
+        for m in [&a, &b, &c] {
+            // With three members and N=3, every member holds every key again.
+            let held = m.engine.get(k).await.unwrap().map(|r| r.value);
+            assert!(held.is_some(), "{k} missing on {} after D left", m.id);
+        }
+    }
+
+    // A node that stops without leaving is seen dead; placement keeps it (its keys do not
+    // move: the others keep hints for it).
+    let Member { node, .. } = c;
+    node.shutdown().await;
+    for m in [&a, &b] {
+        eventually("C seen dead", || async {
+            let status = m.node.status().await.map_err(|e| e.to_string())?;
+            let seen = status.members.iter().find(|s| s.id.as_str() == "node-c");
+            match seen {
+                Some(s) if s.liveness == Liveness::Dead && s.share > 0.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+}
