@@ -91,7 +91,7 @@ fn cluster(dir: &Path) -> Vec<NodeProcess> {
             .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
             .collect();
         let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n  collections:\n    metrics:\n      conflict: pn_counter\n  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
             data.display(),
             peer_ports[i]
         );

@@ -2,15 +2,16 @@
 //!
 //! [`Node`] runs the sans-io replication [`Coordinator`](agentstore_core::replication::Coordinator)
 //! against a [`LocalEngine`](agentstore_engine::LocalEngine) and a TCP [`Transport`] carrying
-//! `agentstore-wire` frames. This is the first slice of the cluster: every node knows every
-//! peer from its configuration (no membership protocol yet); clients use the HTTP/JSON API
-//! in [`http`].
+//! `agentstore-wire` frames, and finds its peers with SWIM ([`membership`]). A store reaches
+//! the cluster through [`ClusterEngine`]; the HTTP client API that `agentstore node` serves
+//! lives with the store (`p2p_ai_agents::storage::server`).
 
-pub mod http;
+mod engine;
 pub mod membership;
 mod metrics;
 mod node;
 mod transport;
 
-pub use node::{MemberStatus, Node, NodeConfig, NodeError, Status};
+pub use engine::ClusterEngine;
+pub use node::{MemberStatus, Node, NodeConfig, NodeError, ScanPage, Status};
 pub use transport::{Dropped, Incoming, Transport};

@@ -95,6 +95,32 @@ enum Command {
     Leave {
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
+    Scan {
+        prefix: Vec<u8>,
+        after: Option<Key>,
+        limit: u32,
+        reply: oneshot::Sender<ScanPage>,
+    },
+}
+
+/// A page of a scan across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Records in key order (each the join of the copies the members sent).
+    pub entries: Vec<(Key, Record)>,
+    /// Members that did not answer in time. Every key is still listed if fewer than N members
+    /// are missing (each key has a replica that answered); otherwise keys may be missing.
+    pub unanswered: Vec<NodeId>,
+}
+
+/// Scans across the cluster: the members still to answer, the join of what came in.
+struct PendingScan {
+    waiting: std::collections::BTreeSet<NodeId>,
+    skipped: Vec<NodeId>,
+    entries: BTreeMap<Key, Record>,
+    limit: usize,
+    deadline_ms: u64,
+    reply: oneshot::Sender<ScanPage>,
 }
 
 /// A member of the cluster as one node sees it.
@@ -186,6 +212,7 @@ impl Node {
             waiters: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             handoffs: BTreeMap::new(),
+            scans: BTreeMap::new(),
             leaving: None,
             departed: Default::default(),
             next_request: 1,
@@ -230,6 +257,27 @@ impl Node {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Status { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Lists the records of keys starting with `prefix` (after `after`, at most `limit`),
+    /// asking every member and joining their copies.
+    pub async fn scan(
+        &self,
+        prefix: Vec<u8>,
+        after: Option<Key>,
+        limit: u32,
+    ) -> Result<ScanPage, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Scan {
+                prefix,
+                after,
+                limit,
+                reply,
+            })
             .await
             .map_err(|_| NodeError::Stopped)?;
         answer.await.map_err(|_| NodeError::Stopped)
@@ -287,6 +335,8 @@ struct Loop {
     /// Records being handed to the replicas of keys this node no longer replicates, by
     /// request id: the record sent and the replicas that have not acknowledged it yet.
     handoffs: BTreeMap<RequestId, Handoff>,
+    /// Scans waiting for members' pages.
+    scans: BTreeMap<RequestId, PendingScan>,
     /// Set while leaving: who waits for the handoff to finish, and until when.
     leaving: Option<(oneshot::Sender<Result<(), NodeError>>, Instant)>,
     /// The peer the next anti-entropy round compares with.
@@ -321,6 +371,18 @@ struct Forwarded {
     deadline_ms: u64,
 }
 
+/// Joins a member's page of a scan into what the other members sent.
+fn merge_page(entries: &mut BTreeMap<Key, Record>, page: Vec<(Key, Record)>) {
+    for (key, record) in page {
+        match entries.get_mut(&key) {
+            Some(known) => known.merge(&record),
+            None => {
+                entries.insert(key, record);
+            }
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -348,6 +410,7 @@ impl Loop {
                     let events = self.membership.tick(Instant::now());
                     self.membership_events(events);
                     self.expire_forwarded();
+                    self.finish_scans(true);
                     let effects = self.coordinator.step(Input::Tick, now_ms());
                     self.execute(effects).await;
                 }
@@ -521,6 +584,73 @@ impl Loop {
         }
     }
 
+    async fn start_scan(
+        &mut self,
+        request: RequestId,
+        prefix: Vec<u8>,
+        after: Option<Key>,
+        limit: u32,
+        reply: oneshot::Sender<ScanPage>,
+        deadline_ms: u64,
+    ) {
+        // Members known dead are not waited for; they count as unanswered.
+        let (waiting, skipped): (Vec<NodeId>, Vec<NodeId>) = self
+            .members
+            .keys()
+            .cloned()
+            .partition(|m| self.membership.liveness(m) != Liveness::Dead);
+        let mut scan = PendingScan {
+            waiting: waiting.into_iter().collect(),
+            skipped,
+            entries: BTreeMap::new(),
+            limit: limit as usize,
+            deadline_ms,
+            reply,
+        };
+        for member in &scan.waiting {
+            let message = Message::Scan {
+                request,
+                prefix: prefix.clone(),
+                after: after.clone(),
+                limit,
+            };
+            self.transport.send(member, Envelope::new(message));
+        }
+        match self
+            .measured
+            .scan(&prefix, after.as_ref(), limit as usize)
+            .await
+        {
+            Ok(page) => merge_page(&mut scan.entries, page),
+            Err(err) => tracing::warn!(%err, "local scan failed"),
+        }
+        self.scans.insert(request, scan);
+        self.finish_scans(false);
+    }
+
+    /// Answers the scans every member has answered (or, with `expired`, whose deadline passed).
+    fn finish_scans(&mut self, expired: bool) {
+        let now = now_ms();
+        let done: Vec<RequestId> = self
+            .scans
+            .iter()
+            .filter(|(_, s)| s.waiting.is_empty() || (expired && s.deadline_ms <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            if let Some(scan) = self.scans.remove(&id) {
+                let entries = scan.entries.into_iter().take(scan.limit).collect();
+                let mut unanswered: Vec<NodeId> = scan.waiting.into_iter().collect();
+                unanswered.extend(scan.skipped);
+                unanswered.sort();
+                let _ = scan.reply.send(ScanPage {
+                    entries,
+                    unanswered,
+                });
+            }
+        }
+    }
+
     /// Forwarded writes whose replica did not answer in time: indeterminate, like a missed
     /// quorum (the replica may have applied it).
     fn expire_forwarded(&mut self) {
@@ -587,6 +717,16 @@ impl Loop {
         let input = match command {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+                return;
+            }
+            Command::Scan {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                self.start_scan(request, prefix, after, limit, reply, deadline_ms)
+                    .await;
                 return;
             }
             Command::Leave { reply } => {
@@ -694,6 +834,26 @@ impl Loop {
                 if let Some(forwarded) = self.forwarded.remove(&request) {
                     self.metrics.request("write", &outcome);
                     let _ = forwarded.reply.send(outcome);
+                }
+            }
+            Message::Scan {
+                request,
+                prefix,
+                after,
+                limit,
+            } => {
+                // At most 1000 records a page: a page stays far below the frame limit.
+                let limit = limit.min(1000) as usize;
+                if let Ok(entries) = self.measured.scan(&prefix, after.as_ref(), limit).await {
+                    let message = Message::Scanned { request, entries };
+                    self.transport.send(&from, Envelope::new(message));
+                }
+            }
+            Message::Scanned { request, entries } => {
+                if let Some(scan) = self.scans.get_mut(&request) {
+                    scan.waiting.remove(&from);
+                    merge_page(&mut scan.entries, entries);
+                    self.finish_scans(false);
                 }
             }
             Message::Gossip { data } => {

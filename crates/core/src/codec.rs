@@ -177,6 +177,11 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len() - self.offset
+    }
+
     /// A reader at the start of `bytes`.
     pub fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, offset: 0 }
@@ -193,10 +198,6 @@ impl<'a> Reader<'a> {
             offset: self.offset,
             reason,
         }
-    }
-
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.offset
     }
 
     /// One byte.

@@ -102,6 +102,24 @@ pub enum Message {
     },
     /// The sender leaves the cluster for good: take it out of placement.
     Leaving,
+    /// Send your records of keys starting with `prefix`, after `after`, at most `limit`.
+    Scan {
+        /// The coordinator's request.
+        request: RequestId,
+        /// The key prefix (a collection and its `:`, or empty for every key).
+        prefix: Vec<u8>,
+        /// Resume after this key.
+        after: Option<Key>,
+        /// At most this many records.
+        limit: u32,
+    },
+    /// A node's page of a scan, in key order.
+    Scanned {
+        /// The request it answers.
+        request: RequestId,
+        /// The records.
+        entries: Vec<(Key, Record)>,
+    },
 }
 
 impl Message {
@@ -113,7 +131,9 @@ impl Message {
             | Message::Read { request, .. }
             | Message::ReadReply { request, .. }
             | Message::Forward { request, .. }
-            | Message::Forwarded { request, .. } => *request,
+            | Message::Forwarded { request, .. }
+            | Message::Scan { request, .. }
+            | Message::Scanned { request, .. } => *request,
             Message::TreeLeaves { .. }
             | Message::Buckets { .. }
             | Message::Gossip { .. }
@@ -412,7 +432,9 @@ impl Coordinator {
                 | Message::Forward { .. }
                 | Message::Forwarded { .. }
                 | Message::Gossip { .. }
-                | Message::Leaving => {}
+                | Message::Leaving
+                | Message::Scan { .. }
+                | Message::Scanned { .. } => {}
             },
             Input::Tick => self.expire(now_ms, &mut effects),
         }

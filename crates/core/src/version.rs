@@ -133,6 +133,49 @@ impl PartialOrd for VersionVector {
     }
 }
 
+/// The text form of a version vector, as clients see it: `node-a:3,node-b:1` (empty: `-`).
+impl std::fmt::Display for VersionVector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, (node, counter)) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{node}:{counter}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A version token that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid version `{0}`: expected `node:counter[,node:counter...]` or `-`")]
+pub struct InvalidVersion(pub String);
+
+impl std::str::FromStr for VersionVector {
+    type Err = InvalidVersion;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut vv = VersionVector::new();
+        if s == "-" {
+            return Ok(vv);
+        }
+        let invalid = || InvalidVersion(s.to_owned());
+        for entry in s.split(',') {
+            let (node, counter) = entry.rsplit_once(':').ok_or_else(invalid)?;
+            let node = NodeId::new(node).map_err(|_| invalid())?;
+            let counter: u64 = counter.parse().map_err(|_| invalid())?;
+            if counter == 0 || vv.get(&node) != 0 {
+                return Err(invalid());
+            }
+            vv.witness(&node, counter);
+        }
+        Ok(vv)
+    }
+}
+
 impl FromIterator<(NodeId, u64)> for VersionVector {
     fn from_iter<I: IntoIterator<Item = (NodeId, u64)>>(iter: I) -> Self {
         let mut vv = Self::new();

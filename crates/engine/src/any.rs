@@ -1,7 +1,34 @@
 //! One engine of whichever kind, so a store can route collections to different backends.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use crate::error::EngineError;
 use crate::{Engine, Key, LocalEngine, Record, Write};
+
+/// A boxed future of an engine call.
+pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'a>>;
+
+/// The [`Engine`] contract in a form that can live behind `dyn`: for engines defined outside
+/// this crate (a cluster node, a remote node over HTTP) that a store routes collections to.
+/// Implementations keep the obligations of [`Engine`], and may refuse what they cannot do
+/// (multi-key batches, conditional writes) with [`EngineError::Unsupported`].
+pub trait DynEngine: std::fmt::Debug + Send + Sync + 'static {
+    /// The backend's name, as metrics label it.
+    fn backend(&self) -> &'static str;
+    /// See [`Engine::get`].
+    fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>>;
+    /// See [`Engine::scan`].
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        start_after: Option<&'a Key>,
+        limit: usize,
+    ) -> EngineFuture<'a, Vec<(Key, Record)>>;
+    /// See [`Engine::commit`].
+    fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>>;
+}
 
 /// An engine of any kind this build has.
 #[derive(Debug, Clone)]
@@ -15,6 +42,8 @@ pub enum AnyEngine {
     /// PostgreSQL.
     #[cfg(feature = "postgres")]
     Postgres(crate::PostgresEngine),
+    /// An engine defined elsewhere (a cluster node, a remote node).
+    Dyn(Arc<dyn DynEngine>),
 }
 
 impl AnyEngine {
@@ -26,6 +55,7 @@ impl AnyEngine {
             AnyEngine::Redis(_) => "redis",
             #[cfg(feature = "postgres")]
             AnyEngine::Postgres(_) => "postgres",
+            AnyEngine::Dyn(engine) => engine.backend(),
         }
     }
 }
@@ -38,6 +68,7 @@ macro_rules! dispatch {
             AnyEngine::Redis($engine) => $call,
             #[cfg(feature = "postgres")]
             AnyEngine::Postgres($engine) => $call,
+            AnyEngine::Dyn($engine) => $call,
         }
     };
 }

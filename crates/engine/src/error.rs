@@ -122,6 +122,24 @@ pub enum EngineError {
         /// Masters needed (a majority).
         needed: usize,
     },
+    /// A cluster write reached fewer replicas than its write quorum in time. Indeterminate,
+    /// not failed: it is durable on the replicas that acknowledged and will spread.
+    #[error(
+        "only {acknowledged} of the {needed} replicas needed acknowledged in time (indeterminate: durable where acknowledged, it will spread)"
+    )]
+    QuorumFailed {
+        /// Replicas that acknowledged.
+        acknowledged: usize,
+        /// The write quorum.
+        needed: usize,
+    },
+    /// The engine cannot do what was asked (a cluster node refuses multi-key batches and
+    /// conditional writes: they need the strong level).
+    #[error("not supported here: {detail}")]
+    Unsupported {
+        /// What, and what to use instead.
+        detail: String,
+    },
     /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,
@@ -150,6 +168,8 @@ impl EngineError {
             EngineError::Contention { .. } => "contention",
             EngineError::ReplicationShortfall { .. } => "replication_shortfall",
             EngineError::LockNotAcquired { .. } => "lock_not_acquired",
+            EngineError::Unsupported { .. } => "unsupported",
+            EngineError::QuorumFailed { .. } => "quorum_failed",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
         }

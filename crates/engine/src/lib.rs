@@ -27,7 +27,7 @@ use std::future::Future;
 
 pub use agentstore_core::Key;
 pub use agentstore_core::record::{Expect, Mutation, Record};
-pub use any::AnyEngine;
+pub use any::{AnyEngine, DynEngine, EngineFuture};
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, Hint, LocalEngine};

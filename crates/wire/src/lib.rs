@@ -16,6 +16,9 @@
 //!          | 8 outcome                    Forwarded  mutation and outcome grammar)
 //!          | 9 len:uvarint bytes          Gossip (a SWIM packet, opaque here)
 //!          | 10                           Leaving
+//!          | 11 prefix:bytes 0|1 key limit:uvarint   Scan (1: resume after the key)
+//!          | 12 entries                   Scanned
+//! entries  = count:uvarint (key record)*  (keys strictly increasing)
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
 //! ```
@@ -101,6 +104,8 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Forwarded { .. } => "forwarded",
         Message::Gossip { .. } => "gossip",
         Message::Leaving => "leaving",
+        Message::Scan { .. } => "scan",
+        Message::Scanned { .. } => "scanned",
     }
 }
 
@@ -156,6 +161,27 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             put_bytes(&mut out, data);
         }
         Message::Leaving => out.push(10),
+        Message::Scan {
+            prefix,
+            after,
+            limit,
+            ..
+        } => {
+            out.push(11);
+            put_bytes(&mut out, prefix);
+            match after {
+                None => out.push(0),
+                Some(key) => {
+                    out.push(1);
+                    put_bytes(&mut out, key.as_bytes());
+                }
+            }
+            put_uvarint(&mut out, u64::from(*limit));
+        }
+        Message::Scanned { entries, .. } => {
+            out.push(12);
+            put_entries(&mut out, entries);
+        }
     }
     out
 }
@@ -183,6 +209,65 @@ fn key(r: &mut Reader<'_>) -> Result<Key, WireError> {
 
 fn record(r: &mut Reader<'_>) -> Result<agentstore_core::Record, WireError> {
     Ok(codec::decode(r.slice().map_err(malformed)?)?)
+}
+
+fn put_entries(out: &mut Vec<u8>, entries: &[(Key, agentstore_core::Record)]) {
+    put_uvarint(out, entries.len() as u64);
+    for (key, record) in entries {
+        put_bytes(out, key.as_bytes());
+        put_bytes(out, &codec::encode(record));
+    }
+}
+
+fn entries(r: &mut Reader<'_>) -> Result<Vec<(Key, agentstore_core::Record)>, WireError> {
+    let count = r.uvarint().map_err(malformed)?;
+    // Each entry takes at least two bytes: never allocate more than the input could hold.
+    let mut out: Vec<(Key, agentstore_core::Record)> =
+        Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(r.remaining() / 2));
+    for _ in 0..count {
+        let key = key(r)?;
+        if out.last().is_some_and(|(last, _)| *last >= key) {
+            return Err(malformed(
+                r.malformed("scan keys are not strictly increasing"),
+            ));
+        }
+        out.push((key, record(r)?));
+    }
+    Ok(out)
+}
+
+/// Encodes a client's mutation (the node API's record endpoint carries it).
+pub fn encode_mutation(mutation: &agentstore_core::record::Mutation) -> Vec<u8> {
+    let mut out = Vec::new();
+    forward::put_mutation(&mut out, mutation);
+    out
+}
+
+/// Decodes what [`encode_mutation`] wrote.
+pub fn decode_mutation(bytes: &[u8]) -> Result<agentstore_core::record::Mutation, WireError> {
+    let mut r = Reader::new(bytes);
+    let mutation = forward::mutation(&mut r)?;
+    if r.offset() != bytes.len() {
+        return Err(malformed(r.malformed("trailing bytes after the mutation")));
+    }
+    Ok(mutation)
+}
+
+/// Encodes scan entries (keys strictly increasing), as the node API's scan endpoint sends them.
+pub fn encode_entries(entries: &[(Key, agentstore_core::Record)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_entries(&mut out, entries);
+    out
+}
+
+/// Decodes what [`encode_entries`] wrote.
+pub fn decode_entries(bytes: &[u8]) -> Result<Vec<(Key, agentstore_core::Record)>, WireError> {
+    let mut r = Reader::new(bytes);
+    let entries = entries(&mut r)?;
+    if r.offset() != bytes.len() {
+        return Err(malformed(r.malformed("trailing bytes after the entries")));
+    }
+    Ok(entries)
 }
 
 /// Decodes an envelope (without the frame length).
@@ -263,6 +348,21 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
             data: r.bytes().map_err(malformed)?,
         },
         10 => Message::Leaving,
+        11 => Message::Scan {
+            request,
+            prefix: r.bytes().map_err(malformed)?,
+            after: match r.u8().map_err(malformed)? {
+                0 => None,
+                1 => Some(key(&mut r)?),
+                _ => return Err(malformed(r.malformed("unknown scan form"))),
+            },
+            limit: u32::try_from(r.uvarint().map_err(malformed)?)
+                .map_err(|_| malformed(r.malformed("scan limit exceeds 32 bits")))?,
+        },
+        12 => Message::Scanned {
+            request,
+            entries: entries(&mut r)?,
+        },
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };
     if r.offset() != bytes.len() {

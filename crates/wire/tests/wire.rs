@@ -79,7 +79,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         ".{0,20}".prop_map(|detail| Outcome::LocalFailure { detail }),
     ];
     let membership = prop_oneof![
-        (key, mutation).prop_map(|(key, mutation)| Message::Forward {
+        (key.clone(), mutation).prop_map(|(key, mutation)| Message::Forward {
             request: 0,
             key,
             mutation
@@ -90,6 +90,23 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         }),
         bytes().prop_map(|data| Message::Gossip { data }),
         Just(Message::Leaving),
+        (bytes(), prop::option::of(key.clone()), any::<u32>()).prop_map(
+            |(prefix, after, limit)| Message::Scan {
+                request: 0,
+                prefix,
+                after,
+                limit
+            }
+        ),
+        prop::collection::btree_map(key.clone(), (bytes(), any::<u32>()), 0..4).prop_map(|m| {
+            Message::Scanned {
+                request: 0,
+                entries: m
+                    .into_iter()
+                    .map(|(k, (v, t))| (k, record(v, u64::from(t))))
+                    .collect(),
+            }
+        }),
     ];
     let message = prop_oneof![message, membership];
     (any::<u64>(), any::<u64>(), message).prop_map(|(request, deadline_ms, message)| {
@@ -109,6 +126,18 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 mutation,
             },
             Message::Forwarded { outcome, .. } => Message::Forwarded { request, outcome },
+            Message::Scan {
+                prefix,
+                after,
+                limit,
+                ..
+            } => Message::Scan {
+                request,
+                prefix,
+                after,
+                limit,
+            },
+            Message::Scanned { entries, .. } => Message::Scanned { request, entries },
             unnumbered => unnumbered,
         };
         Envelope {

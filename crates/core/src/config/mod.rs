@@ -319,6 +319,30 @@ impl Config {
         })
     }
 
+    /// What a cluster of nodes delivers to the collections it holds (those on the `local`
+    /// backend, replicated between nodes without a leader): eventual consistency, with the
+    /// read/write overlap of the quorum settings.
+    pub fn cluster_guarantee(&self) -> Guarantee {
+        let QuorumSpec { n, w, r } = self.replication.quorum;
+        let overlapping = self.quorum_guarantee().overlapping;
+        Guarantee {
+            level: ConsistencyLevel::Eventual,
+            summary: format!(
+                "leaderless replication across the cluster ({}, N={n} W={w} R={r}); {}",
+                self.replication.strategy,
+                if overlapping {
+                    "W + R > N: a read that starts after a write was acknowledged sees it"
+                } else {
+                    "W + R <= N: a read may miss an acknowledged write until replication catches up"
+                }
+            ),
+            caveat: Some(
+                "not linearizable: concurrent writes resolve by the collection's conflict                  strategy, and readers may disagree until read repair; causal and strong                  collections are refused in a cluster"
+                    .into(),
+            ),
+        }
+    }
+
     /// The quorum guarantee of the replication settings.
     pub fn quorum_guarantee(&self) -> QuorumGuarantee {
         self.replication

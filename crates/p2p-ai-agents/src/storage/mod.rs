@@ -29,7 +29,9 @@
 //! configuration line to change.
 
 mod error;
+mod remote;
 mod routes;
+pub mod server;
 mod values;
 mod version;
 
@@ -45,7 +47,8 @@ pub use agentstore_core::config::{
 };
 use agentstore_core::record::{Mutation, Value};
 use agentstore_engine::{
-    AnyEngine, Engine, EngineError, EngineMetrics, Expect, Instrumented, NodeClock, Record, Write,
+    AnyEngine, DynEngine, Engine, EngineError, EngineMetrics, Expect, Instrumented, NodeClock,
+    Record, Write,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -153,6 +156,43 @@ impl Storage {
     /// and PostgreSQL if any collection uses them.
     #[tracing::instrument(skip_all, fields(node = %config.node_id))]
     pub async fn new(config: Config) -> Result<Self> {
+        Self::open(config, None).await
+    }
+
+    /// Opens a store whose `local` collections live in `cluster` (a cluster node, or a node
+    /// reached over the network) instead of the embedded engine; Redis and PostgreSQL
+    /// collections are opened as with [`Storage::new`]. Those collections deliver what the
+    /// cluster does ([`Config::cluster_guarantee`]): a call that asks for more is refused.
+    pub async fn with_cluster(config: Config, cluster: Arc<dyn DynEngine>) -> Result<Self> {
+        Self::open(config, Some(cluster)).await
+    }
+
+    /// Opens a store whose `local` collections live in the cluster of the node serving
+    /// clients at `node` (`host:port`), with the same API as an embedded store. Its replication
+    /// settings (N, W, R) are the node's, read from it here; Redis and PostgreSQL collections
+    /// are opened from `config` as with [`Storage::new`].
+    pub async fn connect(node: &str, mut config: Config) -> Result<Self> {
+        let remote = remote::RemoteEngine::new(node);
+        let status = remote.status().await?;
+        let number = |field: &str| {
+            status[field]
+                .as_u64()
+                .and_then(|n| u8::try_from(n).ok())
+                .ok_or_else(|| {
+                    StorageError::InvalidConfig(format!(
+                        "the node at {node} sent a status without `{field}`"
+                    ))
+                })
+        };
+        config.replication.quorum = agentstore_core::quorum::QuorumSpec {
+            n: number("replicas")?,
+            w: number("write_quorum")?,
+            r: number("read_quorum")?,
+        };
+        Self::with_cluster(config, Arc::new(remote)).await
+    }
+
+    async fn open(config: Config, cluster: Option<Arc<dyn DynEngine>>) -> Result<Self> {
         config.validate().map_err(StorageError::InvalidConfig)?;
         let data_dir = config
             .data_dir
@@ -161,7 +201,7 @@ impl Storage {
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
         let mut registry = Registry::default();
         let metrics = EngineMetrics::register(&mut registry);
-        let routes = Routes::open(&config, &data_dir, clock, metrics).await?;
+        let routes = Routes::open(&config, &data_dir, clock, metrics, cluster).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -193,7 +233,9 @@ impl Storage {
 
     /// Settings and guarantee of a collection.
     pub fn plan(&self, collection: &str) -> CollectionPlan {
-        self.inner.config.plan(collection)
+        let mut plan = self.inner.routes.get(collection).plan.clone();
+        plan.name = collection.to_owned();
+        plan
     }
 
     /// Resolves a call: validates the key, finds its collection's plan, computes the

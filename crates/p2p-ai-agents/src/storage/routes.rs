@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use agentstore_core::config::{Backend, CollectionPlan, Config, IsolationLevel};
 use agentstore_engine::{
-    AnyEngine, EngineMetrics, Instrumented, Isolation, LocalEngine, NodeClock, PostgresEngine,
-    PostgresOptions, RedisEngine, RedisOptions, WaitPolicy,
+    AnyEngine, DynEngine, EngineMetrics, Instrumented, Isolation, LocalEngine, NodeClock,
+    PostgresEngine, PostgresOptions, RedisEngine, RedisOptions, WaitPolicy,
 };
 
 use super::Result;
@@ -28,26 +28,49 @@ pub(crate) struct Routes {
 
 impl Routes {
     /// Opens the engines the configuration uses (and only those) and routes each collection.
+    ///
+    /// With `cluster`, collections on the `local` backend go to that engine instead (a cluster
+    /// node, or a remote node), and their plans carry what the cluster delivers.
     pub(crate) async fn open(
         config: &Config,
         data_dir: &Path,
         clock: Arc<NodeClock>,
         metrics: EngineMetrics,
+        cluster: Option<Arc<dyn DynEngine>>,
     ) -> Result<Self> {
         let mut engines = Engines {
             config,
             data_dir,
             clock,
-            metrics,
+            metrics: metrics.clone(),
             opened: HashMap::new(),
         };
-        let default = config.plan("");
+        if let Some(cluster) = cluster {
+            let engine = AnyEngine::Dyn(cluster);
+            let backend = engine.backend();
+            engines
+                .opened
+                .insert(Instance::Local, Instrumented::new(engine, backend, metrics));
+        }
+        let cluster_guarantee = engines
+            .opened
+            .contains_key(&Instance::Local)
+            .then(|| config.cluster_guarantee());
+        let plan = |name: &str| {
+            let mut plan = config.plan(name);
+            if let (Backend::Local, Some(guarantee)) = (plan.backend, &cluster_guarantee) {
+                plan.guarantee = guarantee.clone();
+            }
+            plan
+        };
+        let default = plan("");
         let default = Route {
             engine: engines.for_plan(&default).await?,
             plan: default,
         };
         let mut named = HashMap::new();
-        for plan in config.plans() {
+        for name in config.collections.keys() {
+            let plan = plan(name);
             let engine = engines.for_plan(&plan).await?;
             named.insert(plan.name.clone(), Route { plan, engine });
         }

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use agentstore_core::{NodeId, VersionVector};
+use agentstore_core::VersionVector;
+pub use agentstore_core::version::InvalidVersion;
 
 /// The version of a key as read: a version vector, printable and parsable as
 /// `node-a:3,node-b:1` (empty: `-`). Compare-and-set expects it; a multi-value write passes
@@ -26,43 +27,15 @@ impl From<VersionVector> for Version {
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            return f.write_str("-");
-        }
-        for (i, (node, counter)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{node}:{counter}")?;
-        }
-        Ok(())
+        self.0.fmt(f)
     }
 }
-
-/// A version token that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid version `{0}`: expected `node:counter[,node:counter...]` or `-`")]
-pub struct InvalidVersion(pub String);
 
 impl FromStr for Version {
     type Err = InvalidVersion;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "-" {
-            return Ok(Self::default());
-        }
-        let invalid = || InvalidVersion(s.to_owned());
-        let mut vv = VersionVector::new();
-        for entry in s.split(',') {
-            let (node, counter) = entry.rsplit_once(':').ok_or_else(invalid)?;
-            let node = NodeId::new(node).map_err(|_| invalid())?;
-            let counter: u64 = counter.parse().map_err(|_| invalid())?;
-            if counter == 0 || vv.get(&node) != 0 {
-                return Err(invalid());
-            }
-            vv.witness(&node, counter);
-        }
-        Ok(Self(vv))
+        s.parse().map(Self)
     }
 }
 
@@ -71,6 +44,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use agentstore_core::NodeId;
 
     proptest! {
         #[test]

@@ -1,0 +1,220 @@
+//! A node reached over HTTP, as an engine: what [`Storage::connect`](super::Storage::connect)
+//! routes the cluster's collections to.
+//!
+//! It speaks the node API's record endpoints (`/v1/records`, see `docs/openapi.yaml`): whole
+//! records in agentstore's binary encoding, so the client computes values, siblings and
+//! counters exactly as an embedded store does. Connections are kept and reused; a connection
+//! that fails is dropped and the call reports [`EngineError::Unavailable`].
+
+use std::sync::Mutex;
+
+use agentstore_core::{Key, Record, codec};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// At most this many idle connections are kept.
+const IDLE: usize = 16;
+
+/// An HTTP client of one node's record endpoints.
+#[derive(Debug)]
+pub(crate) struct RemoteEngine {
+    /// `host:port` of the node's client API.
+    addr: String,
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+}
+
+fn unavailable(detail: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable {
+        backend: "node",
+        detail: detail.to_string(),
+    }
+}
+
+/// Percent-encodes a key or prefix for a path segment or a query value.
+fn encode(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &byte in raw {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+impl RemoteEngine {
+    /// A client of the node serving clients at `addr` (`host:port`; an `http://` prefix is
+    /// accepted).
+    pub(crate) fn new(addr: &str) -> Self {
+        let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+        Self {
+            addr: addr.to_owned(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match idle {
+                Some(mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        return Ok(sender);
+                    }
+                }
+                None => break,
+            }
+        }
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| unavailable(format!("cannot connect to {}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(unavailable)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request; returns the status and the whole body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), EngineError> {
+        let mut sender = self.connection().await?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.addr)
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| EngineError::Internal {
+                detail: e.to_string(),
+            })?;
+        let response = sender.send_request(request).await.map_err(unavailable)?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(unavailable)?
+            .to_bytes();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE {
+            idle.push(sender);
+        }
+        Ok((status, body))
+    }
+
+    /// The node's `/v1/status`.
+    pub(crate) async fn status(&self) -> Result<serde_json::Value, EngineError> {
+        let (status, body) = self.call(Method::GET, "/v1/status", Vec::new()).await?;
+        if status != StatusCode::OK {
+            return Err(Self::refused(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| EngineError::Storage {
+            detail: format!("the node sent an invalid status: {e}"),
+        })
+    }
+
+    /// The engine error the node's error answer stands for.
+    fn refused(status: StatusCode, body: &[u8]) -> EngineError {
+        let error: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let code = error["error"]["code"].as_str().unwrap_or("").to_owned();
+        let message = error["error"]["message"]
+            .as_str()
+            .map_or_else(|| format!("HTTP {status}"), str::to_owned);
+        let count = |field: &str| error["error"][field].as_u64().unwrap_or(0) as usize;
+        match code.as_str() {
+            "quorum_unavailable" => EngineError::QuorumFailed {
+                acknowledged: count("acknowledged"),
+                needed: count("needed"),
+            },
+            "unsupported" => EngineError::Unsupported { detail: message },
+            _ if status.is_server_error() => unavailable(message),
+            _ => EngineError::Storage { detail: message },
+        }
+    }
+
+    fn record(key: &Key, body: &[u8]) -> Result<Record, EngineError> {
+        codec::decode(body).map_err(|source| EngineError::Decode {
+            key: key.clone(),
+            source,
+        })
+    }
+}
+
+impl DynEngine for RemoteEngine {
+    fn backend(&self) -> &'static str {
+        "node"
+    }
+
+    fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
+        Box::pin(async move {
+            let path = format!("/v1/records/{}", encode(key.as_bytes()));
+            let (status, body) = self.call(Method::GET, &path, Vec::new()).await?;
+            match status {
+                StatusCode::OK => Self::record(key, &body).map(Some),
+                StatusCode::NOT_FOUND => Ok(None),
+                other => Err(Self::refused(other, &body)),
+            }
+        })
+    }
+
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        start_after: Option<&'a Key>,
+        limit: usize,
+    ) -> EngineFuture<'a, Vec<(Key, Record)>> {
+        Box::pin(async move {
+            let mut path = format!("/v1/records?prefix={}&limit={limit}", encode(prefix));
+            if let Some(after) = start_after {
+                path.push_str(&format!("&after={}", encode(after.as_bytes())));
+            }
+            let (status, body) = self.call(Method::GET, &path, Vec::new()).await?;
+            if status != StatusCode::OK {
+                return Err(Self::refused(status, &body));
+            }
+            agentstore_wire::decode_entries(&body).map_err(|e| EngineError::Storage {
+                detail: format!("the node sent an invalid scan page: {e}"),
+            })
+        })
+    }
+
+    fn commit(&self, mut writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
+        Box::pin(async move {
+            let write = match writes.pop() {
+                Some(write)
+                    if writes.is_empty() && write.expect.is_none() && write.fence.is_none() =>
+                {
+                    write
+                }
+                _ => {
+                    return Err(EngineError::Unsupported {
+                        detail: "a cluster write applies one unconditional mutation to one key; \
+                                 batches, compare-and-set and fenced writes need the strong level"
+                            .into(),
+                    });
+                }
+            };
+            let path = format!("/v1/records/{}", encode(write.key.as_bytes()));
+            let body = agentstore_wire::encode_mutation(&write.mutation);
+            let (status, answer) = self.call(Method::POST, &path, body).await?;
+            if status != StatusCode::OK {
+                return Err(Self::refused(status, &answer));
+            }
+            Ok(vec![Self::record(&write.key, &answer)?])
+        })
+    }
+}

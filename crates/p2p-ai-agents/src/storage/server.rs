@@ -1,0 +1,525 @@
+//! A cluster node with its client API: what `agentstore node` runs.
+//!
+//! The node ([`agentstore_cluster::Node`]) replicates the `local` collections with its peers;
+//! a [`Storage`] routes those collections to it (Redis and PostgreSQL collections go to their
+//! servers as everywhere else), and the HTTP/JSON API below serves that `Storage`: a call
+//! on a node behaves as the same call on an embedded store, at the level the cluster
+//! delivers. The API is described by `docs/openapi.yaml`; [`OPENAPI`] is that document.
+//!
+//! Errors are `{"error": {"code", "message"}}` with a stable `code` (listed in the
+//! document).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentstore_cluster::{ClusterEngine, Node, NodeConfig};
+use agentstore_core::config::Config;
+use agentstore_core::{ConsistencyLevel, Key, codec};
+use agentstore_engine::{DynEngine, EngineError, LocalEngine, NodeClock, Write};
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use super::{Storage, StorageError, Version, default_data_dir};
+
+/// The OpenAPI document of the client API.
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
+
+/// How long a request waits for its quorum.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An error answer: status, stable code, message, and extra fields.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Json,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            code,
+            message: message.to_string(),
+            extra: Json::Null,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let (Some(error), Json::Object(extra)) = (error.as_object_mut(), self.extra) {
+            error.extend(extra);
+        }
+        (self.status, axum::Json(json!({ "error": error }))).into_response()
+    }
+}
+
+fn engine_error(err: EngineError) -> ApiError {
+    let message = err.to_string();
+    match err {
+        EngineError::QuorumFailed {
+            acknowledged,
+            needed,
+        } => ApiError {
+            extra: json!({ "acknowledged": acknowledged, "needed": needed }),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "quorum_unavailable",
+                message,
+            )
+        },
+        EngineError::Unavailable { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+        EngineError::Unsupported { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "unsupported", message)
+        }
+        EngineError::WrongKind { .. } => ApiError::new(StatusCode::CONFLICT, "wrong_kind", message),
+        EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "local_failure", message),
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(err: StorageError) -> Self {
+        let message = err.to_string();
+        let conflict = |code| ApiError::new(StatusCode::CONFLICT, code, &message);
+        match err {
+            StorageError::Key { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_key", message)
+            }
+            StorageError::Serialize { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", message)
+            }
+            StorageError::WrongOperation { .. } => conflict("wrong_operation"),
+            StorageError::Siblings { .. } => conflict("siblings"),
+            StorageError::VersionMismatch { .. } => conflict("version_mismatch"),
+            StorageError::LevelUnavailable { .. } => conflict("consistency_unavailable"),
+            StorageError::Engine(err) => engine_error(err),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        }
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn invalid_body(what: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", what)
+}
+
+fn not_found(key: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no value for {key}"),
+    )
+}
+
+fn parse_key(key: &str) -> Result<Key, ApiError> {
+    key.parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_key", e))
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+struct Api {
+    storage: Storage,
+    node: Arc<Node>,
+    engine: ClusterEngine,
+    /// Notified once the node has left the cluster: the server stops.
+    left: Arc<Notify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    consistency: Option<ConsistencyLevel>,
+    context: Option<String>,
+}
+
+fn context(query: &KeyQuery) -> Result<Option<Version>, ApiError> {
+    query
+        .context
+        .as_deref()
+        .map(|c| {
+            c.parse::<Version>()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_context", e))
+        })
+        .transpose()
+}
+
+fn written(key: &str, version: &Version) -> Response {
+    axum::Json(json!({ "key": key, "version": version.to_string() })).into_response()
+}
+
+async fn get_key(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
+) -> Answer {
+    use agentstore_core::config::ConflictStrategy as S;
+    let collection = parse_key(&key)?.collection().to_owned();
+    let storage = &api.storage;
+    let body = match storage.plan(&collection).conflict {
+        S::Register => {
+            let read = match query.consistency {
+                Some(level) => {
+                    storage
+                        .get_versioned_with_consistency::<Json>(&key, level)
+                        .await
+                }
+                None => storage.get_versioned::<Json>(&key).await,
+            }?;
+            let read = read.ok_or_else(|| not_found(&key))?;
+            json!({ "key": key, "value": read.value, "version": read.version.to_string() })
+        }
+        S::MultiValue => {
+            let siblings = storage.get_siblings::<Json>(&key).await?;
+            if siblings.values.is_empty() {
+                return Err(not_found(&key));
+            }
+            json!({ "key": key, "siblings": siblings.values, "context": siblings.context.to_string() })
+        }
+        S::GCounter | S::PnCounter => json!({ "key": key, "value": storage.counter(&key).await? }),
+        S::GSet | S::OrSet => {
+            json!({ "key": key, "members": storage.set_members::<Json>(&key).await? })
+        }
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+async fn put_key(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let value: Json =
+        serde_json::from_slice(&body).map_err(|_| invalid_body("the body must be a JSON value"))?;
+    let storage = &api.storage;
+    let collection = parse_key(&key)?.collection().to_owned();
+    let receipt = if storage.plan(&collection).conflict
+        == agentstore_core::config::ConflictStrategy::MultiValue
+    {
+        // A multi-value write replaces the siblings its context names; no context adds one.
+        let context = context(&query)?.unwrap_or_default();
+        storage.set_with_context(&key, value, &context).await?
+    } else {
+        match query.consistency {
+            Some(level) => storage.set_with_consistency(&key, value, level).await?,
+            None => storage.set(&key, value).await?,
+        }
+    };
+    Ok(written(&key, &receipt.version))
+}
+
+async fn delete_key(State(api): State<Api>, Path(key): Path<String>) -> Answer {
+    let receipt = api.storage.delete(&key).await?;
+    Ok(written(&key, &receipt.version))
+}
+
+async fn add_counter(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let delta = serde_json::from_slice::<Json>(&body)
+        .ok()
+        .and_then(|b| b.get("delta").and_then(Json::as_i64))
+        .ok_or_else(|| invalid_body("the body must be {\"delta\": <integer>}"))?;
+    let value = api.storage.counter_add(&key, delta).await?;
+    Ok(axum::Json(json!({ "key": key, "value": value })).into_response())
+}
+
+async fn change_set(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let change: Json = serde_json::from_slice(&body).unwrap_or_default();
+    let receipt = match (change.get("add"), change.get("remove")) {
+        (Some(member), None) => api.storage.set_add(&key, member).await?,
+        (None, Some(member)) => api.storage.set_remove(&key, member).await?,
+        _ => {
+            return Err(invalid_body(
+                "the body must be {\"add\": <value>} or {\"remove\": <value>}",
+            ));
+        }
+    };
+    Ok(written(&key, &receipt.version))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn scan(
+    State(api): State<Api>,
+    Path(prefix): Path<String>,
+    Query(query): Query<ScanQuery>,
+) -> Answer {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = api
+        .storage
+        .scan(&prefix, query.after.as_deref(), limit)
+        .await?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.key.clone()))
+        .flatten();
+    let entries: Vec<Json> = entries
+        .into_iter()
+        .map(|e| json!({ "key": e.key, "value": e.value }))
+        .collect();
+    Ok(axum::Json(json!({ "entries": entries, "next": next })).into_response())
+}
+
+fn octets(bytes: Vec<u8>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        bytes,
+    )
+        .into_response()
+}
+
+async fn get_record(State(api): State<Api>, Path(key): Path<String>) -> Answer {
+    let key = parse_key(&key)?;
+    match api.engine.get(&key).await.map_err(engine_error)? {
+        Some(record) => Ok(octets(codec::encode(&record))),
+        None => Err(not_found(&key.to_string())),
+    }
+}
+
+async fn apply_record(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let key = parse_key(&key)?;
+    let mutation = agentstore_wire::decode_mutation(&body)
+        .map_err(|e| invalid_body(&format!("not an encoded mutation: {e}")))?;
+    let mut records = api
+        .engine
+        .commit(vec![Write::new(key, mutation)])
+        .await
+        .map_err(engine_error)?;
+    let record = records
+        .pop()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no record"))?;
+    Ok(octets(codec::encode(&record)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordScanQuery {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn scan_records(State(api): State<Api>, Query(query): Query<RecordScanQuery>) -> Answer {
+    let after = query.after.as_deref().map(parse_key).transpose()?;
+    let prefix = query.prefix.unwrap_or_default();
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = api
+        .engine
+        .scan(prefix.as_bytes(), after.as_ref(), limit)
+        .await
+        .map_err(engine_error)?;
+    Ok(octets(agentstore_wire::encode_entries(&entries)))
+}
+
+async fn status(State(api): State<Api>) -> Answer {
+    let node = api
+        .node
+        .status()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", e))?;
+    let config = api.storage.config();
+    let mut names: Vec<String> = config.collections.keys().cloned().collect();
+    names.push(String::new());
+    let collections: Vec<Json> = names
+        .iter()
+        .map(|name| {
+            let plan = api.storage.plan(name);
+            json!({
+                "name": if name.is_empty() { "(default)" } else { name },
+                "backend": plan.backend.to_string(),
+                "consistency": plan.consistency,
+                "conflict": plan.conflict,
+                "replication": {
+                    "strategy": plan.replication.strategy.to_string(),
+                    "n": plan.replication.quorum.n,
+                    "w": plan.replication.quorum.w,
+                    "r": plan.replication.quorum.r,
+                },
+                "guarantee": {
+                    "level": plan.guarantee.level,
+                    "summary": plan.guarantee.summary,
+                    "caveat": plan.guarantee.caveat,
+                },
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_value(&node).unwrap_or_default();
+    body["collections"] = Json::Array(collections);
+    Ok(axum::Json(body).into_response())
+}
+
+async fn leave(State(api): State<Api>) -> Answer {
+    api.node
+        .leave()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "handoff_incomplete", e))?;
+    api.left.notify_one();
+    Ok(axum::Json(json!({ "left": true })).into_response())
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    // Both registries end with `# EOF`; the combined text keeps only the last one.
+    let node = api.node.metrics_text();
+    let node = node.trim_end().trim_end_matches("# EOF").to_owned();
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        node + &api.storage.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route(
+            "/v1/keys/{key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .route("/v1/counters/{key}", post(add_counter))
+        .route("/v1/sets/{key}", post(change_set))
+        .route("/v1/scan/{prefix}", get(scan))
+        .route("/v1/records", get(scan_records))
+        .route("/v1/records/{key}", get(get_record).post(apply_record))
+        .route("/v1/status", get(status))
+        .route("/v1/leave", post(leave))
+        .route("/v1/openapi.yaml", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}
+
+/// Listeners a node serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The HTTP client API.
+    pub clients: TcpListener,
+    /// Replication and membership traffic.
+    pub peers: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of the configuration's `storage.cluster` block.
+    pub async fn bind(config: &Config) -> Result<Self, StorageError> {
+        let cluster = cluster_block(config)?;
+        let bind = |addr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|e| {
+                StorageError::InvalidConfig(format!("cannot listen for {what} on {addr}: {e}"))
+            })
+        };
+        Ok(Self {
+            clients: bind(cluster.client_addr, "clients").await?,
+            peers: bind(cluster.peer_addr, "peers").await?,
+        })
+    }
+}
+
+fn cluster_block(config: &Config) -> Result<&agentstore_core::config::ClusterConfig, StorageError> {
+    config.cluster.as_ref().ok_or_else(|| {
+        StorageError::InvalidConfig(
+            "a node needs a storage.cluster block (client_addr, peer_addr, peers)".into(),
+        )
+    })
+}
+
+/// Runs a node until `shutdown` completes or the node leaves the cluster: starts replication
+/// on `listeners.peers`, serves the client API on `listeners.clients`, then drains (requests
+/// in progress finish) and stops.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StorageError> {
+    let cluster = cluster_block(&config)?.clone();
+    let data_dir = config
+        .data_dir
+        .as_ref()
+        .map_or_else(default_data_dir, PathBuf::from);
+    let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
+    let local = LocalEngine::open(&data_dir, clock)?;
+    let quorum = config.replication.quorum;
+    let node_config = NodeConfig {
+        id: config.node_id.clone(),
+        client_addr: Some(
+            listeners
+                .clients
+                .local_addr()
+                .unwrap_or(cluster.client_addr),
+        ),
+        seeds: cluster.peers.clone(),
+        replicas: usize::from(quorum.n),
+        write_quorum: usize::from(quorum.w),
+        read_quorum: usize::from(quorum.r),
+        request_timeout: REQUEST_TIMEOUT,
+        anti_entropy_interval: Duration::from_secs(1),
+    };
+    let node = Arc::new(Node::start(node_config, local, listeners.peers));
+    let engine = ClusterEngine::new(Arc::clone(&node), usize::from(quorum.n));
+    let storage = Storage::with_cluster(config.clone(), Arc::new(engine.clone())).await?;
+    tracing::info!(
+        node = %config.node_id,
+        clients = %cluster.client_addr,
+        peers = %cluster.peer_addr,
+        data_dir = %data_dir.display(),
+        "node ready"
+    );
+    let left = Arc::new(Notify::new());
+    let api = Api {
+        storage,
+        node: Arc::clone(&node),
+        engine,
+        left: Arc::clone(&left),
+    };
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = left.notified() => {}
+        }
+    };
+    let served = axum::serve(listeners.clients, router(api))
+        .with_graceful_shutdown(stop)
+        .await;
+    // Drain: the HTTP server has finished its requests; stop the node loop and its listeners.
+    if let Ok(node) = Arc::try_unwrap(node) {
+        node.shutdown().await;
+    }
+    served.map_err(|e| StorageError::InvalidConfig(format!("the client API failed: {e}")))
+}
