@@ -3,6 +3,7 @@
 //! The binary stays thin: it parses arguments, builds a `Storage` and prints what the library
 //! returns. Exit codes are part of its interface (see `ExitCode` below and the README).
 
+mod admin;
 mod check;
 mod node;
 
@@ -50,6 +51,10 @@ struct Cli {
     /// Data directory of the local engine (overrides the configuration's `data_dir`).
     #[arg(short, long, global = true, env = "AGENTSTORE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Talk to the cluster node serving clients at ADDR (`host:port`) instead of opening an
+    /// embedded store: its `local` collections live in the cluster.
+    #[arg(short, long, global = true, env = "AGENTSTORE_NODE")]
+    node: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -126,6 +131,15 @@ enum Command {
     /// Run this machine as a cluster node (needs `storage.cluster` in --config): serves the
     /// HTTP API on `client_addr` and replicates with the peers until SIGTERM or Ctrl-C.
     Node,
+    /// Show a node's view of the cluster (needs --node): members and their liveness, each
+    /// member's share of the keys, and every collection's level, replication and guarantee.
+    Status,
+    /// Compare the node's data with every member now and exchange what differs (Merkle
+    /// anti-entropy), with a progress bar (needs --node).
+    Repair,
+    /// Make the node leave the cluster for good: it hands its records to the replicas that
+    /// take its place, then stops (needs --node).
+    Leave,
 }
 
 #[derive(Subcommand)]
@@ -285,7 +299,20 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     if let Command::Node = &cli.command {
         return node::run(load(&cli)?).await;
     }
-    let storage = Storage::new(load(&cli)?).await?;
+    if matches!(
+        cli.command,
+        Command::Status | Command::Repair | Command::Leave
+    ) {
+        let Some(addr) = &cli.node else {
+            eprintln!("error: this command talks to a node: give --node HOST:PORT");
+            return Ok(exit::USAGE);
+        };
+        return admin::run(&cli.command, addr, cli.json).await;
+    }
+    let storage = match &cli.node {
+        Some(addr) => Storage::connect(addr, load(&cli)?).await?,
+        None => Storage::new(load(&cli)?).await?,
+    };
     match &cli.command {
         Command::Put {
             key,
@@ -396,7 +423,9 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             let members = storage.set_members::<Json>(key).await?;
             print_value(&cli, key, Json::Array(members));
         }
-        Command::Config(_) | Command::Node => unreachable!("handled before the store is opened"),
+        Command::Config(_) | Command::Node | Command::Status | Command::Repair | Command::Leave => {
+            unreachable!("handled before the store is opened")
+        }
     }
     Ok(exit::OK)
 }

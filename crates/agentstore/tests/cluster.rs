@@ -203,3 +203,93 @@ fn three_node_processes_replicate_survive_a_kill_and_stop_cleanly() {
     assert_eq!(nodes[0].signal("-TERM"), Some(0));
     assert_eq!(nodes[2].signal("-TERM"), Some(0));
 }
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(args)
+        .env_remove("AGENTSTORE_DATA_DIR")
+        .env_remove("AGENTSTORE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_talks_to_nodes_status_repair_and_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path());
+    let addr = |i: usize| nodes[i].client.to_string();
+    let (a, c) = (addr(0), addr(2));
+
+    // Every member alive, as A sees it (membership needs a moment after the processes start).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = cli(&["--node", &a, "--json", "status"]);
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let alive = status["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["liveness"] == "alive")
+            .count();
+        if alive == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out, _) = cli(&["--node", &a, "status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("node-b") && out.contains("alive"), "{out}");
+    assert!(out.contains("delivers eventual"), "{out}");
+
+    // The same commands as embedded, against the cluster.
+    let (code, _, err) = cli(&["--node", &a, "put", "notes:cli", "{\"n\":1}"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cli(&["--node", &c, "get", "notes:cli"]);
+    assert_eq!((code, out.trim()), (0, "{\"n\":1}"));
+    let (code, out, _) = cli(&["--node", &c, "counter", "add", "metrics:cli", "5"]);
+    assert_eq!((code, out.trim()), (0, "5"));
+    let (code, _, _) = cli(&["--node", &a, "get", "notes:absent"]);
+    assert_eq!(code, 3, "not found exits 3 as embedded");
+    let (code, _, err) = cli(&["--node", &a, "--consistency", "strong", "get", "notes:cli"]);
+    assert_eq!(code, 2, "the cluster refuses strong: {err}");
+
+    // Repair: a line per member in JSON, a progress bar otherwise.
+    let (code, out, err) = cli(&["--node", &a, "--json", "repair"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, out, err) = cli(&["--node", &a, "repair"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("2/2") && out.contains("repair done"),
+        "{out}{err}"
+    );
+
+    // C leaves for good: its process stops, A and B keep every key.
+    let (code, _, err) = cli(&["--node", &c, "leave"]);
+    assert_eq!(code, 0, "{err}");
+    let exited = nodes[2].child.as_mut().unwrap().wait().unwrap();
+    assert!(exited.success(), "a node that left exits 0");
+    nodes[2].child = None;
+    let (code, out, _) = cli(&["--node", &a, "get", "notes:cli"]);
+    assert_eq!((code, out.trim()), (0, "{\"n\":1}"));
+    let (code, out, _) = cli(&["--node", &a, "--json", "status"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["node-a", "node-b"]);
+    assert_eq!(nodes[0].signal("-TERM"), Some(0));
+    assert_eq!(nodes[1].signal("-TERM"), Some(0));
+}

@@ -13,5 +13,5 @@ mod node;
 mod transport;
 
 pub use engine::ClusterEngine;
-pub use node::{MemberStatus, Node, NodeConfig, NodeError, ScanPage, Status};
+pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
 pub use transport::{Dropped, Incoming, Transport};

@@ -70,6 +70,9 @@ pub enum NodeError {
     /// The node has shut down.
     #[error("the node has shut down")]
     Stopped,
+    /// A repair is already running on this node.
+    #[error("a repair is already running on this node")]
+    RepairRunning,
     /// The node could not hand all its records to the other replicas in time; it is still a
     /// member, and asking it to leave again carries on.
     #[error("{remaining} record(s) not yet handed to their new replicas; still a member")]
@@ -101,6 +104,50 @@ enum Command {
         limit: u32,
         reply: oneshot::Sender<ScanPage>,
     },
+    Repair {
+        progress: mpsc::Sender<RepairStep>,
+        started: oneshot::Sender<bool>,
+    },
+}
+
+/// One member compared by a repair.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RepairStep {
+    /// The member.
+    pub member: NodeId,
+    /// Members compared so far, this one included.
+    pub done: usize,
+    /// Members to compare.
+    pub total: usize,
+    /// Whether it answered in time.
+    pub answered: bool,
+    /// Buckets (of 64) whose records differed and were exchanged.
+    pub buckets_differing: usize,
+}
+
+/// How long a repair waits for one member's comparison.
+const REPAIR_WAIT: Duration = Duration::from_secs(5);
+
+/// A repair in progress: members still to compare, the one being compared.
+struct Repair {
+    queue: VecDeque<NodeId>,
+    current: Option<(NodeId, Instant)>,
+    done: usize,
+    total: usize,
+    progress: mpsc::Sender<RepairStep>,
+}
+
+impl Repair {
+    fn report(&mut self, member: &NodeId, differing: Option<usize>) {
+        self.done += 1;
+        let _ = self.progress.try_send(RepairStep {
+            member: member.clone(),
+            done: self.done,
+            total: self.total,
+            answered: differing.is_some(),
+            buckets_differing: differing.unwrap_or(0),
+        });
+    }
 }
 
 /// A page of a scan across the cluster.
@@ -213,6 +260,7 @@ impl Node {
             forwarded: BTreeMap::new(),
             handoffs: BTreeMap::new(),
             scans: BTreeMap::new(),
+            repair: None,
             leaving: None,
             departed: Default::default(),
             next_request: 1,
@@ -283,6 +331,23 @@ impl Node {
         answer.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Compares this node's data with every member now, one after the other, exchanging the
+    /// records that differ; each member compared is reported on the returned channel, which
+    /// closes when the repair is over.
+    pub async fn repair(&self) -> Result<mpsc::Receiver<RepairStep>, NodeError> {
+        let (progress, steps) = mpsc::channel(1024);
+        let (started, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Repair { progress, started })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        match answer.await {
+            Ok(true) => Ok(steps),
+            Ok(false) => Err(NodeError::RepairRunning),
+            Err(_) => Err(NodeError::Stopped),
+        }
+    }
+
     /// Leaves the cluster for good: hands every record to the replicas that take this node's
     /// place (waiting until each of them acknowledged it), tells the members, then stops
     /// answering as a member. Call [`Node::shutdown`] afterwards.
@@ -337,6 +402,8 @@ struct Loop {
     handoffs: BTreeMap<RequestId, Handoff>,
     /// Scans waiting for members' pages.
     scans: BTreeMap<RequestId, PendingScan>,
+    /// A repair in progress (one at a time; a second waits for the first's members).
+    repair: Option<Repair>,
     /// Set while leaving: who waits for the handoff to finish, and until when.
     leaving: Option<(oneshot::Sender<Result<(), NodeError>>, Instant)>,
     /// The peer the next anti-entropy round compares with.
@@ -411,6 +478,7 @@ impl Loop {
                     self.membership_events(events);
                     self.expire_forwarded();
                     self.finish_scans(true);
+                    self.repair_tick().await;
                     let effects = self.coordinator.step(Input::Tick, now_ms());
                     self.execute(effects).await;
                 }
@@ -729,6 +797,23 @@ impl Loop {
                     .await;
                 return;
             }
+            Command::Repair { progress, started } => {
+                if self.repair.is_some() {
+                    let _ = started.send(false);
+                    return;
+                }
+                let members: VecDeque<NodeId> = self.members.keys().cloned().collect();
+                self.repair = Some(Repair {
+                    total: members.len(),
+                    queue: members,
+                    current: None,
+                    done: 0,
+                    progress,
+                });
+                let _ = started.send(true);
+                self.repair_next().await;
+                return;
+            }
             Command::Leave { reply } => {
                 // Handoff rounds run with anti-entropy; give them a minute.
                 self.leaving = Some((reply, Instant::now() + Duration::from_secs(60)));
@@ -869,9 +954,13 @@ impl Loop {
             }
             Message::TreeLeaves { depth, leaves } => self.compare_trees(&from, depth, leaves).await,
             Message::Buckets { depth, buckets } if depth == TREE_DEPTH => {
+                let differing = buckets.len();
                 let buckets: std::collections::BTreeSet<usize> =
                     buckets.into_iter().map(|b| b as usize).collect();
-                self.send_buckets(&from, &buckets).await;
+                if !buckets.is_empty() {
+                    self.send_buckets(&from, &buckets).await;
+                }
+                self.repair_answered(&from, differing);
             }
             Message::Replicated { request } if request & HANDOFF_REQUEST_BIT != 0 => {
                 self.handoff_acknowledged(&from, request).await;
@@ -940,12 +1029,59 @@ impl Loop {
         }
         let peer = peers[self.next_peer % peers.len()].clone();
         self.next_peer += 1;
-        let tree = Self::tree(&self.shared_with(&peer).await);
+        self.compare_with(&peer).await;
+    }
+
+    /// Sends `peer` the leaves of the tree of what we share; it answers with the buckets that
+    /// differ (and their records).
+    async fn compare_with(&mut self, peer: &NodeId) {
+        let tree = Self::tree(&self.shared_with(peer).await);
         let message = Message::TreeLeaves {
             depth: TREE_DEPTH,
             leaves: tree.leaves().to_vec(),
         };
-        self.transport.send(&peer, Envelope::new(message));
+        self.transport.send(peer, Envelope::new(message));
+    }
+
+    /// Compares with the next member of a repair, or ends the repair.
+    async fn repair_next(&mut self) {
+        let Some(repair) = self.repair.as_mut() else {
+            return;
+        };
+        match repair.queue.pop_front() {
+            Some(member) => {
+                repair.current = Some((member.clone(), Instant::now() + REPAIR_WAIT));
+                self.compare_with(&member).await;
+            }
+            None => self.repair = None,
+        }
+    }
+
+    /// A member answered a comparison: if a repair waits for it, report and go on.
+    fn repair_answered(&mut self, from: &NodeId, differing: usize) {
+        if let Some(repair) = self.repair.as_mut()
+            && repair.current.as_ref().is_some_and(|(m, _)| m == from)
+        {
+            repair.current = None;
+            repair.report(from, Some(differing));
+        }
+    }
+
+    /// A member that did not answer a repair in time is reported and skipped.
+    async fn repair_tick(&mut self) {
+        let Some(repair) = self.repair.as_mut() else {
+            return;
+        };
+        match &repair.current {
+            Some((member, until)) if Instant::now() > *until => {
+                let member = member.clone();
+                repair.current = None;
+                repair.report(&member, None);
+                self.repair_next().await;
+            }
+            Some(_) => {}
+            None => self.repair_next().await,
+        }
     }
 
     /// Anti-entropy, step 2: compare with the peer's leaves; send our records of the buckets
@@ -958,9 +1094,8 @@ impl Loop {
         };
         let ours = Self::tree(&self.shared_with(from).await);
         let buckets: std::collections::BTreeSet<usize> = ours.diff(&theirs).into_iter().collect();
-        if buckets.is_empty() {
-            return;
-        }
+        // Always answered, even with no bucket: the comparison is complete (a repair waits
+        // for it).
         self.send_buckets(from, &buckets).await;
         let buckets = buckets.into_iter().map(|b| b as u32).collect();
         self.transport.send(
@@ -974,6 +1109,9 @@ impl Loop {
 
     /// Anti-entropy, step 3: send `peer` our records in `buckets` (it merges them).
     async fn send_buckets(&mut self, peer: &NodeId, buckets: &std::collections::BTreeSet<usize>) {
+        if buckets.is_empty() {
+            return;
+        }
         let probe = MerkleTree::new(TREE_DEPTH);
         for (key, record) in self.shared_with(peer).await {
             if buckets.contains(&probe.bucket(key.as_bytes())) {

@@ -55,6 +55,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
 pub use self::error::{Result, StorageError};
+pub use self::remote::NodeClient;
 use self::routes::Routes;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
@@ -168,12 +169,45 @@ impl Storage {
     }
 
     /// Opens a store whose `local` collections live in the cluster of the node serving
-    /// clients at `node` (`host:port`), with the same API as an embedded store. Its replication
-    /// settings (N, W, R) are the node's, read from it here; Redis and PostgreSQL collections
-    /// are opened from `config` as with [`Storage::new`].
+    /// clients at `node` (`host:port`), with the same API as an embedded store. The cluster's
+    /// settings are the node's, read from it here: replication (N, W, R) and the level and
+    /// conflict strategy of each collection it holds (they decide what a key is, so the node's
+    /// win over `config`'s). Redis and PostgreSQL collections are opened from `config` as with
+    /// [`Storage::new`].
     pub async fn connect(node: &str, mut config: Config) -> Result<Self> {
-        let remote = remote::RemoteEngine::new(node);
+        let remote = NodeClient::new(node);
         let status = remote.status().await?;
+        let invalid = |what: &str| {
+            StorageError::InvalidConfig(format!("the node at {node} sent an invalid {what}"))
+        };
+        for collection in status["collections"].as_array().into_iter().flatten() {
+            if collection["backend"] != "local" {
+                continue;
+            }
+            let consistency: ConsistencyLevel =
+                serde_json::from_value(collection["consistency"].clone())
+                    .map_err(|_| invalid("collection level"))?;
+            let conflict: ConflictStrategy = serde_json::from_value(collection["conflict"].clone())
+                .map_err(|_| invalid("conflict strategy"))?;
+            match collection["name"].as_str() {
+                Some("(default)") if config.default_backend == Backend::Local => {
+                    config.default_consistency = consistency;
+                    config.default_conflict = conflict;
+                }
+                Some("(default)") => {}
+                Some(name) => {
+                    config.collections.insert(
+                        name.to_owned(),
+                        agentstore_core::config::CollectionConfig {
+                            backend: Some(Backend::Local),
+                            consistency: Some(consistency),
+                            conflict: Some(conflict),
+                        },
+                    );
+                }
+                None => return Err(invalid("collection")),
+            }
+        }
         let number = |field: &str| {
             status[field]
                 .as_u64()

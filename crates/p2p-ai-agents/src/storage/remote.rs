@@ -20,9 +20,10 @@ use tokio::net::TcpStream;
 /// At most this many idle connections are kept.
 const IDLE: usize = 16;
 
-/// An HTTP client of one node's record endpoints.
+/// An HTTP client of one node: its record endpoints (as an engine) and its administration
+/// (status, repair, leave).
 #[derive(Debug)]
-pub(crate) struct RemoteEngine {
+pub struct NodeClient {
     /// `host:port` of the node's client API.
     addr: String,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
@@ -48,10 +49,10 @@ fn encode(raw: &[u8]) -> String {
     out
 }
 
-impl RemoteEngine {
+impl NodeClient {
     /// A client of the node serving clients at `addr` (`host:port`; an `http://` prefix is
     /// accepted).
-    pub(crate) fn new(addr: &str) -> Self {
+    pub fn new(addr: &str) -> Self {
         let addr = addr.trim_start_matches("http://").trim_end_matches('/');
         Self {
             addr: addr.to_owned(),
@@ -116,8 +117,8 @@ impl RemoteEngine {
         Ok((status, body))
     }
 
-    /// The node's `/v1/status`.
-    pub(crate) async fn status(&self) -> Result<serde_json::Value, EngineError> {
+    /// The node's `/v1/status` (see `docs/openapi.yaml`).
+    pub async fn status(&self) -> Result<serde_json::Value, EngineError> {
         let (status, body) = self.call(Method::GET, "/v1/status", Vec::new()).await?;
         if status != StatusCode::OK {
             return Err(Self::refused(status, &body));
@@ -125,6 +126,55 @@ impl RemoteEngine {
         serde_json::from_slice(&body).map_err(|e| EngineError::Storage {
             detail: format!("the node sent an invalid status: {e}"),
         })
+    }
+
+    /// Asks the node to leave the cluster (it hands its records over, then stops).
+    pub async fn leave(&self) -> Result<(), EngineError> {
+        let (status, body) = self.call(Method::POST, "/v1/leave", Vec::new()).await?;
+        if status != StatusCode::OK {
+            return Err(Self::refused(status, &body));
+        }
+        Ok(())
+    }
+
+    /// Runs a repair on the node (Merkle anti-entropy with every member, now); calls
+    /// `on_step` with each member's result as the node reports it.
+    pub async fn repair(
+        &self,
+        mut on_step: impl FnMut(serde_json::Value),
+    ) -> Result<(), EngineError> {
+        let mut sender = self.connection().await?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/repair")
+            .header(hyper::header::HOST, &self.addr)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| EngineError::Internal {
+                detail: e.to_string(),
+            })?;
+        let response = sender.send_request(request).await.map_err(unavailable)?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if status != StatusCode::OK {
+            let bytes = body.collect().await.map_err(unavailable)?.to_bytes();
+            return Err(Self::refused(status, &bytes));
+        }
+        // Newline-delimited JSON, a line per member, as the repair reaches it.
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(unavailable)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if let Ok(step) = serde_json::from_slice(&line) {
+                    on_step(step);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The engine error the node's error answer stands for.
@@ -154,7 +204,7 @@ impl RemoteEngine {
     }
 }
 
-impl DynEngine for RemoteEngine {
+impl DynEngine for NodeClient {
     fn backend(&self) -> &'static str {
         "node"
     }

@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
@@ -383,6 +383,31 @@ async fn status(State(api): State<Api>) -> Answer {
     Ok(axum::Json(body).into_response())
 }
 
+async fn repair(State(api): State<Api>) -> Answer {
+    let steps = api
+        .node
+        .repair()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "repair_running", e))?;
+    // One JSON line per member, as the repair reaches it.
+    let lines = futures_lines(steps);
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+fn futures_lines(
+    steps: tokio::sync::mpsc::Receiver<agentstore_cluster::RepairStep>,
+) -> impl futures_util::Stream<Item = Result<String, std::convert::Infallible>> {
+    futures_util::stream::unfold(steps, |mut steps| async move {
+        let step = steps.recv().await?;
+        let line = serde_json::to_string(&step).unwrap_or_default() + "\n";
+        Some((Ok(line), steps))
+    })
+}
+
 async fn leave(State(api): State<Api>) -> Answer {
     api.node
         .leave()
@@ -408,22 +433,38 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
 }
 
-fn router(api: Api) -> Router {
-    Router::new()
-        .route(
+/// The API: each path and what it serves.
+fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
+    vec![
+        (
             "/v1/keys/{key}",
             get(get_key).put(put_key).delete(delete_key),
-        )
-        .route("/v1/counters/{key}", post(add_counter))
-        .route("/v1/sets/{key}", post(change_set))
-        .route("/v1/scan/{prefix}", get(scan))
-        .route("/v1/records", get(scan_records))
-        .route("/v1/records/{key}", get(get_record).post(apply_record))
-        .route("/v1/status", get(status))
-        .route("/v1/leave", post(leave))
-        .route("/v1/openapi.yaml", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+        ),
+        ("/v1/counters/{key}", post(add_counter)),
+        ("/v1/sets/{key}", post(change_set)),
+        ("/v1/scan/{prefix}", get(scan)),
+        ("/v1/records", get(scan_records)),
+        ("/v1/records/{key}", get(get_record).post(apply_record)),
+        ("/v1/status", get(status)),
+        ("/v1/leave", post(leave)),
+        ("/v1/repair", post(repair)),
+        ("/v1/openapi.yaml", get(openapi)),
+        ("/healthz", get(|| async { "ok" })),
+        ("/metrics", get(metrics)),
+    ]
+}
+
+/// Every path the API serves (the OpenAPI document describes exactly these).
+pub fn paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(path, _)| path).collect()
+}
+
+fn router(api: Api) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, methods)
+        })
         .with_state(api)
 }
 

@@ -1,0 +1,132 @@
+//! `agentstore status|repair|leave --node ADDR`: administration of a running node.
+
+use std::io::Write as _;
+
+use p2p_ai_agents::storage::{NodeClient, StorageError};
+use serde_json::Value as Json;
+
+use crate::{Command, exit};
+
+pub(crate) async fn run(command: &Command, addr: &str, json: bool) -> Result<u8, StorageError> {
+    let client = NodeClient::new(addr);
+    match command {
+        Command::Status => {
+            let status = client.status().await?;
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Repair => repair(&client, json).await?,
+        Command::Leave => {
+            client.leave().await?;
+            if json {
+                println!("{}", serde_json::json!({ "left": true }));
+            } else {
+                println!("the node at {addr} left the cluster and stopped");
+            }
+        }
+        _ => return Ok(exit::USAGE),
+    }
+    Ok(exit::OK)
+}
+
+fn text(value: &Json) -> String {
+    match value {
+        Json::String(s) => s.clone(),
+        Json::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_status(status: &Json) {
+    println!(
+        "node {}: N={} W={} R={}, {} request(s) in flight",
+        text(&status["node"]),
+        status["replicas"],
+        status["write_quorum"],
+        status["read_quorum"],
+        status["in_flight"]
+    );
+    println!("\nmembers:");
+    println!(
+        "  {:<16} {:<8} {:>7}  {:<22} client",
+        "id", "liveness", "share", "peer"
+    );
+    for member in status["members"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:<8} {:>6.1}%  {:<22} {}",
+            text(&member["id"]),
+            text(&member["liveness"]),
+            member["share"].as_f64().unwrap_or(0.0) * 100.0,
+            text(&member["peer_addr"]),
+            text(&member["client_addr"]),
+        );
+    }
+    println!("  (a share is the part of the keys a member replicates; the shares add up to N)");
+    println!("\ncollections:");
+    for c in status["collections"].as_array().into_iter().flatten() {
+        let r = &c["replication"];
+        println!(
+            "  {}: backend {}, level {}, conflict {}, replication {} N={} W={} R={}",
+            text(&c["name"]),
+            text(&c["backend"]),
+            text(&c["consistency"]),
+            text(&c["conflict"]),
+            text(&r["strategy"]),
+            r["n"],
+            r["w"],
+            r["r"]
+        );
+        let g = &c["guarantee"];
+        println!(
+            "    delivers {}: {}",
+            text(&g["level"]),
+            text(&g["summary"])
+        );
+        if let Some(caveat) = g["caveat"].as_str() {
+            println!("    caveat: {caveat}");
+        }
+    }
+}
+
+async fn repair(client: &NodeClient, json: bool) -> Result<(), StorageError> {
+    let mut unanswered = 0;
+    let mut differing = 0;
+    client
+        .repair(|step| {
+            if json {
+                println!("{step}");
+                return;
+            }
+            let (done, total) = (
+                step["done"].as_u64().unwrap_or(0),
+                step["total"].as_u64().unwrap_or(1).max(1),
+            );
+            let filled = (done * 30 / total) as usize;
+            let outcome = if step["answered"] == Json::Bool(true) {
+                let buckets = step["buckets_differing"].as_u64().unwrap_or(0);
+                differing += buckets;
+                format!("{buckets} bucket(s) differed, exchanged")
+            } else {
+                unanswered += 1;
+                "did not answer".to_owned()
+            };
+            eprint!(
+                "\r[{}{}] {done}/{total} {}: {outcome}\x1b[K",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                text(&step["member"]),
+            );
+            let _ = std::io::stderr().flush();
+        })
+        .await?;
+    if !json {
+        eprintln!();
+        println!(
+            "repair done: {differing} differing bucket(s) exchanged, {unanswered} member(s) did not answer"
+        );
+    }
+    Ok(())
+}

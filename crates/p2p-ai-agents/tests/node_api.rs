@@ -1,0 +1,330 @@
+//! The node's client API, served by three in-process nodes on loopback (`server::run`, the
+//! function `agentstore node` runs): the OpenAPI document matches what is served, a
+//! `Storage` connected to a node behaves as an embedded one at the level the cluster
+//! delivers, and status, repair and scan see the whole cluster.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use agentstore_engine::EngineError;
+use p2p_ai_agents::storage::server::{self, Listeners, OPENAPI};
+use p2p_ai_agents::storage::{Config, ConsistencyLevel, NodeClient, Storage, StorageError};
+use serde_json::{Value as Json, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const COLLECTIONS: &str = "  collections:
+    metrics:
+      conflict: pn_counter
+    peers:
+      conflict: or_set
+    docs:
+      conflict: multi_value
+    agent:
+      consistency: strong
+";
+
+struct TestNode {
+    client: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Vec<TestNode> {
+    let names = ["node-a", "node-b", "node-c"];
+    let mut peers = Vec::new();
+    let mut clients = Vec::new();
+    for _ in names {
+        peers.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        clients.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peer_addrs: Vec<SocketAddr> = peers.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (i, (peer, client)) in peers.into_iter().zip(clients).enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let client_addr = client.local_addr().unwrap();
+        let seeds: String = (0..names.len())
+            .filter(|j| *j != i)
+            .map(|j| format!("      {}: {}\n", names[j], peer_addrs[j]))
+            .collect();
+        let yaml = format!(
+            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    peers:\n{seeds}",
+            names[i],
+            dir.path().display(),
+            peer_addrs[i]
+        );
+        let config = Config::from_yaml(&yaml, "test.yaml").unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = Listeners {
+            clients: client,
+            peers: peer,
+        };
+        let task = tokio::spawn(async move {
+            server::run(config, listeners, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        nodes.push(TestNode {
+            client: client_addr,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        });
+    }
+    // Every node sees the three members alive.
+    for node in &nodes {
+        let client = NodeClient::new(&node.client.to_string());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(status) = client.status().await {
+                let alive = status["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["liveness"] == "alive")
+                    .count();
+                if alive == 3 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "the cluster never formed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    nodes
+}
+
+async fn stop(nodes: Vec<TestNode>) {
+    for mut node in nodes {
+        let _ = node.stop.take().unwrap().send(());
+        node.task.await.unwrap();
+    }
+}
+
+/// A minimal HTTP/1.1 exchange: (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route_served() {
+    let nodes = cluster().await;
+    let a = nodes[0].client;
+    let document: Json = serde_saphyr::from_str(OPENAPI).unwrap();
+    let paths = document["paths"].as_object().unwrap();
+    let documented: std::collections::BTreeSet<&str> = paths.keys().map(String::as_str).collect();
+    let served: std::collections::BTreeSet<&str> = server::paths().into_iter().collect();
+    assert_eq!(
+        documented, served,
+        "the document and the router list the same paths"
+    );
+    let mut operations = 0;
+    for (path, item) in paths {
+        for method in ["get", "put", "post", "delete"] {
+            let Some(operation) = item.get(method) else {
+                continue;
+            };
+            assert!(
+                operation.get("summary").is_some() && operation.get("responses").is_some(),
+                "{method} {path} lacks a summary or responses"
+            );
+            if path == "/v1/leave" {
+                continue; // would stop the node; tested on its own below
+            }
+            let concrete = path
+                .replace("{key}", "docs:openapi")
+                .replace("{prefix}", "docs");
+            let body = match (method, path.as_str()) {
+                ("put", _) => "\"x\"",
+                ("post", "/v1/counters/{key}") => r#"{"delta":1}"#,
+                ("post", "/v1/sets/{key}") => r#"{"add":1}"#,
+                _ => "",
+            };
+            let (status, text) = http(a, &method.to_uppercase(), &concrete, body).await;
+            // Served: anything but the router's own "no route" (404 without an error code) or
+            // "method not allowed".
+            assert!(
+                status != 405 && (status != 404 || text.contains("not_found")),
+                "{method} {path} is documented but not served: {status} {text}"
+            );
+            operations += 1;
+        }
+    }
+    assert!(operations >= 14, "{operations} operations checked");
+    // And an undocumented path is not served.
+    assert_eq!(http(a, "GET", "/v1/undocumented", "").await.0, 404);
+    stop(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
+    let nodes = cluster().await;
+    let addr = |i: usize| nodes[i].client.to_string();
+    let config = || Config::from_yaml(&format!("storage:\n{COLLECTIONS}"), "client.yaml").unwrap();
+    let on_a = Storage::connect(&addr(0), config()).await.unwrap();
+    let on_c = Storage::connect(&addr(2), config()).await.unwrap();
+
+    // The guarantee is the cluster's, with the node's N/W/R.
+    let plan = on_a.plan("notes");
+    assert_eq!(plan.guarantee.level, ConsistencyLevel::Eventual);
+    assert!(
+        plan.guarantee.summary.contains("N=3 W=2 R=2"),
+        "{}",
+        plan.guarantee.summary
+    );
+
+    // Registers: written through A, read through C.
+    on_a.set("notes:1", json!({"text": "hello"})).await.unwrap();
+    let read: Option<Json> = on_c.get("notes:1").await.unwrap();
+    assert_eq!(read, Some(json!({"text": "hello"})));
+    on_c.delete("notes:1").await.unwrap();
+    assert_eq!(on_a.get::<Json>("notes:1").await.unwrap(), None);
+
+    // Counters: increments through every node add up exactly.
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let storage = Storage::connect(&addr(i), config()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                storage.counter_add("metrics:calls", 1).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(on_a.counter("metrics:calls").await.unwrap(), 30);
+
+    // Sets and siblings.
+    on_a.set_add("peers:online", "p1").await.unwrap();
+    on_c.set_add("peers:online", "p2").await.unwrap();
+    on_a.set_remove("peers:online", "p1").await.unwrap();
+    let members: Vec<String> = on_c.set_members("peers:online").await.unwrap();
+    assert_eq!(members, ["p2"]);
+    on_a.set("docs:plan", "from a").await.unwrap();
+    on_c.set("docs:plan", "from c").await.unwrap();
+    let siblings = on_a.get_siblings::<String>("docs:plan").await.unwrap();
+    assert_eq!(siblings.values.len(), 2, "{siblings:?}");
+    on_a.set_with_context("docs:plan", "merged", &siblings.context)
+        .await
+        .unwrap();
+    let siblings = on_c.get_siblings::<String>("docs:plan").await.unwrap();
+    assert_eq!(siblings.values, ["merged"]);
+
+    // Scan sees keys written through every node.
+    for i in 0..5 {
+        Storage::connect(&addr(i % 3), config())
+            .await
+            .unwrap()
+            .set(&format!("notes:k{i}"), i)
+            .await
+            .unwrap();
+    }
+    let keys: Vec<String> = on_a
+        .scan("notes", None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(
+        keys,
+        ["notes:k0", "notes:k1", "notes:k2", "notes:k3", "notes:k4"]
+    );
+
+    // What the cluster cannot give is refused with a typed error, not faked.
+    let strong = on_a.set("agent:identity", "ada").await.unwrap_err();
+    assert!(
+        matches!(
+            strong,
+            StorageError::LevelUnavailable {
+                delivered: ConsistencyLevel::Eventual,
+                ..
+            }
+        ),
+        "{strong}"
+    );
+    let cas = on_a.compare_and_set("notes:k0", 9, None).await.unwrap_err();
+    assert!(
+        matches!(cas, StorageError::Engine(EngineError::Unsupported { .. })),
+        "{cas}"
+    );
+    stop(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_repair_and_http_errors() {
+    let nodes = cluster().await;
+    let a = nodes[0].client;
+    let client = NodeClient::new(&a.to_string());
+    let status = client.status().await.unwrap();
+    assert_eq!(status["node"], "node-a");
+    let shares: f64 = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["share"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (shares - 3.0).abs() < 1e-6,
+        "the shares add up to N: {shares}"
+    );
+    let agent = status["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .unwrap();
+    assert_eq!(agent["consistency"], "strong");
+    assert_eq!(agent["guarantee"]["level"], "eventual", "{agent}");
+
+    let mut steps = Vec::new();
+    client.repair(|step| steps.push(step)).await.unwrap();
+    let members: Vec<&str> = steps
+        .iter()
+        .map(|s| s["member"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["node-b", "node-c"]);
+    assert!(steps.iter().all(|s| s["answered"] == true), "{steps:?}");
+    assert_eq!(steps.last().unwrap()["done"], 2);
+
+    // Stable error codes.
+    let code = |body: &str| -> String {
+        serde_json::from_str::<Json>(body).unwrap()["error"]["code"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (status, body) = http(a, "GET", "/v1/keys/notes:missing", "").await;
+    assert_eq!((status, code(&body).as_str()), (404, "not_found"));
+    let (status, body) = http(a, "PUT", "/v1/keys/notes:x", "not json").await;
+    assert_eq!((status, code(&body).as_str()), (400, "invalid_body"));
+    let (status, body) = http(a, "PUT", "/v1/keys/agent:x", "1").await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (409, "consistency_unavailable")
+    );
+    let (status, body) = http(a, "POST", "/v1/counters/notes:x", r#"{"delta":1}"#).await;
+    assert_eq!((status, code(&body).as_str()), (409, "wrong_operation"));
+    let (status, body) = http(a, "GET", "/v1/keys/:no-collection", "").await;
+    assert_eq!((status, code(&body).as_str()), (400, "invalid_key"));
+    stop(nodes).await;
+}
