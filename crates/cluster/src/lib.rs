@@ -10,6 +10,7 @@ mod engine;
 pub mod membership;
 mod metrics;
 mod node;
+mod observe;
 mod transport;
 
 pub use engine::ClusterEngine;

@@ -1,12 +1,24 @@
-//! A node's own metrics, beside its engine's: quorum outcomes per operation (the spec's quorum
-//! availability), conflicts detected when a replica merges a concurrent version (the spec's
-//! conflict rate, by strategy), and hinted handoff.
+//! A node's own metrics, beside its engine's. The spec's four families:
+//!
+//! - **replication lag**: from a coordinator sending a write to a replica until the replica
+//!   acknowledged it durably (histogram, by backend and level);
+//! - **conflicts** detected when a replica merges a concurrent version, and resolved by the
+//!   collection's strategy in that merge (by strategy);
+//! - **consistency violations** observed: a read through this node that misses a write this
+//!   node acknowledged to its clients (read-your-writes);
+//! - **quorum availability**: outcomes of quorum operations, and the share of time the key
+//!   space had a reachable write and read quorum (from the members' liveness).
+//!
+//! Plus hinted handoff, anti-entropy, handoff after membership changes and dropped messages.
 
 use agentstore_core::replication::Outcome;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::transport::Dropped;
 
@@ -21,9 +33,35 @@ struct Strategy {
     strategy: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Lag {
+    backend: &'static str,
+    level: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Violation {
+    guarantee: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Quorum {
+    op: &'static str,
+}
+
+fn lag_histogram() -> Histogram {
+    // 100 µs to about 100 s.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 20))
+}
+
 /// Handles to a node's metrics.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct NodeMetrics {
+    replication_lag: Family<Lag, Histogram, fn() -> Histogram>,
+    violations: Family<Violation, Counter>,
+    quorum_reachable: Family<Quorum, Gauge<f64, AtomicU64>>,
+    quorum_reachable_seconds: Family<Quorum, Counter<f64, AtomicU64>>,
+    observed_seconds: Counter<f64, AtomicU64>,
     requests: Family<Request, Counter>,
     conflicts: Family<Strategy, Counter>,
     hints_stored: Counter,
@@ -35,7 +73,45 @@ pub(crate) struct NodeMetrics {
 
 impl NodeMetrics {
     pub(crate) fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
+        let metrics = Self {
+            replication_lag: Family::new_with_constructor(lag_histogram),
+            violations: Family::default(),
+            quorum_reachable: Family::default(),
+            quorum_reachable_seconds: Family::default(),
+            observed_seconds: Counter::default(),
+            requests: Family::default(),
+            conflicts: Family::default(),
+            hints_stored: Counter::default(),
+            hints_delivered: Counter::default(),
+            repaired: Counter::default(),
+            handed_off: Counter::default(),
+            dropped: Family::default(),
+        };
+        registry.register(
+            "agentstore_replication_lag_seconds",
+            "Time from sending a write to a replica until it acknowledged the write durably",
+            metrics.replication_lag.clone(),
+        );
+        registry.register(
+            "agentstore_consistency_violations",
+            "Reads through this node that missed a write this node acknowledged (read_your_writes)",
+            metrics.violations.clone(),
+        );
+        registry.register(
+            "agentstore_quorum_reachable_ratio",
+            "Share of the key space whose replicas that answer probes can form a quorum now",
+            metrics.quorum_reachable.clone(),
+        );
+        registry.register(
+            "agentstore_quorum_reachable_seconds",
+            "Seconds during which a quorum was reachable, weighted by the share of the key space (divide by agentstore_observed_seconds for the share of time)",
+            metrics.quorum_reachable_seconds.clone(),
+        );
+        registry.register(
+            "agentstore_observed_seconds",
+            "Seconds this node has observed quorum reachability",
+            metrics.observed_seconds.clone(),
+        );
         registry.register(
             "agentstore_node_requests",
             "Client requests coordinated by this node, by operation and outcome (quorum_failed: the quorum was not reachable in time)",
@@ -103,6 +179,36 @@ impl NodeMetrics {
 
     pub(crate) fn repaired(&self) {
         self.repaired.inc();
+    }
+
+    pub(crate) fn replication_lag(&self, seconds: f64) {
+        self.replication_lag
+            .get_or_create(&Lag {
+                backend: "cluster",
+                level: "eventual",
+            })
+            .observe(seconds);
+    }
+
+    pub(crate) fn read_your_writes_violated(&self) {
+        self.violations
+            .get_or_create(&Violation {
+                guarantee: "read_your_writes",
+            })
+            .inc();
+    }
+
+    /// `write` and `read`: the share of the key space with a reachable quorum, over the last
+    /// `seconds`.
+    pub(crate) fn quorum_reachable(&self, write: f64, read: f64, seconds: f64) {
+        for (op, ratio) in [("write", write), ("read", read)] {
+            let label = Quorum { op };
+            self.quorum_reachable.get_or_create(&label).set(ratio);
+            self.quorum_reachable_seconds
+                .get_or_create(&label)
+                .inc_by(ratio * seconds);
+        }
+        self.observed_seconds.inc_by(seconds);
     }
 
     pub(crate) fn handed_off(&self) {

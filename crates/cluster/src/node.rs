@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::membership::{Event, Liveness, Membership, Peer};
 use crate::metrics::NodeMetrics;
+use crate::observe::{AcknowledgedWrites, reachable_share};
 use crate::transport::{Incoming, Transport};
 
 /// Client requests waiting for the loop.
@@ -124,6 +125,9 @@ pub struct RepairStep {
     /// Buckets (of 64) whose records differed and were exchanged.
     pub buckets_differing: usize,
 }
+
+/// Keys whose last acknowledged write a node remembers (read-your-writes violations).
+const ACKNOWLEDGED_KEYS: usize = 16_384;
 
 /// How long a repair waits for one member's comparison.
 const REPAIR_WAIT: Duration = Duration::from_secs(5);
@@ -260,6 +264,9 @@ impl Node {
             forwarded: BTreeMap::new(),
             handoffs: BTreeMap::new(),
             scans: BTreeMap::new(),
+            acknowledged: AcknowledgedWrites::new(ACKNOWLEDGED_KEYS),
+            replicating: BTreeMap::new(),
+            observed: Instant::now(),
             repair: None,
             leaving: None,
             departed: Default::default(),
@@ -400,6 +407,12 @@ struct Loop {
     /// Records being handed to the replicas of keys this node no longer replicates, by
     /// request id: the record sent and the replicas that have not acknowledged it yet.
     handoffs: BTreeMap<RequestId, Handoff>,
+    /// Writes acknowledged to this node's clients, to notice reads that miss them.
+    acknowledged: AcknowledgedWrites,
+    /// When each client write was first sent to the replicas (replication lag).
+    replicating: BTreeMap<RequestId, Instant>,
+    /// When quorum reachability was last observed.
+    observed: Instant,
     /// Scans waiting for members' pages.
     scans: BTreeMap<RequestId, PendingScan>,
     /// A repair in progress (one at a time; a second waits for the first's members).
@@ -413,8 +426,8 @@ struct Loop {
 
 /// Who waits for a request's outcome.
 enum Waiter {
-    /// A client of this node.
-    Client(&'static str, oneshot::Sender<Outcome>),
+    /// A client of this node: the operation, the key, the reply.
+    Client(&'static str, Key, oneshot::Sender<Outcome>),
     /// A node that forwarded the write, under its own request id.
     Peer(NodeId, RequestId),
 }
@@ -433,6 +446,7 @@ const HANDOFF_RETRY: Duration = Duration::from_secs(5);
 
 /// A write forwarded to one of its replicas.
 struct Forwarded {
+    key: Key,
     reply: oneshot::Sender<Outcome>,
     needed: usize,
     deadline_ms: u64,
@@ -482,7 +496,10 @@ impl Loop {
                     let effects = self.coordinator.step(Input::Tick, now_ms());
                     self.execute(effects).await;
                 }
-                _ = hints.tick() => self.deliver_hints().await,
+                _ = hints.tick() => {
+                    self.deliver_hints().await;
+                    self.observe_quorums();
+                }
                 _ = sync.tick() => self.start_anti_entropy().await,
             }
         }
@@ -719,6 +736,26 @@ impl Loop {
         }
     }
 
+    /// Records how much of the key space has a reachable quorum now, and forgets the send
+    /// times of writes old enough that no acknowledgement will be measured for them.
+    fn observe_quorums(&mut self) {
+        let mut alive: std::collections::BTreeSet<NodeId> = self
+            .members
+            .keys()
+            .filter(|m| self.membership.liveness(m) != Liveness::Dead)
+            .cloned()
+            .collect();
+        alive.insert(self.config.id.clone());
+        let n = self.config.replicas;
+        let write = reachable_share(&self.ring, &alive, n, self.config.write_quorum, 256);
+        let read = reachable_share(&self.ring, &alive, n, self.config.read_quorum, 256);
+        self.metrics
+            .quorum_reachable(write, read, self.observed.elapsed().as_secs_f64());
+        self.observed = Instant::now();
+        let horizon = self.config.request_timeout * 4;
+        self.replicating.retain(|_, sent| sent.elapsed() < horizon);
+    }
+
     /// Forwarded writes whose replica did not answer in time: indeterminate, like a missed
     /// quorum (the replica may have applied it).
     fn expire_forwarded(&mut self) {
@@ -764,6 +801,7 @@ impl Loop {
         self.forwarded.insert(
             request,
             Forwarded {
+                key: key.clone(),
                 reply,
                 needed: self.config.write_quorum,
                 deadline_ms,
@@ -831,7 +869,8 @@ impl Loop {
                     self.forward(request, key, mutation, replicas, reply, deadline_ms);
                     return;
                 }
-                self.waiters.insert(request, Waiter::Client("write", reply));
+                self.waiters
+                    .insert(request, Waiter::Client("write", key.clone(), reply));
                 Input::Write {
                     request,
                     key,
@@ -842,7 +881,8 @@ impl Loop {
                 }
             }
             Command::Read { key, reply } => {
-                self.waiters.insert(request, Waiter::Client("read", reply));
+                self.waiters
+                    .insert(request, Waiter::Client("read", key.clone(), reply));
                 let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
                 Input::Read {
                     request,
@@ -918,6 +958,10 @@ impl Loop {
             Message::Forwarded { request, outcome } => {
                 if let Some(forwarded) = self.forwarded.remove(&request) {
                     self.metrics.request("write", &outcome);
+                    if let Outcome::Written { record } = &outcome {
+                        self.acknowledged
+                            .acknowledged(&forwarded.key, &record.version);
+                    }
                     let _ = forwarded.reply.send(outcome);
                 }
             }
@@ -974,6 +1018,11 @@ impl Loop {
                 }
             }
             message => {
+                if let Message::Replicated { request } = &message
+                    && let Some(sent) = self.replicating.get(request)
+                {
+                    self.metrics.replication_lag(sent.elapsed().as_secs_f64());
+                }
                 let effects = self
                     .coordinator
                     .step(Input::Received { from, message }, now_ms());
@@ -1184,7 +1233,16 @@ impl Loop {
                         tracing::warn!(%err, "read repair of the local copy failed");
                     }
                 }
-                Effect::Send { to, message } => self.transport.send(&to, Envelope::new(message)),
+                Effect::Send { to, message } => {
+                    if let Message::Replicate { request, .. } = &message
+                        && *request != 0
+                    {
+                        self.replicating
+                            .entry(*request)
+                            .or_insert_with(Instant::now);
+                    }
+                    self.transport.send(&to, Envelope::new(message));
+                }
                 Effect::Hint { node, key, record } => {
                     let engine = self.engine.clone();
                     let stored = tokio::task::spawn_blocking(move || {
@@ -1200,8 +1258,20 @@ impl Loop {
                     }
                 }
                 Effect::Reply { request, outcome } => match self.waiters.remove(&request) {
-                    Some(Waiter::Client(op, reply)) => {
+                    Some(Waiter::Client(op, key, reply)) => {
                         self.metrics.request(op, &outcome);
+                        match &outcome {
+                            Outcome::Written { record } => {
+                                self.acknowledged.acknowledged(&key, &record.version);
+                            }
+                            Outcome::Read { record } => {
+                                let version = record.as_ref().map(|r| &r.version);
+                                if self.acknowledged.missed(&key, version) {
+                                    self.metrics.read_your_writes_violated();
+                                }
+                            }
+                            _ => {}
+                        }
                         let _ = reply.send(outcome);
                     }
                     Some(Waiter::Peer(origin, theirs)) => {

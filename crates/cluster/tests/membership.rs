@@ -234,3 +234,101 @@ async fn a_node_joins_through_one_seed_and_receives_its_share() {
         .await;
     }
 }
+
+/// The value of the metric line starting with `name` (labels included), if present.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_lag_violations_and_quorum_reachability() {
+    let a = start("node-a", &[]).await;
+    let b = start("node-b", &[&a]).await;
+    let c = start("node-c", &[&a]).await;
+    for m in [&a, &b, &c] {
+        eventually("three members alive", || {
+            sees_alive(m, &["node-a", "node-b", "node-c"])
+        })
+        .await;
+    }
+    for i in 0..20 {
+        let k = key(&format!("doc:{i}"));
+        a.node
+            .write(k.clone(), Mutation::Put(vec![i]))
+            .await
+            .unwrap();
+        a.node.read(k).await.unwrap();
+    }
+    let text = a.node.metrics_text();
+    let lag = metric(
+        &text,
+        r#"agentstore_replication_lag_seconds_count{backend="cluster",level="eventual"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(
+        lag >= 20.0,
+        "each write's replicas acknowledged: {lag}\n{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"agentstore_consistency_violations_total{guarantee="read_your_writes"}"#
+        ),
+        None,
+        "W + R > N: no read missed an acknowledged write"
+    );
+    eventually("every quorum reachable", || async {
+        match metric(
+            &a.node.metrics_text(),
+            r#"agentstore_quorum_reachable_ratio{op="write"}"#,
+        ) {
+            Some(r) if r == 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // One of three down: W=2 still reachable. Two down: no write quorum anywhere.
+    let Member { node, .. } = c;
+    node.shutdown().await;
+    eventually("C seen dead", || async {
+        let status = a.node.status().await.map_err(|e| e.to_string())?;
+        let dead = status.members.iter().any(|m| m.liveness == Liveness::Dead);
+        if dead {
+            Ok(())
+        } else {
+            Err("C still alive".into())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ratio = metric(
+        &a.node.metrics_text(),
+        r#"agentstore_quorum_reachable_ratio{op="write"}"#,
+    );
+    assert_eq!(ratio, Some(1.0));
+    let Member { node, .. } = b;
+    node.shutdown().await;
+    eventually("no write quorum with two of three down", || async {
+        match metric(
+            &a.node.metrics_text(),
+            r#"agentstore_quorum_reachable_ratio{op="write"}"#,
+        ) {
+            Some(r) if r == 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let text = a.node.metrics_text();
+    let reachable = metric(
+        &text,
+        r#"agentstore_quorum_reachable_seconds_total{op="write"}"#,
+    )
+    .unwrap();
+    let observed = metric(&text, "agentstore_observed_seconds_total").unwrap();
+    assert!(
+        reachable > 0.0 && reachable < observed,
+        "a share of the time: {reachable} of {observed}"
+    );
+}
