@@ -101,5 +101,24 @@ pub enum StorageError {
     Engine(#[from] EngineError),
 }
 
+impl StorageError {
+    /// A stable, short name of the error's kind (for logs and traces).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageError::Config(_)
+            | StorageError::ConfigFile { .. }
+            | StorageError::InvalidConfig(_) => "config",
+            StorageError::Key { .. } => "invalid_key",
+            StorageError::Serialize { .. } => "serialize",
+            StorageError::Deserialize { .. } => "deserialize",
+            StorageError::WrongOperation { .. } => "wrong_operation",
+            StorageError::Siblings { .. } => "siblings",
+            StorageError::VersionMismatch { .. } => "version_mismatch",
+            StorageError::LevelUnavailable { .. } => "level_unavailable",
+            StorageError::Engine(err) => err.kind(),
+        }
+    }
+}
+
 /// `Result` with [`StorageError`] as the default error.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

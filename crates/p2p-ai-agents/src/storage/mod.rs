@@ -289,6 +289,7 @@ impl Storage {
                 requested: level,
             });
         }
+        tracing::Span::current().record("level", level.as_str());
         Ok(Call {
             key: parsed,
             plan,
@@ -344,26 +345,29 @@ impl Storage {
         value: T,
         level: Option<ConsistencyLevel>,
     ) -> Result<WriteReceipt> {
-        let call = self.call(key, level)?;
-        let bytes = Self::encode(&call, &value)?;
-        let mutation = match call.plan.conflict {
-            ConflictStrategy::Register => Mutation::Put(bytes),
-            // A write without a context does not overwrite what it has not seen: it becomes a
-            // sibling. Use `set_with_context` to replace siblings.
-            ConflictStrategy::MultiValue => Mutation::PutSibling {
-                value: Some(bytes),
-                context: Default::default(),
-            },
-            _ => {
-                return Err(Self::wrong(
-                    &call,
-                    "set",
-                    "use the counter or set operations",
-                ));
-            }
-        };
-        let record = call.engine.apply(call.key.clone(), mutation).await?;
-        Ok(Self::receipt(&call, &record))
+        traced("set", key, async move {
+            let call = self.call(key, level)?;
+            let bytes = Self::encode(&call, &value)?;
+            let mutation = match call.plan.conflict {
+                ConflictStrategy::Register => Mutation::Put(bytes),
+                // A write without a context does not overwrite what it has not seen: it becomes a
+                // sibling. Use `set_with_context` to replace siblings.
+                ConflictStrategy::MultiValue => Mutation::PutSibling {
+                    value: Some(bytes),
+                    context: Default::default(),
+                },
+                _ => {
+                    return Err(Self::wrong(
+                        &call,
+                        "set",
+                        "use the counter or set operations",
+                    ));
+                }
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
     }
 
     /// Compare-and-set: writes `value` only if the key is still at `expected` (as returned by
@@ -375,27 +379,30 @@ impl Storage {
         value: T,
         expected: Option<&Version>,
     ) -> Result<WriteReceipt> {
-        let call = self.call(key, None)?;
-        if call.plan.conflict != ConflictStrategy::Register {
-            return Err(Self::wrong(
-                &call,
-                "compare_and_set",
-                "compare-and-set needs an lww collection",
-            ));
-        }
-        let bytes = Self::encode(&call, &value)?;
-        let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
-        match call
-            .engine
-            .apply_if(call.key.clone(), Mutation::Put(bytes), expect)
-            .await
-        {
-            Ok(record) => Ok(Self::receipt(&call, &record)),
-            Err(EngineError::ExpectationFailed { .. }) => Err(StorageError::VersionMismatch {
-                key: call.key.to_string(),
-            }),
-            Err(err) => Err(err.into()),
-        }
+        traced("compare_and_set", key, async move {
+            let call = self.call(key, None)?;
+            if call.plan.conflict != ConflictStrategy::Register {
+                return Err(Self::wrong(
+                    &call,
+                    "compare_and_set",
+                    "compare-and-set needs an lww collection",
+                ));
+            }
+            let bytes = Self::encode(&call, &value)?;
+            let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
+            match call
+                .engine
+                .apply_if(call.key.clone(), Mutation::Put(bytes), expect)
+                .await
+            {
+                Ok(record) => Ok(Self::receipt(&call, &record)),
+                Err(EngineError::ExpectationFailed { .. }) => Err(StorageError::VersionMismatch {
+                    key: call.key.to_string(),
+                }),
+                Err(err) => Err(err.into()),
+            }
+        })
+        .await
     }
 
     /// Reads a value at the collection's level.
@@ -438,31 +445,36 @@ impl Storage {
         key: &str,
         level: Option<ConsistencyLevel>,
     ) -> Result<Option<Versioned<T>>> {
-        let call = self.call(key, level)?;
-        let record = call.engine.get(&call.key).await?;
-        let decode_error = |source| StorageError::Deserialize {
-            key: call.key.to_string(),
-            source,
-        };
-        let Some(record) = record else {
-            return Ok(None);
-        };
-        let value = match &record.value {
-            // The common case, parsed straight from the stored bytes into `T`.
-            Value::Register(Some(bytes)) => serde_json::from_slice(bytes).map_err(decode_error)?,
-            _ => match values::read(Some(&record)).map_err(decode_error)? {
-                Reading::Absent => return Ok(None),
-                Reading::One(json) => serde_json::from_value(json).map_err(decode_error)?,
-                Reading::Siblings(values) => {
-                    return Err(StorageError::Siblings {
-                        key: call.key.to_string(),
-                        count: values.len(),
-                    });
+        traced("get", key, async move {
+            let call = self.call(key, level)?;
+            let record = call.engine.get(&call.key).await?;
+            let decode_error = |source| StorageError::Deserialize {
+                key: call.key.to_string(),
+                source,
+            };
+            let Some(record) = record else {
+                return Ok(None);
+            };
+            let value = match &record.value {
+                // The common case, parsed straight from the stored bytes into `T`.
+                Value::Register(Some(bytes)) => {
+                    serde_json::from_slice(bytes).map_err(decode_error)?
                 }
-            },
-        };
-        let version = Version(record.version);
-        Ok(Some(Versioned { value, version }))
+                _ => match values::read(Some(&record)).map_err(decode_error)? {
+                    Reading::Absent => return Ok(None),
+                    Reading::One(json) => serde_json::from_value(json).map_err(decode_error)?,
+                    Reading::Siblings(values) => {
+                        return Err(StorageError::Siblings {
+                            key: call.key.to_string(),
+                            count: values.len(),
+                        });
+                    }
+                },
+            };
+            let version = Version(record.version);
+            Ok(Some(Versioned { value, version }))
+        })
+        .await
     }
 
     /// Deletes a key: an LWW key gets a tombstone; a multi-value key drops the values this
@@ -470,6 +482,7 @@ impl Storage {
     /// the members it has seen. Grow-only values and PN-counters cannot be deleted.
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, key: &str) -> Result<WriteReceipt> {
+        traced("delete", key, async move {
         let call = self.call(key, None)?;
         let current = call.engine.get(&call.key).await?;
         let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
@@ -515,110 +528,132 @@ impl Storage {
             level: call.level,
             delivered: call.plan.guarantee.level,
         })
+        })
+        .await
     }
 
     /// Adds `delta` to a counter (`g_counter` accepts only `delta >= 0`); returns the new total.
     #[tracing::instrument(skip(self))]
     pub async fn counter_add(&self, key: &str, delta: i64) -> Result<i64> {
-        let call = self.call(key, None)?;
-        let mutation = match call.plan.conflict {
-            ConflictStrategy::PnCounter => Mutation::PnCounterAdd(delta),
-            ConflictStrategy::GCounter if delta >= 0 => Mutation::GCounterAdd(delta.unsigned_abs()),
-            ConflictStrategy::GCounter => {
-                return Err(Self::wrong(
-                    &call,
-                    "decrement",
-                    "a g_counter only grows; use pn_counter",
-                ));
-            }
-            _ => return Err(Self::wrong(&call, "counter_add", counter_hint(&call))),
-        };
-        let record = call.engine.apply(call.key.clone(), mutation).await?;
-        Ok(counter_value(&record.value).unwrap_or(0))
+        traced("counter_add", key, async move {
+            let call = self.call(key, None)?;
+            let mutation = match call.plan.conflict {
+                ConflictStrategy::PnCounter => Mutation::PnCounterAdd(delta),
+                ConflictStrategy::GCounter if delta >= 0 => {
+                    Mutation::GCounterAdd(delta.unsigned_abs())
+                }
+                ConflictStrategy::GCounter => {
+                    return Err(Self::wrong(
+                        &call,
+                        "decrement",
+                        "a g_counter only grows; use pn_counter",
+                    ));
+                }
+                _ => return Err(Self::wrong(&call, "counter_add", counter_hint(&call))),
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(counter_value(&record.value).unwrap_or(0))
+        })
+        .await
     }
 
     /// A counter's total (0 when missing).
     pub async fn counter(&self, key: &str) -> Result<i64> {
-        let call = self.call(key, None)?;
-        if !matches!(
-            call.plan.conflict,
-            ConflictStrategy::GCounter | ConflictStrategy::PnCounter
-        ) {
-            return Err(Self::wrong(&call, "counter", counter_hint(&call)));
-        }
-        let record = call.engine.get(&call.key).await?;
-        Ok(record.and_then(|r| counter_value(&r.value)).unwrap_or(0))
+        traced("counter", key, async move {
+            let call = self.call(key, None)?;
+            if !matches!(
+                call.plan.conflict,
+                ConflictStrategy::GCounter | ConflictStrategy::PnCounter
+            ) {
+                return Err(Self::wrong(&call, "counter", counter_hint(&call)));
+            }
+            let record = call.engine.get(&call.key).await?;
+            Ok(record.and_then(|r| counter_value(&r.value)).unwrap_or(0))
+        })
+        .await
     }
 
     /// Adds `member` to a set (`g_set` or `or_set`).
     #[tracing::instrument(skip(self, member))]
     pub async fn set_add<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
-        let call = self.call(key, None)?;
-        let bytes = Self::encode(&call, &member)?;
-        let mutation = match call.plan.conflict {
-            ConflictStrategy::GSet => Mutation::GSetAdd(bytes),
-            ConflictStrategy::OrSet => Mutation::OrSetAdd(bytes),
-            _ => return Err(Self::wrong(&call, "set_add", set_hint(&call))),
-        };
-        let record = call.engine.apply(call.key.clone(), mutation).await?;
-        Ok(Self::receipt(&call, &record))
+        traced("set_add", key, async move {
+            let call = self.call(key, None)?;
+            let bytes = Self::encode(&call, &member)?;
+            let mutation = match call.plan.conflict {
+                ConflictStrategy::GSet => Mutation::GSetAdd(bytes),
+                ConflictStrategy::OrSet => Mutation::OrSetAdd(bytes),
+                _ => return Err(Self::wrong(&call, "set_add", set_hint(&call))),
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
     }
 
     /// Removes `member` from an `or_set` (the adds this node has seen; a concurrent add wins).
     #[tracing::instrument(skip(self, member))]
     pub async fn set_remove<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
-        let call = self.call(key, None)?;
-        if call.plan.conflict != ConflictStrategy::OrSet {
-            return Err(Self::wrong(
-                &call,
-                "set_remove",
-                "only an or_set supports removal",
-            ));
-        }
-        let bytes = Self::encode(&call, &member)?;
-        let record = call
-            .engine
-            .apply(call.key.clone(), Mutation::OrSetRemove(bytes))
-            .await?;
-        Ok(Self::receipt(&call, &record))
+        traced("set_remove", key, async move {
+            let call = self.call(key, None)?;
+            if call.plan.conflict != ConflictStrategy::OrSet {
+                return Err(Self::wrong(
+                    &call,
+                    "set_remove",
+                    "only an or_set supports removal",
+                ));
+            }
+            let bytes = Self::encode(&call, &member)?;
+            let record = call
+                .engine
+                .apply(call.key.clone(), Mutation::OrSetRemove(bytes))
+                .await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
     }
 
     /// The members of a set, in their JSON byte order.
     pub async fn set_members<T: DeserializeOwned>(&self, key: &str) -> Result<Vec<T>> {
-        let call = self.call(key, None)?;
-        if !matches!(
-            call.plan.conflict,
-            ConflictStrategy::GSet | ConflictStrategy::OrSet
-        ) {
-            return Err(Self::wrong(&call, "set_members", set_hint(&call)));
-        }
-        Ok(self.get::<Vec<T>>(key).await?.unwrap_or_default())
+        traced("set_members", key, async move {
+            let call = self.call(key, None)?;
+            if !matches!(
+                call.plan.conflict,
+                ConflictStrategy::GSet | ConflictStrategy::OrSet
+            ) {
+                return Err(Self::wrong(&call, "set_members", set_hint(&call)));
+            }
+            Ok(self.get::<Vec<T>>(key).await?.unwrap_or_default())
+        })
+        .await
     }
 
     /// Every concurrent value of a key, with the context that replaces them. Works on `lww`
     /// keys too (at most one value).
     pub async fn get_siblings<T: DeserializeOwned>(&self, key: &str) -> Result<Siblings<T>> {
-        let call = self.call(key, None)?;
-        let record = call.engine.get(&call.key).await?;
-        let decode_error = |source| StorageError::Deserialize {
-            key: call.key.to_string(),
-            source,
-        };
-        let values = match values::read(record.as_ref()).map_err(decode_error)? {
-            Reading::Absent => Vec::new(),
-            Reading::One(json) => vec![json],
-            Reading::Siblings(values) => values,
-        };
-        let values = values
-            .into_iter()
-            .map(serde_json::from_value)
-            .collect::<Result<_, _>>()
-            .map_err(decode_error)?;
-        let context = match record.map(|r| r.value) {
-            Some(Value::MultiValue(register)) => Version(register.context().clone()),
-            _ => Version::default(),
-        };
-        Ok(Siblings { values, context })
+        traced("get_siblings", key, async move {
+            let call = self.call(key, None)?;
+            let record = call.engine.get(&call.key).await?;
+            let decode_error = |source| StorageError::Deserialize {
+                key: call.key.to_string(),
+                source,
+            };
+            let values = match values::read(record.as_ref()).map_err(decode_error)? {
+                Reading::Absent => Vec::new(),
+                Reading::One(json) => vec![json],
+                Reading::Siblings(values) => values,
+            };
+            let values = values
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .map_err(decode_error)?;
+            let context = match record.map(|r| r.value) {
+                Some(Value::MultiValue(register)) => Version(register.context().clone()),
+                _ => Version::default(),
+            };
+            Ok(Siblings { values, context })
+        })
+        .await
     }
 
     /// Writes a multi-value key, replacing the siblings that `context` (from
@@ -631,21 +666,24 @@ impl Storage {
         value: T,
         context: &Version,
     ) -> Result<WriteReceipt> {
-        let call = self.call(key, None)?;
-        if call.plan.conflict != ConflictStrategy::MultiValue {
-            return Err(Self::wrong(
-                &call,
-                "set_with_context",
-                "contexts apply to multi_value collections",
-            ));
-        }
-        let bytes = Self::encode(&call, &value)?;
-        let mutation = Mutation::PutSibling {
-            value: Some(bytes),
-            context: context.0.clone(),
-        };
-        let record = call.engine.apply(call.key.clone(), mutation).await?;
-        Ok(Self::receipt(&call, &record))
+        traced("set_with_context", key, async move {
+            let call = self.call(key, None)?;
+            if call.plan.conflict != ConflictStrategy::MultiValue {
+                return Err(Self::wrong(
+                    &call,
+                    "set_with_context",
+                    "contexts apply to multi_value collections",
+                ));
+            }
+            let bytes = Self::encode(&call, &value)?;
+            let mutation = Mutation::PutSibling {
+                value: Some(bytes),
+                context: context.0.clone(),
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
     }
 
     /// Up to `limit` live keys starting with `prefix`, in key order, after `start_after` if
@@ -656,48 +694,51 @@ impl Storage {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Entry>> {
-        let prefix = if prefix.contains(':') {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}:")
-        };
-        let after = start_after
-            .map(|k| {
-                k.parse::<Key>().map_err(|source| StorageError::Key {
-                    key: k.to_owned(),
-                    source,
+        traced("scan", prefix, async move {
+            let prefix = if prefix.contains(':') {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}:")
+            };
+            let after = start_after
+                .map(|k| {
+                    k.parse::<Key>().map_err(|source| StorageError::Key {
+                        key: k.to_owned(),
+                        source,
+                    })
                 })
-            })
-            .transpose()?;
-        // The prefix names its collection (the part before the first `:`), which names the engine.
-        let collection = prefix.split(':').next().unwrap_or_default();
-        let engine = &self.inner.routes.get(collection).engine;
-        let mut out = Vec::new();
-        let mut cursor = after;
-        // Tombstones are skipped, so a page may need several engine pages.
-        while out.len() < limit {
-            let page = engine
-                .scan(prefix.as_bytes(), cursor.as_ref(), limit - out.len())
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            cursor = Some(last.clone());
-            for (key, record) in page {
-                let decode_error = |source| StorageError::Deserialize {
-                    key: key.to_string(),
-                    source,
-                };
-                let value = match values::read(Some(&record)).map_err(decode_error)? {
-                    Reading::Absent => continue,
-                    Reading::One(json) => json,
-                    Reading::Siblings(values) => Json::Array(values),
-                };
-                out.push(Entry {
-                    key: key.to_string(),
-                    value,
-                });
+                .transpose()?;
+            // The prefix names its collection (the part before the first `:`), which names the engine.
+            let collection = prefix.split(':').next().unwrap_or_default();
+            let engine = &self.inner.routes.get(collection).engine;
+            let mut out = Vec::new();
+            let mut cursor = after;
+            // Tombstones are skipped, so a page may need several engine pages.
+            while out.len() < limit {
+                let page = engine
+                    .scan(prefix.as_bytes(), cursor.as_ref(), limit - out.len())
+                    .await?;
+                let Some((last, _)) = page.last() else { break };
+                cursor = Some(last.clone());
+                for (key, record) in page {
+                    let decode_error = |source| StorageError::Deserialize {
+                        key: key.to_string(),
+                        source,
+                    };
+                    let value = match values::read(Some(&record)).map_err(decode_error)? {
+                        Reading::Absent => continue,
+                        Reading::One(json) => json,
+                        Reading::Siblings(values) => Json::Array(values),
+                    };
+                    out.push(Entry {
+                        key: key.to_string(),
+                        value,
+                    });
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 }
 
@@ -721,4 +762,30 @@ fn set_hint(call: &Call<'_>) -> String {
         "set `storage.collections.{}.conflict: or_set` (or g_set) to keep a set",
         call.key.collection()
     )
+}
+
+/// Runs a storage operation in a span carrying its key, level and outcome (`ok` or the error's
+/// kind).
+async fn traced<T>(
+    op: &'static str,
+    key: &str,
+    operation: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "storage",
+        op,
+        key,
+        level = tracing::field::Empty,
+        outcome = tracing::field::Empty
+    );
+    let result = operation.instrument(span.clone()).await;
+    span.record(
+        "outcome",
+        match &result {
+            Ok(_) => "ok",
+            Err(err) => err.kind(),
+        },
+    );
+    result
 }
