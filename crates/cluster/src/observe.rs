@@ -75,8 +75,6 @@ pub(crate) fn reachable_share(
 
 #[cfg(test)]
 mod tests {
-    use agentstore_core::crdt::Crdt as _;
-
     use super::*;
 
     fn node(n: &str) -> NodeId {
