@@ -283,7 +283,7 @@ async fn metrics_report_lag_violations_and_quorum_reachability() {
             &a.node.metrics_text(),
             r#"agentstore_quorum_reachable_ratio{op="write"}"#,
         ) {
-            Some(r) if r == 1.0 => Ok(()),
+            Some(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
@@ -315,7 +315,7 @@ async fn metrics_report_lag_violations_and_quorum_reachability() {
             &a.node.metrics_text(),
             r#"agentstore_quorum_reachable_ratio{op="write"}"#,
         ) {
-            Some(r) if r == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
