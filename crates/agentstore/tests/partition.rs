@@ -328,7 +328,7 @@ fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_th
         }
         let expected_plan = vec!["\"plan from a\"".to_owned(), "\"plan from c\"".to_owned()];
         if views.iter().all(|v| *v == views[0])
-            && views[0].1 == Json::from(5)
+            && views[0].1 == 5
             && views[0].2 == expected_plan
         {
             Ok(())
