@@ -304,12 +304,14 @@ fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_th
     // counter counts every increment, the indeterminate ones included (they were durable).
     network.cut(3, 1, true);
     network.cut(3, 2, true);
-    for client in &clients {
-        eventually("the cluster heals", || match alive(*client).len() {
-            3 => Ok(()),
-            n => Err(format!("{n} alive")),
-        });
-    }
+    eventually("the cluster heals", || {
+        let views: Vec<Vec<String>> = clients.iter().map(|c| alive(*c)).collect();
+        if views.iter().all(|v| v.len() == 3) {
+            Ok(())
+        } else {
+            Err(format!("alive as a, b, c see it: {views:?}"))
+        }
+    });
     eventually("every node converges", || {
         let mut views = Vec::new();
         for client in &clients {
@@ -327,10 +329,7 @@ fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_th
             views.push((during, hits, plan));
         }
         let expected_plan = vec!["\"plan from a\"".to_owned(), "\"plan from c\"".to_owned()];
-        if views.iter().all(|v| *v == views[0])
-            && views[0].1 == 5
-            && views[0].2 == expected_plan
-        {
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 5 && views[0].2 == expected_plan {
             Ok(())
         } else {
             Err(format!("{views:?}"))

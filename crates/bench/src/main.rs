@@ -3,12 +3,14 @@
 //!     cargo run --release -p agentstore-bench -- local [--ops N]
 //!     cargo run --release -p agentstore-bench -- redis [--seconds S]
 //!     cargo run --release -p agentstore-bench -- postgres [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
 //! Raw redb commits every put on its own (it has one writer at a time); the facade's local
 //! engine commits concurrent writes together (group commit). Values are 100 bytes.
 
+mod cluster;
 mod load;
 mod postgres;
 mod redis;
@@ -42,8 +44,11 @@ fn main() {
         "local-get" => local(ops, false),
         "redis" => redis::run(seconds),
         "postgres" => postgres::run(seconds),
+        "cluster" => cluster::run(seconds),
         other => {
-            eprintln!("unknown benchmark `{other}`; available: local, local-get, redis, postgres");
+            eprintln!(
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster"
+            );
             std::process::exit(2);
         }
     }

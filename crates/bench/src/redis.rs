@@ -21,7 +21,7 @@ pub(crate) struct Anchor {
     pub(crate) p99_ms: f64,
 }
 
-fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
+pub(crate) fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
     let out = Command::new("redis-benchmark")
         .args([
             "-p",

@@ -238,3 +238,114 @@ impl Membership {
         events
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, VecDeque};
+
+    use super::*;
+
+    /// Three memberships exchanging packets in memory on a virtual clock; `cut` pairs drop
+    /// their packets.
+    struct World {
+        nodes: Vec<Membership>,
+        ids: Vec<NodeId>,
+        now: Instant,
+        queue: VecDeque<(usize, Vec<u8>)>,
+        cut: BTreeSet<(usize, usize)>,
+    }
+
+    impl World {
+        fn new(n: usize, seed: u64) -> Self {
+            let ids: Vec<NodeId> = (0..n)
+                .map(|i| NodeId::new(format!("n{i}")).unwrap())
+                .collect();
+            let addr = |i: usize| SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16));
+            let now = Instant::now();
+            let mut world = Self {
+                nodes: Vec::new(),
+                ids: ids.clone(),
+                now,
+                queue: VecDeque::new(),
+                cut: BTreeSet::new(),
+            };
+            for (i, id) in ids.iter().enumerate() {
+                let me = Peer::new(id.clone(), addr(i), addr(i));
+                world.nodes.push(Membership::new(me, n, seed + i as u64));
+            }
+            for i in 0..n {
+                let seeds: BTreeMap<NodeId, SocketAddr> = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| (ids[j].clone(), addr(j)))
+                    .collect();
+                let events = world.nodes[i].start(&seeds, now);
+                world.deliver(i, events);
+            }
+            world
+        }
+
+        fn index(&self, id: &NodeId) -> usize {
+            self.ids.iter().position(|i| i == id).unwrap()
+        }
+
+        fn deliver(&mut self, from: usize, events: Vec<Event>) {
+            for event in events {
+                if let Event::Send(to, data) = event {
+                    let to = self.index(&to.id);
+                    if !self.cut.contains(&(from.min(to), from.max(to))) {
+                        self.queue.push_back((to, data));
+                    }
+                }
+            }
+        }
+
+        /// Runs `ms` of virtual time in 10 ms steps.
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 10 {
+                self.now += Duration::from_millis(10);
+                while let Some((to, data)) = self.queue.pop_front() {
+                    let events = self.nodes[to].receive(&data, self.now);
+                    self.deliver(to, events);
+                }
+                for i in 0..self.nodes.len() {
+                    let events = self.nodes[i].tick(self.now);
+                    self.deliver(i, events);
+                }
+            }
+        }
+
+        fn alive(&self, i: usize) -> Vec<NodeId> {
+            self.nodes[i]
+                .members()
+                .into_iter()
+                .filter(|(_, l)| *l == Liveness::Alive)
+                .map(|(p, _)| p.id)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn members_find_each_other_lose_a_partitioned_one_and_get_it_back() {
+        for seed in 0..20 {
+            let mut world = World::new(3, seed * 7);
+            world.run(3_000);
+            for i in 0..3 {
+                assert_eq!(world.alive(i).len(), 2, "seed {seed}: node {i} sees all");
+            }
+            world.cut.insert((0, 2));
+            world.cut.insert((1, 2));
+            world.run(20_000);
+            assert_eq!(world.alive(0), [world.ids[1].clone()], "seed {seed}");
+            assert!(world.alive(2).is_empty(), "seed {seed}");
+            world.cut.clear();
+            world.run(20_000);
+            for i in 0..3 {
+                assert_eq!(
+                    world.alive(i).len(),
+                    2,
+                    "seed {seed}: node {i} after the heal"
+                );
+            }
+        }
+    }
+}

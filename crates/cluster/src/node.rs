@@ -249,7 +249,10 @@ impl Node {
             .iter()
             .map(|(id, addr)| (id.clone(), Peer::seed(id.clone(), *addr)))
             .collect();
+        // Unbounded, yet bounded in practice: one message per engine call in flight.
+        let (finished, done) = mpsc::unbounded_channel();
         let mut state = Loop {
+            finished,
             ring: Ring::new([config.id.clone()], 64),
             coordinator: Coordinator::new(config.id.clone()),
             config,
@@ -274,7 +277,7 @@ impl Node {
             next_peer: 0,
         };
         state.rebuild_ring();
-        let task = tokio::spawn(state.run(requests, inbox, stopped));
+        let task = tokio::spawn(state.run(requests, inbox, done, stopped));
         Self {
             commands,
             stop,
@@ -400,6 +403,8 @@ struct Loop {
     /// until it hears `Leaving` (the departed node's id should leave the configuration).
     departed: std::collections::BTreeSet<NodeId>,
     peer_addr: SocketAddr,
+    /// Where engine work done off the loop reports back to the coordinator.
+    finished: mpsc::UnboundedSender<Input>,
     /// Who waits for each request this node coordinates.
     waiters: BTreeMap<RequestId, Waiter>,
     /// Writes this node forwarded to a replica, waiting for its answer.
@@ -475,6 +480,7 @@ impl Loop {
         mut self,
         mut requests: mpsc::Receiver<Command>,
         mut inbox: mpsc::Receiver<Incoming>,
+        mut done: mpsc::UnboundedReceiver<Input>,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -487,6 +493,10 @@ impl Loop {
                 _ = stopped.changed() => return,
                 Some(command) = requests.recv() => self.command(command).await,
                 Some(incoming) = inbox.recv() => self.incoming(incoming).await,
+                Some(input) = done.recv() => {
+                    let effects = self.coordinator.step(input, now_ms());
+                    self.execute(effects).await;
+                }
                 _ = tick.tick() => {
                     let events = self.membership.tick(Instant::now());
                     self.membership_events(events);
@@ -905,35 +915,41 @@ impl Loop {
                 key,
                 record,
             } => {
-                let stored = self.measured.get(&key).await;
-                if let Ok(Some(stored)) = &stored
-                    && stored.causality(&record) == Causality::Concurrent
-                {
-                    self.metrics.conflict(record.value.kind().as_str());
-                }
-                // A record this replica already holds (a repeated repair, a duplicate) changes
-                // nothing: acknowledge without a commit.
-                let known = matches!(&stored, Ok(Some(stored)) if {
-                    let mut merged = stored.clone();
-                    merged.merge(&record);
-                    merged == *stored
+                // Off the loop: concurrent merges share the engine's group commits.
+                let (measured, metrics, transport) = (
+                    self.measured.clone(),
+                    self.metrics.clone(),
+                    self.transport.clone(),
+                );
+                tokio::spawn(async move {
+                    let stored = measured.get(&key).await;
+                    if let Ok(Some(stored)) = &stored
+                        && stored.causality(&record) == Causality::Concurrent
+                    {
+                        metrics.conflict(record.value.kind().as_str());
+                    }
+                    // A record this replica already holds (a repeated repair, a duplicate)
+                    // changes nothing: acknowledge without a commit.
+                    let known = matches!(&stored, Ok(Some(stored)) if {
+                        let mut merged = stored.clone();
+                        merged.merge(&record);
+                        merged == *stored
+                    });
+                    let merged =
+                        known || measured.apply(key, Mutation::Merge(record)).await.is_ok();
+                    if merged && request != 0 {
+                        transport.send(&from, Envelope::new(Message::Replicated { request }));
+                    }
                 });
-                let merged = known
-                    || self
-                        .measured
-                        .apply(key, Mutation::Merge(record))
-                        .await
-                        .is_ok();
-                if merged && request != 0 {
-                    self.transport
-                        .send(&from, Envelope::new(Message::Replicated { request }));
-                }
             }
             Message::Read { request, key } => {
-                if let Ok(record) = self.measured.get(&key).await {
-                    self.transport
-                        .send(&from, Envelope::new(Message::ReadReply { request, record }));
-                }
+                let (measured, transport) = (self.measured.clone(), self.transport.clone());
+                tokio::spawn(async move {
+                    if let Ok(record) = measured.get(&key).await {
+                        transport
+                            .send(&from, Envelope::new(Message::ReadReply { request, record }));
+                    }
+                });
             }
             Message::Forward {
                 request: theirs,
@@ -1201,37 +1217,41 @@ impl Loop {
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
             match effect {
+                // Engine work runs off the loop, so concurrent requests share the engine's group
+                // commits; what the coordinator must learn comes back through `finished`.
                 Effect::ApplyLocal {
                     request,
                     key,
                     mutation,
                 } => {
-                    let result = self
-                        .measured
-                        .apply(key, mutation)
-                        .await
-                        .map_err(|e| e.to_string());
-                    queue.extend(
-                        self.coordinator
-                            .step(Input::LocalApplied { request, result }, now_ms()),
-                    );
+                    let (measured, finished) = (self.measured.clone(), self.finished.clone());
+                    tokio::spawn(async move {
+                        let result = measured
+                            .apply(key, mutation)
+                            .await
+                            .map_err(|e| e.to_string());
+                        let _ = finished.send(Input::LocalApplied { request, result });
+                    });
                 }
                 Effect::ReadLocal { request, key } => {
-                    // A failed local read counts as an answer with nothing; the other replicas
-                    // still answer, and the error is logged.
-                    let record = self.measured.get(&key).await.unwrap_or_else(|err| {
-                        tracing::warn!(%err, "local read failed");
-                        None
+                    let (measured, finished) = (self.measured.clone(), self.finished.clone());
+                    tokio::spawn(async move {
+                        // A failed local read counts as an answer with nothing; the other
+                        // replicas still answer, and the error is logged.
+                        let record = measured.get(&key).await.unwrap_or_else(|err| {
+                            tracing::warn!(%err, "local read failed");
+                            None
+                        });
+                        let _ = finished.send(Input::LocalRead { request, record });
                     });
-                    queue.extend(
-                        self.coordinator
-                            .step(Input::LocalRead { request, record }, now_ms()),
-                    );
                 }
                 Effect::MergeLocal { key, record } => {
-                    if let Err(err) = self.measured.apply(key, Mutation::Merge(record)).await {
-                        tracing::warn!(%err, "read repair of the local copy failed");
-                    }
+                    let measured = self.measured.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = measured.apply(key, Mutation::Merge(record)).await {
+                            tracing::warn!(%err, "read repair of the local copy failed");
+                        }
+                    });
                 }
                 Effect::Send { to, message } => {
                     if let Message::Replicate { request, .. } = &message

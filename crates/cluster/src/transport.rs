@@ -26,6 +26,10 @@ use tokio::sync::{mpsc, watch};
 const PEER_QUEUE: usize = 1024;
 /// Messages received and not yet handled.
 const INBOX: usize = 4096;
+/// How long sent data may stay unacknowledged by the peer before the connection is dropped.
+const USER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one frame may take to reach the peer's socket before the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest node id a hello may carry.
 const MAX_HELLO: usize = 64;
 
@@ -144,6 +148,10 @@ async fn dial(
                 tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await;
             if let Ok(Ok(mut stream)) = connected {
                 let _ = stream.set_nodelay(true);
+                // Data the peer has not acknowledged within this time aborts the connection
+                // (the next write fails and the message is re-dialled): without it, a healed
+                // partition waits for TCP's backed-off retransmission, tens of seconds.
+                let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT));
                 if stream.write_all(&hello(&node)).await.is_ok() {
                     connection = Some(stream);
                 }
@@ -154,7 +162,11 @@ async fn dial(
             count_drop(&dropped, &envelope);
             continue;
         };
-        if stream.write_all(&encode_frame(&envelope)).await.is_err() {
+        // A peer that stops reading (a partition: TCP retransmits in silence, with growing
+        // backoff) must not hold the queue: give up on the connection and dial again.
+        let written =
+            tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&encode_frame(&envelope))).await;
+        if !matches!(written, Ok(Ok(()))) {
             count_drop(&dropped, &envelope);
             connection = None;
         }

@@ -1,0 +1,266 @@
+//! Three `agentstore node` processes on loopback vs Redis with a primary and two asynchronous
+//! replicas, at the same concurrency, in one run.
+//!
+//! Ours: 50 clients, each on its own keep-alive HTTP/1.1 connection to one of the three nodes
+//! (client i to node i mod 3), PUT and GET of 100-byte values over 100 000 keys, for the
+//! eventual setting (async, N=3 W=1 R=1) and the quorum one (N=3 W=2 R=2). Every node fsyncs
+//! each write before acknowledging it. The anchor: `redis-benchmark -c 50 -d 100` against the
+//! primary, with its replicas attached (no persistence, as Redis runs here by default).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentstore_engine::testkit::{RedisServer, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::load;
+use crate::redis::redis_benchmark;
+use crate::stats::Row;
+
+const CLIENTS: usize = 50;
+const KEYS: u64 = 100_000;
+
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `agentstore` binary built beside this one.
+fn agentstore_binary() -> PathBuf {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("agentstore")))
+        .filter(|path| path.exists());
+    binary.unwrap_or_else(|| {
+        eprintln!(
+            "the cluster benchmark starts `agentstore node` processes: build it first with\n  \
+             cargo build --release -p agentstore -p agentstore-bench"
+        );
+        std::process::exit(2);
+    })
+}
+
+/// Starts three nodes with the given replication block; returns them and their client
+/// addresses once every node sees the other two.
+fn start_cluster(dir: &Path, replication: &str) -> (Vec<NodeProcess>, Vec<String>) {
+    let names = ["node-a", "node-b", "node-c"];
+    let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let client = format!("127.0.0.1:{}", free_port());
+        let peers: String = names
+            .iter()
+            .zip(&peer_ports)
+            .filter(|(n, _)| *n != name)
+            .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
+            .collect();
+        let yaml = format!(
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
+            dir.join(name).display(),
+            peer_ports[i]
+        );
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(agentstore_binary())
+            .args(["node", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.push(NodeProcess(child));
+        clients.push(client);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for client in &clients {
+        loop {
+            let status = std::process::Command::new("curl")
+                .args(["-s", &format!("http://{client}/v1/status")])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .matches("\"alive\"")
+                        .count()
+                })
+                .unwrap_or(0);
+            if status == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster never formed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    (nodes, clients)
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Connection {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(addr: &str) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream: BufReader::new(stream),
+            host: addr.to_owned(),
+        }
+    }
+
+    /// Sends a request and reads the whole answer; panics unless it is 200.
+    async fn call(&mut self, method: &str, path: &str, body: &str) {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        self.stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await.unwrap();
+        let status = line.get(9..12).unwrap_or("").to_owned();
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await.unwrap();
+        assert!(
+            status == "200" || (status == "404" && method == "GET"),
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+async fn connections(clients: &[String]) -> Arc<Vec<Mutex<Connection>>> {
+    let mut all = Vec::new();
+    for i in 0..CLIENTS {
+        all.push(Mutex::new(
+            Connection::open(&clients[i % clients.len()]).await,
+        ));
+    }
+    Arc::new(all)
+}
+
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    clients: &[String],
+    seconds: u64,
+) -> (crate::stats::Sample, crate::stats::Sample) {
+    let duration = Duration::from_secs(seconds);
+    let value = format!("\"{}\"", "v".repeat(98));
+    runtime.block_on(async {
+        let connections = connections(clients).await;
+        let put = {
+            let (connections, value) = (Arc::clone(&connections), value.clone());
+            load::run(CLIENTS, duration, move |client, i| {
+                let (connections, value) = (Arc::clone(&connections), value.clone());
+                async move {
+                    let key = load::key("bench", client, i, KEYS);
+                    let mut connection = connections[client].lock().await;
+                    connection
+                        .call("PUT", &format!("/v1/keys/{key}"), &value)
+                        .await;
+                }
+            })
+            .await
+        };
+        let get = {
+            let connections = Arc::clone(&connections);
+            load::run(CLIENTS, duration, move |client, i| {
+                let connections = Arc::clone(&connections);
+                async move {
+                    let key = load::key("bench", client, i, KEYS);
+                    let mut connection = connections[client].lock().await;
+                    connection.call("GET", &format!("/v1/keys/{key}"), "").await;
+                }
+            })
+            .await
+        };
+        (put, get)
+    })
+}
+
+pub(crate) fn run(seconds: u64) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "3 agentstore nodes on loopback (fsync per write on every node) vs Redis primary + 2 async replicas (no persistence); {CLIENTS} clients, 100-byte values, {KEYS} keys, {seconds} s per workload\n"
+    );
+    let primary = RedisServer::start(&[]);
+    let _replicas = [
+        RedisServer::replica_of(&primary),
+        RedisServer::replica_of(&primary),
+    ];
+    let mut rows = Vec::new();
+    let settings = [
+        (
+            "eventual (async, W=1 R=1)",
+            "    strategy: async\n    replicas: 3\n    read_quorum: 1\n",
+        ),
+        (
+            "quorum (N=3 W=2 R=2)",
+            "    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n",
+        ),
+    ];
+    for (name, replication) in settings {
+        let dir = tempfile::tempdir().unwrap();
+        let (nodes, clients) = start_cluster(dir.path(), replication);
+        let (put, get) = measure(&runtime, &clients, seconds);
+        drop(nodes);
+        let set = redis_benchmark(
+            primary.port,
+            "set",
+            (put.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
+        );
+        rows.push(Row::with_anchor_figures(
+            &format!("{name}: put vs SET"),
+            put,
+            set.rps,
+            set.p50_ms,
+            set.p99_ms,
+        ));
+        let anchor = redis_benchmark(
+            primary.port,
+            "get",
+            (get.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
+        );
+        rows.push(Row::with_anchor_figures(
+            &format!("{name}: get vs GET"),
+            get,
+            anchor.rps,
+            anchor.p50_ms,
+            anchor.p99_ms,
+        ));
+    }
+    crate::stats::print_table_with("redis-benchmark", &rows);
+}
