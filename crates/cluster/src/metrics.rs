@@ -68,6 +68,7 @@ pub(crate) struct NodeMetrics {
     hints_delivered: Counter,
     repaired: Counter,
     handed_off: Counter,
+    tombstones_collected: Counter,
     dropped: Family<Dropped, Counter>,
 }
 
@@ -85,6 +86,7 @@ impl NodeMetrics {
             hints_delivered: Counter::default(),
             repaired: Counter::default(),
             handed_off: Counter::default(),
+            tombstones_collected: Counter::default(),
             dropped: Family::default(),
         };
         registry.register(
@@ -141,6 +143,11 @@ impl NodeMetrics {
             "agentstore_node_handed_off_records",
             "Records purged here after every new replica acknowledged them (a join or a leave moved their key)",
             metrics.handed_off.clone(),
+        );
+        registry.register(
+            "agentstore_node_tombstones_collected",
+            "Tombstones purged here once every replica held them and the grace period had passed",
+            metrics.tombstones_collected.clone(),
         );
         registry.register(
             "agentstore_node_messages_dropped",
@@ -209,6 +216,10 @@ impl NodeMetrics {
                 .inc_by(ratio * seconds);
         }
         self.observed_seconds.inc_by(seconds);
+    }
+
+    pub(crate) fn tombstone_collected(&self) {
+        self.tombstones_collected.inc();
     }
 
     pub(crate) fn handed_off(&self) {

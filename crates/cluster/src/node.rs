@@ -40,6 +40,9 @@ const TREE_DEPTH: u8 = 6;
 /// because this node no longer replicates it); their acknowledgements go to the handoff, not
 /// to the coordinator, which numbers client requests below it.
 const HANDOFF_REQUEST_BIT: RequestId = 1 << 62;
+/// Request ids with this bit set ask the other replicas for their copy of a tombstone about to
+/// be collected; the answers go to the collection, not to the coordinator.
+const COLLECT_REQUEST_BIT: RequestId = 1 << 61;
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -63,6 +66,10 @@ pub struct NodeConfig {
     /// How often this node compares its data with one peer (Merkle anti-entropy), taking the
     /// peers in turn.
     pub anti_entropy_interval: Duration,
+    /// How old a tombstone must be before it is collected (once every replica holds it).
+    /// Longer than a replica may stay down with hints waiting for it: a hint older than the
+    /// tombstone, delivered after the collection, would bring the deleted value back.
+    pub tombstone_grace: Duration,
 }
 
 /// Why a call to a node failed.
@@ -267,6 +274,7 @@ impl Node {
             forwarded: BTreeMap::new(),
             handoffs: BTreeMap::new(),
             scans: BTreeMap::new(),
+            collecting: BTreeMap::new(),
             acknowledged: AcknowledgedWrites::new(ACKNOWLEDGED_KEYS),
             replicating: BTreeMap::new(),
             observed: Instant::now(),
@@ -420,6 +428,8 @@ struct Loop {
     observed: Instant,
     /// Scans waiting for members' pages.
     scans: BTreeMap<RequestId, PendingScan>,
+    /// Tombstones about to be collected: the tombstone and the replicas yet to confirm it.
+    collecting: BTreeMap<RequestId, Handoff>,
     /// A repair in progress (one at a time; a second waits for the first's members).
     repair: Option<Repair>,
     /// Set while leaving: who waits for the handoff to finish, and until when.
@@ -581,6 +591,80 @@ impl Loop {
                     sent: Instant::now(),
                 },
             );
+        }
+    }
+
+    /// Tombstone collection, step 1: ask the other replicas of each tombstone older than the
+    /// grace period for their copy. Unanswered questions are asked again next round.
+    async fn collect_tombstones(&mut self) {
+        self.collecting
+            .retain(|_, c| c.sent.elapsed() < HANDOFF_RETRY);
+        let in_flight: std::collections::BTreeSet<Key> =
+            self.collecting.values().map(|c| c.key.clone()).collect();
+        let horizon = now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64);
+        let me = self.config.id.clone();
+        let old = self.local_records(|replicas| replicas.contains(&me)).await;
+        for (key, record) in old {
+            if !record.is_tombstone() || record.stamp.wall_ms > horizon || in_flight.contains(&key)
+            {
+                continue;
+            }
+            let others: Vec<NodeId> = self
+                .ring
+                .replicas(key.as_bytes(), self.config.replicas)
+                .into_iter()
+                .filter(|n| *n != me)
+                .collect();
+            let request = COLLECT_REQUEST_BIT | self.next_request;
+            self.next_request += 1;
+            for replica in &others {
+                let message = Message::Read {
+                    request,
+                    key: key.clone(),
+                };
+                self.transport.send(replica, Envelope::new(message));
+            }
+            self.collecting.insert(
+                request,
+                Handoff {
+                    key,
+                    record,
+                    waiting: others,
+                    sent: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Tombstone collection, step 2: a replica answered. It must hold the same tombstone or
+    /// nothing (it collected it already): a replica with anything else (an older live value
+    /// it would spread back) stops the collection. Once every replica has answered so, the
+    /// tombstone is purged here.
+    async fn tombstone_confirmed(
+        &mut self,
+        from: &NodeId,
+        request: RequestId,
+        theirs: Option<Record>,
+    ) {
+        let Some(collecting) = self.collecting.get_mut(&request) else {
+            return;
+        };
+        if theirs.is_some_and(|r| r != collecting.record) {
+            self.collecting.remove(&request);
+            return;
+        }
+        collecting.waiting.retain(|n| n != from);
+        if !collecting.waiting.is_empty() {
+            return;
+        }
+        let Some(Handoff { key, record, .. }) = self.collecting.remove(&request) else {
+            return;
+        };
+        let engine = self.engine.clone();
+        if let Ok(Ok(true)) =
+            tokio::task::spawn_blocking(move || engine.purge_if_unchanged(&key, &record)).await
+        {
+            self.metrics.tombstone_collected();
         }
     }
 
@@ -1022,6 +1106,9 @@ impl Loop {
                 }
                 self.repair_answered(&from, differing);
             }
+            Message::ReadReply { request, record } if request & COLLECT_REQUEST_BIT != 0 => {
+                self.tombstone_confirmed(&from, request, record).await;
+            }
             Message::Replicated { request } if request & HANDOFF_REQUEST_BIT != 0 => {
                 self.handoff_acknowledged(&from, request).await;
             }
@@ -1085,9 +1172,10 @@ impl Loop {
     }
 
     /// Anti-entropy, step 1: send the next peer the leaves of the tree of what we share.
-    /// Also hands off what this node no longer replicates.
+    /// Also hands off what this node no longer replicates, and collects old tombstones.
     async fn start_anti_entropy(&mut self) {
         self.hand_off().await;
+        self.collect_tombstones().await;
         let peers: Vec<NodeId> = self.members.keys().cloned().collect();
         if peers.is_empty() {
             return;

@@ -37,6 +37,7 @@ async fn start(name: &str, seeds: &[&Member]) -> Member {
         read_quorum: 2,
         request_timeout: Duration::from_secs(5),
         anti_entropy_interval: Duration::from_millis(100),
+        tombstone_grace: Duration::ZERO,
     };
     let node = Node::start(config, engine.clone(), listener);
     Member {
@@ -331,4 +332,57 @@ async fn metrics_report_lag_violations_and_quorum_reachability() {
         reachable > 0.0 && reachable < observed,
         "a share of the time: {reachable} of {observed}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_collected_only_once_every_replica_holds_them() {
+    let a = start("node-a", &[]).await;
+    let b = start("node-b", &[&a]).await;
+    let c = start("node-c", &[&a]).await;
+    for m in [&a, &b, &c] {
+        eventually("three members alive", || {
+            sees_alive(m, &["node-a", "node-b", "node-c"])
+        })
+        .await;
+    }
+    let gone = key("doc:gone");
+    a.node
+        .write(gone.clone(), Mutation::Put(b"x".to_vec()))
+        .await
+        .unwrap();
+    a.node.write(gone.clone(), Mutation::Delete).await.unwrap();
+    for m in [&a, &b, &c] {
+        eventually("the tombstone is collected everywhere", || async {
+            match m.engine.get(&gone).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(r) => Err(format!("{} still holds {r:?}", m.id)),
+            }
+        })
+        .await;
+    }
+    let read = b.node.read(gone.clone()).await.unwrap();
+    assert_eq!(
+        read,
+        Outcome::Read { record: None },
+        "the key stays deleted"
+    );
+
+    // With node-c down, node-a and node-b cannot learn that it holds the tombstone: they keep it.
+    let Member { node, .. } = c;
+    node.shutdown().await;
+    let kept = key("doc:kept");
+    a.node
+        .write(kept.clone(), Mutation::Put(b"y".to_vec()))
+        .await
+        .unwrap();
+    a.node.write(kept.clone(), Mutation::Delete).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in [&a, &b] {
+        let held = m.engine.get(&kept).await.unwrap();
+        assert!(
+            held.as_ref().is_some_and(|r| r.is_tombstone()),
+            "{} keeps the tombstone while a replica cannot confirm it: {held:?}",
+            m.id
+        );
+    }
 }

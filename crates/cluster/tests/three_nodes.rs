@@ -41,6 +41,7 @@ fn config(
         read_quorum: 2,
         request_timeout: Duration::from_millis(500),
         anti_entropy_interval: anti_entropy,
+        tombstone_grace: Duration::from_secs(3600),
     }
 }
 
@@ -324,6 +325,7 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
         read_quorum: 1,
         request_timeout: Duration::from_millis(200),
         anti_entropy_interval: NO_ANTI_ENTROPY,
+        tombstone_grace: Duration::from_secs(3600),
     };
     let node = Node::start(
         config,

@@ -33,6 +33,10 @@ use super::{Storage, StorageError, Version, default_data_dir};
 /// The OpenAPI document of the client API.
 pub const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
 
+/// How old a tombstone must be before the cluster collects it (every replica must hold it
+/// too). A day: longer than a node is expected to stay down with hints waiting for it.
+const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a request waits for its quorum.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -531,6 +535,7 @@ pub async fn run(
         read_quorum: usize::from(quorum.r),
         request_timeout: REQUEST_TIMEOUT,
         anti_entropy_interval: Duration::from_secs(1),
+        tombstone_grace: TOMBSTONE_GRACE,
     };
     let node = Arc::new(Node::start(node_config, local, listeners.peers));
     let engine = ClusterEngine::new(Arc::clone(&node), usize::from(quorum.n));
