@@ -69,6 +69,7 @@ pub(crate) struct NodeMetrics {
     repaired: Counter,
     handed_off: Counter,
     tombstones_collected: Counter,
+    expired: Counter,
     dropped: Family<Dropped, Counter>,
 }
 
@@ -87,6 +88,7 @@ impl NodeMetrics {
             repaired: Counter::default(),
             handed_off: Counter::default(),
             tombstones_collected: Counter::default(),
+            expired: Counter::default(),
             dropped: Family::default(),
         };
         registry.register(
@@ -148,6 +150,11 @@ impl NodeMetrics {
             "agentstore_node_tombstones_collected",
             "Tombstones purged here once every replica held them and the grace period had passed",
             metrics.tombstones_collected.clone(),
+        );
+        registry.register(
+            "agentstore_node_expired_requests",
+            "Reads and forwarded writes received after their requester's deadline, dropped unanswered",
+            metrics.expired.clone(),
         );
         registry.register(
             "agentstore_node_messages_dropped",
@@ -216,6 +223,10 @@ impl NodeMetrics {
                 .inc_by(ratio * seconds);
         }
         self.observed_seconds.inc_by(seconds);
+    }
+
+    pub(crate) fn expired(&self) {
+        self.expired.inc();
     }
 
     pub(crate) fn tombstone_collected(&self) {

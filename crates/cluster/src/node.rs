@@ -993,6 +993,16 @@ impl Loop {
 
     /// A replica's duties, and the coordinator's messages.
     async fn incoming(&mut self, Incoming { from, envelope }: Incoming) {
+        // Work whose requester has given up is dropped (reads, and forwarded writes, which
+        // the forwarding node has answered as indeterminate by now).
+        let reads_or_forwards = matches!(
+            envelope.message,
+            Message::Read { .. } | Message::Forward { .. }
+        );
+        if reads_or_forwards && envelope.deadline_ms != 0 && envelope.deadline_ms < now_ms() {
+            self.metrics.expired();
+            return;
+        }
         match envelope.message {
             Message::Replicate {
                 request,
@@ -1349,7 +1359,14 @@ impl Loop {
                             .entry(*request)
                             .or_insert_with(Instant::now);
                     }
-                    self.transport.send(&to, Envelope::new(message));
+                    // A read is worth answering only while its coordinator waits; a write is
+                    // always applied (it is durable where it lands, and spreads).
+                    let mut envelope = Envelope::new(message);
+                    if matches!(envelope.message, Message::Read { .. }) {
+                        envelope.deadline_ms =
+                            now_ms() + self.config.request_timeout.as_millis() as u64;
+                    }
+                    self.transport.send(&to, envelope);
                 }
                 Effect::Hint { node, key, record } => {
                     let engine = self.engine.clone();

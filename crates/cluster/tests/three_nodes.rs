@@ -360,3 +360,35 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_its_deadline_is_dropped_unanswered() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster().await;
+    let mut stream = tokio::net::TcpStream::connect(c.addrs[1]).await.unwrap();
+    let mut hello = 6u32.to_be_bytes().to_vec();
+    hello.extend_from_slice(b"node-a");
+    stream.write_all(&hello).await.unwrap();
+    let late = agentstore_wire::Envelope {
+        request: 7,
+        deadline_ms: 1, // long gone
+        message: agentstore_core::replication::Message::Read {
+            request: 7,
+            key: key("doc:late"),
+        },
+    };
+    stream
+        .write_all(&agentstore_wire::encode_frame(&late))
+        .await
+        .unwrap();
+    let b = c.nodes[1].as_ref().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !b
+        .metrics_text()
+        .lines()
+        .any(|l| l == "agentstore_node_expired_requests_total 1")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", b.metrics_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -329,7 +329,6 @@ impl Storage {
     }
 
     /// Writes `value` at `level` or the collection's level, whichever is stronger.
-    #[tracing::instrument(skip(self, value), fields(outcome))]
     pub async fn set_with_consistency<T: Serialize>(
         &self,
         key: &str,
@@ -372,7 +371,6 @@ impl Storage {
 
     /// Compare-and-set: writes `value` only if the key is still at `expected` (as returned by
     /// [`Storage::get_versioned`]), or, with `None`, only if the key has no value.
-    #[tracing::instrument(skip(self, value, expected))]
     pub async fn compare_and_set<T: Serialize>(
         &self,
         key: &str,
@@ -411,7 +409,6 @@ impl Storage {
     }
 
     /// Reads a value at `level` or the collection's level, whichever is stronger.
-    #[tracing::instrument(skip(self), fields(outcome))]
     pub async fn get_with_consistency<T: DeserializeOwned>(
         &self,
         key: &str,
@@ -480,60 +477,75 @@ impl Storage {
     /// Deletes a key: an LWW key gets a tombstone; a multi-value key drops the values this
     /// node has seen (a concurrent write elsewhere survives, as it should); an OR-Set drops
     /// the members it has seen. Grow-only values and PN-counters cannot be deleted.
-    #[tracing::instrument(skip(self))]
     pub async fn delete(&self, key: &str) -> Result<WriteReceipt> {
+        self.delete_with(key, None).await
+    }
+
+    /// Deletes a key at (at least) `level`; see [`Storage::delete`].
+    pub async fn delete_with_consistency(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+    ) -> Result<WriteReceipt> {
+        self.delete_with(key, Some(level)).await
+    }
+
+    async fn delete_with(
+        &self,
+        key: &str,
+        level: Option<ConsistencyLevel>,
+    ) -> Result<WriteReceipt> {
         traced("delete", key, async move {
-        let call = self.call(key, None)?;
-        let current = call.engine.get(&call.key).await?;
-        let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
-            (ConflictStrategy::Register, _) => vec![Mutation::Delete],
-            (ConflictStrategy::MultiValue, Some(Value::MultiValue(register))) => {
-                vec![Mutation::PutSibling {
-                    value: None,
-                    context: register.context().clone(),
-                }]
-            }
-            (ConflictStrategy::MultiValue, _) => {
-                vec![Mutation::PutSibling {
-                    value: None,
-                    context: Default::default(),
-                }]
-            }
-            (ConflictStrategy::OrSet, Some(Value::OrSet(set))) => set
-                .iter()
-                .map(|member| Mutation::OrSetRemove(member.clone()))
-                .collect(),
-            (ConflictStrategy::OrSet, _) => Vec::new(),
-            _ => {
-                return Err(Self::wrong(
-                    &call,
-                    "delete",
-                    "grow-only values and counters cannot be deleted; use an lww collection for \
-                     values that must be removable",
-                ));
-            }
-        };
-        let batch: Vec<Write> = writes
-            .into_iter()
-            .map(|m| Write::new(call.key.clone(), m))
-            .collect();
-        let version = if batch.is_empty() {
-            current.map(|r| r.version).unwrap_or_default()
-        } else {
-            let mut records = call.engine.commit(batch).await?;
-            records.pop().map(|r| r.version).unwrap_or_default()
-        };
-        Ok(WriteReceipt {
-            version: Version(version),
-            level: call.level,
-            delivered: call.plan.guarantee.level,
+            let call = self.call(key, level)?;
+            let current = call.engine.get(&call.key).await?;
+            let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
+                (ConflictStrategy::Register, _) => vec![Mutation::Delete],
+                (ConflictStrategy::MultiValue, Some(Value::MultiValue(register))) => {
+                    vec![Mutation::PutSibling {
+                        value: None,
+                        context: register.context().clone(),
+                    }]
+                }
+                (ConflictStrategy::MultiValue, _) => {
+                    vec![Mutation::PutSibling {
+                        value: None,
+                        context: Default::default(),
+                    }]
+                }
+                (ConflictStrategy::OrSet, Some(Value::OrSet(set))) => set
+                    .iter()
+                    .map(|member| Mutation::OrSetRemove(member.clone()))
+                    .collect(),
+                (ConflictStrategy::OrSet, _) => Vec::new(),
+                _ => {
+                    return Err(Self::wrong(
+                        &call,
+                        "delete",
+                        "grow-only values and counters cannot be deleted; use an lww collection for \
+                         values that must be removable",
+                    ));
+                }
+            };
+            let batch: Vec<Write> = writes
+                .into_iter()
+                .map(|m| Write::new(call.key.clone(), m))
+                .collect();
+            let version = if batch.is_empty() {
+                current.map(|r| r.version).unwrap_or_default()
+            } else {
+                let mut records = call.engine.commit(batch).await?;
+                records.pop().map(|r| r.version).unwrap_or_default()
+            };
+            Ok(WriteReceipt {
+                version: Version(version),
+                level: call.level,
+                delivered: call.plan.guarantee.level,
         })
         })
         .await
     }
 
     /// Adds `delta` to a counter (`g_counter` accepts only `delta >= 0`); returns the new total.
-    #[tracing::instrument(skip(self))]
     pub async fn counter_add(&self, key: &str, delta: i64) -> Result<i64> {
         traced("counter_add", key, async move {
             let call = self.call(key, None)?;
@@ -574,7 +586,6 @@ impl Storage {
     }
 
     /// Adds `member` to a set (`g_set` or `or_set`).
-    #[tracing::instrument(skip(self, member))]
     pub async fn set_add<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
         traced("set_add", key, async move {
             let call = self.call(key, None)?;
@@ -591,7 +602,6 @@ impl Storage {
     }
 
     /// Removes `member` from an `or_set` (the adds this node has seen; a concurrent add wins).
-    #[tracing::instrument(skip(self, member))]
     pub async fn set_remove<T: Serialize>(&self, key: &str, member: T) -> Result<WriteReceipt> {
         traced("set_remove", key, async move {
             let call = self.call(key, None)?;
@@ -659,7 +669,6 @@ impl Storage {
     /// Writes a multi-value key, replacing the siblings that `context` (from
     /// [`Storage::get_siblings`]) covers. A client that always writes back its context never
     /// adds siblings.
-    #[tracing::instrument(skip(self, value, context))]
     pub async fn set_with_context<T: Serialize>(
         &self,
         key: &str,

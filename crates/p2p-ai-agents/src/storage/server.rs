@@ -229,8 +229,15 @@ async fn put_key(
     Ok(written(&key, &receipt.version))
 }
 
-async fn delete_key(State(api): State<Api>, Path(key): Path<String>) -> Answer {
-    let receipt = api.storage.delete(&key).await?;
+async fn delete_key(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
+) -> Answer {
+    let receipt = match query.consistency {
+        Some(level) => api.storage.delete_with_consistency(&key, level).await?,
+        None => api.storage.delete(&key).await?,
+    };
     Ok(written(&key, &receipt.version))
 }
 
