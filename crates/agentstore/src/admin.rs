@@ -108,7 +108,7 @@ async fn repair(client: &NodeClient, json: bool) -> Result<(), StorageError> {
             let outcome = if step["answered"] == Json::Bool(true) {
                 let buckets = step["buckets_differing"].as_u64().unwrap_or(0);
                 differing += buckets;
-                format!("{buckets} bucket(s) differed, exchanged")
+                format!("{buckets} bucket(s) differed")
             } else {
                 unanswered += 1;
                 "did not answer".to_owned()

@@ -102,7 +102,8 @@ pub enum EngineError {
     /// time. The outcome is indeterminate, not failed: the write is on the primary and will
     /// normally replicate, but a failover before it does can lose it.
     #[error(
-        "write applied on the primary but only {acknowledged} of {required} replicas acknowledged          it within {timeout_ms} ms (indeterminate: it may be lost if the primary fails now)"
+        "write applied on the primary but only {acknowledged} of {required} replicas acknowledged \
+         it within {timeout_ms} ms (indeterminate: it may be lost if the primary fails now)"
     )]
     ReplicationShortfall {
         /// Replicas that acknowledged.

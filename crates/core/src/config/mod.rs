@@ -337,7 +337,9 @@ impl Config {
                 }
             ),
             caveat: Some(
-                "not linearizable: concurrent writes resolve by the collection's conflict                  strategy, and readers may disagree until read repair; causal and strong                  collections are refused in a cluster"
+                "not linearizable: concurrent writes resolve by the collection's conflict \
+                 strategy, and readers may disagree until read repair; causal and strong \
+                 collections are refused in a cluster"
                     .into(),
             ),
         }
