@@ -18,8 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::load;
-use crate::redis::redis_benchmark;
-use crate::stats::Row;
+use crate::redis::beside;
 
 const CLIENTS: usize = 50;
 const KEYS: u64 = 100_000;
@@ -237,29 +236,20 @@ pub(crate) fn run(seconds: u64) {
         let (nodes, clients) = start_cluster(dir.path(), replication);
         let (put, get) = measure(&runtime, &clients, seconds);
         drop(nodes);
-        let set = redis_benchmark(
-            primary.port,
+        let port = primary.port;
+        rows.push(beside(
+            port,
             "set",
-            (put.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
-        );
-        rows.push(Row::with_anchor_figures(
             &format!("{name}: put vs SET"),
             put,
-            set.rps,
-            set.p50_ms,
-            set.p99_ms,
+            seconds,
         ));
-        let anchor = redis_benchmark(
-            primary.port,
+        rows.push(beside(
+            port,
             "get",
-            (get.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
-        );
-        rows.push(Row::with_anchor_figures(
             &format!("{name}: get vs GET"),
             get,
-            anchor.rps,
-            anchor.p50_ms,
-            anchor.p99_ms,
+            seconds,
         ));
     }
     crate::stats::print_table_with("redis-benchmark", &rows);

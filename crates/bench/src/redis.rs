@@ -9,7 +9,7 @@ use agentstore_engine::testkit::RedisServer;
 use agentstore_engine::{Engine, Mutation, NodeClock, RedisEngine, RedisOptions};
 
 use crate::load;
-use crate::stats::Row;
+use crate::stats::{Row, Sample};
 
 const CLIENTS: usize = 50;
 const KEYS: u64 = 100_000;
@@ -59,6 +59,14 @@ pub(crate) fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
     }
 }
 
+/// A row of `ours` beside `redis-benchmark -t test` on `port`, run for about as many requests
+/// as ours did in `seconds`.
+pub(crate) fn beside(port: u16, test: &str, name: &str, ours: Sample, seconds: u64) -> Row {
+    let requests = (ours.ops_per_sec() * seconds as f64).max(10_000.0) as u64;
+    let anchor = redis_benchmark(port, test, requests);
+    Row::with_anchor_figures(name, ours, anchor.rps, anchor.p50_ms, anchor.p99_ms)
+}
+
 pub(crate) fn run(seconds: u64) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,18 +98,7 @@ pub(crate) fn run(seconds: u64) {
             }
         }))
     };
-    let set = redis_benchmark(
-        server.port,
-        "set",
-        (put.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
-    );
-    rows.push(Row::with_anchor_figures(
-        "put vs SET",
-        put,
-        set.rps,
-        set.p50_ms,
-        set.p99_ms,
-    ));
+    rows.push(beside(server.port, "set", "put vs SET", put, seconds));
 
     let get = {
         let engine = Arc::clone(&engine);
@@ -113,17 +110,6 @@ pub(crate) fn run(seconds: u64) {
             }
         }))
     };
-    let anchor = redis_benchmark(
-        server.port,
-        "get",
-        (get.ops_per_sec() * seconds as f64).max(10_000.0) as u64,
-    );
-    rows.push(Row::with_anchor_figures(
-        "get vs GET",
-        get,
-        anchor.rps,
-        anchor.p50_ms,
-        anchor.p99_ms,
-    ));
+    rows.push(beside(server.port, "get", "get vs GET", get, seconds));
     crate::stats::print_table_with("redis-benchmark", &rows);
 }

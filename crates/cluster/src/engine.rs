@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use agentstore_core::replication::Outcome;
 use agentstore_core::{Key, Record};
-use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
 use crate::node::{Node, NodeError};
 
@@ -102,25 +102,9 @@ impl DynEngine for ClusterEngine {
         })
     }
 
-    fn commit(&self, mut writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
+    fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
-            let write = match writes.pop() {
-                Some(write) if writes.is_empty() => write,
-                _ => {
-                    return Err(EngineError::Unsupported {
-                        detail: "a cluster write applies to one key; atomic multi-key batches \
-                                 need the strong level"
-                            .into(),
-                    });
-                }
-            };
-            if write.expect.is_some() || write.fence.is_some() {
-                return Err(EngineError::Unsupported {
-                    detail: "conditional and fenced writes need the strong level; the cluster \
-                             replicates without a leader"
-                        .into(),
-                });
-            }
+            let write = single_unconditional(writes)?;
             match self
                 .node
                 .write(write.key, write.mutation)

@@ -88,6 +88,20 @@ async fn sees_alive(member: &Member, expected: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Three nodes, B and C knowing only A as their seed, once each sees all three alive.
+async fn three() -> (Member, Member, Member) {
+    let a = start("node-a", &[]).await;
+    let b = start("node-b", &[&a]).await;
+    let c = start("node-c", &[&a]).await;
+    for m in [&a, &b, &c] {
+        eventually("three members alive", || {
+            sees_alive(m, &["node-a", "node-b", "node-c"])
+        })
+        .await;
+    }
+    (a, b, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_through_one_seed_and_receives_its_share() {
     let a = start("node-a", &[]).await;
@@ -244,15 +258,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_lag_violations_and_quorum_reachability() {
-    let a = start("node-a", &[]).await;
-    let b = start("node-b", &[&a]).await;
-    let c = start("node-c", &[&a]).await;
-    for m in [&a, &b, &c] {
-        eventually("three members alive", || {
-            sees_alive(m, &["node-a", "node-b", "node-c"])
-        })
-        .await;
-    }
+    let (a, b, c) = three().await;
     for i in 0..20 {
         let k = key(&format!("doc:{i}"));
         a.node
@@ -336,15 +342,7 @@ async fn metrics_report_lag_violations_and_quorum_reachability() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_are_collected_only_once_every_replica_holds_them() {
-    let a = start("node-a", &[]).await;
-    let b = start("node-b", &[&a]).await;
-    let c = start("node-c", &[&a]).await;
-    for m in [&a, &b, &c] {
-        eventually("three members alive", || {
-            sees_alive(m, &["node-a", "node-b", "node-c"])
-        })
-        .await;
-    }
+    let (a, b, c) = three().await;
     let gone = key("doc:gone");
     a.node
         .write(gone.clone(), Mutation::Put(b"x".to_vec()))

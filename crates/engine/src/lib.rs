@@ -168,6 +168,22 @@ pub trait Engine: Send + Sync + 'static {
     }
 }
 
+/// The one unconditional, unfenced write of `writes`: all that an engine without multi-key
+/// transactions or compare-and-set (a leaderless cluster) can apply. Anything else is
+/// [`EngineError::Unsupported`], naming what would be needed.
+pub fn single_unconditional(mut writes: Vec<Write>) -> Result<Write, EngineError> {
+    match writes.pop() {
+        Some(write) if writes.is_empty() && write.expect.is_none() && write.fence.is_none() => {
+            Ok(write)
+        }
+        _ => Err(EngineError::Unsupported {
+            detail: "a cluster write applies one unconditional mutation to one key; multi-key \
+                     batches, compare-and-set and fenced writes need the strong level"
+                .into(),
+        }),
+    }
+}
+
 fn single(mut records: Vec<Record>) -> Result<Record, EngineError> {
     records.pop().ok_or(EngineError::Internal {
         detail: "a one-write batch returned no record".into(),

@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use agentstore_core::{Key, Record, codec};
-use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -242,22 +242,9 @@ impl DynEngine for NodeClient {
         })
     }
 
-    fn commit(&self, mut writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
+    fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
-            let write = match writes.pop() {
-                Some(write)
-                    if writes.is_empty() && write.expect.is_none() && write.fence.is_none() =>
-                {
-                    write
-                }
-                _ => {
-                    return Err(EngineError::Unsupported {
-                        detail: "a cluster write applies one unconditional mutation to one key; \
-                                 batches, compare-and-set and fenced writes need the strong level"
-                            .into(),
-                    });
-                }
-            };
+            let write = single_unconditional(writes)?;
             let path = format!("/v1/records/{}", encode(write.key.as_bytes()));
             let body = agentstore_wire::encode_mutation(&write.mutation);
             let (status, answer) = self.call(Method::POST, &path, body).await?;
