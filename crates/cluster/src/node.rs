@@ -419,7 +419,7 @@ struct Loop {
     forwarded: BTreeMap<RequestId, Forwarded>,
     /// Records being handed to the replicas of keys this node no longer replicates, by
     /// request id: the record sent and the replicas that have not acknowledged it yet.
-    handoffs: BTreeMap<RequestId, Handoff>,
+    handoffs: BTreeMap<RequestId, Asked>,
     /// Writes acknowledged to this node's clients, to notice reads that miss them.
     acknowledged: AcknowledgedWrites,
     /// When each client write was first sent to the replicas (replication lag).
@@ -429,8 +429,8 @@ struct Loop {
     /// Scans waiting for members' pages.
     scans: BTreeMap<RequestId, PendingScan>,
     /// Tombstones about to be collected: the tombstone and the replicas yet to confirm it.
-    collecting: BTreeMap<RequestId, Handoff>,
-    /// A repair in progress (one at a time; a second waits for the first's members).
+    collecting: BTreeMap<RequestId, Asked>,
+    /// A repair in progress (one at a time: another is refused while it runs).
     repair: Option<Repair>,
     /// Set while leaving: who waits for the handoff to finish, and until when.
     leaving: Option<(oneshot::Sender<Result<(), NodeError>>, Instant)>,
@@ -447,16 +447,17 @@ enum Waiter {
     Peer(NodeId, RequestId),
 }
 
-/// A record sent to the replicas of a key this node no longer replicates.
-struct Handoff {
+/// A local record on which this node waits for answers from other replicas: a handoff (the
+/// key moved away) or a tombstone collection.
+struct Asked {
     key: Key,
     record: Record,
-    /// Replicas that have not acknowledged it yet.
+    /// Replicas that have not answered yet.
     waiting: Vec<NodeId>,
     sent: Instant,
 }
 
-/// How long a handoff waits for its acknowledgements before it is sent again.
+/// How long a handoff or a collection waits for its answers before it asks again.
 const HANDOFF_RETRY: Duration = Duration::from_secs(5);
 
 /// A write forwarded to one of its replicas.
@@ -466,6 +467,9 @@ struct Forwarded {
     needed: usize,
     deadline_ms: u64,
 }
+
+/// A local record and its key's replicas under the current placement.
+type Placed = (Key, Record, Vec<NodeId>);
 
 /// Joins a member's page of a scan into what the other members sent.
 fn merge_page(entries: &mut BTreeMap<Key, Record>, page: Vec<(Key, Record)>) {
@@ -537,7 +541,7 @@ impl Loop {
     /// Handoff: sends every local record of a key this node no longer replicates to the key's
     /// replicas; a record acknowledged by all of them is purged here (if it has not changed
     /// meanwhile). Handoffs unacknowledged for [`HANDOFF_RETRY`] are sent again.
-    async fn hand_off(&mut self) {
+    fn hand_off(&mut self, placed: &[Placed]) {
         self.handoffs
             .retain(|_, h| h.sent.elapsed() < HANDOFF_RETRY);
         let in_flight: std::collections::BTreeSet<Key> =
@@ -549,7 +553,10 @@ impl Loop {
                 self.transport.send(member, Envelope::new(Message::Leaving));
             }
         }
-        let moved = self.local_records(|replicas| !replicas.contains(&me)).await;
+        let moved: Vec<&Placed> = placed
+            .iter()
+            .filter(|(_, _, replicas)| !replicas.contains(&me))
+            .collect();
         if moved.is_empty() {
             if self.leaving.is_some() {
                 self.finish_leaving();
@@ -567,72 +574,44 @@ impl Loop {
             self.rebuild_ring();
             return;
         }
-        for (key, record) in moved {
-            if in_flight.contains(&key) {
+        for (key, record, replicas) in moved {
+            if in_flight.contains(key) {
                 continue;
             }
-            let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
-            let request = HANDOFF_REQUEST_BIT | self.next_request;
-            self.next_request += 1;
-            for replica in &replicas {
-                let message = Message::Replicate {
-                    request,
-                    key: key.clone(),
-                    record: record.clone(),
-                };
-                self.transport.send(replica, Envelope::new(message));
-            }
-            self.handoffs.insert(
+            let replicate = |request, key: &Key, record: &Record| Message::Replicate {
                 request,
-                Handoff {
-                    key,
-                    record,
-                    waiting: replicas,
-                    sent: Instant::now(),
-                },
-            );
+                key: key.clone(),
+                record: record.clone(),
+            };
+            let entry = (key.clone(), record.clone());
+            let (request, asked) =
+                self.ask(HANDOFF_REQUEST_BIT, entry, replicas.clone(), replicate);
+            self.handoffs.insert(request, asked);
         }
     }
 
     /// Tombstone collection, step 1: ask the other replicas of each tombstone older than the
     /// grace period for their copy. Unanswered questions are asked again next round.
-    async fn collect_tombstones(&mut self) {
+    fn collect_tombstones(&mut self, placed: &[Placed]) {
         self.collecting
             .retain(|_, c| c.sent.elapsed() < HANDOFF_RETRY);
         let in_flight: std::collections::BTreeSet<Key> =
             self.collecting.values().map(|c| c.key.clone()).collect();
         let horizon = now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64);
         let me = self.config.id.clone();
-        let old = self.local_records(|replicas| replicas.contains(&me)).await;
-        for (key, record) in old {
-            if !record.is_tombstone() || record.stamp.wall_ms > horizon || in_flight.contains(&key)
-            {
+        for (key, record, replicas) in placed {
+            let collectable = record.is_tombstone() && record.stamp.wall_ms <= horizon;
+            if !collectable || !replicas.contains(&me) || in_flight.contains(key) {
                 continue;
             }
-            let others: Vec<NodeId> = self
-                .ring
-                .replicas(key.as_bytes(), self.config.replicas)
-                .into_iter()
-                .filter(|n| *n != me)
-                .collect();
-            let request = COLLECT_REQUEST_BIT | self.next_request;
-            self.next_request += 1;
-            for replica in &others {
-                let message = Message::Read {
-                    request,
-                    key: key.clone(),
-                };
-                self.transport.send(replica, Envelope::new(message));
-            }
-            self.collecting.insert(
+            let others: Vec<NodeId> = replicas.iter().filter(|n| **n != me).cloned().collect();
+            let read = |request, key: &Key, _: &Record| Message::Read {
                 request,
-                Handoff {
-                    key,
-                    record,
-                    waiting: others,
-                    sent: Instant::now(),
-                },
-            );
+                key: key.clone(),
+            };
+            let entry = (key.clone(), record.clone());
+            let (request, asked) = self.ask(COLLECT_REQUEST_BIT, entry, others, read);
+            self.collecting.insert(request, asked);
         }
     }
 
@@ -657,7 +636,7 @@ impl Loop {
         if !collecting.waiting.is_empty() {
             return;
         }
-        let Some(Handoff { key, record, .. }) = self.collecting.remove(&request) else {
+        let Some(Asked { key, record, .. }) = self.collecting.remove(&request) else {
             return;
         };
         let engine = self.engine.clone();
@@ -676,7 +655,7 @@ impl Loop {
         if !handoff.waiting.is_empty() {
             return;
         }
-        let Some(Handoff { key, record, .. }) = self.handoffs.remove(&request) else {
+        let Some(Asked { key, record, .. }) = self.handoffs.remove(&request) else {
             return;
         };
         let engine = self.engine.clone();
@@ -950,7 +929,8 @@ impl Loop {
                 // Handoff rounds run with anti-entropy; give them a minute.
                 self.leaving = Some((reply, Instant::now() + Duration::from_secs(60)));
                 self.rebuild_ring();
-                self.hand_off().await;
+                let placed = self.placed_records().await;
+                self.hand_off(&placed);
                 return;
             }
             Command::Write {
@@ -1146,14 +1126,23 @@ impl Loop {
 
     /// Every local record of a key that both this node and `peer` replicate.
     async fn shared_with(&self, peer: &NodeId) -> Vec<(Key, Record)> {
-        let me = self.config.id.clone();
-        self.local_records(|replicas| replicas.contains(peer) && replicas.contains(&me))
-            .await
+        self.shared_in(&self.placed_records().await, peer)
     }
 
-    /// Every local record whose replicas (under the current placement) satisfy `keep`.
-    async fn local_records(&self, keep: impl Fn(&[NodeId]) -> bool) -> Vec<(Key, Record)> {
-        let mut shared = Vec::new();
+    /// The records of `placed` whose key both this node and `peer` replicate.
+    fn shared_in(&self, placed: &[Placed], peer: &NodeId) -> Vec<(Key, Record)> {
+        placed
+            .iter()
+            .filter(|(_, _, replicas)| {
+                replicas.contains(peer) && replicas.contains(&self.config.id)
+            })
+            .map(|(key, record, _)| (key.clone(), record.clone()))
+            .collect()
+    }
+
+    /// Every local record with its key's replicas under the current placement (one scan).
+    async fn placed_records(&self) -> Vec<Placed> {
+        let mut placed = Vec::new();
         let mut after: Option<Key> = None;
         loop {
             let Ok(page) = self.measured.scan(b"", after.as_ref(), 1024).await else {
@@ -1162,12 +1151,35 @@ impl Loop {
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (key, record) in page {
-                if keep(&self.ring.replicas(key.as_bytes(), self.config.replicas)) {
-                    shared.push((key, record));
-                }
+                let replicas = self.ring.replicas(key.as_bytes(), self.config.replicas);
+                placed.push((key, record, replicas));
             }
         }
-        shared
+        placed
+    }
+
+    /// Sends `message(request)` to each of `to` under a fresh request id marked with `bit`,
+    /// and returns what to track until they all answer.
+    fn ask(
+        &mut self,
+        bit: RequestId,
+        (key, record): (Key, Record),
+        to: Vec<NodeId>,
+        message: impl Fn(RequestId, &Key, &Record) -> Message,
+    ) -> (RequestId, Asked) {
+        let request = bit | self.next_request;
+        self.next_request += 1;
+        for node in &to {
+            self.transport
+                .send(node, Envelope::new(message(request, &key, &record)));
+        }
+        let asked = Asked {
+            key,
+            record,
+            waiting: to,
+            sent: Instant::now(),
+        };
+        (request, asked)
     }
 
     fn tree(records: &[(Key, Record)]) -> MerkleTree {
@@ -1182,23 +1194,25 @@ impl Loop {
     }
 
     /// Anti-entropy, step 1: send the next peer the leaves of the tree of what we share.
-    /// Also hands off what this node no longer replicates, and collects old tombstones.
+    /// Also hands off what this node no longer replicates, and collects old tombstones; the
+    /// three share one scan of the local records.
     async fn start_anti_entropy(&mut self) {
-        self.hand_off().await;
-        self.collect_tombstones().await;
+        let placed = self.placed_records().await;
+        self.hand_off(&placed);
+        self.collect_tombstones(&placed);
         let peers: Vec<NodeId> = self.members.keys().cloned().collect();
         if peers.is_empty() {
             return;
         }
         let peer = peers[self.next_peer % peers.len()].clone();
         self.next_peer += 1;
-        self.compare_with(&peer).await;
+        self.compare_with(&peer, &placed);
     }
 
     /// Sends `peer` the leaves of the tree of what we share; it answers with the buckets that
     /// differ (and their records).
-    async fn compare_with(&mut self, peer: &NodeId) {
-        let tree = Self::tree(&self.shared_with(peer).await);
+    fn compare_with(&mut self, peer: &NodeId, placed: &[Placed]) {
+        let tree = Self::tree(&self.shared_in(placed, peer));
         let message = Message::TreeLeaves {
             depth: TREE_DEPTH,
             leaves: tree.leaves().to_vec(),
@@ -1214,7 +1228,8 @@ impl Loop {
         match repair.queue.pop_front() {
             Some(member) => {
                 repair.current = Some((member.clone(), Instant::now() + REPAIR_WAIT));
-                self.compare_with(&member).await;
+                let placed = self.placed_records().await;
+                self.compare_with(&member, &placed);
             }
             None => self.repair = None,
         }
