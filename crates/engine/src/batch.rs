@@ -1,23 +1,41 @@
 //! Applying a batch of writes to stored records: the part of `commit` every engine shares.
 
 use agentstore_core::codec;
+use agentstore_core::hlc::HybridClock;
 use agentstore_core::record::{self, Record};
 
 use crate::clock::NodeClock;
 use crate::error::EngineError;
-use crate::{Key, Write};
+use crate::{Fence, Key, Write, batch_fences};
 
-/// Computes the records a batch would write, without writing: checks every expectation and
-/// applies every mutation to the stored record, or to the result of an earlier write of the
-/// same batch. `stored` reads a key's stored record as of the engine's transaction.
-///
-/// Returns one `(key, record)` per write, in order.
+/// Computes the records a batch would write, stamping with the engine's clock: see
+/// [`prepare_batch`].
 pub(crate) fn prepare(
-    mut stored: impl FnMut(&Key) -> Result<Option<Record>, EngineError>,
+    stored: impl FnMut(&Key) -> Result<Option<Record>, EngineError>,
     clock: &NodeClock,
     writes: &[Write],
 ) -> Result<Vec<(Key, Record)>, EngineError> {
     let physical_ms = clock.physical_ms();
+    // Held for the batch: the stamps of one batch come from one uninterrupted clock run.
+    let mut hlc = clock.lock();
+    prepare_batch(stored, &mut hlc, physical_ms, writes)
+}
+
+/// Computes the records a batch would write, without writing: checks every expectation and
+/// applies every mutation to the stored record, or to the result of an earlier write of the
+/// same batch, stamping with `hlc` at `physical_ms`. `stored` reads a key's stored record as
+/// of the caller's transaction.
+///
+/// The result depends only on the arguments, so replicas of a replicated log that apply the
+/// same batch to the same state with clocks in the same state compute the same records.
+///
+/// Returns one `(key, record)` per write, in order.
+pub fn prepare_batch(
+    mut stored: impl FnMut(&Key) -> Result<Option<Record>, EngineError>,
+    hlc: &mut HybridClock,
+    physical_ms: u64,
+    writes: &[Write],
+) -> Result<Vec<(Key, Record)>, EngineError> {
     let mut results: Vec<(Key, Record)> = Vec::with_capacity(writes.len());
     for write in writes {
         let earlier = results
@@ -37,15 +55,36 @@ pub(crate) fn prepare(
                     source,
                 })?;
         }
-        let mut hlc = clock.lock();
-        let next = record::apply(current.as_ref(), &write.mutation, &mut hlc, physical_ms)
-            .map_err(|source| EngineError::WrongKind {
+        let next = record::apply(current.as_ref(), &write.mutation, hlc, physical_ms).map_err(
+            |source| EngineError::WrongKind {
                 key: write.key.clone(),
                 source,
-            })?;
+            },
+        )?;
         results.push((write.key.clone(), next));
     }
     Ok(results)
+}
+
+/// Refuses a batch fenced by a token older than the highest seen for its lock (`highest`
+/// reads it, 0 for a lock never seen); returns the fences to record once the batch is
+/// written.
+pub fn check_fences(
+    mut highest: impl FnMut(&str) -> Result<u64, EngineError>,
+    writes: &[Write],
+) -> Result<Vec<Fence>, EngineError> {
+    let batch = batch_fences(writes);
+    for fence in &batch {
+        let highest = highest(&fence.lock)?;
+        if fence.token < highest {
+            return Err(EngineError::Fenced {
+                lock: fence.lock.clone(),
+                token: fence.token,
+                highest,
+            });
+        }
+    }
+    Ok(batch)
 }
 
 /// The last record written to each distinct key of a prepared batch, in first-write order.

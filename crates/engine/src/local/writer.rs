@@ -12,7 +12,7 @@ use super::{DATA, FENCES};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
-use crate::{Fence, Key, Write, batch_fences};
+use crate::{Fence, Key, Write};
 
 /// Most requests committed in one transaction. Bounds the latency one commit adds to the
 /// requests queued behind it, and the memory a group holds.
@@ -129,21 +129,15 @@ fn check_fences(
     fences: &Table<'_, &str, u64>,
     writes: &[Write],
 ) -> Result<Vec<Fence>, EngineError> {
-    let batch = batch_fences(writes);
-    for fence in &batch {
-        let highest = fences
-            .get(fence.lock.as_str())
-            .map_err(EngineError::storage)?
-            .map_or(0, |v| v.value());
-        if fence.token < highest {
-            return Err(EngineError::Fenced {
-                lock: fence.lock.clone(),
-                token: fence.token,
-                highest,
-            });
-        }
-    }
-    Ok(batch)
+    batch::check_fences(
+        |lock| {
+            Ok(fences
+                .get(lock)
+                .map_err(EngineError::storage)?
+                .map_or(0, |v| v.value()))
+        },
+        writes,
+    )
 }
 
 fn prepare(

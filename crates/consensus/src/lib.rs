@@ -1,0 +1,16 @@
+//! Strong collections: one Raft group per cluster, through openraft, behind agentstore's own
+//! adapter.
+//!
+//! The log ([`LogStore`]) and the state machine ([`StateMachine`]) live in redb files of their
+//! own in the node's data directory. A log entry is a batch of writes ([`command`]) that every
+//! replica applies atomically and deterministically, so multi-key writes, compare-and-set and
+//! fenced writes are one entry each.
+
+pub mod command;
+mod log_store;
+mod state_machine;
+mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::{GROUP_STAMP, StateMachine};
+pub use types::{Applied, Command, MemberId, TypeConfig};

@@ -1,0 +1,414 @@
+//! The replicated state machine on redb: the records of strong collections, the fencing tokens
+//! seen, the last applied log id and membership, and the last snapshot.
+//!
+//! Applying is deterministic: every replica that applies the same entries to the same state
+//! computes the same records, byte for byte. The merge is `agentstore_core::record::apply`
+//! through the engines' shared `prepare_batch`, stamped by a clock that starts fresh for each
+//! entry at the time the leader proposed it, under one stamp node for the whole group
+//! ([`GROUP_STAMP`]), so nothing depends on which replica applies or on its wall clock.
+//!
+//! Applying a group of entries is one fsynced transaction that also records the last applied
+//! log id, so a crash never applies an entry twice (a counter increment stays exact) and never
+//! loses one that was reported applied.
+
+use std::fmt::Debug;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use agentstore_core::codec::{self, Reader, put_bytes, put_uvarint};
+use agentstore_core::hlc::HybridClock;
+use agentstore_core::{Key, NodeId, Record};
+use agentstore_engine::{EngineError, check_fences, prepare_batch};
+use futures_util::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition};
+
+use crate::command::{decode_command, encode_outcome};
+use crate::log_store::{blocking, io_error};
+use crate::types::{
+    Applied, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, persist, restore,
+};
+
+/// The stamp node of every record a Raft group writes.
+pub const GROUP_STAMP: &str = "raft";
+
+/// Records by key bytes (agentstore's record encoding).
+const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
+/// The highest fencing token seen per lock.
+const FENCES: TableDefinition<'_, &str, u64> = TableDefinition::new("fences");
+/// `applied`, `membership`, `snapshot_meta`, `snapshot_data`.
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+
+/// The snapshot format this build writes and reads.
+const SNAPSHOT_FORMAT: u8 = 1;
+
+/// The state machine of one node. Cheap to clone; clones share the file.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    stamp: NodeId,
+}
+
+impl Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine").finish_non_exhaustive()
+    }
+}
+
+fn meta<T: for<'de> serde::Deserialize<'de>>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> io::Result<Option<T>> {
+    let value = table.get(name).map_err(io_error)?;
+    value.map(|v| restore(v.value())).transpose()
+}
+
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<(Key, Record), EngineError> {
+    let key = Key::new(key).map_err(|e| EngineError::Storage {
+        detail: format!("a stored key is invalid: {e}"),
+    })?;
+    let record = codec::decode(bytes).map_err(|source| EngineError::Decode {
+        key: key.clone(),
+        source,
+    })?;
+    Ok((key, record))
+}
+
+impl StateMachine {
+    /// Opens (creating if needed) the state machine at `path`.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let db = Database::builder().create(path).map_err(io_error)?;
+        let txn = db.begin_write().map_err(io_error)?;
+        txn.open_table(RECORDS).map_err(io_error)?;
+        txn.open_table(FENCES).map_err(io_error)?;
+        txn.open_table(META).map_err(io_error)?;
+        txn.commit().map_err(io_error)?;
+        let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
+        Ok(Self {
+            db: Arc::new(db),
+            stamp,
+        })
+    }
+
+    /// The applied record of `key`, tombstones included.
+    pub fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(RECORDS).map_err(storage)?;
+        let value = table.get(key.as_bytes()).map_err(storage)?;
+        value
+            .map(|v| decode_record(key.as_bytes(), v.value()).map(|(_, r)| r))
+            .transpose()
+    }
+
+    /// Up to `limit` applied records whose keys start with `prefix`, after `start_after`.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Record)>, EngineError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(RECORDS).map_err(storage)?;
+        let from = match start_after {
+            Some(key) if key.as_bytes() >= prefix => key.as_bytes(),
+            _ => prefix,
+        };
+        let mut out = Vec::new();
+        for item in table.range(from..).map_err(storage)? {
+            let (key, value) = item.map_err(storage)?;
+            let key = key.value();
+            if !key.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            if start_after.is_some_and(|after| key == after.as_bytes()) {
+                continue;
+            }
+            out.push(decode_record(key, value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The last applied log id.
+    pub fn applied(&self) -> io::Result<Option<LogId>> {
+        let txn = self.db.begin_read().map_err(io_error)?;
+        let table = txn.open_table(META).map_err(io_error)?;
+        Ok(meta::<Option<LogId>>(&table, "applied")?.flatten())
+    }
+}
+
+fn storage(err: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage {
+        detail: err.to_string(),
+    }
+}
+
+/// Applies one command inside the apply transaction: all its writes or none.
+fn apply_command(
+    records: &mut Table<'_, &[u8], &[u8]>,
+    fences: &mut Table<'_, &str, u64>,
+    stamp: &NodeId,
+    command: &[u8],
+) -> Result<Vec<Record>, EngineError> {
+    let (at_ms, writes) = decode_command(command).map_err(|e| EngineError::Storage {
+        detail: format!("a log entry does not decode: {e}"),
+    })?;
+    let accepted = check_fences(
+        |lock| Ok(fences.get(lock).map_err(storage)?.map_or(0, |v| v.value())),
+        &writes,
+    )?;
+    // A clock that starts fresh for every entry: the stamps depend on the stored records and
+    // the proposal time only.
+    let mut hlc = HybridClock::new(stamp.clone(), u64::MAX);
+    let results = prepare_batch(
+        |key| {
+            let value = records.get(key.as_bytes()).map_err(storage)?;
+            value
+                .map(|v| decode_record(key.as_bytes(), v.value()).map(|(_, r)| r))
+                .transpose()
+        },
+        &mut hlc,
+        at_ms,
+        &writes,
+    )?;
+    for (key, record) in &results {
+        records
+            .insert(key.as_bytes(), codec::encode(record).as_slice())
+            .map_err(storage)?;
+    }
+    for fence in accepted {
+        fences
+            .insert(fence.lock.as_str(), fence.token)
+            .map_err(storage)?;
+    }
+    Ok(results.into_iter().map(|(_, record)| record).collect())
+}
+
+/// Snapshot bytes: format, then the records (wire's entry list), then the fences.
+fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
+    let records = txn.open_table(RECORDS).map_err(io_error)?;
+    let mut entries = Vec::new();
+    for item in records.iter().map_err(io_error)? {
+        let (key, value) = item.map_err(io_error)?;
+        entries.push(decode_record(key.value(), value.value()).map_err(io_error)?);
+    }
+    let mut out = vec![SNAPSHOT_FORMAT];
+    put_bytes(&mut out, &agentstore_wire::encode_entries(&entries));
+    let fences = txn.open_table(FENCES).map_err(io_error)?;
+    let mut listed = Vec::new();
+    for item in fences.iter().map_err(io_error)? {
+        let (lock, token) = item.map_err(io_error)?;
+        listed.push((lock.value().to_owned(), token.value()));
+    }
+    put_uvarint(&mut out, listed.len() as u64);
+    for (lock, token) in listed {
+        put_bytes(&mut out, lock.as_bytes());
+        put_uvarint(&mut out, token);
+    }
+    Ok(out)
+}
+
+type SnapshotContents = (Vec<(Key, Record)>, Vec<(String, u64)>);
+
+fn decode_snapshot(bytes: &[u8]) -> io::Result<SnapshotContents> {
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut r = Reader::new(bytes);
+    let format = r.u8().map_err(|e| invalid(e.to_string()))?;
+    if format != SNAPSHOT_FORMAT {
+        return Err(invalid(format!(
+            "snapshot format {format}; this build reads {SNAPSHOT_FORMAT}"
+        )));
+    }
+    let decode = |r: &mut Reader<'_>| -> Result<SnapshotContents, String> {
+        let entries = agentstore_wire::decode_entries(r.slice().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let count = r.uvarint().map_err(|e| e.to_string())?;
+        if count > r.remaining() as u64 {
+            return Err("more fences than bytes".into());
+        }
+        let mut fences = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let lock = String::from_utf8(r.slice().map_err(|e| e.to_string())?.to_vec())
+                .map_err(|_| "a lock name is not UTF-8".to_string())?;
+            fences.push((lock, r.uvarint().map_err(|e| e.to_string())?));
+        }
+        Ok((entries, fences))
+    };
+    decode(&mut r).map_err(invalid)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            // One read transaction for the data and its meta, so they describe the same state.
+            let (meta, data) = {
+                let txn = db.begin_read().map_err(io_error)?;
+                let table = txn.open_table(META).map_err(io_error)?;
+                let applied = meta::<Option<LogId>>(&table, "applied")?.flatten();
+                let membership =
+                    meta::<StoredMembership>(&table, "membership")?.unwrap_or_default();
+                let data = encode_snapshot(&txn)?;
+                (
+                    SnapshotMeta {
+                        last_log_id: applied,
+                        last_membership: membership,
+                    },
+                    data,
+                )
+            };
+            let txn = db.begin_write().map_err(io_error)?;
+            {
+                let mut table = txn.open_table(META).map_err(io_error)?;
+                table
+                    .insert("snapshot_meta", persist(&meta)?.as_slice())
+                    .map_err(io_error)?;
+                table
+                    .insert("snapshot_data", data.as_slice())
+                    .map_err(io_error)?;
+            }
+            txn.commit().map_err(io_error)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: data,
+            })
+        })
+        .await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let txn = self.db.begin_read().map_err(io_error)?;
+        let table = txn.open_table(META).map_err(io_error)?;
+        let applied = meta::<Option<LogId>>(&table, "applied")?.flatten();
+        let membership = meta::<StoredMembership>(&table, "membership")?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            batch.push(entry);
+            responders.push(responder);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let db = Arc::clone(&self.db);
+        let stamp = self.stamp.clone();
+        let outcomes = blocking(move || {
+            let txn = db.begin_write().map_err(io_error)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            {
+                let mut records = txn.open_table(RECORDS).map_err(io_error)?;
+                let mut fences = txn.open_table(FENCES).map_err(io_error)?;
+                let mut meta = txn.open_table(META).map_err(io_error)?;
+                let mut applied = None;
+                for entry in &batch {
+                    let outcome = match &entry.payload {
+                        EntryPayload::Normal(command) => {
+                            apply_command(&mut records, &mut fences, &stamp, &command.0)
+                        }
+                        EntryPayload::Membership(membership) => {
+                            let stored = StoredMembership::new(
+                                Some(entry.log_id.clone()),
+                                membership.clone(),
+                            );
+                            meta.insert("membership", persist(&stored)?.as_slice())
+                                .map_err(io_error)?;
+                            Ok(Vec::new())
+                        }
+                        EntryPayload::Blank => Ok(Vec::new()),
+                    };
+                    outcomes.push(Applied(encode_outcome(&outcome)));
+                    applied = Some(entry.log_id.clone());
+                }
+                meta.insert("applied", persist(&applied)?.as_slice())
+                    .map_err(io_error)?;
+            }
+            txn.commit().map_err(io_error)?;
+            Ok(outcomes)
+        })
+        .await?;
+        for (responder, outcome) in responders.into_iter().zip(outcomes) {
+            if let Some(responder) = responder {
+                responder.send(outcome);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        data: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        let (entries, listed) = decode_snapshot(&data)?;
+        let meta = meta.clone();
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            let txn = db.begin_write().map_err(io_error)?;
+            {
+                let mut records = txn.open_table(RECORDS).map_err(io_error)?;
+                records.retain(|_, _| false).map_err(io_error)?;
+                for (key, record) in &entries {
+                    records
+                        .insert(key.as_bytes(), codec::encode(record).as_slice())
+                        .map_err(io_error)?;
+                }
+                let mut fences = txn.open_table(FENCES).map_err(io_error)?;
+                fences.retain(|_, _| false).map_err(io_error)?;
+                for (lock, token) in &listed {
+                    fences.insert(lock.as_str(), *token).map_err(io_error)?;
+                }
+                let mut table = txn.open_table(META).map_err(io_error)?;
+                table
+                    .insert("applied", persist(&meta.last_log_id)?.as_slice())
+                    .map_err(io_error)?;
+                table
+                    .insert("membership", persist(&meta.last_membership)?.as_slice())
+                    .map_err(io_error)?;
+                table
+                    .insert("snapshot_meta", persist(&meta)?.as_slice())
+                    .map_err(io_error)?;
+                table
+                    .insert("snapshot_data", data.as_slice())
+                    .map_err(io_error)?;
+            }
+            txn.commit().map_err(io_error)
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let txn = self.db.begin_read().map_err(io_error)?;
+        let table = txn.open_table(META).map_err(io_error)?;
+        let Some(meta) = meta::<SnapshotMeta>(&table, "snapshot_meta")? else {
+            return Ok(None);
+        };
+        let data = table
+            .get("snapshot_data")
+            .map_err(io_error)?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default();
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: data,
+        }))
+    }
+}
