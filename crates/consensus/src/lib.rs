@@ -7,10 +7,14 @@
 //! fenced writes are one entry each.
 
 pub mod command;
+mod group;
 mod log_store;
+mod network;
 mod state_machine;
 mod types;
 
+pub use group::{Group, GroupConfig, GroupError, GroupStatus, LOG_FILE, ReadLevel, STATE_FILE};
 pub use log_store::LogStore;
+pub use network::{Rpc, RpcError, RpcFuture};
 pub use state_machine::{GROUP_STAMP, StateMachine};
 pub use types::{Applied, Command, MemberId, TypeConfig};

@@ -1,0 +1,608 @@
+//! [`Group`]: a node's member of the cluster's Raft group, the one thing the rest of agentstore
+//! sees of openraft.
+//!
+//! Writes are proposed by the leader: a member that is not the leader forwards the command to
+//! the leader it knows of and waits for its answer. A proposal refused before it entered the
+//! log (no leader, not the leader) is retried until the request times out; one that may have
+//! entered the log and then got no answer (a forward that timed out, an entry discarded by a
+//! leader change) is reported as [`GroupError::Indeterminate`], never retried, so nothing
+//! applies twice. Linearizable reads are served by the leader after a read-index round
+//! (openraft's `ReadPolicy::ReadIndex`: a heartbeat quorum confirms leadership; no clock
+//! assumption); stale reads read the local state machine.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentstore_core::{Key, Record, codec};
+use agentstore_engine::{EngineError, Write};
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Raft, ReadPolicy, ServerState, SnapshotPolicy};
+
+use crate::command::{decode_outcome, encode_command};
+use crate::log_store::LogStore;
+use crate::network::{Network, Refusal, Reply, Request, Rpc, RpcError, decode, encode};
+use crate::state_machine::StateMachine;
+use crate::types::{Applied, Command, MemberId, Snapshot, TypeConfig};
+
+/// The log file inside the node's data directory.
+pub const LOG_FILE: &str = "raft-log.redb";
+/// The state-machine file inside the node's data directory.
+pub const STATE_FILE: &str = "raft-state.redb";
+
+/// How a node's member of the Raft group is set up.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// This member.
+    pub id: MemberId,
+    /// Where this member listens for peers.
+    pub addr: String,
+    /// Where the log and state machine files live.
+    pub dir: PathBuf,
+    /// The members the group starts with (this one included), by peer address. The member
+    /// with the smallest id initializes the group once every other one has answered that it
+    /// is not in a group yet; the others wait to be told.
+    pub voters: BTreeMap<MemberId, String>,
+    /// How long a write or read may take, retries included.
+    pub request_timeout: Duration,
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// The election timeout's lower bound (the upper one is twice it).
+    pub election_timeout: Duration,
+    /// Entries between snapshots (the log is compacted up to a snapshot).
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot: a follower slightly behind catches
+    /// up from the log instead of a whole snapshot (and it avoids a snapshot/purge race in
+    /// openraft, #2116).
+    pub kept_behind_snapshot: u64,
+}
+
+impl GroupConfig {
+    /// Settings for a group on a local network: 100 ms heartbeats, elections after 0.5–1 s.
+    pub fn new(id: MemberId, addr: String, dir: PathBuf, voters: BTreeMap<MemberId, String>) -> Self {
+        Self {
+            id,
+            addr,
+            dir,
+            voters,
+            request_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+            snapshot_every: 10_000,
+            kept_behind_snapshot: 1000,
+        }
+    }
+}
+
+/// Why a group operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// No leader could be reached in time; nothing was applied.
+    #[error("no Raft leader within {timeout_ms} ms ({detail}); nothing was applied")]
+    NoLeader {
+        /// How long it tried.
+        timeout_ms: u64,
+        /// The last reason.
+        detail: String,
+    },
+    /// The write may or may not have been applied (its answer was lost); a read finds out.
+    #[error("the write's outcome is unknown ({detail}): it may have been applied")]
+    Indeterminate {
+        /// What happened.
+        detail: String,
+    },
+    /// The state machine refused the batch (a condition or a fence failed, a wrong kind).
+    #[error(transparent)]
+    Refused(EngineError),
+    /// The log or the state machine failed on this node.
+    #[error("Raft storage failure: {detail}")]
+    Storage {
+        /// What failed.
+        detail: String,
+    },
+    /// A membership change was refused.
+    #[error("membership change refused: {detail}")]
+    Membership {
+        /// Why.
+        detail: String,
+    },
+}
+
+/// What a member knows of the group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStatus {
+    /// This member.
+    pub id: String,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: &'static str,
+    /// The current term.
+    pub term: u64,
+    /// The leader this member follows, if known.
+    pub leader: Option<String>,
+    /// The index of the last entry in this member's log.
+    pub last_log: Option<u64>,
+    /// The index of the last entry committed by a quorum, as this member knows it.
+    pub committed: Option<u64>,
+    /// The index of the last entry applied to this member's state machine.
+    pub applied: Option<u64>,
+    /// The index up to which the log was compacted into a snapshot.
+    pub snapshot: Option<u64>,
+    /// The voting members.
+    pub voters: Vec<String>,
+    /// Members that receive the log without voting.
+    pub learners: Vec<String>,
+    /// How long ago a quorum last acknowledged this member as leader (leaders only).
+    pub quorum_ack_ms: Option<u64>,
+    /// Leader changes seen by this member since it started.
+    pub leader_changes: u64,
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadLevel {
+    /// Linearizable: served by the leader after confirming its leadership with a quorum.
+    Linearizable,
+    /// This member's applied state, which may lag the leader.
+    Stale,
+}
+
+/// A node's member of the Raft group. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Group {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: MemberId,
+    raft: Raft<TypeConfig, StateMachine>,
+    state: StateMachine,
+    rpc: Arc<dyn Rpc>,
+    timeout: Duration,
+    leader_changes: Arc<AtomicU64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn storage(err: impl std::fmt::Display) -> GroupError {
+    GroupError::Storage {
+        detail: err.to_string(),
+    }
+}
+
+fn leader_of(forward: &openraft::errors::ForwardToLeader<TypeConfig>) -> Option<(MemberId, String)> {
+    forward.leader_id.clone().zip(forward.leader_node.as_ref().map(|n| n.addr.clone()))
+}
+
+impl Group {
+    /// Opens the log and state machine in `config.dir` and starts the member; a fresh group
+    /// is initialized in the background (see [`GroupConfig::voters`]).
+    pub async fn start(config: GroupConfig, rpc: Arc<dyn Rpc>) -> Result<Self, GroupError> {
+        std::fs::create_dir_all(&config.dir).map_err(storage)?;
+        let log = LogStore::open(&config.dir.join(LOG_FILE)).map_err(storage)?;
+        let state = StateMachine::open(&config.dir.join(STATE_FILE)).map_err(storage)?;
+        let heartbeat = config.heartbeat.as_millis() as u64;
+        let election = config.election_timeout.as_millis() as u64;
+        let raft_config = openraft::Config {
+            cluster_name: "agentstore".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.kept_behind_snapshot,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(storage)?;
+        let network = Network {
+            rpc: Arc::clone(&rpc),
+        };
+        let raft = Raft::new(
+            config.id.clone(),
+            Arc::new(raft_config),
+            network,
+            log,
+            state.clone(),
+        )
+        .await
+        .map_err(storage)?;
+        let leader_changes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(count_leader_changes(raft.clone(), Arc::clone(&leader_changes)));
+        let group = Self {
+            inner: Arc::new(Inner {
+                id: config.id.clone(),
+                raft,
+                state,
+                rpc,
+                timeout: config.request_timeout,
+                leader_changes,
+            }),
+        };
+        if config.voters.keys().next() == Some(&config.id) {
+            tokio::spawn(group.clone().bootstrap(config.voters));
+        }
+        Ok(group)
+    }
+
+    /// Initializes the group once every other configured voter says it is in no group yet.
+    async fn bootstrap(self, voters: BTreeMap<MemberId, String>) {
+        let raft = &self.inner.raft;
+        loop {
+            match raft.is_initialized().await {
+                Ok(false) => {}
+                _ => return,
+            }
+            let mut fresh = true;
+            for (id, addr) in voters.iter().filter(|(id, _)| **id != self.inner.id) {
+                let answer = self
+                    .inner
+                    .rpc
+                    .call(id, addr, encode(&Request::Probe), Duration::from_secs(1))
+                    .await;
+                let initialized = match answer.map(|bytes| decode::<Reply>(&bytes)) {
+                    Ok(Ok(Reply::Probed { initialized })) => initialized,
+                    _ => {
+                        fresh = false;
+                        break;
+                    }
+                };
+                if initialized {
+                    tracing::warn!(member = %id, "a configured voter is already in a Raft group; not initializing another");
+                    return;
+                }
+            }
+            if fresh {
+                let members: BTreeMap<MemberId, BasicNode> = voters
+                    .iter()
+                    .map(|(id, addr)| (id.clone(), BasicNode::new(addr)))
+                    .collect();
+                match raft.initialize(members).await {
+                    Ok(()) => tracing::info!("initialized the Raft group"),
+                    Err(err) => tracing::info!(%err, "Raft group not initialized here"),
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Applies `writes` atomically through the log; returns the record of each write.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Record>, GroupError> {
+        let command = Command(encode_command(now_ms(), &writes));
+        let applied = self
+            .until_served(|| async {
+                match self.propose_here(command.clone()).await {
+                    Err(Refusal::NotLeader {
+                        leader: Some((leader, addr)),
+                    }) if leader != self.inner.id => {
+                        match self.ask(&leader, &addr, &Request::Propose(command.clone())).await {
+                            Ok(Reply::Proposed(answer)) => answer,
+                            Ok(_) => Err(Refusal::Failed("a reply of the wrong type".into())),
+                            // Delivered or not, the leader may have proposed it.
+                            Err(err @ RpcError::Timeout { .. }) => {
+                                Err(Refusal::Indeterminate(err.to_string()))
+                            }
+                            Err(err) => Err(Refusal::NotLeader {
+                                leader: None,
+                            })
+                            .inspect_err(|_| tracing::debug!(%err, "leader unreachable")),
+                        }
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        match decode_outcome(&applied.0).map_err(storage)? {
+            Ok(records) => Ok(records),
+            Err(refused) => Err(GroupError::Refused(refused)),
+        }
+    }
+
+    /// The record of `key`, at `level`.
+    pub async fn read(&self, key: &Key, level: ReadLevel) -> Result<Option<Record>, GroupError> {
+        if level == ReadLevel::Stale {
+            return self.inner.state.get(key).map_err(storage);
+        }
+        let bytes = self
+            .until_served(|| async {
+                match self.read_here(key).await {
+                    Err(Refusal::NotLeader {
+                        leader: Some((leader, addr)),
+                    }) if leader != self.inner.id => {
+                        let request = Request::Read {
+                            key: key.as_bytes().to_vec(),
+                        };
+                        match self.ask(&leader, &addr, &request).await {
+                            Ok(Reply::Read(answer)) => answer,
+                            _ => Err(Refusal::NotLeader { leader: None }),
+                        }
+                    }
+                    Err(refusal) => Err(refusal),
+                    Ok(record) => Ok(record.map(|r| codec::encode(&r))),
+                }
+            })
+            .await?;
+        bytes
+            .map(|bytes| codec::decode(&bytes).map_err(storage))
+            .transpose()
+    }
+
+    /// Up to `limit` records under `prefix` after `start_after`, at `level`.
+    pub async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+        level: ReadLevel,
+    ) -> Result<Vec<(Key, Record)>, GroupError> {
+        let limit32 = u32::try_from(limit).unwrap_or(u32::MAX);
+        if level == ReadLevel::Stale {
+            return self.inner.state.scan(prefix, start_after, limit).map_err(storage);
+        }
+        let bytes = self
+            .until_served(|| async {
+                match self.scan_here(prefix, start_after, limit).await {
+                    Err(Refusal::NotLeader {
+                        leader: Some((leader, addr)),
+                    }) if leader != self.inner.id => {
+                        let request = Request::Scan {
+                            prefix: prefix.to_vec(),
+                            after: start_after.map(|k| k.as_bytes().to_vec()),
+                            limit: limit32,
+                        };
+                        match self.ask(&leader, &addr, &request).await {
+                            Ok(Reply::Scanned(answer)) => answer,
+                            _ => Err(Refusal::NotLeader { leader: None }),
+                        }
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        agentstore_wire::decode_entries(&bytes).map_err(storage)
+    }
+
+    /// Runs `attempt` until it is served, retrying refusals that applied nothing until the
+    /// request times out.
+    async fn until_served<T, F, Fut>(&self, mut attempt: F) -> Result<T, GroupError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Refusal>>,
+    {
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = match tokio::time::timeout(remaining, attempt()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Refusal::Indeterminate(format!(
+                    "no answer within {} ms",
+                    self.inner.timeout.as_millis()
+                ))),
+            };
+            let detail = match outcome {
+                Ok(value) => return Ok(value),
+                Err(Refusal::Indeterminate(detail)) => {
+                    return Err(GroupError::Indeterminate { detail });
+                }
+                Err(Refusal::NotLeader { leader }) => match leader {
+                    Some((id, _)) => format!("{id} was the leader and no longer is"),
+                    None => "no leader known".to_string(),
+                },
+                Err(Refusal::Failed(detail)) => detail,
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(GroupError::NoLeader {
+                    timeout_ms: self.inner.timeout.as_millis() as u64,
+                    detail,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn ask(&self, to: &MemberId, addr: &str, request: &Request) -> Result<Reply, RpcError> {
+        let bytes = self
+            .inner
+            .rpc
+            .call(to, addr, encode(request), self.inner.timeout)
+            .await?;
+        decode(&bytes).map_err(|_| RpcError::Unreachable(to.0.clone()))
+    }
+
+    /// Proposes `command` if this member leads.
+    async fn propose_here(&self, command: Command) -> Result<Applied, Refusal> {
+        match self.inner.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(Refusal::NotLeader {
+                    leader: leader_of(&forward),
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward))) => {
+                Err(Refusal::Indeterminate(format!(
+                    "the entry was discarded by a leader change ({forward})"
+                )))
+            }
+            Err(err) => Err(Refusal::Failed(err.to_string())),
+        }
+    }
+
+    /// Confirms this member leads (read index) and waits until it has applied that far.
+    async fn linearize_here(&self) -> Result<(), Refusal> {
+        match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => {
+                Err(Refusal::NotLeader {
+                    leader: leader_of(&forward),
+                })
+            }
+            Err(err) => Err(Refusal::Failed(err.to_string())),
+        }
+    }
+
+    async fn read_here(&self, key: &Key) -> Result<Option<Record>, Refusal> {
+        self.linearize_here().await?;
+        self.inner
+            .state
+            .get(key)
+            .map_err(|e| Refusal::Failed(e.to_string()))
+    }
+
+    async fn scan_here(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<u8>, Refusal> {
+        self.linearize_here().await?;
+        let entries = self
+            .inner
+            .state
+            .scan(prefix, start_after, limit)
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        Ok(agentstore_wire::encode_entries(&entries))
+    }
+
+    /// Serves a request another member sent; returns the reply's bytes.
+    pub async fn serve(&self, request: &[u8]) -> Vec<u8> {
+        let raft = &self.inner.raft;
+        let request = match decode::<Request>(request) {
+            Ok(request) => request,
+            // The sender cannot be answered in a form it reads; it times out.
+            Err(_) => return Vec::new(),
+        };
+        let reply = match request {
+            Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+            Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await.map_err(|e| e.to_string())),
+            Request::PreVote(rpc) => Reply::Vote(raft.pre_vote(rpc).await.map_err(|e| e.to_string())),
+            Request::Snapshot { vote, meta, data } => {
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: data,
+                };
+                Reply::Snapshot(
+                    raft.install_full_snapshot(vote, snapshot)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            Request::Propose(command) => Reply::Proposed(self.propose_here(command).await),
+            Request::Read { key } => Reply::Read(match Key::new(key.as_slice()) {
+                Ok(key) => self
+                    .read_here(&key)
+                    .await
+                    .map(|r| r.map(|r| codec::encode(&r))),
+                Err(err) => Err(Refusal::Failed(err.to_string())),
+            }),
+            Request::Scan {
+                prefix,
+                after,
+                limit,
+            } => {
+                let after = after.map(|k| Key::new(k.as_slice()));
+                Reply::Scanned(match after.transpose() {
+                    Ok(after) => self.scan_here(&prefix, after.as_ref(), limit as usize).await,
+                    Err(err) => Err(Refusal::Failed(err.to_string())),
+                })
+            }
+            Request::Probe => Reply::Probed {
+                initialized: raft.is_initialized().await.unwrap_or(true),
+            },
+        };
+        encode(&reply)
+    }
+
+    /// What this member knows of the group now.
+    pub fn status(&self) -> GroupStatus {
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
+        let state = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<String> = membership.voter_ids().map(|id| id.0).collect();
+        let learners = membership.learner_ids().map(|id| id.0).collect();
+        GroupStatus {
+            id: self.inner.id.0.clone(),
+            state,
+            term: metrics.current_term,
+            leader: metrics.current_leader.map(|id| id.0),
+            last_log: metrics.last_log_index,
+            committed: metrics.cluster_committed.map(|id| id.index()),
+            applied: metrics.last_applied.map(|id| id.index()),
+            snapshot: metrics.snapshot.map(|id| id.index()),
+            voters: voters.into_iter().collect(),
+            learners,
+            quorum_ack_ms: metrics
+                .last_quorum_acked
+                .as_ref()
+                .map(|at| at.elapsed().as_millis() as u64),
+            leader_changes: self.inner.leader_changes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds `id` (listening for peers at `addr`) as a learner: it receives the log and does
+    /// not vote. Returns once it has caught up with the leader.
+    pub async fn add_learner(&self, id: MemberId, addr: String) -> Result<(), GroupError> {
+        self.inner
+            .raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map(|_| ())
+            .map_err(membership)
+    }
+
+    /// Makes `voters` the voting members (learners among them are promoted; voters left out
+    /// become learners, or leave the group when `remove_others`).
+    pub async fn change_voters(
+        &self,
+        voters: BTreeSet<MemberId>,
+        remove_others: bool,
+    ) -> Result<(), GroupError> {
+        self.inner
+            .raft
+            .change_membership(voters, !remove_others)
+            .await
+            .map(|_| ())
+            .map_err(membership)
+    }
+
+    /// Stops this member (its files stay; a restart recovers from them).
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+fn membership(err: impl std::fmt::Display) -> GroupError {
+    GroupError::Membership {
+        detail: err.to_string(),
+    }
+}
+
+/// Counts the times the known leader changes, for metrics.
+async fn count_leader_changes(raft: Raft<TypeConfig, StateMachine>, changes: Arc<AtomicU64>) {
+    let mut metrics = raft.metrics();
+    let mut leader = metrics.borrow_watched().current_leader.clone();
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow_watched().current_leader.clone();
+        if now != leader {
+            if now.is_some() {
+                changes.fetch_add(1, Ordering::Relaxed);
+            }
+            leader = now;
+        }
+    }
+}
