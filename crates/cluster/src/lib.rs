@@ -11,8 +11,11 @@ pub mod membership;
 mod metrics;
 mod node;
 mod observe;
+mod strong;
 mod transport;
 
+pub use agentstore_consensus::{GroupStatus, ReadLevel};
 pub use engine::ClusterEngine;
+pub use strong::{StrongConfig, StrongEngine};
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
 pub use transport::{Dropped, Incoming, Transport};

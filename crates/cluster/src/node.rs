@@ -217,6 +217,7 @@ pub struct Status {
 #[derive(Debug)]
 pub struct Node {
     commands: mpsc::Sender<Command>,
+    transport: Transport,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     registry: Registry,
@@ -244,6 +245,7 @@ impl Node {
             metrics.dropped(),
         );
         let (commands, requests) = mpsc::channel(COMMANDS);
+        let shared_transport = transport.clone();
         let me = Peer::new(
             config.id.clone(),
             peer_addr,
@@ -288,6 +290,7 @@ impl Node {
         let task = tokio::spawn(state.run(requests, inbox, done, stopped));
         Self {
             commands,
+            transport: shared_transport,
             stop,
             task,
             registry,
@@ -376,6 +379,11 @@ impl Node {
             .await
             .map_err(|_| NodeError::Stopped)?;
         answer.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// The node's transport (the Raft member of strong collections shares it).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// This node's metrics in the OpenMetrics text format (served as `/metrics`).

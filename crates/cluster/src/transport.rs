@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentstore_core::NodeId;
+use agentstore_core::replication::Message;
 use agentstore_wire::{Envelope, FrameDecoder, encode_frame, message_name};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -72,6 +73,8 @@ struct Shared {
     peers: Mutex<BTreeMap<NodeId, SocketAddr>>,
     links: Mutex<BTreeMap<NodeId, Link>>,
     inbox: mpsc::Sender<Incoming>,
+    /// Where Raft messages go, once a Raft member is attached (else to `inbox`).
+    raft: Mutex<Option<mpsc::Sender<Incoming>>>,
     stopped: watch::Receiver<bool>,
     dropped: Family<Dropped, Counter>,
     next_link: AtomicU64,
@@ -125,12 +128,18 @@ impl Transport {
             peers: Mutex::new(peers),
             links: Mutex::new(BTreeMap::new()),
             inbox,
+            raft: Mutex::new(None),
             stopped,
             dropped,
             next_link: AtomicU64::new(1),
         });
         tokio::spawn(accept(Arc::clone(&shared), listener));
         (Self { shared }, incoming)
+    }
+
+    /// Sends Raft messages received from now on to `inbox` instead of the main inbox.
+    pub fn route_raft(&self, inbox: mpsc::Sender<Incoming>) {
+        *lock(&self.shared.raft) = Some(inbox);
     }
 
     /// Learns (or updates) where `node` listens for peers.
@@ -336,7 +345,16 @@ async fn read(shared: Arc<Shared>, from: NodeId, mut reader: OwnedReadHalf, link
                         from: from.clone(),
                         envelope,
                     };
-                    if shared.inbox.send(incoming).await.is_err() {
+                    let raft = match incoming.envelope.message {
+                        Message::Raft { .. } | Message::RaftReply { .. } => {
+                            lock(&shared.raft).clone()
+                        }
+                        _ => None,
+                    };
+                    // Raft traffic has its own inbox so a busy replication loop never delays
+                    // heartbeats into a needless election.
+                    let inbox = raft.as_ref().unwrap_or(&shared.inbox);
+                    if inbox.send(incoming).await.is_err() {
                         return;
                     }
                 }

@@ -120,6 +120,20 @@ pub enum Message {
         /// The records.
         entries: Vec<(Key, Record)>,
     },
+    /// A request to the receiver's Raft member, opaque to replication.
+    Raft {
+        /// The sender's request, echoed by the reply.
+        request: RequestId,
+        /// The Raft request.
+        data: Vec<u8>,
+    },
+    /// The Raft member's reply to a [`Message::Raft`].
+    RaftReply {
+        /// The request it answers.
+        request: RequestId,
+        /// The Raft reply.
+        data: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -133,7 +147,9 @@ impl Message {
             | Message::Forward { request, .. }
             | Message::Forwarded { request, .. }
             | Message::Scan { request, .. }
-            | Message::Scanned { request, .. } => *request,
+            | Message::Scanned { request, .. }
+            | Message::Raft { request, .. }
+            | Message::RaftReply { request, .. } => *request,
             Message::TreeLeaves { .. }
             | Message::Buckets { .. }
             | Message::Gossip { .. }
@@ -434,7 +450,9 @@ impl Coordinator {
                 | Message::Gossip { .. }
                 | Message::Leaving
                 | Message::Scan { .. }
-                | Message::Scanned { .. } => {}
+                | Message::Scanned { .. }
+                | Message::Raft { .. }
+                | Message::RaftReply { .. } => {}
             },
             Input::Tick => self.expire(now_ms, &mut effects),
         }

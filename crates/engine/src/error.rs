@@ -142,6 +142,15 @@ pub enum EngineError {
         detail: String,
     },
     /// The engine has shut down.
+    /// The write's answer was lost (a leader change, a timeout after sending it): it may or
+    /// may not have been applied. Reading the key tells which.
+    #[error("{backend}: the write's outcome is unknown ({detail}); it may have been applied")]
+    Indeterminate {
+        /// The engine.
+        backend: &'static str,
+        /// What happened.
+        detail: String,
+    },
     #[error("the engine is closed")]
     Closed,
     /// A broken internal invariant (a bug); reported instead of panicking.
@@ -171,6 +180,7 @@ impl EngineError {
             EngineError::LockNotAcquired { .. } => "lock_not_acquired",
             EngineError::Unsupported { .. } => "unsupported",
             EngineError::QuorumFailed { .. } => "quorum_failed",
+            EngineError::Indeterminate { .. } => "indeterminate",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
         }

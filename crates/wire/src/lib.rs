@@ -106,6 +106,8 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Leaving => "leaving",
         Message::Scan { .. } => "scan",
         Message::Scanned { .. } => "scanned",
+        Message::Raft { .. } => "raft",
+        Message::RaftReply { .. } => "raft_reply",
     }
 }
 
@@ -181,6 +183,14 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Message::Scanned { entries, .. } => {
             out.push(12);
             put_entries(&mut out, entries);
+        }
+        Message::Raft { data, .. } => {
+            out.push(13);
+            put_bytes(&mut out, data);
+        }
+        Message::RaftReply { data, .. } => {
+            out.push(14);
+            put_bytes(&mut out, data);
         }
     }
     out
@@ -362,6 +372,14 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
         12 => Message::Scanned {
             request,
             entries: entries(&mut r)?,
+        },
+        13 => Message::Raft {
+            request,
+            data: r.bytes().map_err(malformed)?,
+        },
+        14 => Message::RaftReply {
+            request,
+            data: r.bytes().map_err(malformed)?,
         },
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };

@@ -89,6 +89,8 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             outcome
         }),
         bytes().prop_map(|data| Message::Gossip { data }),
+        bytes().prop_map(|data| Message::Raft { request: 0, data }),
+        bytes().prop_map(|data| Message::RaftReply { request: 0, data }),
         Just(Message::Leaving),
         (bytes(), prop::option::of(key.clone()), any::<u32>()).prop_map(
             |(prefix, after, limit)| Message::Scan {
@@ -138,6 +140,8 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 limit,
             },
             Message::Scanned { entries, .. } => Message::Scanned { request, entries },
+            Message::Raft { data, .. } => Message::Raft { request, data },
+            Message::RaftReply { data, .. } => Message::RaftReply { request, data },
             unnumbered => unnumbered,
         };
         Envelope {

@@ -191,6 +191,10 @@ impl NodeClient {
                 needed: count("needed"),
             },
             "unsupported" => EngineError::Unsupported { detail: message },
+            "indeterminate" => EngineError::Indeterminate {
+                backend: "node",
+                detail: message,
+            },
             _ if status.is_server_error() => unavailable(message),
             _ => EngineError::Storage { detail: message },
         }

@@ -87,6 +87,10 @@ fn engine_error(err: EngineError) -> ApiError {
         EngineError::Unavailable { .. } => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
         }
+        EngineError::Indeterminate { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "indeterminate", message)
+        }
+        EngineError::Fenced { .. } => ApiError::new(StatusCode::CONFLICT, "fenced", message),
         EngineError::Unsupported { .. } => {
             ApiError::new(StatusCode::CONFLICT, "unsupported", message)
         }

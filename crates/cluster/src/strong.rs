@@ -1,0 +1,339 @@
+//! Strong collections in a cluster: the node's member of the Raft group
+//! ([`agentstore_consensus::Group`]) on the node's own transport, seen as an engine.
+//!
+//! Raft messages travel as opaque `Raft` / `RaftReply` frames on the same connections as
+//! replication, in their own inbox (so a busy replication loop never delays a heartbeat into
+//! an election). A call waits for its reply by request id; a call with no reply in time is a
+//! timeout, which the group treats as possibly delivered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentstore_consensus::{
+    Group, GroupConfig, GroupError, GroupStatus, MemberId, ReadLevel, Rpc, RpcError, RpcFuture,
+};
+use agentstore_core::replication::Message;
+use agentstore_core::{Key, NodeId, Record};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write};
+use agentstore_wire::Envelope;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::transport::{Incoming, Transport};
+
+/// Raft messages received and not yet handled.
+const RAFT_INBOX: usize = 1024;
+/// Raft requests served at once.
+const SERVING: usize = 256;
+
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
+
+/// The transport as the Raft member sees it.
+#[derive(Debug)]
+struct RaftRpc {
+    transport: Transport,
+    waiting: Waiting,
+    next: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Rpc for RaftRpc {
+    fn call(&self, to: &MemberId, addr: &str, request: Vec<u8>, timeout: Duration) -> RpcFuture {
+        let member = to.0.clone();
+        let (Ok(node), Ok(addr)) = (NodeId::new(member.clone()), addr.parse::<SocketAddr>())
+        else {
+            return Box::pin(async move { Err(RpcError::Unreachable(member)) });
+        };
+        self.transport.add_peer(&node, addr);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        lock(&self.waiting).insert(id, reply);
+        self.transport.send(
+            &node,
+            Envelope {
+                request: id,
+                deadline_ms: now_ms() + timeout.as_millis() as u64,
+                message: Message::Raft {
+                    request: id,
+                    data: request,
+                },
+            },
+        );
+        let waiting = Arc::clone(&self.waiting);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(bytes)) => Ok(bytes),
+                _ => {
+                    // A late reply finds nobody waiting.
+                    lock(&waiting).remove(&id);
+                    Err(RpcError::Timeout { member, timeout })
+                }
+            }
+        })
+    }
+}
+
+/// Serves the Raft messages of `inbox`: requests to the group, replies to their callers.
+async fn serve(group: Group, transport: Transport, waiting: Waiting, mut inbox: mpsc::Receiver<Incoming>) {
+    let slots = Arc::new(Semaphore::new(SERVING));
+    while let Some(Incoming { from, envelope }) = inbox.recv().await {
+        match envelope.message {
+            Message::Raft { request, data } => {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let (group, transport) = (group.clone(), transport.clone());
+                tokio::spawn(async move {
+                    let data = group.serve(&data).await;
+                    transport.send(&from, Envelope::new(Message::RaftReply { request, data }));
+                    drop(slot);
+                });
+            }
+            Message::RaftReply { request, data } => {
+                if let Some(caller) = lock(&waiting).remove(&request) {
+                    let _ = caller.send(data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How the node's Raft member is set up.
+#[derive(Debug, Clone)]
+pub struct StrongConfig {
+    /// The node.
+    pub id: NodeId,
+    /// Where the node listens for peers (told to the other members).
+    pub peer_addr: SocketAddr,
+    /// The data directory (the Raft files live beside the local engine's).
+    pub dir: PathBuf,
+    /// The members the group starts with, this node included, by peer address.
+    pub voters: BTreeMap<NodeId, SocketAddr>,
+    /// How long a strong write or read may take.
+    pub request_timeout: Duration,
+}
+
+/// The node's member of the Raft group, as an engine for strong collections: writes and
+/// batches through the log, linearizable reads and scans through the leader.
+#[derive(Debug, Clone)]
+pub struct StrongEngine {
+    group: Group,
+    metrics: Arc<StrongMetrics>,
+}
+
+#[derive(Debug)]
+struct StrongMetrics {
+    registry: Registry,
+    commit_seconds: Histogram,
+    term: Gauge,
+    leader: Gauge,
+    leader_changes: Gauge,
+    last_log: Gauge,
+    committed: Gauge,
+    applied: Gauge,
+    apply_lag: Gauge,
+    quorum_ack_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl StrongMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("agentstore_raft");
+        let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "commit_seconds",
+            "Time from proposing a strong write to its answer (applied by the leader)",
+            commit_seconds.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let term = gauge(&mut registry, "term", "The current Raft term");
+        let leader = gauge(&mut registry, "is_leader", "1 if this node leads the Raft group");
+        let leader_changes = gauge(
+            &mut registry,
+            "leader_changes",
+            "Leader changes this node has seen since it started",
+        );
+        let last_log = gauge(&mut registry, "last_log_index", "The last entry in this node's log");
+        let committed = gauge(
+            &mut registry,
+            "committed_index",
+            "The last entry known committed by a quorum",
+        );
+        let applied = gauge(
+            &mut registry,
+            "applied_index",
+            "The last entry applied to this node's state machine",
+        );
+        let apply_lag = gauge(
+            &mut registry,
+            "apply_lag_entries",
+            "Committed entries not yet applied here",
+        );
+        let quorum_ack_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "quorum_ack_age_seconds",
+            "On the leader: how long ago a quorum last acknowledged it (large = no quorum); -1 elsewhere",
+            quorum_ack_seconds.clone(),
+        );
+        Self {
+            registry,
+            commit_seconds,
+            term,
+            leader,
+            leader_changes,
+            last_log,
+            committed,
+            applied,
+            apply_lag,
+            quorum_ack_seconds,
+        }
+    }
+
+    fn observe(&self, status: &GroupStatus) {
+        let index = |i: Option<u64>| i.map_or(0, |i| i as i64 + 1);
+        self.term.set(status.term as i64);
+        self.leader.set(i64::from(status.state == "leader"));
+        self.leader_changes.set(status.leader_changes as i64);
+        self.last_log.set(index(status.last_log));
+        self.committed.set(index(status.committed));
+        self.applied.set(index(status.applied));
+        self.apply_lag
+            .set((index(status.committed) - index(status.applied)).max(0));
+        self.quorum_ack_seconds.set(
+            status
+                .quorum_ack_ms
+                .filter(|_| status.state == "leader")
+                .map_or(-1.0, |ms| ms as f64 / 1000.0),
+        );
+    }
+}
+
+fn group_error(err: GroupError) -> EngineError {
+    match err {
+        GroupError::NoLeader { .. } => EngineError::Unavailable {
+            backend: "raft",
+            detail: err.to_string(),
+        },
+        GroupError::Indeterminate { detail } => EngineError::Indeterminate {
+            backend: "raft",
+            detail,
+        },
+        GroupError::Refused(refused) => refused,
+        GroupError::Storage { detail } => EngineError::Storage { detail },
+        GroupError::Membership { detail } => EngineError::InvalidSettings { detail },
+    }
+}
+
+impl StrongEngine {
+    /// Starts the node's Raft member on `transport` (which from now on routes Raft frames to
+    /// it).
+    pub async fn start(config: StrongConfig, transport: Transport) -> Result<Self, EngineError> {
+        let waiting: Waiting = Arc::default();
+        let rpc = Arc::new(RaftRpc {
+            transport: transport.clone(),
+            waiting: Arc::clone(&waiting),
+            next: AtomicU64::new(1),
+        });
+        let voters = config
+            .voters
+            .iter()
+            .map(|(id, addr)| (MemberId(id.to_string()), addr.to_string()))
+            .collect();
+        let mut group_config = GroupConfig::new(
+            MemberId(config.id.to_string()),
+            config.peer_addr.to_string(),
+            config.dir,
+            voters,
+        );
+        group_config.request_timeout = config.request_timeout;
+        let (raft_inbox, incoming) = mpsc::channel(RAFT_INBOX);
+        transport.route_raft(raft_inbox);
+        let group = Group::start(group_config, rpc).await.map_err(group_error)?;
+        tokio::spawn(serve(group.clone(), transport, waiting, incoming));
+        Ok(Self {
+            group,
+            metrics: Arc::new(StrongMetrics::new()),
+        })
+    }
+
+    /// The Raft member.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// The Raft metrics in the OpenMetrics text format.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.observe(&self.group.status());
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry);
+        out
+    }
+
+    /// A read of this node's applied state, which may lag the leader (a stale read).
+    pub async fn get_stale(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        self.group
+            .read(key, ReadLevel::Stale)
+            .await
+            .map_err(group_error)
+    }
+}
+
+impl DynEngine for StrongEngine {
+    fn backend(&self) -> &'static str {
+        "raft"
+    }
+
+    fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
+        Box::pin(async move {
+            self.group
+                .read(key, ReadLevel::Linearizable)
+                .await
+                .map_err(group_error)
+        })
+    }
+
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        start_after: Option<&'a Key>,
+        limit: usize,
+    ) -> EngineFuture<'a, Vec<(Key, Record)>> {
+        Box::pin(async move {
+            self.group
+                .scan(prefix, start_after, limit, ReadLevel::Linearizable)
+                .await
+                .map_err(group_error)
+        })
+    }
+
+    fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.group.write(writes).await.map_err(group_error);
+            self.metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            result
+        })
+    }
+}
