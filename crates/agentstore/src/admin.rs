@@ -65,6 +65,36 @@ fn print_status(status: &Json) {
         );
     }
     println!("  (a share is the part of the keys a member replicates; the shares add up to N)");
+    let raft = &status["raft"];
+    if raft.is_object() {
+        let index = |v: &Json| {
+            v.as_u64()
+                .map_or_else(|| "-".to_string(), |i| i.to_string())
+        };
+        let names = |v: &Json| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "\nraft (strong collections): {} in term {}, leader {}; log {}, committed {}, applied {}, snapshot {}",
+            text(&raft["state"]),
+            raft["term"],
+            text(&raft["leader"]),
+            index(&raft["last_log"]),
+            index(&raft["committed"]),
+            index(&raft["applied"]),
+            index(&raft["snapshot"]),
+        );
+        println!(
+            "  voters: {}; learners: {}",
+            names(&raft["voters"]),
+            names(&raft["learners"])
+        );
+    }
     println!("\ncollections:");
     for c in status["collections"].as_array().into_iter().flatten() {
         let r = &c["replication"];

@@ -3,97 +3,16 @@
 
 mod common;
 
-use agentstore_engine::testkit::free_port;
-use common::http;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use common::{cluster, http};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct NodeProcess {
-    config: PathBuf,
-    data: PathBuf,
-    client: SocketAddr,
-    child: Option<Child>,
-}
-
-impl NodeProcess {
-    fn start(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_agentstore"))
-            .args(["node", "--config"])
-            .arg(&self.config)
-            .env_remove("AGENTSTORE_DATA_DIR")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(http(self.client, "GET", "/healthz", ""), Ok((200, _))) {
-            assert!(
-                Instant::now() < deadline,
-                "node on {} never became ready",
-                self.client
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn signal(&mut self, signal: &str) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status();
-        child.wait().ok().and_then(|status| status.code())
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn cluster(dir: &Path) -> Vec<NodeProcess> {
-    let names = ["node-a", "node-b", "node-c"];
-    let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let data = dir.join(name);
-        let peers: String = names
-            .iter()
-            .zip(&peer_ports)
-            .filter(|(n, _)| *n != name)
-            .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
-            .collect();
-        let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n  collections:\n    metrics:\n      conflict: pn_counter\n  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
-            data.display(),
-            peer_ports[i]
-        );
-        let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, yaml).unwrap();
-        nodes.push(NodeProcess {
-            config,
-            data,
-            client,
-            child: None,
-        });
-    }
-    for node in &mut nodes {
-        node.start();
-    }
-    nodes
-}
+const COLLECTIONS: &str = "  collections:\n    metrics:\n      conflict: pn_counter\n";
 
 #[test]
 fn three_node_processes_replicate_survive_a_kill_and_stop_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path());
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
     let (a, c) = (nodes[0].client, nodes[2].client);
 
     let (status, body) =
@@ -202,7 +121,7 @@ fn cli(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn the_cli_talks_to_nodes_status_repair_and_leave() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path());
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
     let addr = |i: usize| nodes[i].client.to_string();
     let (a, c) = (addr(0), addr(2));
 

@@ -16,6 +16,6 @@ mod transport;
 
 pub use agentstore_consensus::{GroupStatus, ReadLevel};
 pub use engine::ClusterEngine;
-pub use strong::{StrongConfig, StrongEngine};
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
+pub use strong::{StrongConfig, StrongEngine};
 pub use transport::{Dropped, Incoming, Transport};

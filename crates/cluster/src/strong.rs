@@ -55,8 +55,7 @@ fn now_ms() -> u64 {
 impl Rpc for RaftRpc {
     fn call(&self, to: &MemberId, addr: &str, request: Vec<u8>, timeout: Duration) -> RpcFuture {
         let member = to.0.clone();
-        let (Ok(node), Ok(addr)) = (NodeId::new(member.clone()), addr.parse::<SocketAddr>())
-        else {
+        let (Ok(node), Ok(addr)) = (NodeId::new(member.clone()), addr.parse::<SocketAddr>()) else {
             return Box::pin(async move { Err(RpcError::Unreachable(member)) });
         };
         self.transport.add_peer(&node, addr);
@@ -89,7 +88,12 @@ impl Rpc for RaftRpc {
 }
 
 /// Serves the Raft messages of `inbox`: requests to the group, replies to their callers.
-async fn serve(group: Group, transport: Transport, waiting: Waiting, mut inbox: mpsc::Receiver<Incoming>) {
+async fn serve(
+    group: Group,
+    transport: Transport,
+    waiting: Waiting,
+    mut inbox: mpsc::Receiver<Incoming>,
+) {
     let slots = Arc::new(Semaphore::new(SERVING));
     while let Some(Incoming { from, envelope }) = inbox.recv().await {
         match envelope.message {
@@ -166,13 +170,21 @@ impl StrongMetrics {
             gauge
         };
         let term = gauge(&mut registry, "term", "The current Raft term");
-        let leader = gauge(&mut registry, "is_leader", "1 if this node leads the Raft group");
+        let leader = gauge(
+            &mut registry,
+            "is_leader",
+            "1 if this node leads the Raft group",
+        );
         let leader_changes = gauge(
             &mut registry,
             "leader_changes",
             "Leader changes this node has seen since it started",
         );
-        let last_log = gauge(&mut registry, "last_log_index", "The last entry in this node's log");
+        let last_log = gauge(
+            &mut registry,
+            "last_log_index",
+            "The last entry in this node's log",
+        );
         let committed = gauge(
             &mut registry,
             "committed_index",

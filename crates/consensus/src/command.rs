@@ -262,15 +262,12 @@ mod tests {
     fn commands_round_trip() {
         let writes = vec![
             Write::new(key("bank:a"), Mutation::PnCounterAdd(-5)),
-            Write::expecting(
-                key("bank:b"),
-                Mutation::Put(b"x".to_vec().into()),
-                Expect::Absent,
-            )
-            .fenced(Fence {
-                lock: "bank".into(),
-                token: 7,
-            }),
+            Write::expecting(key("bank:b"), Mutation::Put(b"x".to_vec()), Expect::Absent).fenced(
+                Fence {
+                    lock: "bank".into(),
+                    token: 7,
+                },
+            ),
             Write::expecting(
                 key("bank:c"),
                 Mutation::Delete,

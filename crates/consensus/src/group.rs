@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::{EngineError, Write};
-use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 
 use crate::command::{decode_outcome, encode_command};
@@ -63,7 +63,12 @@ pub struct GroupConfig {
 
 impl GroupConfig {
     /// Settings for a group on a local network: 100 ms heartbeats, elections after 0.5–1 s.
-    pub fn new(id: MemberId, addr: String, dir: PathBuf, voters: BTreeMap<MemberId, String>) -> Self {
+    pub fn new(
+        id: MemberId,
+        addr: String,
+        dir: PathBuf,
+        voters: BTreeMap<MemberId, String>,
+    ) -> Self {
         Self {
             id,
             addr,
@@ -178,8 +183,13 @@ fn storage(err: impl std::fmt::Display) -> GroupError {
     }
 }
 
-fn leader_of(forward: &openraft::errors::ForwardToLeader<TypeConfig>) -> Option<(MemberId, String)> {
-    forward.leader_id.clone().zip(forward.leader_node.as_ref().map(|n| n.addr.clone()))
+fn leader_of(
+    forward: &openraft::errors::ForwardToLeader<TypeConfig>,
+) -> Option<(MemberId, String)> {
+    forward
+        .leader_id
+        .clone()
+        .zip(forward.leader_node.as_ref().map(|n| n.addr.clone()))
 }
 
 impl Group {
@@ -215,7 +225,10 @@ impl Group {
         .await
         .map_err(storage)?;
         let leader_changes = Arc::new(AtomicU64::new(0));
-        tokio::spawn(count_leader_changes(raft.clone(), Arc::clone(&leader_changes)));
+        tokio::spawn(count_leader_changes(
+            raft.clone(),
+            Arc::clone(&leader_changes),
+        ));
         let group = Self {
             inner: Arc::new(Inner {
                 id: config.id.clone(),
@@ -283,17 +296,18 @@ impl Group {
                     Err(Refusal::NotLeader {
                         leader: Some((leader, addr)),
                     }) if leader != self.inner.id => {
-                        match self.ask(&leader, &addr, &Request::Propose(command.clone())).await {
+                        match self
+                            .ask(&leader, &addr, &Request::Propose(command.clone()))
+                            .await
+                        {
                             Ok(Reply::Proposed(answer)) => answer,
                             Ok(_) => Err(Refusal::Failed("a reply of the wrong type".into())),
                             // Delivered or not, the leader may have proposed it.
                             Err(err @ RpcError::Timeout { .. }) => {
                                 Err(Refusal::Indeterminate(err.to_string()))
                             }
-                            Err(err) => Err(Refusal::NotLeader {
-                                leader: None,
-                            })
-                            .inspect_err(|_| tracing::debug!(%err, "leader unreachable")),
+                            Err(err) => Err(Refusal::NotLeader { leader: None })
+                                .inspect_err(|_| tracing::debug!(%err, "leader unreachable")),
                         }
                     }
                     other => other,
@@ -345,7 +359,11 @@ impl Group {
     ) -> Result<Vec<(Key, Record)>, GroupError> {
         let limit32 = u32::try_from(limit).unwrap_or(u32::MAX);
         if level == ReadLevel::Stale {
-            return self.inner.state.scan(prefix, start_after, limit).map_err(storage);
+            return self
+                .inner
+                .state
+                .scan(prefix, start_after, limit)
+                .map_err(storage);
         }
         let bytes = self
             .until_served(|| async {
@@ -439,7 +457,12 @@ impl Group {
 
     /// Confirms this member leads (read index) and waits until it has applied that far.
     async fn linearize_here(&self) -> Result<(), Refusal> {
-        match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        match self
+            .inner
+            .raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => {
                 Err(Refusal::NotLeader {
@@ -482,9 +505,13 @@ impl Group {
             Err(_) => return Vec::new(),
         };
         let reply = match request {
-            Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+            Request::Append(rpc) => {
+                Reply::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string()))
+            }
             Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await.map_err(|e| e.to_string())),
-            Request::PreVote(rpc) => Reply::Vote(raft.pre_vote(rpc).await.map_err(|e| e.to_string())),
+            Request::PreVote(rpc) => {
+                Reply::Vote(raft.pre_vote(rpc).await.map_err(|e| e.to_string()))
+            }
             Request::Snapshot { vote, meta, data } => {
                 let snapshot = Snapshot {
                     meta,
@@ -511,7 +538,10 @@ impl Group {
             } => {
                 let after = after.map(|k| Key::new(k.as_slice()));
                 Reply::Scanned(match after.transpose() {
-                    Ok(after) => self.scan_here(&prefix, after.as_ref(), limit as usize).await,
+                    Ok(after) => {
+                        self.scan_here(&prefix, after.as_ref(), limit as usize)
+                            .await
+                    }
                     Err(err) => Err(Refusal::Failed(err.to_string())),
                 })
             }

@@ -66,7 +66,9 @@ pub(crate) enum Request {
     /// A client's command, for the leader to propose.
     Propose(Command),
     /// A linearizable read of one key, for the leader to serve.
-    Read { key: Vec<u8> },
+    Read {
+        key: Vec<u8>,
+    },
     /// A linearizable scan, for the leader to serve.
     Scan {
         prefix: Vec<u8>,
@@ -99,7 +101,9 @@ pub(crate) enum Reply {
     Read(Result<Option<Vec<u8>>, Refusal>),
     /// The entries (agentstore-wire's entry list).
     Scanned(Result<Vec<u8>, Refusal>),
-    Probed { initialized: bool },
+    Probed {
+        initialized: bool,
+    },
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -155,7 +159,12 @@ impl Link {
         decode(&bytes).map_err(|_| RpcError::Unreachable(self.target.0.clone()))
     }
 
-    fn rpc_error(&self, err: RpcError, action: RPCTypes, timeout: Duration) -> RPCError<TypeConfig> {
+    fn rpc_error(
+        &self,
+        err: RpcError,
+        action: RPCTypes,
+        timeout: Duration,
+    ) -> RPCError<TypeConfig> {
         match err {
             RpcError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&err)),
             RpcError::Timeout { .. } => RPCError::Timeout(Timeout {

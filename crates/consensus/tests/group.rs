@@ -62,7 +62,7 @@ fn key(s: &str) -> Key {
 }
 
 fn put(k: &str, v: &str) -> Write {
-    Write::new(key(k), Mutation::Put(v.as_bytes().to_vec().into()))
+    Write::new(key(k), Mutation::Put(v.as_bytes().to_vec()))
 }
 
 fn value(record: &Option<Record>) -> Option<String> {
@@ -126,15 +126,21 @@ impl Cluster {
     /// Waits until some member leads and every running voter knows it; returns its name.
     async fn leader(&self) -> String {
         for _ in 0..200 {
-            let groups: Vec<Group> = self.board.members.lock().unwrap().values().cloned().collect();
+            let groups: Vec<Group> = self
+                .board
+                .members
+                .lock()
+                .unwrap()
+                .values()
+                .cloned()
+                .collect();
             let statuses: Vec<_> = groups.iter().map(Group::status).collect();
-            if let Some(leader) = statuses.iter().find(|s| s.state == "leader") {
-                if statuses
+            if let Some(leader) = statuses.iter().find(|s| s.state == "leader")
+                && statuses
                     .iter()
                     .all(|s| s.leader.as_deref() == Some(leader.id.as_str()))
-                {
-                    return leader.id.clone();
-                }
+            {
+                return leader.id.clone();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -161,7 +167,11 @@ async fn a_write_through_any_member_is_read_linearizably_everywhere() {
             .read(&key("agent:1"), ReadLevel::Linearizable)
             .await
             .unwrap();
-        assert_eq!(value(&got).as_deref(), Some("ada"), "linearizable read on {name}");
+        assert_eq!(
+            value(&got).as_deref(),
+            Some("ada"),
+            "linearizable read on {name}"
+        );
     }
     // Every replica computed the same record, stamp and version included.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -193,7 +203,7 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
     let first = group
         .write(vec![Write::expecting(
             key("id:k"),
-            Mutation::Put(b"v1".to_vec().into()),
+            Mutation::Put(b"v1".to_vec()),
             Expect::Absent,
         )])
         .await
@@ -202,16 +212,22 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
     let refused = group
         .write(vec![
             put("id:other", "x"),
-            Write::expecting(key("id:k"), Mutation::Put(b"v2".to_vec().into()), Expect::Absent),
+            Write::expecting(key("id:k"), Mutation::Put(b"v2".to_vec()), Expect::Absent),
         ])
         .await
         .unwrap_err();
     assert!(
-        matches!(refused, GroupError::Refused(EngineError::ExpectationFailed { .. })),
+        matches!(
+            refused,
+            GroupError::Refused(EngineError::ExpectationFailed { .. })
+        ),
         "{refused:?}"
     );
     assert_eq!(
-        group.read(&key("id:other"), ReadLevel::Linearizable).await.unwrap(),
+        group
+            .read(&key("id:other"), ReadLevel::Linearizable)
+            .await
+            .unwrap(),
         None
     );
     // Compare-and-set on the version read.
@@ -219,7 +235,7 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
     group
         .write(vec![Write::expecting(
             key("id:k"),
-            Mutation::Put(b"v3".to_vec().into()),
+            Mutation::Put(b"v3".to_vec()),
             Expect::Version(version.clone()),
         )])
         .await
@@ -227,7 +243,7 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
     let stale_cas = group
         .write(vec![Write::expecting(
             key("id:k"),
-            Mutation::Put(b"v4".to_vec().into()),
+            Mutation::Put(b"v4".to_vec()),
             Expect::Version(version),
         )])
         .await;
@@ -253,7 +269,10 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
             ..
         })
     ));
-    let got = group.read(&key("id:f"), ReadLevel::Linearizable).await.unwrap();
+    let got = group
+        .read(&key("id:f"), ReadLevel::Linearizable)
+        .await
+        .unwrap();
     assert_eq!(value(&got).as_deref(), Some("by5"));
 }
 
@@ -265,7 +284,10 @@ async fn concurrent_increments_are_exact_across_a_leader_loss_and_a_restart() {
         let group = cluster.group(name);
         async move {
             group
-                .write(vec![Write::new(key("bank:total"), Mutation::PnCounterAdd(1))])
+                .write(vec![Write::new(
+                    key("bank:total"),
+                    Mutation::PnCounterAdd(1),
+                )])
                 .await
         }
     };
@@ -276,7 +298,10 @@ async fn concurrent_increments_are_exact_across_a_leader_loss_and_a_restart() {
     }
     // The leader goes away: the others elect a new one and keep counting.
     cluster.stop(&leader).await;
-    let survivors: Vec<&str> = ["a", "b", "c"].into_iter().filter(|n| *n != leader).collect();
+    let survivors: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .collect();
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, leader);
     for name in survivors.iter().chain(survivors.iter()) {
@@ -308,7 +333,10 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
             .unwrap();
     }
     let status = cluster.group(&leader).status();
-    assert!(status.snapshot.is_some(), "a snapshot was taken: {status:?}");
+    assert!(
+        status.snapshot.is_some(),
+        "a snapshot was taken: {status:?}"
+    );
 
     // A learner joins after compaction: it can only catch up through the snapshot.
     let mut voters = cluster.voters.clone();
@@ -344,8 +372,7 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
     }
     assert_eq!(copied.len(), 60, "the learner has every record");
     assert!(
-        cluster.group(&leader).status().snapshot.is_some()
-            && learner.status().snapshot.is_some(),
+        cluster.group(&leader).status().snapshot.is_some() && learner.status().snapshot.is_some(),
         "the learner caught up by installing a snapshot"
     );
     assert_eq!(learner.status().learners, vec!["d".to_string()]);

@@ -250,17 +250,29 @@ async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
         ["notes:k0", "notes:k1", "notes:k2", "notes:k3", "notes:k4"]
     );
 
-    // What the cluster cannot give is refused with a typed error, not faked.
-    let strong = on_a.set("agent:identity", "ada").await.unwrap_err();
+    // A strong collection goes through the Raft group: written through one node, read
+    // linearizably through another.
+    on_a.set("agent:identity", "ada").await.unwrap();
+    let on_c = Storage::connect(&addr(2), config()).await.unwrap();
+    let read: Option<String> = on_c
+        .get_with_consistency("agent:identity", ConsistencyLevel::Strong)
+        .await
+        .unwrap();
+    assert_eq!(read.as_deref(), Some("ada"));
+    // An eventual collection cannot be asked for more than it gets: a typed error, not faked.
+    let stronger = on_a
+        .get_with_consistency::<i64>("notes:k0", ConsistencyLevel::Strong)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
-            strong,
+            stronger,
             StorageError::LevelUnavailable {
                 delivered: ConsistencyLevel::Eventual,
                 ..
             }
         ),
-        "{strong}"
+        "{stronger}"
     );
     let cas = on_a.compare_and_set("notes:k0", 9, None).await.unwrap_err();
     assert!(
@@ -294,7 +306,12 @@ async fn status_repair_and_http_errors() {
         .find(|c| c["name"] == "agent")
         .unwrap();
     assert_eq!(agent["consistency"], "strong");
-    assert_eq!(agent["guarantee"]["level"], "eventual", "{agent}");
+    assert_eq!(agent["guarantee"]["level"], "strong", "{agent}");
+    assert_eq!(
+        status["raft"]["voters"].as_array().unwrap().len(),
+        3,
+        "{status}"
+    );
 
     let mut steps = Vec::new();
     client.repair(|step| steps.push(step)).await.unwrap();
@@ -317,7 +334,7 @@ async fn status_repair_and_http_errors() {
     assert_eq!((status, code(&body).as_str()), (404, "not_found"));
     let (status, body) = http(a, "PUT", "/v1/keys/notes:x", "not json").await;
     assert_eq!((status, code(&body).as_str()), (400, "invalid_body"));
-    let (status, body) = http(a, "PUT", "/v1/keys/agent:x", "1").await;
+    let (status, body) = http(a, "PUT", "/v1/keys/notes:x?consistency=strong", "1").await;
     assert_eq!(
         (status, code(&body).as_str()),
         (409, "consistency_unavailable")

@@ -1,8 +1,14 @@
 //! Helpers shared by the tests that drive `agentstore node` processes.
+// Each test binary uses some of these helpers, none uses all.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentstore_engine::testkit::free_port;
 
 /// A minimal HTTP/1.1 exchange: (status, body).
 pub(crate) fn http(
@@ -29,4 +35,87 @@ pub(crate) fn http(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// An `agentstore node` process of a test; killed when dropped.
+pub(crate) struct NodeProcess {
+    pub(crate) config: PathBuf,
+    pub(crate) data: PathBuf,
+    pub(crate) client: SocketAddr,
+    pub(crate) child: Option<Child>,
+}
+impl NodeProcess {
+    pub(crate) fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+            .args(["node", "--config"])
+            .arg(&self.config)
+            .env_remove("AGENTSTORE_DATA_DIR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(http(self.client, "GET", "/healthz", ""), Ok((200, _))) {
+            assert!(
+                Instant::now() < deadline,
+                "node on {} never became ready",
+                self.client
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (e.g. `-KILL`) and waits for the process to end.
+    pub(crate) fn signal(&mut self, signal: &str) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status();
+        child.wait().ok().and_then(|status| status.code())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Three nodes (`node-a`, `node-b`, `node-c`, N=3 W=2 R=2) with `collections` (a YAML
+/// `  collections:` block), started.
+pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
+    let names = ["node-a", "node-b", "node-c"];
+    let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data = dir.join(name);
+        let peers: String = names
+            .iter()
+            .zip(&peer_ports)
+            .filter(|(n, _)| *n != name)
+            .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
+            .collect();
+        let yaml = format!(
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
+            data.display(),
+            peer_ports[i]
+        );
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        nodes.push(NodeProcess {
+            config,
+            data,
+            client,
+            child: None,
+        });
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    nodes
 }

@@ -338,8 +338,24 @@ impl Config {
             ),
             caveat: Some(
                 "not linearizable: concurrent writes resolve by the collection's conflict \
-                 strategy, and readers may disagree until read repair; causal and strong \
-                 collections are refused in a cluster"
+                 strategy, and readers may disagree until read repair"
+                    .into(),
+            ),
+        }
+    }
+
+    /// What a cluster delivers to the collections on the `local` backend configured causal
+    /// or strong: they go through the cluster's Raft group.
+    pub fn raft_guarantee(&self) -> Guarantee {
+        Guarantee {
+            level: ConsistencyLevel::Strong,
+            summary: "linearizable: a Raft group of the cluster's voters; a write is \
+                      acknowledged once a majority has it durably, reads confirm the leader \
+                      with a quorum (read index)"
+                .into(),
+            caveat: Some(
+                "unavailable without a majority of the voters; causal collections get this \
+                 stronger level, so they too need a majority"
                     .into(),
             ),
         }

@@ -56,7 +56,7 @@ use serde_json::Value as Json;
 
 pub use self::error::{Result, StorageError};
 pub use self::remote::NodeClient;
-use self::routes::Routes;
+use self::routes::{ClusterEngines, Routes};
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
 use prometheus_client::registry::Registry;
@@ -165,6 +165,24 @@ impl Storage {
     /// collections are opened as with [`Storage::new`]. Those collections deliver what the
     /// cluster does ([`Config::cluster_guarantee`]): a call that asks for more is refused.
     pub async fn with_cluster(config: Config, cluster: Arc<dyn DynEngine>) -> Result<Self> {
+        let cluster = ClusterEngines {
+            leaderless: cluster,
+            strong: None,
+        };
+        Self::open(config, Some(cluster)).await
+    }
+
+    /// Like [`Storage::with_cluster`], with the cluster's Raft group (`strong`) serving the
+    /// `local` collections configured causal or strong ([`Config::raft_guarantee`]).
+    pub async fn with_cluster_and_raft(
+        config: Config,
+        cluster: Arc<dyn DynEngine>,
+        strong: Arc<dyn DynEngine>,
+    ) -> Result<Self> {
+        let cluster = ClusterEngines {
+            leaderless: cluster,
+            strong: Some(strong),
+        };
         Self::open(config, Some(cluster)).await
     }
 
@@ -223,10 +241,20 @@ impl Storage {
             w: number("write_quorum")?,
             r: number("read_quorum")?,
         };
-        Self::with_cluster(config, Arc::new(remote)).await
+        // The node routes each record to the engine of its collection, so one client serves
+        // both; what it can deliver is the node's.
+        let raft = status["raft"]["voters"]
+            .as_array()
+            .is_some_and(|voters| !voters.is_empty());
+        let remote: Arc<dyn DynEngine> = Arc::new(remote);
+        if raft {
+            Self::with_cluster_and_raft(config, Arc::clone(&remote), remote).await
+        } else {
+            Self::with_cluster(config, remote).await
+        }
     }
 
-    async fn open(config: Config, cluster: Option<Arc<dyn DynEngine>>) -> Result<Self> {
+    async fn open(config: Config, cluster: Option<ClusterEngines>) -> Result<Self> {
         config.validate().map_err(StorageError::InvalidConfig)?;
         let data_dir = config
             .data_dir

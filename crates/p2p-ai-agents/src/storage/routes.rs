@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use agentstore_core::ConsistencyLevel;
 use agentstore_core::config::{Backend, CollectionPlan, Config, IsolationLevel};
 use agentstore_engine::{
     AnyEngine, DynEngine, EngineMetrics, Instrumented, Isolation, LocalEngine, NodeClock,
@@ -19,6 +20,15 @@ pub(crate) struct Route {
     pub(crate) engine: Instrumented<AnyEngine>,
 }
 
+/// The engines of a cluster: where a node keeps the `local` collections.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterEngines {
+    /// Leaderless replication (eventual collections).
+    pub(crate) leaderless: Arc<dyn DynEngine>,
+    /// The Raft group (causal and strong collections), if the cluster runs one.
+    pub(crate) strong: Option<Arc<dyn DynEngine>>,
+}
+
 /// Every route of a store: the named collections and the default one.
 #[derive(Debug)]
 pub(crate) struct Routes {
@@ -29,14 +39,15 @@ pub(crate) struct Routes {
 impl Routes {
     /// Opens the engines the configuration uses (and only those) and routes each collection.
     ///
-    /// With `cluster`, collections on the `local` backend go to that engine instead (a cluster
-    /// node, or a remote node), and their plans carry what the cluster delivers.
+    /// With `cluster`, collections on the `local` backend go to its engines instead: eventual
+    /// ones to leaderless replication, causal and strong ones to the Raft group if there is
+    /// one; their plans carry what the cluster delivers.
     pub(crate) async fn open(
         config: &Config,
         data_dir: &Path,
         clock: Arc<NodeClock>,
         metrics: EngineMetrics,
-        cluster: Option<Arc<dyn DynEngine>>,
+        cluster: Option<ClusterEngines>,
     ) -> Result<Self> {
         let mut engines = Engines {
             config,
@@ -44,22 +55,32 @@ impl Routes {
             clock,
             metrics: metrics.clone(),
             opened: HashMap::new(),
+            with_raft: false,
         };
+        let in_cluster = cluster.is_some();
+        let mut with_raft = false;
         if let Some(cluster) = cluster {
-            let engine = AnyEngine::Dyn(cluster);
-            let backend = engine.backend();
-            engines
-                .opened
-                .insert(Instance::Local, Instrumented::new(engine, backend, metrics));
+            let mut add = |instance, engine: Arc<dyn DynEngine>| {
+                let engine = AnyEngine::Dyn(engine);
+                let backend = engine.backend();
+                let measured = Instrumented::new(engine, backend, metrics.clone());
+                engines.opened.insert(instance, measured);
+            };
+            add(Instance::Local, cluster.leaderless);
+            if let Some(strong) = cluster.strong {
+                add(Instance::Raft, strong);
+                with_raft = true;
+            }
         }
-        let cluster_guarantee = engines
-            .opened
-            .contains_key(&Instance::Local)
-            .then(|| config.cluster_guarantee());
+        engines.with_raft = with_raft;
         let plan = |name: &str| {
             let mut plan = config.plan(name);
-            if let (Backend::Local, Some(guarantee)) = (plan.backend, &cluster_guarantee) {
-                plan.guarantee = guarantee.clone();
+            if plan.backend == Backend::Local && in_cluster {
+                plan.guarantee = if with_raft && plan.consistency > ConsistencyLevel::Eventual {
+                    config.raft_guarantee()
+                } else {
+                    config.cluster_guarantee()
+                };
             }
             plan
         };
@@ -88,7 +109,11 @@ impl Routes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Instance {
     Local,
-    Redis { wait: bool },
+    /// A cluster's Raft group.
+    Raft,
+    Redis {
+        wait: bool,
+    },
     Postgres,
 }
 
@@ -98,11 +123,16 @@ struct Engines<'a> {
     clock: Arc<NodeClock>,
     metrics: EngineMetrics,
     opened: HashMap<Instance, Instrumented<AnyEngine>>,
+    /// Whether causal and strong `local` collections go to a Raft group.
+    with_raft: bool,
 }
 
 impl Engines<'_> {
     async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<Instrumented<AnyEngine>> {
         let instance = match plan.backend {
+            Backend::Local if self.with_raft && plan.consistency > ConsistencyLevel::Eventual => {
+                Instance::Raft
+            }
             Backend::Local => Instance::Local,
             Backend::Redis => Instance::Redis {
                 wait: self
@@ -130,6 +160,11 @@ impl Engines<'_> {
             ))
         };
         Ok(match instance {
+            Instance::Raft => {
+                return Err(super::StorageError::InvalidConfig(
+                    "a Raft group is opened by the node, not by the store".into(),
+                ));
+            }
             Instance::Local => {
                 let engine = LocalEngine::open(self.data_dir, clock)?;
                 tracing::info!(data_dir = %self.data_dir.display(), "local engine open");

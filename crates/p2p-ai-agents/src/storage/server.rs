@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentstore_cluster::{ClusterEngine, Node, NodeConfig};
-use agentstore_core::config::Config;
+use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine};
+use agentstore_core::config::{Backend, Config};
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::{DynEngine, EngineError, LocalEngine, NodeClock, Write};
 use axum::Router;
@@ -39,6 +39,8 @@ const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a request waits for its quorum.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a strong request may take, an election and a forward to the leader included.
+const STRONG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An error answer: status, stable code, message, and extra fields.
 #[derive(Debug)]
@@ -146,6 +148,8 @@ struct Api {
     storage: Storage,
     node: Arc<Node>,
     engine: ClusterEngine,
+    /// The node's member of the Raft group (strong and causal collections).
+    strong: StrongEngine,
     /// Notified once the node has left the cluster: the server stops.
     left: Arc<Notify>,
 }
@@ -314,9 +318,24 @@ fn octets(bytes: Vec<u8>) -> Response {
         .into_response()
 }
 
+impl Api {
+    /// The engine that holds `key`'s collection in this cluster: the Raft group for the
+    /// causal and strong `local` collections, leaderless replication for the others (one key,
+    /// one path).
+    fn engine_of(&self, collection: &str) -> &dyn DynEngine {
+        let plan = self.storage.plan(collection);
+        if plan.backend == Backend::Local && plan.consistency > ConsistencyLevel::Eventual {
+            &self.strong
+        } else {
+            &self.engine
+        }
+    }
+}
+
 async fn get_record(State(api): State<Api>, Path(key): Path<String>) -> Answer {
     let key = parse_key(&key)?;
-    match api.engine.get(&key).await.map_err(engine_error)? {
+    let engine = api.engine_of(key.collection());
+    match engine.get(&key).await.map_err(engine_error)? {
         Some(record) => Ok(octets(codec::encode(&record))),
         None => Err(not_found(&key.to_string())),
     }
@@ -331,7 +350,7 @@ async fn apply_record(
     let mutation = agentstore_wire::decode_mutation(&body)
         .map_err(|e| invalid_body(&format!("not an encoded mutation: {e}")))?;
     let mut records = api
-        .engine
+        .engine_of(key.collection())
         .commit(vec![Write::new(key, mutation)])
         .await
         .map_err(engine_error)?;
@@ -353,8 +372,9 @@ async fn scan_records(State(api): State<Api>, Query(query): Query<RecordScanQuer
     let after = query.after.as_deref().map(parse_key).transpose()?;
     let prefix = query.prefix.unwrap_or_default();
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let collection = prefix.split(':').next().unwrap_or_default();
     let entries = api
-        .engine
+        .engine_of(collection)
         .scan(prefix.as_bytes(), after.as_ref(), limit)
         .await
         .map_err(engine_error)?;
@@ -395,6 +415,7 @@ async fn status(State(api): State<Api>) -> Answer {
         .collect();
     let mut body = serde_json::to_value(&node).unwrap_or_default();
     body["collections"] = Json::Array(collections);
+    body["raft"] = serde_json::to_value(api.strong.group().status()).unwrap_or_default();
     Ok(axum::Json(body).into_response())
 }
 
@@ -435,13 +456,11 @@ async fn leave(State(api): State<Api>) -> Answer {
 async fn metrics(State(api): State<Api>) -> Response {
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     // Both registries end with `# EOF`; the combined text keeps only the last one.
-    let node = api.node.metrics_text();
-    let node = node.trim_end().trim_end_matches("# EOF").to_owned();
-    (
-        [(header::CONTENT_TYPE, content_type)],
-        node + &api.storage.metrics_text(),
-    )
-        .into_response()
+    let without_eof = |text: String| text.trim_end().trim_end_matches("# EOF").to_owned();
+    let text = without_eof(api.node.metrics_text())
+        + &without_eof(api.strong.metrics_text())
+        + &api.storage.metrics_text();
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
 async fn openapi() -> Response {
@@ -548,9 +567,25 @@ pub async fn run(
         anti_entropy_interval: Duration::from_secs(1),
         tombstone_grace: TOMBSTONE_GRACE,
     };
+    let peer_addr = listeners.peers.local_addr().unwrap_or(cluster.peer_addr);
     let node = Arc::new(Node::start(node_config, local, listeners.peers));
     let engine = ClusterEngine::new(Arc::clone(&node), usize::from(quorum.n));
-    let storage = Storage::with_cluster(config.clone(), Arc::new(engine.clone())).await?;
+    let mut voters = cluster.peers.clone();
+    voters.insert(config.node_id.clone(), peer_addr);
+    let strong_config = StrongConfig {
+        id: config.node_id.clone(),
+        peer_addr,
+        dir: data_dir.clone(),
+        voters,
+        request_timeout: STRONG_TIMEOUT,
+    };
+    let strong = StrongEngine::start(strong_config, node.transport().clone()).await?;
+    let storage = Storage::with_cluster_and_raft(
+        config.clone(),
+        Arc::new(engine.clone()),
+        Arc::new(strong.clone()),
+    )
+    .await?;
     tracing::info!(
         node = %config.node_id,
         clients = %cluster.client_addr,
@@ -563,6 +598,7 @@ pub async fn run(
         storage,
         node: Arc::clone(&node),
         engine,
+        strong: strong.clone(),
         left: Arc::clone(&left),
     };
     let stop = async move {
@@ -574,7 +610,9 @@ pub async fn run(
     let served = axum::serve(listeners.clients, router(api))
         .with_graceful_shutdown(stop)
         .await;
-    // Drain: the HTTP server has finished its requests; stop the node loop and its listeners.
+    // Drain: the HTTP server has finished its requests; stop the Raft member, then the node
+    // loop and its listeners.
+    strong.group().shutdown().await;
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
