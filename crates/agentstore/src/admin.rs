@@ -79,6 +79,10 @@ fn print_status(status: &Json) {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let names = |v: &Json| match names(v) {
+            listed if listed.is_empty() => "-".to_string(),
+            listed => listed,
+        };
         println!(
             "\nraft (strong collections): {} in term {}, leader {}; log {}, committed {}, applied {}, snapshot {}",
             text(&raft["state"]),
