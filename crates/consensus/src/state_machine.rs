@@ -209,6 +209,19 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Records `meta` and `data` as the current snapshot (what a lagging follower is sent).
+fn keep_snapshot(
+    table: &mut Table<'_, &str, &[u8]>,
+    meta: &SnapshotMeta,
+    data: &[u8],
+) -> io::Result<()> {
+    table
+        .insert("snapshot_meta", persist(meta)?.as_slice())
+        .map_err(io_error)?;
+    table.insert("snapshot_data", data).map_err(io_error)?;
+    Ok(())
+}
+
 type SnapshotContents = (Vec<(Key, Record)>, Vec<(String, u64)>);
 
 fn decode_snapshot(bytes: &[u8]) -> io::Result<SnapshotContents> {
@@ -261,15 +274,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 )
             };
             let txn = db.begin_write().map_err(io_error)?;
-            {
-                let mut table = txn.open_table(META).map_err(io_error)?;
-                table
-                    .insert("snapshot_meta", persist(&meta)?.as_slice())
-                    .map_err(io_error)?;
-                table
-                    .insert("snapshot_data", data.as_slice())
-                    .map_err(io_error)?;
-            }
+            keep_snapshot(&mut txn.open_table(META).map_err(io_error)?, &meta, &data)?;
             txn.commit().map_err(io_error)?;
             Ok(Snapshot {
                 meta,
@@ -383,12 +388,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 table
                     .insert("membership", persist(&meta.last_membership)?.as_slice())
                     .map_err(io_error)?;
-                table
-                    .insert("snapshot_meta", persist(&meta)?.as_slice())
-                    .map_err(io_error)?;
-                table
-                    .insert("snapshot_data", data.as_slice())
-                    .map_err(io_error)?;
+                keep_snapshot(&mut table, &meta, &data)?;
             }
             txn.commit().map_err(io_error)
         })
