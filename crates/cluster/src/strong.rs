@@ -300,14 +300,6 @@ impl StrongEngine {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry);
         out
     }
-
-    /// A read of this node's applied state, which may lag the leader (a stale read).
-    pub async fn get_stale(&self, key: &Key) -> Result<Option<Record>, EngineError> {
-        self.group
-            .read(key, ReadLevel::Stale)
-            .await
-            .map_err(group_error)
-    }
 }
 
 impl DynEngine for StrongEngine {

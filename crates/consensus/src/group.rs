@@ -25,7 +25,7 @@ use openraft::{BasicNode, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 
 use crate::command::{decode_outcome, encode_command};
 use crate::log_store::LogStore;
-use crate::network::{Network, Refusal, Reply, Request, Rpc, RpcError, decode, encode};
+use crate::network::{Network, Refusal, Reply, Request, Rpc, RpcError, ask, decode, encode};
 use crate::state_machine::StateMachine;
 use crate::types::{Applied, Command, MemberId, Snapshot, TypeConfig};
 
@@ -155,6 +155,14 @@ pub enum ReadLevel {
     Stale,
 }
 
+/// Whether a call may change the state if it reaches the leader (a lost answer to it is
+/// indeterminate) or only reads (a lost answer is retried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    MayApply,
+    ReadOnly,
+}
+
 /// A node's member of the Raft group. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -255,13 +263,10 @@ impl Group {
             }
             let mut fresh = true;
             for (id, addr) in voters.iter().filter(|(id, _)| **id != self.inner.id) {
-                let answer = self
-                    .inner
-                    .rpc
-                    .call(id, addr, encode(&Request::Probe), Duration::from_secs(1))
-                    .await;
-                let initialized = match answer.map(|bytes| decode::<Reply>(&bytes)) {
-                    Ok(Ok(Reply::Probed { initialized })) => initialized,
+                let probe = Duration::from_secs(1);
+                let answer = ask(&*self.inner.rpc, id, addr, &Request::Probe, probe).await;
+                let initialized = match answer {
+                    Ok(Reply::Probed { initialized }) => initialized,
                     _ => {
                         fresh = false;
                         break;
@@ -290,29 +295,17 @@ impl Group {
     /// Applies `writes` atomically through the log; returns the record of each write.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Record>, GroupError> {
         let command = Command(encode_command(now_ms(), &writes));
+        let request = Request::Propose(command.clone());
         let applied = self
-            .until_served(|| async {
-                match self.propose_here(command.clone()).await {
-                    Err(Refusal::NotLeader {
-                        leader: Some((leader, addr)),
-                    }) if leader != self.inner.id => {
-                        match self
-                            .ask(&leader, &addr, &Request::Propose(command.clone()))
-                            .await
-                        {
-                            Ok(Reply::Proposed(answer)) => answer,
-                            Ok(_) => Err(Refusal::Failed("a reply of the wrong type".into())),
-                            // Delivered or not, the leader may have proposed it.
-                            Err(err @ RpcError::Timeout { .. }) => {
-                                Err(Refusal::Indeterminate(err.to_string()))
-                            }
-                            Err(err) => Err(Refusal::NotLeader { leader: None })
-                                .inspect_err(|_| tracing::debug!(%err, "leader unreachable")),
-                        }
-                    }
-                    other => other,
-                }
-            })
+            .at_leader(
+                Effect::MayApply,
+                || self.propose_here(command.clone()),
+                &request,
+                |reply| match reply {
+                    Reply::Proposed(answer) => Some(answer),
+                    _ => None,
+                },
+            )
             .await?;
         match decode_outcome(&applied.0).map_err(storage)? {
             Ok(records) => Ok(records),
@@ -325,28 +318,24 @@ impl Group {
         if level == ReadLevel::Stale {
             return self.inner.state.get(key).map_err(storage);
         }
-        let bytes = self
-            .until_served(|| async {
-                match self.read_here(key).await {
-                    Err(Refusal::NotLeader {
-                        leader: Some((leader, addr)),
-                    }) if leader != self.inner.id => {
-                        let request = Request::Read {
-                            key: key.as_bytes().to_vec(),
-                        };
-                        match self.ask(&leader, &addr, &request).await {
-                            Ok(Reply::Read(answer)) => answer,
-                            _ => Err(Refusal::NotLeader { leader: None }),
-                        }
-                    }
-                    Err(refusal) => Err(refusal),
-                    Ok(record) => Ok(record.map(|r| codec::encode(&r))),
-                }
-            })
-            .await?;
-        bytes
-            .map(|bytes| codec::decode(&bytes).map_err(storage))
-            .transpose()
+        let request = Request::Read {
+            key: key.as_bytes().to_vec(),
+        };
+        self.at_leader(
+            Effect::ReadOnly,
+            || self.read_here(key),
+            &request,
+            |reply| match reply {
+                Reply::Read(answer) => Some(answer.and_then(|bytes| {
+                    bytes
+                        .map(|bytes| codec::decode(&bytes))
+                        .transpose()
+                        .map_err(|e| Refusal::Failed(e.to_string()))
+                })),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Up to `limit` records under `prefix` after `start_after`, at `level`.
@@ -357,7 +346,6 @@ impl Group {
         limit: usize,
         level: ReadLevel,
     ) -> Result<Vec<(Key, Record)>, GroupError> {
-        let limit32 = u32::try_from(limit).unwrap_or(u32::MAX);
         if level == ReadLevel::Stale {
             return self
                 .inner
@@ -365,47 +353,77 @@ impl Group {
                 .scan(prefix, start_after, limit)
                 .map_err(storage);
         }
-        let bytes = self
-            .until_served(|| async {
-                match self.scan_here(prefix, start_after, limit).await {
+        let request = Request::Scan {
+            prefix: prefix.to_vec(),
+            after: start_after.map(|k| k.as_bytes().to_vec()),
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        };
+        self.at_leader(
+            Effect::ReadOnly,
+            || self.scan_here(prefix, start_after, limit),
+            &request,
+            |reply| match reply {
+                Reply::Scanned(answer) => Some(answer.and_then(|bytes| {
+                    agentstore_wire::decode_entries(&bytes)
+                        .map_err(|e| Refusal::Failed(e.to_string()))
+                })),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Serves a call here if this member leads, or sends `request` to the leader it knows of
+    /// and takes the answer out of its reply (`from_reply`; `None` for a reply of another
+    /// type). Refusals that applied nothing are retried until the request times out; a lost
+    /// answer to something that [`Effect::MayApply`] is indeterminate and never retried.
+    async fn at_leader<T, Here, Fut>(
+        &self,
+        effect: Effect,
+        mut here: Here,
+        request: &Request,
+        from_reply: impl Fn(Reply) -> Option<Result<T, Refusal>>,
+    ) -> Result<T, GroupError>
+    where
+        Here: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Refusal>>,
+    {
+        let lost = |detail: String| match effect {
+            Effect::MayApply => Refusal::Indeterminate(detail),
+            Effect::ReadOnly => Refusal::Failed(detail),
+        };
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let attempt = async {
+                match here().await {
                     Err(Refusal::NotLeader {
                         leader: Some((leader, addr)),
                     }) if leader != self.inner.id => {
-                        let request = Request::Scan {
-                            prefix: prefix.to_vec(),
-                            after: start_after.map(|k| k.as_bytes().to_vec()),
-                            limit: limit32,
-                        };
-                        match self.ask(&leader, &addr, &request).await {
-                            Ok(Reply::Scanned(answer)) => answer,
-                            _ => Err(Refusal::NotLeader { leader: None }),
+                        let timeout = self.inner.timeout;
+                        match ask(&*self.inner.rpc, &leader, &addr, request, timeout).await {
+                            Ok(reply) => from_reply(reply).unwrap_or_else(|| {
+                                Err(Refusal::Failed("a reply of the wrong type".into()))
+                            }),
+                            // Delivered or not: the leader may have acted on it.
+                            Err(err @ RpcError::Timeout { .. }) => Err(lost(err.to_string())),
+                            Err(RpcError::Unreachable(_)) => {
+                                Err(Refusal::NotLeader { leader: None })
+                            }
                         }
                     }
                     other => other,
                 }
-            })
-            .await?;
-        agentstore_wire::decode_entries(&bytes).map_err(storage)
-    }
-
-    /// Runs `attempt` until it is served, retrying refusals that applied nothing until the
-    /// request times out.
-    async fn until_served<T, F, Fut>(&self, mut attempt: F) -> Result<T, GroupError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, Refusal>>,
-    {
-        let deadline = Instant::now() + self.inner.timeout;
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = match tokio::time::timeout(remaining, attempt()).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(Refusal::Indeterminate(format!(
-                    "no answer within {} ms",
-                    self.inner.timeout.as_millis()
-                ))),
             };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = tokio::time::timeout(remaining, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(lost(format!(
+                        "no answer within {} ms",
+                        self.inner.timeout.as_millis()
+                    )))
+                });
             let detail = match outcome {
                 Ok(value) => return Ok(value),
                 Err(Refusal::Indeterminate(detail)) => {
@@ -426,15 +444,6 @@ impl Group {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
-    }
-
-    async fn ask(&self, to: &MemberId, addr: &str, request: &Request) -> Result<Reply, RpcError> {
-        let bytes = self
-            .inner
-            .rpc
-            .call(to, addr, encode(request), self.inner.timeout)
-            .await?;
-        decode(&bytes).map_err(|_| RpcError::Unreachable(to.0.clone()))
     }
 
     /// Proposes `command` if this member leads.
@@ -486,14 +495,12 @@ impl Group {
         prefix: &[u8],
         start_after: Option<&Key>,
         limit: usize,
-    ) -> Result<Vec<u8>, Refusal> {
+    ) -> Result<Vec<(Key, Record)>, Refusal> {
         self.linearize_here().await?;
-        let entries = self
-            .inner
+        self.inner
             .state
             .scan(prefix, start_after, limit)
-            .map_err(|e| Refusal::Failed(e.to_string()))?;
-        Ok(agentstore_wire::encode_entries(&entries))
+            .map_err(|e| Refusal::Failed(e.to_string()))
     }
 
     /// Serves a request another member sent; returns the reply's bytes.
@@ -538,10 +545,10 @@ impl Group {
             } => {
                 let after = after.map(|k| Key::new(k.as_slice()));
                 Reply::Scanned(match after.transpose() {
-                    Ok(after) => {
-                        self.scan_here(&prefix, after.as_ref(), limit as usize)
-                            .await
-                    }
+                    Ok(after) => self
+                        .scan_here(&prefix, after.as_ref(), limit as usize)
+                        .await
+                        .map(|entries| agentstore_wire::encode_entries(&entries)),
                     Err(err) => Err(Refusal::Failed(err.to_string())),
                 })
             }
@@ -554,7 +561,8 @@ impl Group {
 
     /// What this member knows of the group now.
     pub fn status(&self) -> GroupStatus {
-        let metrics = self.inner.raft.metrics().borrow_watched().clone();
+        let watched = self.inner.raft.metrics();
+        let metrics = watched.borrow_watched();
         let state = match metrics.state {
             ServerState::Leader => "leader",
             ServerState::Follower => "follower",
@@ -569,11 +577,11 @@ impl Group {
             id: self.inner.id.0.clone(),
             state,
             term: metrics.current_term,
-            leader: metrics.current_leader.map(|id| id.0),
+            leader: metrics.current_leader.as_ref().map(|id| id.0.clone()),
             last_log: metrics.last_log_index,
-            committed: metrics.cluster_committed.map(|id| id.index()),
-            applied: metrics.last_applied.map(|id| id.index()),
-            snapshot: metrics.snapshot.map(|id| id.index()),
+            committed: metrics.cluster_committed.as_ref().map(|id| id.index()),
+            applied: metrics.last_applied.as_ref().map(|id| id.index()),
+            snapshot: metrics.snapshot.as_ref().map(|id| id.index()),
             voters: voters.into_iter().collect(),
             learners,
             quorum_ack_ms: metrics

@@ -150,29 +150,43 @@ pub(crate) struct Link {
     addr: String,
 }
 
-impl Link {
-    async fn call(&self, request: &Request, timeout: Duration) -> Result<Reply, RpcError> {
-        let bytes = self
-            .rpc
-            .call(&self.target, &self.addr, encode(request), timeout)
-            .await?;
-        decode(&bytes).map_err(|_| RpcError::Unreachable(self.target.0.clone()))
-    }
+/// Sends `request` to `to` (at `addr`) and waits up to `timeout` for its reply. A reply
+/// that does not decode counts as no reply from a reachable member (it is never acted on).
+pub(crate) async fn ask(
+    rpc: &dyn Rpc,
+    to: &MemberId,
+    addr: &str,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Reply, RpcError> {
+    let bytes = rpc.call(to, addr, encode(request), timeout).await?;
+    decode(&bytes).map_err(|_| RpcError::Unreachable(to.0.clone()))
+}
 
-    fn rpc_error(
+impl Link {
+    /// One of openraft's RPCs: `request`, answered by the reply `pick` accepts.
+    async fn exchange<T>(
         &self,
-        err: RpcError,
+        request: Request,
         action: RPCTypes,
-        timeout: Duration,
-    ) -> RPCError<TypeConfig> {
-        match err {
-            RpcError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&err)),
-            RpcError::Timeout { .. } => RPCError::Timeout(Timeout {
+        option: RPCOption,
+        pick: fn(Reply) -> Option<Result<T, String>>,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        let timeout = option.hard_ttl();
+        match ask(&*self.rpc, &self.target, &self.addr, &request, timeout).await {
+            Ok(reply) => match pick(reply) {
+                Some(answer) => answer.map_err(remote),
+                None => Err(remote("a reply of the wrong type".into())),
+            },
+            Err(err @ RpcError::Unreachable(_)) => {
+                Err(RPCError::Unreachable(Unreachable::new(&err)))
+            }
+            Err(RpcError::Timeout { .. }) => Err(RPCError::Timeout(Timeout {
                 action,
                 id: self.target.clone(),
                 target: self.target.clone(),
                 timeout,
-            }),
+            })),
         }
     }
 }
@@ -181,8 +195,11 @@ fn remote(message: String) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::from_string(message))
 }
 
-fn unexpected() -> RPCError<TypeConfig> {
-    remote("a reply of the wrong type".into())
+fn vote_reply(reply: Reply) -> Option<Result<VoteResponse<TypeConfig>, String>> {
+    match reply {
+        Reply::Vote(answer) => Some(answer),
+        _ => None,
+    }
 }
 
 impl RaftNetworkV2<TypeConfig> for Link {
@@ -193,12 +210,13 @@ impl RaftNetworkV2<TypeConfig> for Link {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let timeout = option.hard_ttl();
-        match self.call(&Request::Append(rpc), timeout).await {
-            Ok(Reply::Append(reply)) => reply.map_err(remote),
-            Ok(_) => Err(unexpected()),
-            Err(err) => Err(self.rpc_error(err, RPCTypes::AppendEntries, timeout)),
-        }
+        let pick = |reply| match reply {
+            Reply::Append(answer) => Some(answer),
+            _ => None,
+        };
+        let request = Request::Append(rpc);
+        self.exchange(request, RPCTypes::AppendEntries, option, pick)
+            .await
     }
 
     async fn vote(
@@ -206,12 +224,8 @@ impl RaftNetworkV2<TypeConfig> for Link {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let timeout = option.hard_ttl();
-        match self.call(&Request::Vote(rpc), timeout).await {
-            Ok(Reply::Vote(reply)) => reply.map_err(remote),
-            Ok(_) => Err(unexpected()),
-            Err(err) => Err(self.rpc_error(err, RPCTypes::Vote, timeout)),
-        }
+        self.exchange(Request::Vote(rpc), RPCTypes::Vote, option, vote_reply)
+            .await
     }
 
     async fn pre_vote(
@@ -219,12 +233,8 @@ impl RaftNetworkV2<TypeConfig> for Link {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let timeout = option.hard_ttl();
-        match self.call(&Request::PreVote(rpc), timeout).await {
-            Ok(Reply::Vote(reply)) => reply.map_err(remote),
-            Ok(_) => Err(unexpected()),
-            Err(err) => Err(self.rpc_error(err, RPCTypes::Vote, timeout)),
-        }
+        self.exchange(Request::PreVote(rpc), RPCTypes::Vote, option, vote_reply)
+            .await
     }
 
     async fn full_snapshot(
@@ -242,7 +252,7 @@ impl RaftNetworkV2<TypeConfig> for Link {
         };
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            reply = self.call(&request, timeout) => reply,
+            reply = ask(&*self.rpc, &self.target, &self.addr, &request, timeout) => reply,
         };
         match reply {
             Ok(Reply::Snapshot(reply)) => {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use agentstore_core::codec::{self, Reader, put_bytes, put_uvarint};
 use agentstore_core::hlc::HybridClock;
 use agentstore_core::{Key, NodeId, Record};
-use agentstore_engine::{EngineError, check_fences, prepare_batch};
+use agentstore_engine::{EngineError, check_fences, decode_stored, prepare_batch};
 use futures_util::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -76,6 +76,15 @@ fn decode_record(key: &[u8], bytes: &[u8]) -> Result<(Key, Record), EngineError>
     Ok((key, record))
 }
 
+/// The record stored for `key` in `table`.
+fn stored(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &Key,
+) -> Result<Option<Record>, EngineError> {
+    let value = table.get(key.as_bytes()).map_err(storage)?;
+    decode_stored(key, value.as_ref().map(|v| v.value()))
+}
+
 impl StateMachine {
     /// Opens (creating if needed) the state machine at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
@@ -95,11 +104,7 @@ impl StateMachine {
     /// The applied record of `key`, tombstones included.
     pub fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
         let txn = self.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(RECORDS).map_err(storage)?;
-        let value = table.get(key.as_bytes()).map_err(storage)?;
-        value
-            .map(|v| decode_record(key.as_bytes(), v.value()).map(|(_, r)| r))
-            .transpose()
+        stored(&txn.open_table(RECORDS).map_err(storage)?, key)
     }
 
     /// Up to `limit` applied records whose keys start with `prefix`, after `start_after`.
@@ -161,17 +166,7 @@ fn apply_command(
     // A clock that starts fresh for every entry: the stamps depend on the stored records and
     // the proposal time only.
     let mut hlc = HybridClock::new(stamp.clone(), u64::MAX);
-    let results = prepare_batch(
-        |key| {
-            let value = records.get(key.as_bytes()).map_err(storage)?;
-            value
-                .map(|v| decode_record(key.as_bytes(), v.value()).map(|(_, r)| r))
-                .transpose()
-        },
-        &mut hlc,
-        at_ms,
-        &writes,
-    )?;
+    let results = prepare_batch(|key| stored(records, key), &mut hlc, at_ms, &writes)?;
     for (key, record) in &results {
         records
             .insert(key.as_bytes(), codec::encode(record).as_slice())

@@ -118,10 +118,7 @@ pub(crate) fn decode(key: &Key, bytes: &[u8]) -> Result<Record, EngineError> {
     })
 }
 
-/// [`decode`] for a value that may be missing.
-pub(crate) fn decode_stored(
-    key: &Key,
-    bytes: Option<&[u8]>,
-) -> Result<Option<Record>, EngineError> {
+/// Decodes the stored bytes of `key`, if any, naming the key if they are not a record.
+pub fn decode_stored(key: &Key, bytes: Option<&[u8]>) -> Result<Option<Record>, EngineError> {
     bytes.map(|bytes| decode(key, bytes)).transpose()
 }

@@ -141,7 +141,6 @@ pub enum EngineError {
         /// What, and what to use instead.
         detail: String,
     },
-    /// The engine has shut down.
     /// The write's answer was lost (a leader change, a timeout after sending it): it may or
     /// may not have been applied. Reading the key tells which.
     #[error("{backend}: the write's outcome is unknown ({detail}); it may have been applied")]
@@ -151,6 +150,7 @@ pub enum EngineError {
         /// What happened.
         detail: String,
     },
+    /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,
     /// A broken internal invariant (a bug); reported instead of panicking.

@@ -293,6 +293,12 @@ impl Storage {
         out
     }
 
+    /// The engine that serves `collection`: the node's record endpoints use it, so a key has
+    /// one path whichever API reaches it.
+    pub(crate) fn engine_of(&self, collection: &str) -> &Instrumented<AnyEngine> {
+        &self.inner.routes.get(collection).engine
+    }
+
     /// Settings and guarantee of a collection.
     pub fn plan(&self, collection: &str) -> CollectionPlan {
         let mut plan = self.inner.routes.get(collection).plan.clone();

@@ -55,10 +55,8 @@ impl Routes {
             clock,
             metrics: metrics.clone(),
             opened: HashMap::new(),
-            with_raft: false,
+            in_cluster: cluster.is_some(),
         };
-        let in_cluster = cluster.is_some();
-        let mut with_raft = false;
         if let Some(cluster) = cluster {
             let mut add = |instance, engine: Arc<dyn DynEngine>| {
                 let engine = AnyEngine::Dyn(engine);
@@ -69,29 +67,16 @@ impl Routes {
             add(Instance::Local, cluster.leaderless);
             if let Some(strong) = cluster.strong {
                 add(Instance::Raft, strong);
-                with_raft = true;
             }
         }
-        engines.with_raft = with_raft;
-        let plan = |name: &str| {
-            let mut plan = config.plan(name);
-            if plan.backend == Backend::Local && in_cluster {
-                plan.guarantee = if with_raft && plan.consistency > ConsistencyLevel::Eventual {
-                    config.raft_guarantee()
-                } else {
-                    config.cluster_guarantee()
-                };
-            }
-            plan
-        };
-        let default = plan("");
+        let default = engines.plan("");
         let default = Route {
             engine: engines.for_plan(&default).await?,
             plan: default,
         };
         let mut named = HashMap::new();
         for name in config.collections.keys() {
-            let plan = plan(name);
+            let plan = engines.plan(name);
             let engine = engines.for_plan(&plan).await?;
             named.insert(plan.name.clone(), Route { plan, engine });
         }
@@ -123,14 +108,30 @@ struct Engines<'a> {
     clock: Arc<NodeClock>,
     metrics: EngineMetrics,
     opened: HashMap<Instance, Instrumented<AnyEngine>>,
-    /// Whether causal and strong `local` collections go to a Raft group.
-    with_raft: bool,
+    /// Whether the `local` collections live in a cluster.
+    in_cluster: bool,
 }
 
 impl Engines<'_> {
-    async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<Instrumented<AnyEngine>> {
-        let instance = match plan.backend {
-            Backend::Local if self.with_raft && plan.consistency > ConsistencyLevel::Eventual => {
+    /// The plan of `collection`, with the guarantee of the engine that will serve it.
+    fn plan(&self, collection: &str) -> CollectionPlan {
+        let mut plan = self.config.plan(collection);
+        match self.instance(&plan) {
+            Instance::Raft => plan.guarantee = self.config.raft_guarantee(),
+            Instance::Local if self.in_cluster => plan.guarantee = self.config.cluster_guarantee(),
+            _ => {}
+        }
+        plan
+    }
+
+    /// The engine instance a plan needs. In a cluster with a Raft group, causal and strong
+    /// `local` collections go to the group.
+    fn instance(&self, plan: &CollectionPlan) -> Instance {
+        match plan.backend {
+            Backend::Local
+                if plan.consistency > ConsistencyLevel::Eventual
+                    && self.opened.contains_key(&Instance::Raft) =>
+            {
                 Instance::Raft
             }
             Backend::Local => Instance::Local,
@@ -141,7 +142,11 @@ impl Engines<'_> {
                     .is_some(),
             },
             Backend::Supabase => Instance::Postgres,
-        };
+        }
+    }
+
+    async fn for_plan(&mut self, plan: &CollectionPlan) -> Result<Instrumented<AnyEngine>> {
+        let instance = self.instance(plan);
         if let Some(engine) = self.opened.get(&instance) {
             return Ok(engine.clone());
         }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine};
-use agentstore_core::config::{Backend, Config};
+use agentstore_core::config::Config;
 use agentstore_core::{ConsistencyLevel, Key, codec};
-use agentstore_engine::{DynEngine, EngineError, LocalEngine, NodeClock, Write};
+use agentstore_engine::{Engine, EngineError, LocalEngine, NodeClock, Write};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -147,7 +147,6 @@ fn parse_key(key: &str) -> Result<Key, ApiError> {
 struct Api {
     storage: Storage,
     node: Arc<Node>,
-    engine: ClusterEngine,
     /// The node's member of the Raft group (strong and causal collections).
     strong: StrongEngine,
     /// Notified once the node has left the cluster: the server stops.
@@ -318,23 +317,9 @@ fn octets(bytes: Vec<u8>) -> Response {
         .into_response()
 }
 
-impl Api {
-    /// The engine that holds `key`'s collection in this cluster: the Raft group for the
-    /// causal and strong `local` collections, leaderless replication for the others (one key,
-    /// one path).
-    fn engine_of(&self, collection: &str) -> &dyn DynEngine {
-        let plan = self.storage.plan(collection);
-        if plan.backend == Backend::Local && plan.consistency > ConsistencyLevel::Eventual {
-            &self.strong
-        } else {
-            &self.engine
-        }
-    }
-}
-
 async fn get_record(State(api): State<Api>, Path(key): Path<String>) -> Answer {
     let key = parse_key(&key)?;
-    let engine = api.engine_of(key.collection());
+    let engine = api.storage.engine_of(key.collection());
     match engine.get(&key).await.map_err(engine_error)? {
         Some(record) => Ok(octets(codec::encode(&record))),
         None => Err(not_found(&key.to_string())),
@@ -350,6 +335,7 @@ async fn apply_record(
     let mutation = agentstore_wire::decode_mutation(&body)
         .map_err(|e| invalid_body(&format!("not an encoded mutation: {e}")))?;
     let mut records = api
+        .storage
         .engine_of(key.collection())
         .commit(vec![Write::new(key, mutation)])
         .await
@@ -374,6 +360,7 @@ async fn scan_records(State(api): State<Api>, Query(query): Query<RecordScanQuer
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let collection = prefix.split(':').next().unwrap_or_default();
     let entries = api
+        .storage
         .engine_of(collection)
         .scan(prefix.as_bytes(), after.as_ref(), limit)
         .await
@@ -580,12 +567,9 @@ pub async fn run(
         request_timeout: STRONG_TIMEOUT,
     };
     let strong = StrongEngine::start(strong_config, node.transport().clone()).await?;
-    let storage = Storage::with_cluster_and_raft(
-        config.clone(),
-        Arc::new(engine.clone()),
-        Arc::new(strong.clone()),
-    )
-    .await?;
+    let storage =
+        Storage::with_cluster_and_raft(config.clone(), Arc::new(engine), Arc::new(strong.clone()))
+            .await?;
     tracing::info!(
         node = %config.node_id,
         clients = %cluster.client_addr,
@@ -597,7 +581,6 @@ pub async fn run(
     let api = Api {
         storage,
         node: Arc::clone(&node),
-        engine,
         strong: strong.clone(),
         left: Arc::clone(&left),
     };
