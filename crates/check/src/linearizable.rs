@@ -40,6 +40,12 @@ pub trait Model {
     ) -> Option<Self::State>;
 }
 
+/// An operation of `M`'s object.
+pub type OperationOf<M> = Operation<<M as Model>::Input, <M as Model>::Output>;
+
+/// An operation of `M`'s object on key `K`.
+pub type Keyed<K, M> = (K, OperationOf<M>);
+
 /// How an operation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome<O> {
@@ -295,17 +301,14 @@ impl<K: fmt::Debug> fmt::Display for Failure<K> {
 
 /// Checks a history of many keys, key by key (linearizability is local: the whole history is
 /// linearizable exactly when each key's is).
-pub fn check_per_key<K, M>(
-    model: &M,
-    history: &[(K, Operation<M::Input, M::Output>)],
-) -> Result<Checked, Box<Failure<K>>>
+pub fn check_per_key<K, M>(model: &M, history: &[Keyed<K, M>]) -> Result<Checked, Box<Failure<K>>>
 where
     K: Ord + Clone + fmt::Debug,
     M: Model,
     M::Input: Clone,
     M::Output: Clone,
 {
-    let mut by_key: std::collections::BTreeMap<&K, Vec<Operation<M::Input, M::Output>>> =
+    let mut by_key: std::collections::BTreeMap<&K, Vec<OperationOf<M>>> =
         std::collections::BTreeMap::new();
     for (key, op) in history {
         by_key.entry(key).or_default().push(op.clone());

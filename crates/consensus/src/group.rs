@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use agentstore_core::{Key, Record, codec};
-use agentstore_engine::{EngineError, Write};
+use agentstore_engine::{EngineError, PhysicalClock, SystemClock, Write};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -59,6 +59,10 @@ pub struct GroupConfig {
     /// up from the log instead of a whole snapshot (and it avoids a snapshot/purge race in
     /// openraft, #2116).
     pub kept_behind_snapshot: u64,
+    /// The physical clock that stamps the writes this member proposes. Safety does not
+    /// depend on it: entries apply in log order and each stamp follows the key's previous
+    /// one whatever the clock says, so a skewed proposer only skews the stamps.
+    pub clock: Arc<dyn PhysicalClock>,
 }
 
 impl GroupConfig {
@@ -79,6 +83,7 @@ impl GroupConfig {
             election_timeout: Duration::from_millis(500),
             snapshot_every: 10_000,
             kept_behind_snapshot: 1000,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -177,12 +182,7 @@ struct Inner {
     rpc: Arc<dyn Rpc>,
     timeout: Duration,
     leader_changes: Arc<AtomicU64>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    clock: Arc<dyn PhysicalClock>,
 }
 
 fn storage(err: impl std::fmt::Display) -> GroupError {
@@ -244,6 +244,7 @@ impl Group {
                 state,
                 rpc,
                 timeout: config.request_timeout,
+                clock: Arc::clone(&config.clock),
                 leader_changes,
             }),
         };
@@ -294,7 +295,7 @@ impl Group {
 
     /// Applies `writes` atomically through the log; returns the record of each write.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Record>, GroupError> {
-        let command = Command(encode_command(now_ms(), &writes));
+        let command = Command(encode_command(self.inner.clock.now_ms(), &writes));
         let request = Request::Propose(command.clone());
         let applied = self
             .at_leader(
@@ -460,7 +461,9 @@ impl Group {
                     "the entry was discarded by a leader change ({forward})"
                 )))
             }
-            Err(err) => Err(Refusal::Failed(err.to_string())),
+            // Anything else (a storage failure, a stopping member) may come after the entry
+            // was appended: retrying could apply it twice.
+            Err(err) => Err(Refusal::Indeterminate(err.to_string())),
         }
     }
 

@@ -2,151 +2,16 @@
 //! cut members off: elections, forwarding, linearizable reads, atomic batches, compare-and-set,
 //! fencing, leader loss, restart from files, snapshots and learners.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use agentstore_consensus::{
-    Group, GroupConfig, GroupError, MemberId, ReadLevel, Rpc, RpcError, RpcFuture,
-};
+use agentstore_consensus::{Group, GroupConfig, GroupError, ReadLevel};
 use agentstore_core::record::{Expect, Mutation, Value};
-use agentstore_core::{Key, Record};
 use agentstore_engine::{EngineError, Fence, Write};
 
-/// Members by id; a member missing from the map (or cut) is unreachable.
-#[derive(Debug, Default)]
-struct Switchboard {
-    members: Mutex<BTreeMap<MemberId, Group>>,
-    cut: Mutex<BTreeSet<MemberId>>,
-}
+mod common;
 
-#[derive(Debug)]
-struct MemRpc {
-    from: MemberId,
-    board: Arc<Switchboard>,
-}
-
-impl Rpc for MemRpc {
-    fn call(&self, to: &MemberId, _addr: &str, request: Vec<u8>, timeout: Duration) -> RpcFuture {
-        let board = Arc::clone(&self.board);
-        let (from, to) = (self.from.clone(), to.clone());
-        Box::pin(async move {
-            let reachable = {
-                let cut = board.cut.lock().unwrap();
-                !cut.contains(&from) && !cut.contains(&to)
-            };
-            let target = board.members.lock().unwrap().get(&to).cloned();
-            match target {
-                Some(group) if reachable => Ok(group.serve(&request).await),
-                _ => {
-                    tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
-                    Err(RpcError::Unreachable(to.0))
-                }
-            }
-        })
-    }
-}
-
-struct Cluster {
-    board: Arc<Switchboard>,
-    dirs: BTreeMap<MemberId, tempfile::TempDir>,
-    voters: BTreeMap<MemberId, String>,
-}
-
-fn id(s: &str) -> MemberId {
-    MemberId::from(s)
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s.as_bytes()).unwrap()
-}
-
-fn put(k: &str, v: &str) -> Write {
-    Write::new(key(k), Mutation::Put(v.as_bytes().to_vec()))
-}
-
-fn value(record: &Option<Record>) -> Option<String> {
-    match record.as_ref().map(|r| &r.value) {
-        Some(Value::Register(Some(bytes))) => Some(String::from_utf8(bytes.to_vec()).unwrap()),
-        _ => None,
-    }
-}
-
-impl Cluster {
-    async fn new(names: &[&str], snapshot_every: u64) -> Self {
-        let voters: BTreeMap<MemberId, String> =
-            names.iter().map(|n| (id(n), format!("mem:{n}"))).collect();
-        let mut cluster = Cluster {
-            board: Arc::default(),
-            dirs: BTreeMap::new(),
-            voters,
-        };
-        for name in names {
-            cluster.dirs.insert(id(name), tempfile::tempdir().unwrap());
-            cluster.start(name, snapshot_every).await;
-        }
-        cluster
-    }
-
-    async fn start(&self, name: &str, snapshot_every: u64) -> Group {
-        let member = id(name);
-        let mut config = GroupConfig::new(
-            member.clone(),
-            format!("mem:{name}"),
-            self.dirs[&member].path().to_owned(),
-            self.voters.clone(),
-        );
-        config.snapshot_every = snapshot_every;
-        config.kept_behind_snapshot = 0;
-        config.request_timeout = Duration::from_secs(5);
-        let rpc = Arc::new(MemRpc {
-            from: member.clone(),
-            board: Arc::clone(&self.board),
-        });
-        let group = Group::start(config, rpc).await.unwrap();
-        self.board
-            .members
-            .lock()
-            .unwrap()
-            .insert(member, group.clone());
-        group
-    }
-
-    fn group(&self, name: &str) -> Group {
-        self.board.members.lock().unwrap()[&id(name)].clone()
-    }
-
-    async fn stop(&self, name: &str) {
-        let group = self.board.members.lock().unwrap().remove(&id(name));
-        if let Some(group) = group {
-            group.shutdown().await;
-        }
-    }
-
-    /// Waits until some member leads and every running voter knows it; returns its name.
-    async fn leader(&self) -> String {
-        for _ in 0..200 {
-            let groups: Vec<Group> = self
-                .board
-                .members
-                .lock()
-                .unwrap()
-                .values()
-                .cloned()
-                .collect();
-            let statuses: Vec<_> = groups.iter().map(Group::status).collect();
-            if let Some(leader) = statuses.iter().find(|s| s.state == "leader")
-                && statuses
-                    .iter()
-                    .all(|s| s.leader.as_deref() == Some(leader.id.as_str()))
-            {
-                return leader.id.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no leader elected in 10 s");
-    }
-}
+use common::{Cluster, MemRpc, id, key, put, value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_any_member_is_read_linearizably_everywhere() {
@@ -309,7 +174,7 @@ async fn concurrent_increments_are_exact_across_a_leader_loss_and_a_restart() {
         acknowledged += 1;
     }
     // The old leader restarts from its files and catches up.
-    let restarted = cluster.start(&leader, 10_000).await;
+    let restarted = cluster.start(&leader).await;
     cluster.leader().await;
     let total = restarted
         .read(&key("bank:total"), ReadLevel::Linearizable)
@@ -378,7 +243,9 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
     assert_eq!(learner.status().learners, vec!["d".to_string()]);
 
     // Cut the leader off: alone it cannot commit, and says so (typed, never a success).
-    cluster.board.cut.lock().unwrap().insert(id(&leader));
+    let mut everyone = cluster.ids();
+    everyone.push(id("d"));
+    cluster.board.isolate(&id(&leader), &everyone);
     let refused = cluster
         .group(&leader)
         .write(vec![put("log:minority", "x")])
@@ -391,7 +258,7 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
         "{refused:?}"
     );
     // Healed, the group has one leader again and serves.
-    cluster.board.cut.lock().unwrap().clear();
+    cluster.board.heal();
     let leader = cluster.leader().await;
     cluster
         .group(&leader)

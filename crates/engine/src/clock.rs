@@ -8,7 +8,7 @@ use agentstore_core::{HybridClock, NodeId};
 
 /// A source of physical time in milliseconds since the Unix epoch. Tests and the simulator
 /// inject skewed or frozen clocks through this.
-pub trait PhysicalClock: Send + Sync + 'static {
+pub trait PhysicalClock: Send + Sync + fmt::Debug + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
 }

@@ -50,6 +50,7 @@ async fn acknowledged_writes_are_there_after_reopen() {
 #[tokio::test]
 async fn writes_after_reopen_supersede_older_ones_even_if_the_clock_went_back() {
     let dir = tempfile::tempdir().unwrap();
+    #[derive(Debug)]
     struct Frozen(u64);
     impl agentstore_engine::PhysicalClock for Frozen {
         fn now_ms(&self) -> u64 {
