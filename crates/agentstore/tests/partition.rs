@@ -37,9 +37,11 @@ struct Network {
 }
 
 impl Network {
-    fn new(nodes: usize) -> Self {
-        let tag = format!("as{}", std::process::id() % 100_000);
-        let subnet = 20 + (std::process::id() % 200) as u8;
+    /// A network for test number `test` (tests of one process get distinct names).
+    fn new(nodes: usize, test: u32) -> Self {
+        let run = std::process::id() * 2 + test;
+        let tag = format!("as{}", run % 100_000);
+        let subnet = 20 + (run % 200) as u8;
         let network = Self { tag, subnet };
         let bridge = format!("{}br", network.tag);
         ip(None, &format!("link add {bridge} type bridge"));
@@ -128,7 +130,8 @@ impl Drop for NodeProcess {
     }
 }
 
-fn start(network: &Network, dir: &Path, i: usize) -> (NodeProcess, SocketAddr) {
+/// Starts node `i` (1-3) in its namespace with `collections` (a YAML `  collections:` block).
+fn start(network: &Network, dir: &Path, i: usize, collections: &str) -> (NodeProcess, SocketAddr) {
     let names = ["node-a", "node-b", "node-c"];
     let name = names[i - 1];
     let peers: String = (1..=3)
@@ -136,7 +139,7 @@ fn start(network: &Network, dir: &Path, i: usize) -> (NodeProcess, SocketAddr) {
         .map(|j| format!("      {}: {}:7101\n", names[j - 1], network.addr(j)))
         .collect();
     let yaml = format!(
-        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n  collections:\n    hits:\n      conflict: pn_counter\n    docs:\n      conflict: multi_value\n  cluster:\n    client_addr: {addr}:7001\n    peer_addr: {addr}:7101\n    peers:\n{peers}",
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {addr}:7001\n    peer_addr: {addr}:7101\n    peers:\n{peers}",
         dir.join(name).display(),
         addr = network.addr(i),
     );
@@ -184,8 +187,9 @@ fn metric(client: SocketAddr, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[test]
-fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_the_heal() {
+/// Whether namespaces can be made here (root); without, says so, or fails under
+/// `AGENTSTORE_REQUIRE_NETNS`.
+fn namespaces_available() -> bool {
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -196,14 +200,23 @@ fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_th
             "AGENTSTORE_REQUIRE_NETNS is set but this test needs root for network namespaces"
         );
         eprintln!("skipped: network namespaces need root");
+    }
+    root
+}
+
+const LEADERLESS: &str = "  collections:\n    hits:\n      conflict: pn_counter\n    docs:\n      conflict: multi_value\n";
+
+#[test]
+fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_the_heal() {
+    if !namespaces_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let network = Network::new(3);
+    let network = Network::new(3, 0);
     let mut nodes = Vec::new();
     let mut clients = Vec::new();
     for i in 1..=3 {
-        let (process, client) = start(&network, dir.path(), i);
+        let (process, client) = start(&network, dir.path(), i, LEADERLESS);
         nodes.push(process);
         clients.push(client);
     }
@@ -318,5 +331,103 @@ fn a_partitioned_minority_refuses_quorum_work_and_the_cluster_converges_after_th
     });
     let (status, body) = http(c, "GET", "/v1/keys/notes:before", "");
     assert_eq!(status, 200, "node-c serves reads again: {body}");
+    drop(nodes);
+}
+
+const STRONG: &str = "  collections:\n    agent:\n      consistency: strong\n    bank:\n      consistency: strong\n      conflict: pn_counter\n";
+
+/// The index of the node every node names as the Raft leader, if they agree.
+fn raft_leader(clients: &[SocketAddr]) -> Option<usize> {
+    let leaders: Vec<Json> = clients
+        .iter()
+        .map(|c| json(&http(*c, "GET", "/v1/status", "").1)["raft"]["leader"].clone())
+        .collect();
+    let name = leaders[0].as_str()?;
+    if leaders.iter().any(|l| l.as_str() != Some(name)) {
+        return None;
+    }
+    ["node-a", "node-b", "node-c"]
+        .iter()
+        .position(|n| *n == name)
+}
+
+#[test]
+fn a_cut_off_raft_leader_is_replaced_and_histories_stay_linearizable() {
+    if !namespaces_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let network = Network::new(3, 1);
+    let mut nodes = Vec::new();
+    let mut clients = Vec::new();
+    for i in 1..=3 {
+        let (process, client) = start(&network, dir.path(), i, STRONG);
+        nodes.push(process);
+        clients.push(client);
+    }
+    let mut old = None;
+    eventually("a Raft leader", || {
+        old = raft_leader(&clients);
+        old.map(|_| ())
+            .ok_or_else(|| "no agreed leader".to_string())
+    });
+    let old = old.unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+
+    let histories = Default::default();
+    let acknowledged = common::history::load_while(&clients, 3, &histories, || {
+        std::thread::sleep(Duration::from_millis(700));
+        // The leader is cut off from both followers; the test still reaches everyone.
+        for j in &others {
+            network.cut(old + 1, j + 1, false);
+        }
+        eventually("the majority elects a new leader", || {
+            let majority: Vec<SocketAddr> = others.iter().map(|i| clients[*i]).collect();
+            match raft_leader(&majority) {
+                Some(new) if new != old => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        eventually("the majority commits", || {
+            match http(
+                clients[others[0]],
+                "PUT",
+                "/v1/keys/agent:probe",
+                "\"majority\"",
+            ) {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status} {body}")),
+            }
+        });
+        // Alone, the old leader commits nothing: a typed refusal, never a success.
+        let (status, body) = http(clients[old], "PUT", "/v1/keys/agent:probe", "\"minority\"");
+        let code = json(&body)["error"]["code"].clone();
+        assert!(
+            status == 503 && (code == "unavailable" || code == "indeterminate"),
+            "{status} {body}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        for j in &others {
+            network.cut(old + 1, j + 1, true);
+        }
+        eventually("the healed group agrees on a leader", || {
+            raft_leader(&clients)
+                .map(|_| ())
+                .ok_or_else(|| "no agreed leader".into())
+        });
+        std::thread::sleep(Duration::from_millis(700));
+    });
+    common::history::final_reads(&clients, &histories);
+    let summary = common::history::check(&histories);
+    println!("{summary}, {acknowledged} acknowledged writes");
+    let (status, body) = http(clients[old], "GET", "/v1/keys/agent:probe", "");
+    assert!(
+        status == 200 && json(&body)["value"] == "majority",
+        "{status} {body}"
+    );
+    assert!(
+        acknowledged >= 20,
+        "only {acknowledged} writes acknowledged"
+    );
     drop(nodes);
 }

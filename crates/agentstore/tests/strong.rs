@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{NodeProcess, cluster, http};
+use common::{NodeProcess, cluster, history, http};
 use serde_json::Value as Json;
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,11 @@ fn add(node: &NodeProcess) -> (u16, String) {
 }
 
 fn total(node: &NodeProcess) -> i64 {
-    let (code, body) = http(node.client, "GET", "/v1/keys/bank:total", "").unwrap();
+    total_of(node, "bank:total")
+}
+
+fn total_of(node: &NodeProcess, key: &str) -> i64 {
+    let (code, body) = http(node.client, "GET", &format!("/v1/keys/{key}"), "").unwrap();
     assert_eq!(code, 200, "{body}");
     let body: Json = serde_json::from_str(&body).unwrap();
     body["value"]
@@ -163,4 +167,50 @@ fn strong_collections_survive_a_killed_and_a_paused_leader() {
     for node in &nodes {
         assert_eq!(total(node), counted, "every node reads the same count");
     }
+}
+
+#[test]
+fn histories_through_killed_and_paused_leaders_are_linearizable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
+    leader(&nodes);
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.client).collect();
+    let histories = Default::default();
+    let mut faults = Vec::new();
+    let acknowledged = history::load_while(&addrs, 4, &histories, || {
+        for round in 0..4 {
+            std::thread::sleep(Duration::from_millis(700));
+            let victim = leader(&nodes);
+            if round % 2 == 0 {
+                faults.push(format!("SIGKILL node {victim}"));
+                nodes[victim].signal("-KILL");
+                std::thread::sleep(Duration::from_millis(1500));
+                nodes[victim].start();
+            } else {
+                faults.push(format!("SIGSTOP node {victim} for 2 s"));
+                let pid = nodes[victim].child.as_ref().unwrap().id().to_string();
+                for signal in ["-STOP", "-CONT"] {
+                    std::process::Command::new("kill")
+                        .args([signal, &pid])
+                        .status()
+                        .unwrap();
+                    if signal == "-STOP" {
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    });
+    leader(&nodes);
+    history::final_reads(&addrs, &histories);
+    let summary = history::check(&histories);
+    println!(
+        "{summary}, {acknowledged} acknowledged writes; faults: {}",
+        faults.join(", ")
+    );
+    assert!(
+        acknowledged >= 50,
+        "only {acknowledged} writes acknowledged"
+    );
 }

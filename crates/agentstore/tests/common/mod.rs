@@ -2,6 +2,8 @@
 // Each test binary uses some of these helpers, none uses all.
 #![allow(dead_code)]
 
+pub(crate) mod history;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
