@@ -104,6 +104,77 @@ fn strong_collections_survive_a_killed_and_a_paused_leader() {
         assert!(body.contains(r#""value":{"name":"ada"}"#), "{body}");
     }
 
+    // A stale read answers from the node's own copy (it has caught up by now, or soon).
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, body) = http(
+                node.client,
+                "GET",
+                "/v1/keys/agent:identity:123?stale=true",
+                "",
+            )
+            .unwrap();
+            if code == 200 && body.contains(r#""value":{"name":"ada"}"#) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stale read never caught up: {code} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (code, body) = http(
+        nodes[0].client,
+        "GET",
+        "/v1/keys/agent:identity:123?stale=true&consistency=strong",
+        "",
+    )
+    .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("invalid_query"), "{body}");
+
+    // Compare-and-set through the log: the version a read returned wins once.
+    let (_, body) = http(nodes[2].client, "GET", "/v1/keys/agent:identity:123", "").unwrap();
+    let version = serde_json::from_str::<Json>(&body).unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cas = |node: &NodeProcess, condition: &str, value: &str| {
+        http(
+            node.client,
+            "PUT",
+            &format!("/v1/keys/agent:identity:123?if_version={condition}"),
+            value,
+        )
+        .unwrap()
+    };
+    let (code, body) = cas(&nodes[1], &version, r#"{"name":"ada","key":"k2"}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = cas(&nodes[2], &version, r#"{"name":"mallory"}"#);
+    assert_eq!(
+        (code, body.contains("version_mismatch")),
+        (409, true),
+        "{body}"
+    );
+    let (code, body) = cas(&nodes[0], "absent", r#"{"name":"mallory"}"#);
+    assert_eq!(
+        (code, body.contains("version_mismatch")),
+        (409, true),
+        "{body}"
+    );
+    let (code, body) = http(
+        nodes[0].client,
+        "PUT",
+        "/v1/keys/agent:new?if_version=absent",
+        r#"{"name":"eve"}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "created when absent: {body}");
+    let (_, body) = http(nodes[0].client, "GET", "/v1/keys/agent:identity:123", "").unwrap();
+    assert!(body.contains("k2"), "{body}");
+
     // Increments from every node are exact.
     let mut acknowledged = 0;
     for node in &nodes {

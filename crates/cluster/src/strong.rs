@@ -316,6 +316,15 @@ impl DynEngine for StrongEngine {
         })
     }
 
+    fn get_stale<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
+        Box::pin(async move {
+            self.group
+                .read(key, ReadLevel::Stale)
+                .await
+                .map_err(group_error)
+        })
+    }
+
     fn scan<'a>(
         &'a self,
         prefix: &'a [u8],

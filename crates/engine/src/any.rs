@@ -19,6 +19,10 @@ pub trait DynEngine: std::fmt::Debug + Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// See [`Engine::get`].
     fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>>;
+    /// See [`Engine::get_stale`].
+    fn get_stale<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
+        self.get(key)
+    }
     /// See [`Engine::scan`].
     fn scan<'a>(
         &'a self,
@@ -76,6 +80,10 @@ macro_rules! dispatch {
 impl Engine for AnyEngine {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
         dispatch!(self, engine => engine.get(key).await)
+    }
+
+    async fn get_stale(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        dispatch!(self, engine => engine.get_stale(key).await)
     }
 
     async fn scan(

@@ -129,6 +129,16 @@ pub trait Engine: Send + Sync + 'static {
     /// The stored record of `key`, tombstones included.
     fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, EngineError>> + Send;
 
+    /// The record of `key` as this node has it, which may lag behind the latest write where
+    /// the engine replicates through a leader (a follower read of a Raft group). Engines
+    /// without such a cheaper read answer as [`Engine::get`] does.
+    fn get_stale(
+        &self,
+        key: &Key,
+    ) -> impl Future<Output = Result<Option<Record>, EngineError>> + Send {
+        self.get(key)
+    }
+
     /// Up to `limit` records whose keys start with `prefix`, in key order, starting after
     /// `start_after` when given (for paging).
     fn scan(

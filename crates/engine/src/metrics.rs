@@ -154,6 +154,13 @@ impl<E: Engine> Engine for Instrumented<E> {
         result
     }
 
+    async fn get_stale(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.get_stale(key).await;
+        self.observe(0, "get", started, &result);
+        result
+    }
+
     async fn scan(
         &self,
         prefix: &[u8],

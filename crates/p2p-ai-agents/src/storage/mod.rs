@@ -151,6 +151,13 @@ struct Call<'a> {
     level: ConsistencyLevel,
 }
 
+/// Whether a read must see the latest write or may read this node's copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    Latest,
+    Stale,
+}
+
 impl Storage {
     /// Opens the store described by `config`: the local engine in the configured data
     /// directory (see [`default_data_dir`]) if any collection uses it, and connections to Redis
@@ -439,7 +446,9 @@ impl Storage {
 
     /// Reads a value at the collection's level.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        self.read_value(key, None).await.map(|v| v.map(|v| v.value))
+        self.read_value(key, None, Freshness::Latest)
+            .await
+            .map(|v| v.map(|v| v.value))
     }
 
     /// Reads a value at `level` or the collection's level, whichever is stronger.
@@ -448,7 +457,7 @@ impl Storage {
         key: &str,
         level: ConsistencyLevel,
     ) -> Result<Option<T>> {
-        self.read_value(key, Some(level))
+        self.read_value(key, Some(level), Freshness::Latest)
             .await
             .map(|v| v.map(|v| v.value))
     }
@@ -458,7 +467,7 @@ impl Storage {
         &self,
         key: &str,
     ) -> Result<Option<Versioned<T>>> {
-        self.read_value(key, None).await
+        self.read_value(key, None, Freshness::Latest).await
     }
 
     /// Reads a value with its version at `level` or the collection's level, whichever is
@@ -468,17 +477,30 @@ impl Storage {
         key: &str,
         level: ConsistencyLevel,
     ) -> Result<Option<Versioned<T>>> {
-        self.read_value(key, Some(level)).await
+        self.read_value(key, Some(level), Freshness::Latest).await
+    }
+
+    /// Reads a value with its version as this node has it: on a strong collection in a
+    /// cluster, a follower's copy without a round trip to the leader, which may miss the
+    /// latest writes (never a value that was not written, and never one older than this node
+    /// showed before). Elsewhere the same as [`Storage::get_versioned`]. Asking for it is the
+    /// only way to get a weaker read than the collection's level.
+    pub async fn get_stale<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Versioned<T>>> {
+        self.read_value(key, None, Freshness::Stale).await
     }
 
     async fn read_value<T: DeserializeOwned>(
         &self,
         key: &str,
         level: Option<ConsistencyLevel>,
+        freshness: Freshness,
     ) -> Result<Option<Versioned<T>>> {
         traced("get", key, async move {
             let call = self.call(key, level)?;
-            let record = call.engine.get(&call.key).await?;
+            let record = match freshness {
+                Freshness::Latest => call.engine.get(&call.key).await?,
+                Freshness::Stale => call.engine.get_stale(&call.key).await?,
+            };
             let decode_error = |source| StorageError::Deserialize {
                 key: call.key.to_string(),
                 source,

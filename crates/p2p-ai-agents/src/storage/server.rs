@@ -129,6 +129,10 @@ fn invalid_body(what: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", what)
 }
 
+fn invalid_query(what: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", what)
+}
+
 fn not_found(key: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -158,6 +162,10 @@ struct Api {
 struct KeyQuery {
     consistency: Option<ConsistencyLevel>,
     context: Option<String>,
+    /// `true`: this node's copy (a follower read on a strong collection).
+    stale: Option<bool>,
+    /// Compare-and-set: write only if the key is at this version (`absent`: has no value).
+    if_version: Option<String>,
 }
 
 fn context(query: &KeyQuery) -> Result<Option<Version>, ApiError> {
@@ -186,6 +194,12 @@ async fn get_key(
     let body = match storage.plan(&collection).conflict {
         S::Register => {
             let read = match query.consistency {
+                Some(_) if query.stale == Some(true) => {
+                    return Err(invalid_query(
+                        "stale=true asks for less than any consistency=",
+                    ));
+                }
+                None if query.stale == Some(true) => storage.get_stale::<Json>(&key).await,
                 Some(level) => {
                     storage
                         .get_versioned_with_consistency::<Json>(&key, level)
@@ -227,6 +241,23 @@ async fn put_key(
         // A multi-value write replaces the siblings its context names; no context adds one.
         let context = context(&query)?.unwrap_or_default();
         storage.set_with_context(&key, value, &context).await?
+    } else if let Some(expected) = &query.if_version {
+        if query.consistency.is_some() {
+            return Err(invalid_query(
+                "if_version= writes at the collection's level; drop consistency=",
+            ));
+        }
+        let expected = match expected.as_str() {
+            "absent" => None,
+            version => Some(
+                version
+                    .parse::<Version>()
+                    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_version", e))?,
+            ),
+        };
+        storage
+            .compare_and_set(&key, value, expected.as_ref())
+            .await?
     } else {
         match query.consistency {
             Some(level) => storage.set_with_consistency(&key, value, level).await?,
