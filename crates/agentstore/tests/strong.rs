@@ -8,7 +8,7 @@ use common::{NodeProcess, cluster, history, http};
 use serde_json::Value as Json;
 use std::time::{Duration, Instant};
 
-const COLLECTIONS: &str = "  collections:\n    agent:\n      consistency: strong\n    bank:\n      consistency: strong\n      conflict: pn_counter\n";
+const COLLECTIONS: &str = "  collections:\n    agent:\n      consistency: strong\n    bank:\n      consistency: strong\n      conflict: pn_counter\n    accounts:\n      consistency: strong\n";
 
 fn status(node: &NodeProcess) -> Option<Json> {
     let (code, body) = http(node.client, "GET", "/v1/status", "").ok()?;
@@ -284,4 +284,125 @@ fn histories_through_killed_and_paused_leaders_are_linearizable() {
         acknowledged >= 50,
         "only {acknowledged} writes acknowledged"
     );
+}
+
+/// A balance and the version it was read at.
+fn balance(node: std::net::SocketAddr, account: u64) -> Option<(i64, String)> {
+    match http(node, "GET", &format!("/v1/keys/accounts:{account}"), "") {
+        Ok((200, body)) => {
+            let body: Json = serde_json::from_str(&body).ok()?;
+            Some((
+                body["value"].as_i64()?,
+                body["version"].as_str()?.to_owned(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn bank_transfers_in_transactions_keep_the_total_through_a_killed_leader() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const ACCOUNTS: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
+    leader(&nodes);
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.client).collect();
+    let open: Vec<String> = (0..ACCOUNTS)
+        .map(|a| format!(r#"{{"key":"accounts:{a}","set":100}}"#))
+        .collect();
+    let (code, body) = http(
+        addrs[0],
+        "POST",
+        "/v1/transactions",
+        &format!(r#"{{"writes":[{}]}}"#, open.join(",")),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    let stop = AtomicBool::new(false);
+    let (done, unknown, audits) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    std::thread::scope(|scope| {
+        for worker in 0..3u64 {
+            let (addrs, stop, done, unknown) = (&addrs, &stop, &done, &unknown);
+            scope.spawn(move || {
+                let mut rng = agentstore_sim::Rng::new(worker + 11);
+                while !stop.load(Ordering::Relaxed) {
+                    let node = addrs[rng.below(3) as usize];
+                    let from = rng.below(ACCOUNTS);
+                    let to = (from + 1 + rng.below(ACCOUNTS - 1)) % ACCOUNTS;
+                    let (Some((a, va)), Some((b, vb))) = (balance(node, from), balance(node, to)) else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let amount = (1 + rng.below(20) as i64).min(a);
+                    let body = format!(
+                        r#"{{"writes":[{{"key":"accounts:{from}","set":{},"if_version":"{va}"}},{{"key":"accounts:{to}","set":{},"if_version":"{vb}"}},{{"key":"bank:transfers","add":1}}]}}"#,
+                        a - amount,
+                        b + amount
+                    );
+                    match http(node, "POST", "/v1/transactions", &body) {
+                        Ok((200, _)) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((409, body)) => assert!(body.contains("version_mismatch"), "{body}"),
+                        Ok((503, body)) if body.contains(r#""code":"unavailable""#) => {}
+                        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                        _ => {
+                            unknown.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        // The auditor: every linearizable scan of the accounts sums to the same total.
+        let (addrs, stop, audits) = (&addrs, &stop, &audits);
+        scope.spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                if let Ok((200, body)) = http(addrs[i % 3], "GET", "/v1/scan/accounts", "") {
+                    let body: Json = serde_json::from_str(&body).unwrap();
+                    let balances: Vec<i64> = body["entries"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["value"].as_i64().unwrap())
+                        .collect();
+                    assert_eq!(balances.len(), ACCOUNTS as usize, "{body}");
+                    assert_eq!(
+                        balances.iter().sum::<i64>(),
+                        400,
+                        "a scan saw money made or lost: {body}"
+                    );
+                    assert!(balances.iter().all(|b| *b >= 0), "{body}");
+                    audits.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        let victim = leader(&nodes);
+        nodes[victim].signal("-KILL");
+        std::thread::sleep(Duration::from_millis(1500));
+        nodes[victim].start();
+        leader(&nodes);
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let total: i64 = (0..ACCOUNTS).map(|a| balance(addrs[0], a).unwrap().0).sum();
+    assert_eq!(total, 400);
+    let (done, unknown) = (done.into_inner(), unknown.into_inner());
+    let counted = total_of(&nodes[1], "bank:transfers") as usize;
+    assert!(
+        counted >= done && counted <= done + unknown,
+        "{counted} transfers counted, {done} acknowledged, {unknown} unanswered"
+    );
+    assert!(done >= 10, "only {done} transfers went through");
+    assert!(audits.into_inner() >= 10);
 }

@@ -259,6 +259,62 @@ async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
         .await
         .unwrap();
     assert_eq!(read.as_deref(), Some("ada"));
+    // Compare-and-set and transactions from a remote client are applied by the node in one
+    // log entry.
+    let seen = on_c
+        .get_versioned::<String>("agent:identity")
+        .await
+        .unwrap()
+        .unwrap();
+    on_a.compare_and_set("agent:identity", "bob", Some(&seen.version))
+        .await
+        .unwrap();
+    let lost = on_c
+        .compare_and_set("agent:identity", "eve", Some(&seen.version))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, StorageError::VersionMismatch { .. }),
+        "{lost}"
+    );
+    let mut pair = on_c.transaction();
+    pair.set("agent:key:1", "pk1")
+        .compare_and_set("agent:key:2", "pk2", None);
+    assert_eq!(pair.commit().await.unwrap().len(), 2);
+    let key2: Option<String> = on_a.get("agent:key:2").await.unwrap();
+    assert_eq!(key2.as_deref(), Some("pk2"));
+    let mut again = on_a.transaction();
+    again
+        .set("agent:key:1", "overwritten")
+        .compare_and_set("agent:key:2", "pk2", None);
+    let refused = again.commit().await.unwrap_err();
+    assert!(
+        matches!(refused, StorageError::VersionMismatch { .. }),
+        "{refused}"
+    );
+    let key1: Option<String> = on_c.get("agent:key:1").await.unwrap();
+    assert_eq!(
+        key1.as_deref(),
+        Some("pk1"),
+        "a failed transaction writes nothing"
+    );
+    // The Raft group and leaderless replication cannot share a commit; eventual collections
+    // have no leader to order one.
+    for keys in [["agent:key:3", "notes:k9"], ["notes:k8", "notes:k9"]] {
+        let mut mixed = on_a.transaction();
+        mixed.set(keys[0], "x").set(keys[1], "y");
+        let refused = mixed.commit().await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                StorageError::CrossEngine { .. }
+                    | StorageError::Engine(EngineError::Unsupported { .. })
+            ),
+            "{keys:?}: {refused}"
+        );
+    }
+    let key3: Option<String> = on_c.get("agent:key:3").await.unwrap();
+    assert_eq!(key3, None);
     // An eventual collection cannot be asked for more than it gets: a typed error, not faked.
     let stronger = on_a
         .get_with_consistency::<i64>("notes:k0", ConsistencyLevel::Strong)

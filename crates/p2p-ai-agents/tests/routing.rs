@@ -152,6 +152,30 @@ async fn the_example_config_routes_each_collection_to_its_backend() {
     // A scan lists the collection from its backend.
     let listed = storage.scan(&format!("task:{id}"), None, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
+
+    // A transaction inside one engine is one PostgreSQL transaction; across engines it is
+    // refused whole, naming both collections.
+    let (owner, deputy) = (format!("agent:owner:{id}"), format!("agent:deputy:{id}"));
+    let mut pair = storage.transaction();
+    pair.compare_and_set(&owner, "ada", None)
+        .compare_and_set(&deputy, "bob", None);
+    pair.commit().await.unwrap();
+    assert!(postgres_has(&owner).await && postgres_has(&deputy).await);
+    let mut mixed = storage.transaction();
+    mixed
+        .set(&format!("agent:x:{id}"), 1)
+        .set(&format!("keys:x:{id}"), 1);
+    let err = mixed.commit().await.unwrap_err();
+    match &err {
+        StorageError::CrossEngine { first, other, .. } => {
+            assert_eq!((first.as_str(), other.as_str()), ("agent", "keys"));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        !postgres_has(&format!("agent:x:{id}")).await,
+        "nothing written: {err}"
+    );
 }
 
 #[tokio::test]

@@ -391,3 +391,97 @@ async fn engine_operations_and_errors_are_measured() {
         "OpenMetrics text ends with # EOF"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_apply_all_or_nothing_and_transfers_keep_the_total() {
+    let f = open(&[("hits", ConflictStrategy::PnCounter, None)]).await;
+    let storage = std::sync::Arc::new(f.storage);
+    for account in 0..4 {
+        storage
+            .set(&format!("bank:{account}"), 100i64)
+            .await
+            .unwrap();
+    }
+    // Concurrent transfers: read two balances, move money with compare-and-set on both in
+    // one transaction; a transfer that lost a race writes nothing and is retried.
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let storage = std::sync::Arc::clone(&storage);
+        tasks.push(tokio::spawn(async move {
+            let (mut done, mut conflicts) = (0, 0);
+            for i in 0..25u64 {
+                let (from, to) = ((worker + i) % 4, (worker + i + 1 + i % 3) % 4);
+                if from == to {
+                    continue;
+                }
+                loop {
+                    let a = storage
+                        .get_versioned::<i64>(&format!("bank:{from}"))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let b = storage
+                        .get_versioned::<i64>(&format!("bank:{to}"))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let amount = (i as i64 % 7 + 1).min(a.value);
+                    let mut transfer = storage.transaction();
+                    transfer
+                        .compare_and_set(
+                            &format!("bank:{from}"),
+                            a.value - amount,
+                            Some(&a.version),
+                        )
+                        .compare_and_set(&format!("bank:{to}"), b.value + amount, Some(&b.version))
+                        .counter_add("hits:transfers", 1);
+                    match transfer.commit().await {
+                        Ok(receipts) => {
+                            assert_eq!(receipts.len(), 3);
+                            done += 1;
+                            break;
+                        }
+                        Err(StorageError::VersionMismatch { .. }) => conflicts += 1,
+                        Err(other) => panic!("transfer failed: {other}"),
+                    }
+                }
+            }
+            (done, conflicts)
+        }));
+    }
+    let mut transfers = 0;
+    for task in tasks {
+        transfers += task.await.unwrap().0;
+    }
+    let mut total = 0;
+    for account in 0..4 {
+        let balance: i64 = storage
+            .get(&format!("bank:{account}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(balance >= 0, "no account goes below zero");
+        total += balance;
+    }
+    assert_eq!(total, 400, "transfers move money, never make or lose it");
+    assert_eq!(storage.counter("hits:transfers").await.unwrap(), transfers);
+
+    // A write that cannot be staged (a counter operation on an lww key) fails the whole
+    // transaction before anything is written.
+    let mut bad = storage.transaction();
+    bad.set("bank:0", 0i64)
+        .counter_add("bank:1", 5)
+        .set("bank:2", 0i64);
+    let err = bad.commit().await.unwrap_err();
+    assert!(matches!(err, StorageError::WrongOperation { .. }), "{err}");
+    let mut after = 0;
+    for account in 0..4 {
+        after += storage
+            .get::<i64>(&format!("bank:{account}"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(after, 400);
+    assert!(storage.transaction().commit().await.unwrap().is_empty());
+}

@@ -82,6 +82,23 @@ pub enum StorageError {
         /// The key.
         key: String,
     },
+    /// A transaction's collections are served by different engines, which cannot share one
+    /// atomic commit; nothing was written.
+    #[error(
+        "a transaction spans `{first}` (on {first_backend}) and `{other}` (on {other_backend}); \
+         one atomic commit spans one engine, and two-phase commit across engines is not \
+         available: keep the transaction's collections on one backend; nothing was written"
+    )]
+    CrossEngine {
+        /// The first write's collection.
+        first: String,
+        /// Its engine.
+        first_backend: &'static str,
+        /// A collection on another engine.
+        other: String,
+        /// Its engine.
+        other_backend: &'static str,
+    },
     /// The call asks for a level the collection's mechanism cannot deliver.
     #[error(
         "collection `{collection}` delivers {delivered} but the call asks for {requested}; \
@@ -114,6 +131,7 @@ impl StorageError {
             StorageError::WrongOperation { .. } => "wrong_operation",
             StorageError::Siblings { .. } => "siblings",
             StorageError::VersionMismatch { .. } => "version_mismatch",
+            StorageError::CrossEngine { .. } => "cross_engine",
             StorageError::LevelUnavailable { .. } => "level_unavailable",
             StorageError::Engine(err) => err.kind(),
         }

@@ -32,6 +32,7 @@ mod error;
 mod remote;
 mod routes;
 pub mod server;
+mod transaction;
 mod values;
 mod version;
 
@@ -57,6 +58,7 @@ use serde_json::Value as Json;
 pub use self::error::{Result, StorageError};
 pub use self::remote::NodeClient;
 use self::routes::{ClusterEngines, Routes};
+pub use self::transaction::Transaction;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
 use prometheus_client::registry::Registry;
@@ -306,6 +308,29 @@ impl Storage {
         &self.inner.routes.get(collection).engine
     }
 
+    /// The one engine that serves all of `collections`, which an atomic batch of writes to
+    /// them needs; [`StorageError::CrossEngine`] if two of them are served by different ones.
+    pub(crate) fn batch_engine<'c>(
+        &self,
+        mut collections: impl Iterator<Item = &'c str>,
+    ) -> Result<&Instrumented<AnyEngine>> {
+        let routes = &self.inner.routes;
+        let first_name = collections.next().unwrap_or_default();
+        let first = routes.get(first_name);
+        for name in collections {
+            let route = routes.get(name);
+            if route.instance != first.instance {
+                return Err(StorageError::CrossEngine {
+                    first: first_name.to_owned(),
+                    first_backend: first.engine.inner().backend(),
+                    other: name.to_owned(),
+                    other_backend: route.engine.inner().backend(),
+                });
+            }
+        }
+        Ok(&first.engine)
+    }
+
     /// Settings and guarantee of a collection.
     pub fn plan(&self, collection: &str) -> CollectionPlan {
         let mut plan = self.inner.routes.get(collection).plan.clone();
@@ -387,27 +412,48 @@ impl Storage {
     ) -> Result<WriteReceipt> {
         traced("set", key, async move {
             let call = self.call(key, level)?;
-            let bytes = Self::encode(&call, &value)?;
-            let mutation = match call.plan.conflict {
-                ConflictStrategy::Register => Mutation::Put(bytes),
-                // A write without a context does not overwrite what it has not seen: it becomes a
-                // sibling. Use `set_with_context` to replace siblings.
-                ConflictStrategy::MultiValue => Mutation::PutSibling {
-                    value: Some(bytes),
-                    context: Default::default(),
-                },
-                _ => {
-                    return Err(Self::wrong(
-                        &call,
-                        "set",
-                        "use the counter or set operations",
-                    ));
-                }
-            };
+            let mutation = Self::set_mutation(&call, &value)?;
             let record = call.engine.apply(call.key.clone(), mutation).await?;
             Ok(Self::receipt(&call, &record))
         })
         .await
+    }
+
+    /// What `set` writes to the call's key, by its collection's strategy.
+    fn set_mutation<T: Serialize>(call: &Call<'_>, value: &T) -> Result<Mutation> {
+        let bytes = Self::encode(call, value)?;
+        Ok(match call.plan.conflict {
+            ConflictStrategy::Register => Mutation::Put(bytes),
+            // A write without a context does not overwrite what it has not seen: it becomes a
+            // sibling. Use `set_with_context` to replace siblings.
+            ConflictStrategy::MultiValue => Mutation::PutSibling {
+                value: Some(bytes),
+                context: Default::default(),
+            },
+            _ => {
+                return Err(Self::wrong(
+                    call,
+                    "set",
+                    "use the counter or set operations",
+                ));
+            }
+        })
+    }
+
+    /// What `counter_add` writes to the call's key, by its collection's strategy.
+    fn counter_mutation(call: &Call<'_>, delta: i64) -> Result<Mutation> {
+        Ok(match call.plan.conflict {
+            ConflictStrategy::PnCounter => Mutation::PnCounterAdd(delta),
+            ConflictStrategy::GCounter if delta >= 0 => Mutation::GCounterAdd(delta.unsigned_abs()),
+            ConflictStrategy::GCounter => {
+                return Err(Self::wrong(
+                    call,
+                    "decrement",
+                    "a g_counter only grows; use pn_counter",
+                ));
+            }
+            _ => return Err(Self::wrong(call, "counter_add", counter_hint(call))),
+        })
     }
 
     /// Compare-and-set: writes `value` only if the key is still at `expected` (as returned by
@@ -605,20 +651,7 @@ impl Storage {
     pub async fn counter_add(&self, key: &str, delta: i64) -> Result<i64> {
         traced("counter_add", key, async move {
             let call = self.call(key, None)?;
-            let mutation = match call.plan.conflict {
-                ConflictStrategy::PnCounter => Mutation::PnCounterAdd(delta),
-                ConflictStrategy::GCounter if delta >= 0 => {
-                    Mutation::GCounterAdd(delta.unsigned_abs())
-                }
-                ConflictStrategy::GCounter => {
-                    return Err(Self::wrong(
-                        &call,
-                        "decrement",
-                        "a g_counter only grows; use pn_counter",
-                    ));
-                }
-                _ => return Err(Self::wrong(&call, "counter_add", counter_hint(&call))),
-            };
+            let mutation = Self::counter_mutation(&call, delta)?;
             let record = call.engine.apply(call.key.clone(), mutation).await?;
             Ok(counter_value(&record.value).unwrap_or(0))
         })

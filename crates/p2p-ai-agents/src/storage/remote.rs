@@ -8,6 +8,7 @@
 
 use std::sync::Mutex;
 
+use agentstore_consensus::command::{decode_outcome, encode_command};
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 use bytes::Bytes;
@@ -190,7 +191,7 @@ impl NodeClient {
                 acknowledged: count("acknowledged"),
                 needed: count("needed"),
             },
-            "unsupported" => EngineError::Unsupported { detail: message },
+            "unsupported" | "cross_engine" => EngineError::Unsupported { detail: message },
             "indeterminate" => EngineError::Indeterminate {
                 backend: "node",
                 detail: message,
@@ -248,6 +249,19 @@ impl DynEngine for NodeClient {
 
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
+            let single =
+                matches!(writes.as_slice(), [w] if w.expect.is_none() && w.fence.is_none());
+            if !single {
+                // Batches and conditions: the node applies them atomically, on one engine.
+                let body = encode_command(0, &writes);
+                let (status, answer) = self.call(Method::POST, "/v1/records", body).await?;
+                if status != StatusCode::OK {
+                    return Err(Self::refused(status, &answer));
+                }
+                return decode_outcome(&answer).map_err(|e| EngineError::Storage {
+                    detail: format!("the node sent an invalid batch outcome: {e}"),
+                })?;
+            }
             let write = single_unconditional(writes)?;
             let path = format!("/v1/records/{}", encode(write.key.as_bytes()));
             let body = agentstore_wire::encode_mutation(&write.mutation);

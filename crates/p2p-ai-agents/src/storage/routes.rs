@@ -18,6 +18,8 @@ use super::Result;
 pub(crate) struct Route {
     pub(crate) plan: CollectionPlan,
     pub(crate) engine: Instrumented<AnyEngine>,
+    /// Which engine instance: collections with the same one can share an atomic batch.
+    pub(crate) instance: Instance,
 }
 
 /// The engines of a cluster: where a node keeps the `local` collections.
@@ -69,16 +71,11 @@ impl Routes {
                 add(Instance::Raft, strong);
             }
         }
-        let default = engines.plan("");
-        let default = Route {
-            engine: engines.for_plan(&default).await?,
-            plan: default,
-        };
+        let default = engines.route("").await?;
         let mut named = HashMap::new();
         for name in config.collections.keys() {
-            let plan = engines.plan(name);
-            let engine = engines.for_plan(&plan).await?;
-            named.insert(plan.name.clone(), Route { plan, engine });
+            let route = engines.route(name).await?;
+            named.insert(route.plan.name.clone(), route);
         }
         Ok(Self { named, default })
     }
@@ -92,7 +89,7 @@ impl Routes {
 /// Which engine instance a plan needs: Redis collections that must WAIT get their own
 /// instance (with dedicated connections), the others share one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Instance {
+pub(crate) enum Instance {
     Local,
     /// A cluster's Raft group.
     Raft,
@@ -113,6 +110,18 @@ struct Engines<'a> {
 }
 
 impl Engines<'_> {
+    /// The route of `collection`, opening its engine if no collection opened it yet.
+    async fn route(&mut self, collection: &str) -> Result<Route> {
+        let plan = self.plan(collection);
+        let instance = self.instance(&plan);
+        let engine = self.for_plan(&plan).await?;
+        Ok(Route {
+            plan,
+            engine,
+            instance,
+        })
+    }
+
     /// The plan of `collection`, with the guarantee of the engine that will serve it.
     fn plan(&self, collection: &str) -> CollectionPlan {
         let mut plan = self.config.plan(collection);

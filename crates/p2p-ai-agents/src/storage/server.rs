@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine};
+use agentstore_consensus::command::{decode_command, encode_outcome};
 use agentstore_core::config::Config;
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::{Engine, EngineError, LocalEngine, NodeClock, Write};
@@ -116,6 +117,7 @@ impl From<StorageError> for ApiError {
             StorageError::WrongOperation { .. } => conflict("wrong_operation"),
             StorageError::Siblings { .. } => conflict("siblings"),
             StorageError::VersionMismatch { .. } => conflict("version_mismatch"),
+            StorageError::CrossEngine { .. } => conflict("cross_engine"),
             StorageError::LevelUnavailable { .. } => conflict("consistency_unavailable"),
             StorageError::Engine(err) => engine_error(err),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
@@ -247,14 +249,7 @@ async fn put_key(
                 "if_version= writes at the collection's level; drop consistency=",
             ));
         }
-        let expected = match expected.as_str() {
-            "absent" => None,
-            version => Some(
-                version
-                    .parse::<Version>()
-                    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_version", e))?,
-            ),
-        };
+        let expected = parse_version(expected)?;
         storage
             .compare_and_set(&key, value, expected.as_ref())
             .await?
@@ -377,6 +372,90 @@ async fn apply_record(
     Ok(octets(codec::encode(&record)))
 }
 
+/// Applies a batch of writes atomically (compare-and-set and fences included), for
+/// [`super::NodeClient`]: the body is a batch in the Raft command encoding; the answer is the
+/// outcome in its encoding, a refused condition included (any other failure is an error
+/// answer, as for a single write).
+async fn apply_batch(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+    let (_, writes) =
+        decode_command(&body).map_err(|e| invalid_body(&format!("not an encoded batch: {e}")))?;
+    let engine = api
+        .storage
+        .batch_engine(writes.iter().map(|w| w.key.collection()))?;
+    let outcome = engine.commit(writes).await;
+    match outcome {
+        Err(
+            err @ (EngineError::ExpectationFailed { .. }
+            | EngineError::Fenced { .. }
+            | EngineError::WrongKind { .. }),
+        ) => Ok(octets(encode_outcome(&Err(err)))),
+        Err(err) => Err(engine_error(err)),
+        Ok(records) => Ok(octets(encode_outcome(&Ok(records)))),
+    }
+}
+
+/// One write of a `POST /v1/transactions` body: exactly one of `set`, `delete`, `add`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransactionWrite {
+    key: String,
+    set: Option<Json>,
+    /// With `set`: compare-and-set on this version (`absent`: the key has no value).
+    if_version: Option<String>,
+    delete: Option<bool>,
+    add: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransactionBody {
+    writes: Vec<TransactionWrite>,
+}
+
+fn parse_version(text: &str) -> Result<Option<Version>, ApiError> {
+    match text {
+        "absent" => Ok(None),
+        version => version
+            .parse::<Version>()
+            .map(Some)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_version", e)),
+    }
+}
+
+async fn transaction(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+    let body: TransactionBody = serde_json::from_slice(&body).map_err(|e| {
+        invalid_body(&format!(
+            "the body must be {{\"writes\": [{{\"key\": ..., \"set\"|\"delete\"|\"add\": ...}}]}}: {e}"
+        ))
+    })?;
+    let mut transaction = api.storage.transaction();
+    for write in &body.writes {
+        match (&write.set, write.delete, write.add, &write.if_version) {
+            (Some(value), None, None, None) => transaction.set(&write.key, value),
+            (Some(value), None, None, Some(version)) => {
+                let expected = parse_version(version)?;
+                transaction.compare_and_set(&write.key, value, expected.as_ref())
+            }
+            (None, Some(true), None, None) => transaction.delete(&write.key),
+            (None, None, Some(delta), None) => transaction.counter_add(&write.key, delta),
+            _ => {
+                return Err(invalid_body(&format!(
+                    "write to {}: give exactly one of set, delete: true or add (if_version only with set)",
+                    write.key
+                )));
+            }
+        };
+    }
+    let receipts = transaction.commit().await?;
+    let writes: Vec<Json> = body
+        .writes
+        .iter()
+        .zip(&receipts)
+        .map(|(write, receipt)| json!({ "key": write.key, "version": receipt.version.to_string() }))
+        .collect();
+    Ok(axum::Json(json!({ "writes": writes })).into_response())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RecordScanQuery {
@@ -495,7 +574,8 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/counters/{key}", post(add_counter)),
         ("/v1/sets/{key}", post(change_set)),
         ("/v1/scan/{prefix}", get(scan)),
-        ("/v1/records", get(scan_records)),
+        ("/v1/records", get(scan_records).post(apply_batch)),
+        ("/v1/transactions", post(transaction)),
         ("/v1/records/{key}", get(get_record).post(apply_record)),
         ("/v1/status", get(status)),
         ("/v1/leave", post(leave)),
