@@ -349,4 +349,12 @@ impl DynEngine for StrongEngine {
             result
         })
     }
+
+    fn prepare<'a>(&'a self, txn: &'a str, writes: Vec<Write>) -> EngineFuture<'a, ()> {
+        Box::pin(async move { self.group.prepare(txn, writes).await.map_err(group_error) })
+    }
+
+    fn resolve<'a>(&'a self, txn: &'a str, commit: bool) -> EngineFuture<'a, Vec<Record>> {
+        Box::pin(async move { self.group.resolve(txn, commit).await.map_err(group_error) })
+    }
 }

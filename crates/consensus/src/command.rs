@@ -1,256 +1,125 @@
-//! What a Raft log entry carries, and what applying it answers, in agentstore's own encoding.
+//! What a Raft log entry carries, in agentstore's own encoding.
 //!
 //! A log entry is persisted and replicated, so its bytes are versioned and canonical:
 //!
 //! ```text
-//! command  = format:u8(=1) at_ms:uvarint count:uvarint write*
-//! write    = key:bytes mutation:bytes expect fence
-//! expect   = 0 | 1 (absent) | 2 vector (exactly this version)
-//! fence    = 0 | 1 lock:bytes token:uvarint
-//! outcome  = 0 count:uvarint record:bytes*            applied, one record per write
-//!          | 1 key:bytes expect 0|1 vector            a condition failed (actual version)
-//!          | 2 lock:bytes token:uvarint highest:uvarint   fenced off
-//!          | 3 key:bytes stored:u8 requested:u8       wrong kind
-//!          | 4 detail:bytes                           the state machine could not apply it
+//! command = 1 at_ms:uvarint writes                       a batch, applied atomically
+//!         | 2 at_ms:uvarint step:u8 txn:bytes [writes]   a two-phase commit step:
+//!                                                        0 prepare (with writes), 1 commit, 2 abort
 //! ```
 //!
-//! `mutation` is `agentstore_wire`'s mutation grammar, `record` and `vector` are
-//! `agentstore_core::codec`'s.
+//! `at_ms` is the proposer's clock; `writes` and the outcome of applying an entry are
+//! `agentstore_engine::batch_codec`'s grammar.
 
-use agentstore_core::Key;
-use agentstore_core::codec::{self, DecodeError, Reader, put_bytes, put_uvarint, put_version};
-use agentstore_core::key::KeyError;
-use agentstore_core::record::{Expect, ExpectationFailed, Kind, Record, WrongKind};
-use agentstore_engine::{EngineError, Fence, Write};
+use agentstore_core::codec::{DecodeError, Reader, put_bytes, put_uvarint};
+use agentstore_engine::Write;
+use agentstore_engine::batch_codec::{self, BatchCodecError};
 
-/// The command format this build writes and reads.
-pub const FORMAT: u8 = 1;
+pub use agentstore_engine::batch_codec::{decode_outcome, encode_outcome};
 
-/// Bytes that are not a command or an outcome.
+/// A batch, applied atomically.
+const BATCH: u8 = 1;
+/// A two-phase commit step.
+const STEP: u8 = 2;
+
+/// What an entry asks the state machine to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Apply these writes atomically.
+    Batch(Vec<Write>),
+    /// Check these writes' conditions, lock their keys and keep them for `txn`.
+    Prepare {
+        /// The transaction.
+        txn: String,
+        /// Its writes to this group.
+        writes: Vec<Write>,
+    },
+    /// Apply what `txn` prepared and unlock.
+    Commit {
+        /// The transaction.
+        txn: String,
+    },
+    /// Drop what `txn` prepared and unlock.
+    Abort {
+        /// The transaction.
+        txn: String,
+    },
+}
+
+/// Bytes that are not a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     /// A command of a format this build does not read.
-    #[error("command format {0} is not readable by this build (reads {FORMAT})")]
+    #[error("command format {0} is not readable by this build (reads {BATCH} and {STEP})")]
     Format(u8),
     /// Malformed bytes.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// A key in the bytes is invalid.
+    /// Malformed writes.
     #[error(transparent)]
-    Key(#[from] KeyError),
-    /// A mutation in the bytes is invalid.
-    #[error("invalid mutation: {0}")]
-    Mutation(String),
+    Batch(#[from] BatchCodecError),
 }
 
-/// Encodes a batch of writes made at `at_ms` (the leader's clock when it proposed them).
-pub fn encode_command(at_ms: u64, writes: &[Write]) -> Vec<u8> {
-    let mut out = vec![FORMAT];
-    put_uvarint(&mut out, at_ms);
-    put_uvarint(&mut out, writes.len() as u64);
-    for write in writes {
-        put_bytes(&mut out, write.key.as_bytes());
-        put_bytes(&mut out, &agentstore_wire::encode_mutation(&write.mutation));
-        put_expect(&mut out, write.expect.as_ref());
-        match &write.fence {
-            None => out.push(0),
-            Some(fence) => {
-                out.push(1);
-                put_bytes(&mut out, fence.lock.as_bytes());
-                put_uvarint(&mut out, fence.token);
-            }
+/// Encodes `op`, proposed at `at_ms` (the proposer's clock).
+pub fn encode_command(at_ms: u64, op: &Op) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (step, txn, writes) = match op {
+        Op::Batch(writes) => {
+            out.push(BATCH);
+            put_uvarint(&mut out, at_ms);
+            batch_codec::put_writes(&mut out, writes);
+            return out;
         }
+        Op::Prepare { txn, writes } => (0, txn, Some(writes)),
+        Op::Commit { txn } => (1, txn, None),
+        Op::Abort { txn } => (2, txn, None),
+    };
+    out.push(STEP);
+    put_uvarint(&mut out, at_ms);
+    out.push(step);
+    put_bytes(&mut out, txn.as_bytes());
+    if let Some(writes) = writes {
+        batch_codec::put_writes(&mut out, writes);
     }
     out
 }
 
-/// Decodes [`encode_command`]'s bytes: the proposal time and the writes.
-pub fn decode_command(bytes: &[u8]) -> Result<(u64, Vec<Write>), CommandError> {
+/// Decodes [`encode_command`]'s bytes: the proposal time and the operation.
+pub fn decode_command(bytes: &[u8]) -> Result<(u64, Op), CommandError> {
     let mut r = Reader::new(bytes);
     let format = r.u8()?;
-    if format != FORMAT {
-        return Err(CommandError::Format(format));
-    }
-    let at_ms = r.uvarint()?;
-    let count = r.uvarint()?;
-    // Each write takes at least four bytes: never allocate more than the input describes.
-    if count > r.remaining() as u64 / 4 {
-        return Err(r.malformed("more writes than bytes").into());
-    }
-    let mut writes = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let key = Key::new(r.slice()?)?;
-        let mutation = agentstore_wire::decode_mutation(r.slice()?)
-            .map_err(|e| CommandError::Mutation(e.to_string()))?;
-        let expect = expect(&mut r)?;
-        let fence = match r.u8()? {
-            0 => None,
-            1 => Some(Fence {
-                lock: utf8(&mut r)?,
-                token: r.uvarint()?,
-            }),
-            _ => return Err(r.malformed("fence tag").into()),
-        };
-        writes.push(Write {
-            key,
-            mutation,
-            expect,
-            fence,
-        });
-    }
+    let at_ms = match format {
+        BATCH | STEP => r.uvarint()?,
+        other => return Err(CommandError::Format(other)),
+    };
+    let op = if format == BATCH {
+        Op::Batch(batch_codec::writes(&mut r)?)
+    } else {
+        let step = r.u8()?;
+        let txn = String::from_utf8(r.slice()?.to_vec())
+            .map_err(|_| r.malformed("transaction id is not UTF-8"))?;
+        match step {
+            0 => Op::Prepare {
+                txn,
+                writes: batch_codec::writes(&mut r)?,
+            },
+            1 => Op::Commit { txn },
+            2 => Op::Abort { txn },
+            _ => return Err(r.malformed("two-phase step").into()),
+        }
+    };
     if r.remaining() != 0 {
         return Err(r.malformed("trailing bytes after the command").into());
     }
-    Ok((at_ms, writes))
-}
-
-/// Encodes the result of applying a command: the record of each write, or why none was
-/// written.
-pub fn encode_outcome(outcome: &Result<Vec<Record>, EngineError>) -> Vec<u8> {
-    let mut out = Vec::new();
-    match outcome {
-        Ok(records) => {
-            out.push(0);
-            put_uvarint(&mut out, records.len() as u64);
-            for record in records {
-                put_bytes(&mut out, &codec::encode(record));
-            }
-        }
-        Err(EngineError::ExpectationFailed { key, source }) => {
-            out.push(1);
-            put_bytes(&mut out, key.as_bytes());
-            put_expect(&mut out, Some(&source.expected));
-            match &source.actual {
-                None => out.push(0),
-                Some(version) => {
-                    out.push(1);
-                    put_version(&mut out, version);
-                }
-            }
-        }
-        Err(EngineError::Fenced {
-            lock,
-            token,
-            highest,
-        }) => {
-            out.push(2);
-            put_bytes(&mut out, lock.as_bytes());
-            put_uvarint(&mut out, *token);
-            put_uvarint(&mut out, *highest);
-        }
-        Err(EngineError::WrongKind { key, source }) => {
-            out.push(3);
-            put_bytes(&mut out, key.as_bytes());
-            out.push(kind_code(source.stored));
-            out.push(kind_code(source.requested));
-        }
-        Err(other) => {
-            out.push(4);
-            put_bytes(&mut out, other.to_string().as_bytes());
-        }
-    }
-    out
-}
-
-/// Decodes [`encode_outcome`]'s bytes back into the result the state machine computed.
-pub fn decode_outcome(bytes: &[u8]) -> Result<Result<Vec<Record>, EngineError>, CommandError> {
-    let mut r = Reader::new(bytes);
-    let outcome = match r.u8()? {
-        0 => {
-            let count = r.uvarint()?;
-            if count > r.remaining() as u64 {
-                return Err(r.malformed("more records than bytes").into());
-            }
-            let mut records = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                records.push(codec::decode(r.slice()?)?);
-            }
-            Ok(records)
-        }
-        1 => {
-            let key = Key::new(r.slice()?)?;
-            let expected = expect(&mut r)?.ok_or_else(|| r.malformed("no expectation"))?;
-            let actual = match r.u8()? {
-                0 => None,
-                1 => Some(r.version_vector()?),
-                _ => return Err(r.malformed("version tag").into()),
-            };
-            Err(EngineError::ExpectationFailed {
-                key,
-                source: ExpectationFailed { expected, actual },
-            })
-        }
-        2 => Err(EngineError::Fenced {
-            lock: utf8(&mut r)?,
-            token: r.uvarint()?,
-            highest: r.uvarint()?,
-        }),
-        3 => {
-            let key = Key::new(r.slice()?)?;
-            let stored = kind(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
-            let requested = kind(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
-            Err(EngineError::WrongKind {
-                key,
-                source: WrongKind { stored, requested },
-            })
-        }
-        4 => Err(EngineError::Storage {
-            detail: utf8(&mut r)?,
-        }),
-        _ => return Err(r.malformed("outcome tag").into()),
-    };
-    if r.remaining() != 0 {
-        return Err(r.malformed("trailing bytes after the outcome").into());
-    }
-    Ok(outcome)
-}
-
-fn put_expect(out: &mut Vec<u8>, expect: Option<&Expect>) {
-    match expect {
-        None => out.push(0),
-        Some(Expect::Absent) => out.push(1),
-        Some(Expect::Version(version)) => {
-            out.push(2);
-            put_version(out, version);
-        }
-    }
-}
-
-fn expect(r: &mut Reader<'_>) -> Result<Option<Expect>, CommandError> {
-    Ok(match r.u8()? {
-        0 => None,
-        1 => Some(Expect::Absent),
-        2 => Some(Expect::Version(r.version_vector()?)),
-        _ => return Err(r.malformed("expectation tag").into()),
-    })
-}
-
-fn utf8(r: &mut Reader<'_>) -> Result<String, CommandError> {
-    let bytes = r.slice()?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| r.malformed("text is not UTF-8").into())
-}
-
-const KINDS: [Kind; 6] = [
-    Kind::Register,
-    Kind::MultiValue,
-    Kind::GCounter,
-    Kind::PnCounter,
-    Kind::GSet,
-    Kind::OrSet,
-];
-
-fn kind_code(kind: Kind) -> u8 {
-    KINDS.iter().position(|k| *k == kind).unwrap_or(0) as u8
-}
-
-fn kind(code: u8) -> Option<Kind> {
-    KINDS.get(usize::from(code)).copied()
+    Ok((at_ms, op))
 }
 
 #[cfg(test)]
 mod tests {
-    use agentstore_core::record::Mutation;
+    use agentstore_core::Key;
+    use agentstore_core::record::{Expect, ExpectationFailed, Kind, Mutation, WrongKind};
     use agentstore_core::version::VersionVector;
+    use agentstore_engine::{EngineError, Fence};
 
     use super::*;
 
@@ -274,13 +143,26 @@ mod tests {
                 Expect::Version(VersionVector::default()),
             ),
         ];
-        let bytes = encode_command(1234, &writes);
-        assert_eq!(decode_command(&bytes).unwrap(), (1234, writes));
+        for op in [
+            Op::Batch(writes.clone()),
+            Op::Prepare {
+                txn: "t1".into(),
+                writes,
+            },
+            Op::Commit { txn: "t1".into() },
+            Op::Abort { txn: "t2".into() },
+        ] {
+            let bytes = encode_command(1234, &op);
+            assert_eq!(decode_command(&bytes).unwrap(), (1234, op));
+        }
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let bytes = encode_command(1, &[Write::new(key("a:b"), Mutation::Delete)]);
+        let bytes = encode_command(
+            1,
+            &Op::Batch(vec![Write::new(key("a:b"), Mutation::Delete)]),
+        );
         for cut in 0..bytes.len() {
             assert!(
                 decode_command(&bytes[..cut]).is_err(),
@@ -288,8 +170,8 @@ mod tests {
             );
         }
         let mut newer = bytes.clone();
-        newer[0] = 2;
-        assert_eq!(decode_command(&newer), Err(CommandError::Format(2)));
+        newer[0] = 3;
+        assert_eq!(decode_command(&newer), Err(CommandError::Format(3)));
         assert!(decode_command(&[1, 0, 255, 255, 255, 255, 15]).is_err());
     }
 
@@ -314,6 +196,10 @@ mod tests {
                     stored: Kind::GSet,
                     requested: Kind::PnCounter,
                 },
+            },
+            EngineError::InTransaction {
+                key: key("a:b"),
+                txn: "node-a-1".into(),
             },
         ];
         for case in cases {

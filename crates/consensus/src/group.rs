@@ -23,7 +23,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 
-use crate::command::{decode_outcome, encode_command};
+use crate::command::{Op, decode_outcome, encode_command};
 use crate::log_store::LogStore;
 use crate::network::{Network, Refusal, Reply, Request, Rpc, RpcError, ask, decode, encode};
 use crate::state_machine::StateMachine;
@@ -295,7 +295,31 @@ impl Group {
 
     /// Applies `writes` atomically through the log; returns the record of each write.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Record>, GroupError> {
-        let command = Command(encode_command(self.inner.clock.now_ms(), &writes));
+        self.propose(Op::Batch(writes)).await
+    }
+
+    /// Two-phase commit, first phase, through the log: checks `writes`, locks their keys and
+    /// keeps them for `txn` on every replica.
+    pub async fn prepare(&self, txn: &str, writes: Vec<Write>) -> Result<(), GroupError> {
+        let txn = txn.to_owned();
+        self.propose(Op::Prepare { txn, writes }).await.map(drop)
+    }
+
+    /// Two-phase commit, second phase, through the log: applies (`commit`) or drops what
+    /// `txn` prepared.
+    pub async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, GroupError> {
+        let txn = txn.to_owned();
+        self.propose(if commit {
+            Op::Commit { txn }
+        } else {
+            Op::Abort { txn }
+        })
+        .await
+    }
+
+    /// Proposes `op` and waits until it is applied; returns what applying it answered.
+    async fn propose(&self, op: Op) -> Result<Vec<Record>, GroupError> {
+        let command = Command(encode_command(self.inner.clock.now_ms(), &op));
         let request = Request::Propose(command.clone());
         let applied = self
             .at_leader(

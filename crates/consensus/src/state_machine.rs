@@ -19,13 +19,16 @@ use std::sync::Arc;
 use agentstore_core::codec::{self, Reader, put_bytes, put_uvarint};
 use agentstore_core::hlc::HybridClock;
 use agentstore_core::{Key, NodeId, Record};
+use agentstore_engine::two_phase::{
+    FENCES, RECORDS, RedbParticipant, TXN_LOCKS, TXN_STAGED, check_unlocked,
+};
 use agentstore_engine::{EngineError, check_fences, decode_stored, prepare_batch};
 use futures_util::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
-use crate::command::{decode_command, encode_outcome};
+use crate::command::{Op, decode_command, encode_outcome};
 use crate::log_store::{blocking, io_error};
 use crate::types::{
     Applied, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, persist, restore,
@@ -34,15 +37,11 @@ use crate::types::{
 /// The stamp node of every record a Raft group writes.
 pub const GROUP_STAMP: &str = "raft";
 
-/// Records by key bytes (agentstore's record encoding).
-const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
-/// The highest fencing token seen per lock.
-const FENCES: TableDefinition<'_, &str, u64> = TableDefinition::new("fences");
 /// `applied`, `membership`, `snapshot_meta`, `snapshot_data`.
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
-/// The snapshot format this build writes and reads.
-const SNAPSHOT_FORMAT: u8 = 1;
+/// The snapshot format this build writes (it reads 1, without two-phase locks, too).
+const SNAPSHOT_FORMAT: u8 = 2;
 
 /// The state machine of one node. Cheap to clone; clones share the file.
 #[derive(Clone)]
@@ -92,6 +91,8 @@ impl StateMachine {
         let txn = db.begin_write().map_err(io_error)?;
         txn.open_table(RECORDS).map_err(io_error)?;
         txn.open_table(FENCES).map_err(io_error)?;
+        txn.open_table(TXN_LOCKS).map_err(io_error)?;
+        txn.open_table(TXN_STAGED).map_err(io_error)?;
         txn.open_table(META).map_err(io_error)?;
         txn.commit().map_err(io_error)?;
         let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
@@ -151,21 +152,32 @@ fn storage(err: impl std::fmt::Display) -> EngineError {
 
 /// Applies one command inside the apply transaction: all its writes or none.
 fn apply_command(
-    records: &mut Table<'_, &[u8], &[u8]>,
-    fences: &mut Table<'_, &str, u64>,
+    tables: &mut RedbParticipant<'_, '_>,
     stamp: &NodeId,
     command: &[u8],
 ) -> Result<Vec<Record>, EngineError> {
-    let (at_ms, writes) = decode_command(command).map_err(|e| EngineError::Storage {
+    let (at_ms, op) = decode_command(command).map_err(|e| EngineError::Storage {
         detail: format!("a log entry does not decode: {e}"),
     })?;
+    // A clock that starts fresh for every entry: the stamps depend on the stored records and
+    // the proposal time only.
+    let mut hlc = HybridClock::new(stamp.clone(), u64::MAX);
+    let writes = match op {
+        Op::Batch(writes) => writes,
+        Op::Prepare { txn, writes } => {
+            return tables
+                .prepare(&mut hlc, at_ms, &txn, &writes)
+                .map(|()| Vec::new());
+        }
+        Op::Commit { txn } => return tables.resolve(&mut hlc, at_ms, &txn, true),
+        Op::Abort { txn } => return tables.resolve(&mut hlc, at_ms, &txn, false),
+    };
+    check_unlocked(&*tables.locks, &writes)?;
+    let (records, fences) = (&mut *tables.records, &mut *tables.fences);
     let accepted = check_fences(
         |lock| Ok(fences.get(lock).map_err(storage)?.map_or(0, |v| v.value())),
         &writes,
     )?;
-    // A clock that starts fresh for every entry: the stamps depend on the stored records and
-    // the proposal time only.
-    let mut hlc = HybridClock::new(stamp.clone(), u64::MAX);
     let results = prepare_batch(|key| stored(records, key), &mut hlc, at_ms, &writes)?;
     for (key, record) in &results {
         records
@@ -180,7 +192,8 @@ fn apply_command(
     Ok(results.into_iter().map(|(_, record)| record).collect())
 }
 
-/// Snapshot bytes: format, then the records (wire's entry list), then the fences.
+/// Snapshot bytes: format, then the records (wire's entry list), then the fences, then the
+/// keys locked by prepared transactions and their staged writes.
 fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
     let records = txn.open_table(RECORDS).map_err(io_error)?;
     let mut entries = Vec::new();
@@ -201,6 +214,25 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
         put_bytes(&mut out, lock.as_bytes());
         put_uvarint(&mut out, token);
     }
+    let locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
+    let mut held = Vec::new();
+    for item in locks.iter().map_err(io_error)? {
+        let (key, txn) = item.map_err(io_error)?;
+        held.push((key.value().to_vec(), txn.value().as_bytes().to_vec()));
+    }
+    let staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
+    let mut kept = Vec::new();
+    for item in staged.iter().map_err(io_error)? {
+        let (txn, writes) = item.map_err(io_error)?;
+        kept.push((txn.value().as_bytes().to_vec(), writes.value().to_vec()));
+    }
+    for pairs in [held, kept] {
+        put_uvarint(&mut out, pairs.len() as u64);
+        for (a, b) in pairs {
+            put_bytes(&mut out, &a);
+            put_bytes(&mut out, &b);
+        }
+    }
     Ok(out)
 }
 
@@ -217,17 +249,39 @@ fn keep_snapshot(
     Ok(())
 }
 
-type SnapshotContents = (Vec<(Key, Record)>, Vec<(String, u64)>);
+/// What a snapshot holds: records, fences, two-phase locks (key, txn) and staged writes
+/// (txn, writes).
+struct SnapshotContents {
+    entries: Vec<(Key, Record)>,
+    fences: Vec<(String, u64)>,
+    locks: Pairs,
+    staged: Pairs,
+}
+
+/// Byte-string pairs, as a snapshot lists the two-phase tables.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn decode_snapshot(bytes: &[u8]) -> io::Result<SnapshotContents> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut r = Reader::new(bytes);
     let format = r.u8().map_err(|e| invalid(e.to_string()))?;
-    if format != SNAPSHOT_FORMAT {
+    if !(1..=SNAPSHOT_FORMAT).contains(&format) {
         return Err(invalid(format!(
-            "snapshot format {format}; this build reads {SNAPSHOT_FORMAT}"
+            "snapshot format {format}; this build reads 1 to {SNAPSHOT_FORMAT}"
         )));
     }
+    let pairs = |r: &mut Reader<'_>| -> Result<Pairs, String> {
+        let count = r.uvarint().map_err(|e| e.to_string())?;
+        if count > r.remaining() as u64 {
+            return Err("more pairs than bytes".into());
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let a = r.slice().map_err(|e| e.to_string())?.to_vec();
+            out.push((a, r.slice().map_err(|e| e.to_string())?.to_vec()));
+        }
+        Ok(out)
+    };
     let decode = |r: &mut Reader<'_>| -> Result<SnapshotContents, String> {
         let entries = agentstore_wire::decode_entries(r.slice().map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
@@ -241,7 +295,17 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<SnapshotContents> {
                 .map_err(|_| "a lock name is not UTF-8".to_string())?;
             fences.push((lock, r.uvarint().map_err(|e| e.to_string())?));
         }
-        Ok((entries, fences))
+        let (locks, staged) = if format >= 2 {
+            (pairs(r)?, pairs(r)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(SnapshotContents {
+            entries,
+            fences,
+            locks,
+            staged,
+        })
     };
     decode(&mut r).map_err(invalid)
 }
@@ -313,12 +377,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             {
                 let mut records = txn.open_table(RECORDS).map_err(io_error)?;
                 let mut fences = txn.open_table(FENCES).map_err(io_error)?;
+                let mut locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
+                let mut staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
+                let mut tables = RedbParticipant {
+                    records: &mut records,
+                    fences: &mut fences,
+                    locks: &mut locks,
+                    staged: &mut staged,
+                };
                 let mut meta = txn.open_table(META).map_err(io_error)?;
                 let mut applied = None;
                 for entry in &batch {
                     let outcome = match &entry.payload {
                         EntryPayload::Normal(command) => {
-                            apply_command(&mut records, &mut fences, &stamp, &command.0)
+                            apply_command(&mut tables, &stamp, &command.0)
                         }
                         EntryPayload::Membership(membership) => {
                             let stored = StoredMembership::new(
@@ -358,7 +430,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         data: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let (entries, listed) = decode_snapshot(&data)?;
+        let contents = decode_snapshot(&data)?;
         let meta = meta.clone();
         let db = Arc::clone(&self.db);
         blocking(move || {
@@ -366,15 +438,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             {
                 let mut records = txn.open_table(RECORDS).map_err(io_error)?;
                 records.retain(|_, _| false).map_err(io_error)?;
-                for (key, record) in &entries {
+                for (key, record) in &contents.entries {
                     records
                         .insert(key.as_bytes(), codec::encode(record).as_slice())
                         .map_err(io_error)?;
                 }
                 let mut fences = txn.open_table(FENCES).map_err(io_error)?;
                 fences.retain(|_, _| false).map_err(io_error)?;
-                for (lock, token) in &listed {
+                for (lock, token) in &contents.fences {
                     fences.insert(lock.as_str(), *token).map_err(io_error)?;
+                }
+                let utf8 = |bytes: &[u8]| {
+                    String::from_utf8(bytes.to_vec()).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidData, "a transaction id is not UTF-8")
+                    })
+                };
+                let mut locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
+                locks.retain(|_, _| false).map_err(io_error)?;
+                for (key, holder) in &contents.locks {
+                    locks
+                        .insert(key.as_slice(), utf8(holder)?.as_str())
+                        .map_err(io_error)?;
+                }
+                let mut staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
+                staged.retain(|_, _| false).map_err(io_error)?;
+                for (holder, writes) in &contents.staged {
+                    staged
+                        .insert(utf8(holder)?.as_str(), writes.as_slice())
+                        .map_err(io_error)?;
                 }
                 let mut table = txn.open_table(META).map_err(io_error)?;
                 table
@@ -405,5 +496,68 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentstore_core::record::Mutation;
+    use agentstore_engine::Write;
+
+    use super::*;
+    use crate::command::encode_command;
+
+    fn run(sm: &StateMachine, op: &Op) -> Result<Vec<Record>, EngineError> {
+        let txn = sm.db.begin_write().unwrap();
+        let outcome = {
+            let (mut records, mut fences) = (
+                txn.open_table(RECORDS).unwrap(),
+                txn.open_table(FENCES).unwrap(),
+            );
+            let (mut locks, mut staged) = (
+                txn.open_table(TXN_LOCKS).unwrap(),
+                txn.open_table(TXN_STAGED).unwrap(),
+            );
+            let mut tables = RedbParticipant {
+                records: &mut records,
+                fences: &mut fences,
+                locks: &mut locks,
+                staged: &mut staged,
+            };
+            apply_command(&mut tables, &sm.stamp, &encode_command(1, op))
+        };
+        txn.commit().unwrap();
+        outcome
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carries_prepared_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = StateMachine::open(&dir.path().join("a")).unwrap();
+        let key = Key::new(b"tx:k".to_vec()).unwrap();
+        let put = |v: &str| Write::new(key.clone(), Mutation::Put(v.as_bytes().to_vec()));
+        run(&source, &Op::Batch(vec![put("before")])).unwrap();
+        let prepare = Op::Prepare {
+            txn: "t1".into(),
+            writes: vec![put("after")],
+        };
+        run(&source, &prepare).unwrap();
+        let data = encode_snapshot(&source.db.begin_read().unwrap()).unwrap();
+
+        let mut copy = StateMachine::open(&dir.path().join("b")).unwrap();
+        copy.install_snapshot(&SnapshotMeta::default(), data)
+            .await
+            .unwrap();
+        assert!(matches!(
+            run(&copy, &Op::Batch(vec![put("other")])),
+            Err(EngineError::InTransaction { .. })
+        ));
+        let applied = run(&copy, &Op::Commit { txn: "t1".into() }).unwrap();
+        assert_eq!(applied.len(), 1);
+        let record = copy.get(&key).unwrap().unwrap();
+        assert_eq!(
+            record.value,
+            agentstore_core::record::Value::Register(Some(b"after".to_vec()))
+        );
     }
 }

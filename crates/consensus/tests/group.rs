@@ -266,3 +266,99 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_steps_go_through_the_log_and_survive_a_snapshot() {
+    let cluster = Cluster::new(&["a", "b", "c"], 30).await;
+    let leader = cluster.leader().await;
+    let follower = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
+    let group = cluster.group(follower);
+
+    group
+        .prepare("t1", vec![put("tx:a", "1"), put("tx:b", "2")])
+        .await
+        .unwrap();
+    // Prepared keys refuse other writes on every member, through the log.
+    let refused = cluster.group(&leader).write(vec![put("tx:a", "x")]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(GroupError::Refused(EngineError::InTransaction { ref txn, .. })) if txn == "t1"
+        ),
+        "{refused:?}"
+    );
+    let read = group
+        .read(&key("tx:a"), ReadLevel::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(read, None, "reads see the state before the transaction");
+
+    // Enough entries for a snapshot that compacts the prepare away: a member restarted
+    // after it must learn the lock from the snapshot.
+    let lagging = ["a", "b", "c"]
+        .into_iter()
+        .find(|n| *n != leader && *n != follower)
+        .unwrap();
+    cluster.stop(lagging).await;
+    for i in 0..80 {
+        group
+            .write(vec![put(&format!("fill:{i:03}"), "x")])
+            .await
+            .unwrap();
+    }
+    assert!(cluster.group(&leader).status().snapshot.is_some());
+    cluster.start(lagging).await;
+    cluster.leader().await;
+    for _ in 0..100 {
+        if cluster.group(lagging).status().applied >= cluster.group(&leader).status().applied {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The restarted member alone with one other: whoever leads now has the lock.
+    cluster.stop(&leader).await;
+    let now = cluster.leader().await;
+    let refused = cluster.group(&now).write(vec![put("tx:b", "x")]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(GroupError::Refused(EngineError::InTransaction { .. }))
+        ),
+        "{refused:?}"
+    );
+
+    let records = cluster.group(&now).resolve("t1", true).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(
+        cluster
+            .group(&now)
+            .resolve("t1", true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let read = cluster
+        .group(lagging)
+        .read(&key("tx:b"), ReadLevel::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(value(&read).as_deref(), Some("2"));
+
+    // A prepare whose condition fails is refused and locks nothing; an abort unlocks.
+    let stale = Write::expecting(key("tx:a"), Mutation::Put(b"3".to_vec()), Expect::Absent);
+    assert!(matches!(
+        cluster.group(&now).prepare("t2", vec![stale]).await,
+        Err(GroupError::Refused(EngineError::ExpectationFailed { .. }))
+    ));
+    cluster
+        .group(&now)
+        .prepare("t3", vec![put("tx:c", "1")])
+        .await
+        .unwrap();
+    cluster.group(&now).resolve("t3", false).await.unwrap();
+    cluster
+        .group(&now)
+        .write(vec![put("tx:a", "4"), put("tx:c", "5")])
+        .await
+        .unwrap();
+}

@@ -32,6 +32,16 @@ pub trait DynEngine: std::fmt::Debug + Send + Sync + 'static {
     ) -> EngineFuture<'a, Vec<(Key, Record)>>;
     /// See [`Engine::commit`].
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>>;
+    /// See [`Engine::prepare`].
+    fn prepare<'a>(&'a self, txn: &'a str, writes: Vec<Write>) -> EngineFuture<'a, ()> {
+        let _ = (txn, writes);
+        Box::pin(async { Err(crate::no_two_phase()) })
+    }
+    /// See [`Engine::resolve`].
+    fn resolve<'a>(&'a self, txn: &'a str, commit: bool) -> EngineFuture<'a, Vec<Record>> {
+        let _ = (txn, commit);
+        Box::pin(async { Err(crate::no_two_phase()) })
+    }
 }
 
 /// An engine of any kind this build has.
@@ -97,5 +107,13 @@ impl Engine for AnyEngine {
 
     async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
         dispatch!(self, engine => engine.commit(writes).await)
+    }
+
+    async fn prepare(&self, txn: &str, writes: Vec<Write>) -> Result<(), EngineError> {
+        dispatch!(self, engine => engine.prepare(txn, writes).await)
+    }
+
+    async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
+        dispatch!(self, engine => engine.resolve(txn, commit).await)
     }
 }

@@ -41,6 +41,14 @@ macro_rules! conformance_tests {
             a_write_with_an_older_fencing_token_is_rejected
         );
     };
+    // The two-phase participant checks, for the engines that take part in two-phase commit.
+    (two_phase: $make:path) => {
+        $crate::conformance_tests!(@each $make;
+            a_prepared_transaction_locks_its_keys_until_it_commits,
+            an_aborted_transaction_leaves_nothing_and_unlocks,
+            a_prepare_whose_condition_fails_locks_nothing
+        );
+    };
     (@each $make:path; $($check:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -493,4 +501,164 @@ pub async fn a_write_with_an_older_fencing_token_is_rejected<E: Engine + Clone>(
         }),
     ];
     engine.commit(other).await.unwrap();
+}
+
+fn put(k: &Key, value: &[u8]) -> Write {
+    Write::new(k.clone(), Mutation::Put(value.to_vec()))
+}
+
+/// A prepared transaction: its keys refuse other writes, reads see the values from before
+/// it, preparing again answers the same, the commit applies every write once, and resolving
+/// again is a no-op.
+pub async fn a_prepared_transaction_locks_its_keys_until_it_commits<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let (a, b) = (key(ns, "a"), key(ns, "b"));
+    let txn = format!("{ns}-t1");
+    let before = engine.commit(vec![put(&a, b"1")]).await.unwrap();
+    let writes = vec![
+        Write::expecting(
+            a.clone(),
+            Mutation::Put(b"2".to_vec()),
+            Expect::Version(before[0].version.clone()),
+        ),
+        put(&b, b"new"),
+        Write::new(key(ns, "n"), Mutation::PnCounterAdd(5)),
+    ];
+    engine.prepare(&txn, writes.clone()).await.unwrap();
+    engine
+        .prepare(&txn, writes)
+        .await
+        .expect("preparing again answers the same");
+    match engine.commit(vec![put(&a, b"other")]).await {
+        Err(EngineError::InTransaction {
+            key: locked,
+            txn: holder,
+        }) => {
+            assert_eq!((locked, holder), (a.clone(), txn.clone()));
+        }
+        other => panic!("a locked key must refuse other writes, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            engine.commit(vec![put(&b, b"other")]).await,
+            Err(EngineError::InTransaction { .. })
+        ),
+        "a key the transaction creates is locked too"
+    );
+    assert_eq!(
+        register(&engine.get(&a).await.unwrap().unwrap()),
+        Some(&b"1"[..])
+    );
+    assert!(
+        engine
+            .get(&b)
+            .await
+            .unwrap()
+            .is_none_or(|r| register(&r).is_none())
+    );
+
+    let applied = engine.resolve(&txn, true).await.unwrap();
+    assert_eq!(applied.len(), 3, "one record per write");
+    assert_eq!(
+        register(&engine.get(&a).await.unwrap().unwrap()),
+        Some(&b"2"[..])
+    );
+    assert_eq!(
+        register(&engine.get(&b).await.unwrap().unwrap()),
+        Some(&b"new"[..])
+    );
+    assert!(
+        engine.resolve(&txn, true).await.unwrap().is_empty(),
+        "resolving again applies nothing"
+    );
+    let n = engine.get(&key(ns, "n")).await.unwrap().unwrap();
+    match n.value {
+        Value::PnCounter(counter) => assert_eq!(counter.value(), 5, "applied exactly once"),
+        other => panic!("{other:?}"),
+    }
+    engine
+        .commit(vec![put(&a, b"3")])
+        .await
+        .expect("unlocked after the commit");
+}
+
+/// An aborted transaction writes nothing and unlocks its keys.
+pub async fn an_aborted_transaction_leaves_nothing_and_unlocks<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let c = key(ns, "c");
+    let txn = format!("{ns}-t2");
+    engine.prepare(&txn, vec![put(&c, b"x")]).await.unwrap();
+    assert!(engine.resolve(&txn, false).await.unwrap().is_empty());
+    assert!(
+        engine
+            .get(&c)
+            .await
+            .unwrap()
+            .is_none_or(|r| register(&r).is_none())
+    );
+    engine
+        .commit(vec![put(&c, b"y")])
+        .await
+        .expect("unlocked after the abort");
+    assert!(
+        engine
+            .resolve(&format!("{ns}-never"), true)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a transaction never prepared here resolves to nothing"
+    );
+}
+
+/// A prepare checks its conditions and fences now: one that fails locks nothing, one that
+/// overlaps a prepared transaction is refused, and an accepted fence is raised at once.
+pub async fn a_prepare_whose_condition_fails_locks_nothing<E: Engine + Clone>(
+    engine: &E,
+    ns: &str,
+) {
+    let d = key(ns, "d");
+    engine.commit(vec![put(&d, b"1")]).await.unwrap();
+    let stale = Write::expecting(d.clone(), Mutation::Put(b"2".to_vec()), Expect::Absent);
+    assert!(matches!(
+        engine.prepare(&format!("{ns}-t3"), vec![stale]).await,
+        Err(EngineError::ExpectationFailed { .. })
+    ));
+    engine
+        .commit(vec![put(&d, b"still free")])
+        .await
+        .expect("a refused prepare locks nothing");
+
+    let lock = format!("{ns}-lock");
+    let fenced = |k: &Key, token| {
+        put(k, b"f").fenced(Fence {
+            lock: lock.clone(),
+            token,
+        })
+    };
+    let first = format!("{ns}-t4");
+    engine
+        .prepare(&first, vec![fenced(&key(ns, "e"), 9)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            engine
+                .prepare(&format!("{ns}-t5"), vec![put(&key(ns, "e"), b"z")])
+                .await,
+            Err(EngineError::InTransaction { .. })
+        ),
+        "two prepared transactions never hold one key"
+    );
+    assert!(
+        matches!(
+            engine.commit(vec![fenced(&key(ns, "g"), 8)]).await,
+            Err(EngineError::Fenced { highest: 9, .. })
+        ),
+        "the prepared fence counts at once"
+    );
+    engine.resolve(&first, true).await.unwrap();
 }

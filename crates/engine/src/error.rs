@@ -69,6 +69,17 @@ pub enum EngineError {
         /// The highest token seen for the lock.
         highest: u64,
     },
+    /// A key of the batch is locked by a prepared two-phase transaction that has not been
+    /// committed or aborted yet. Nothing was written; retry once it is resolved.
+    #[error(
+        "`{key}` is locked by transaction {txn}, prepared and not yet resolved; nothing was written"
+    )]
+    InTransaction {
+        /// The locked key.
+        key: Key,
+        /// The transaction holding it.
+        txn: String,
+    },
     /// The storage below the engine failed (I/O, disk full, ...). The batch was not
     /// acknowledged; it may or may not have been applied only if the error says so.
     #[error("storage failure: {detail}")]
@@ -172,6 +183,7 @@ impl EngineError {
             EngineError::WrongKind { .. } => "wrong_kind",
             EngineError::ExpectationFailed { .. } => "expectation_failed",
             EngineError::Fenced { .. } => "fenced",
+            EngineError::InTransaction { .. } => "in_transaction",
             EngineError::Storage { .. } => "storage",
             EngineError::InvalidSettings { .. } => "invalid_settings",
             EngineError::Unavailable { .. } => "unavailable",

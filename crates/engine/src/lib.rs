@@ -11,6 +11,7 @@
 
 mod any;
 mod batch;
+pub mod batch_codec;
 mod clock;
 pub mod conformance;
 mod error;
@@ -22,6 +23,7 @@ mod postgres;
 mod redis;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod two_phase;
 
 use std::future::Future;
 
@@ -176,6 +178,38 @@ pub trait Engine: Send + Sync + 'static {
                     .await?,
             )
         }
+    }
+
+    /// Two-phase commit, first phase: checks `writes`, locks their keys and keeps them for
+    /// `txn` (see [`two_phase`]). Engines that cannot take part answer
+    /// [`EngineError::Unsupported`].
+    fn prepare(
+        &self,
+        txn: &str,
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send {
+        let _ = (txn, writes);
+        async { Err(no_two_phase()) }
+    }
+
+    /// Two-phase commit, second phase: applies (`commit`) or drops what `txn` prepared; see
+    /// [`two_phase`].
+    fn resolve(
+        &self,
+        txn: &str,
+        commit: bool,
+    ) -> impl Future<Output = Result<Vec<Record>, EngineError>> + Send {
+        let _ = (txn, commit);
+        async { Err(no_two_phase()) }
+    }
+}
+
+/// What an engine that cannot take part in a two-phase commit answers.
+pub fn no_two_phase() -> EngineError {
+    EngineError::Unsupported {
+        detail: "this engine cannot take part in a two-phase commit (the embedded engine, \
+                 PostgreSQL and a cluster's strong collections can)"
+            .into(),
     }
 }
 

@@ -179,4 +179,18 @@ impl<E: Engine> Engine for Instrumented<E> {
         self.observe(2, "commit", started, &result);
         result
     }
+
+    async fn prepare(&self, txn: &str, writes: Vec<Write>) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let result = self.inner.prepare(txn, writes).await;
+        self.observe(2, "commit", started, &result);
+        result
+    }
+
+    async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.resolve(txn, commit).await;
+        self.observe(2, "commit", started, &result);
+        result
+    }
 }

@@ -10,3 +10,4 @@ async fn make() -> (LocalEngine, tempfile::TempDir) {
 }
 
 agentstore_engine::conformance_tests!(make);
+agentstore_engine::conformance_tests!(two_phase: make);

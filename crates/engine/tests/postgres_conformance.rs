@@ -20,3 +20,4 @@ async fn make() -> (PostgresEngine, ()) {
 }
 
 agentstore_engine::conformance_tests!(make);
+agentstore_engine::conformance_tests!(two_phase: make);

@@ -298,8 +298,8 @@ async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
         Some("pk1"),
         "a failed transaction writes nothing"
     );
-    // The Raft group and leaderless replication cannot share a commit; eventual collections
-    // have no leader to order one.
+    // Leaderless replication takes part in no batch: neither alone (no leader orders it) nor
+    // beside the Raft group (it cannot prepare a two-phase commit).
     for keys in [["agent:key:3", "notes:k9"], ["notes:k8", "notes:k9"]] {
         let mut mixed = on_a.transaction();
         mixed.set(keys[0], "x").set(keys[1], "y");
@@ -307,8 +307,7 @@ async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
         assert!(
             matches!(
                 refused,
-                StorageError::CrossEngine { .. }
-                    | StorageError::Engine(EngineError::Unsupported { .. })
+                StorageError::Engine(EngineError::Unsupported { .. })
             ),
             "{keys:?}: {refused}"
         );

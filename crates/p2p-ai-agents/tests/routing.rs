@@ -153,29 +153,56 @@ async fn the_example_config_routes_each_collection_to_its_backend() {
     let listed = storage.scan(&format!("task:{id}"), None, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
 
-    // A transaction inside one engine is one PostgreSQL transaction; across engines it is
-    // refused whole, naming both collections.
+    // A transaction inside one engine is one PostgreSQL transaction.
     let (owner, deputy) = (format!("agent:owner:{id}"), format!("agent:deputy:{id}"));
     let mut pair = storage.transaction();
     pair.compare_and_set(&owner, "ada", None)
         .compare_and_set(&deputy, "bob", None);
     pair.commit().await.unwrap();
     assert!(postgres_has(&owner).await && postgres_has(&deputy).await);
-    let mut mixed = storage.transaction();
-    mixed
-        .set(&format!("agent:x:{id}"), 1)
-        .set(&format!("keys:x:{id}"), 1);
-    let err = mixed.commit().await.unwrap_err();
-    match &err {
-        StorageError::CrossEngine { first, other, .. } => {
-            assert_eq!((first.as_str(), other.as_str()), ("agent", "keys"));
-        }
-        other => panic!("{other}"),
-    }
-    assert!(
-        !postgres_has(&format!("agent:x:{id}")).await,
-        "nothing written: {err}"
+
+    // Across PostgreSQL and the embedded engine: two-phase commit, all or nothing.
+    let (card, key) = (format!("agent:card:{id}"), format!("keys:card:{id}"));
+    let mut both = storage.transaction();
+    both.set(&card, "public").set(&key, "private");
+    let receipts = both.commit().await.unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(postgres_has(&card).await);
+    assert_eq!(
+        storage.get::<String>(&key).await.unwrap().as_deref(),
+        Some("private")
     );
+    // One failed condition (on the local side) writes nothing on either side.
+    let (card2, key2) = (format!("agent:card2:{id}"), format!("keys:card2:{id}"));
+    let mut doomed = storage.transaction();
+    doomed
+        .set(&card2, "public")
+        .compare_and_set(&key, "replaced", None);
+    let err = doomed.commit().await.unwrap_err();
+    assert!(matches!(err, StorageError::VersionMismatch { .. }), "{err}");
+    assert!(
+        !postgres_has(&card2).await,
+        "nothing written on PostgreSQL: {err}"
+    );
+    // ... and locks nothing: both sides take writes again.
+    storage.set(&card2, "free").await.unwrap();
+    storage.set(&key2, "free").await.unwrap();
+    storage.set(&key, "free").await.unwrap();
+    // Redis cannot take part in a two-phase commit: refused, nothing written.
+    let mut with_redis = storage.transaction();
+    with_redis
+        .set(&format!("agent:r:{id}"), 1)
+        .counter_add(&reputation, 1);
+    let err = with_redis.commit().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::Engine(agentstore_engine::EngineError::Unsupported { .. })
+        ),
+        "{err}"
+    );
+    assert!(!postgres_has(&format!("agent:r:{id}")).await);
+    assert_eq!(storage.counter(&reputation).await.unwrap(), 160);
 }
 
 #[tokio::test]

@@ -45,6 +45,8 @@ pub(crate) struct NodeProcess {
     pub(crate) data: PathBuf,
     pub(crate) client: SocketAddr,
     pub(crate) child: Option<Child>,
+    /// Extra environment of the process (`AGENTSTORE_CRASH_AT`, ...).
+    pub(crate) env: Vec<(String, String)>,
 }
 impl NodeProcess {
     pub(crate) fn start(&mut self) {
@@ -52,6 +54,7 @@ impl NodeProcess {
             .args(["node", "--config"])
             .arg(&self.config)
             .env_remove("AGENTSTORE_DATA_DIR")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -114,6 +117,7 @@ pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
             data,
             client,
             child: None,
+            env: Vec::new(),
         });
     }
     for node in &mut nodes {

@@ -34,12 +34,11 @@ use crate::{Engine, Key, Record, Write};
 /// Name of the data file inside the data directory.
 pub const DATA_FILE: &str = "agentstore.redb";
 
-/// Records by key bytes.
-const DATA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
+// Records by key bytes, and the highest fencing token per lock: the tables the Raft state
+// machine keeps too.
+use crate::two_phase::{FENCES, RECORDS as DATA};
 /// Facts about the file itself (its format version).
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
-/// The highest fencing token seen per lock.
-const FENCES: TableDefinition<'_, &str, u64> = TableDefinition::new("fences");
 /// The data-file format this version writes and the newest it reads.
 const FILE_FORMAT: u64 = 1;
 /// Requests waiting for the writer; senders wait when it is full (back-pressure).
@@ -112,6 +111,17 @@ impl LocalEngine {
                 writer: Mutex::new(Some(writer)),
             }),
         })
+    }
+
+    /// Hands `op` to the writer thread and waits for its outcome.
+    async fn request(&self, op: writer::Op) -> Result<Vec<Record>, EngineError> {
+        let queue = self.shared.queue.as_ref().ok_or(EngineError::Closed)?;
+        let (reply, response) = oneshot::channel();
+        queue
+            .send(writer::Request { op, reply })
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        response.await.map_err(|_| EngineError::Closed)?
     }
 
     /// The data file.
@@ -250,14 +260,20 @@ impl Engine for LocalEngine {
         {
             let shared = &self.shared;
             return tokio::task::block_in_place(|| {
-                writer::commit_now(&shared.db, &shared.clock, &writes)
+                writer::commit_now(&shared.db, &shared.clock, &writer::Op::Commit(writes))
             });
         }
-        let (reply, response) = oneshot::channel();
-        queue
-            .send(writer::Request { writes, reply })
+        self.request(writer::Op::Commit(writes)).await
+    }
+
+    async fn prepare(&self, txn: &str, writes: Vec<Write>) -> Result<(), EngineError> {
+        self.request(writer::Op::Prepare(txn.to_owned(), writes))
             .await
-            .map_err(|_| EngineError::Closed)?;
-        response.await.map_err(|_| EngineError::Closed)?
+            .map(drop)
+    }
+
+    async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
+        self.request(writer::Op::Resolve(txn.to_owned(), commit))
+            .await
     }
 }

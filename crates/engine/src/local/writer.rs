@@ -12,14 +12,25 @@ use super::{DATA, FENCES};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
+use crate::two_phase::{RedbParticipant, TXN_LOCKS, TXN_STAGED, check_unlocked};
 use crate::{Fence, Key, Write};
 
 /// Most requests committed in one transaction. Bounds the latency one commit adds to the
 /// requests queued behind it, and the memory a group holds.
 const MAX_GROUP: usize = 256;
 
+/// What a request asks the writer to do.
+pub(super) enum Op {
+    /// Apply a batch (refused if a prepared transaction holds one of its keys).
+    Commit(Vec<Write>),
+    /// Two-phase commit, first phase (see `crate::two_phase`).
+    Prepare(String, Vec<Write>),
+    /// Two-phase commit, second phase: commit (`true`) or abort.
+    Resolve(String, bool),
+}
+
 pub(super) struct Request {
-    pub(super) writes: Vec<Write>,
+    pub(super) op: Op,
     pub(super) reply: oneshot::Sender<Result<Vec<Record>, EngineError>>,
 }
 
@@ -55,8 +66,8 @@ pub(super) fn spawn(
 /// A request whose own checks fail gets its error and writes nothing; the others proceed.
 /// If the commit itself fails, every request gets the error: none was acknowledged.
 fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
-    let batches: Vec<&[Write]> = group.iter().map(|r| r.writes.as_slice()).collect();
-    let outcomes = match apply_group(db, clock, &batches) {
+    let ops: Vec<&Op> = group.iter().map(|r| &r.op).collect();
+    let outcomes = match apply_group(db, clock, &ops) {
         Ok(outcomes) => outcomes,
         Err(err) => {
             let detail = err.to_string();
@@ -78,9 +89,9 @@ fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
 
 type Outcome = Result<Vec<Record>, EngineError>;
 
-/// Commits one batch on the calling thread (the caller holds the turn).
-pub(super) fn commit_now(db: &Database, clock: &NodeClock, writes: &[Write]) -> Outcome {
-    apply_group(db, clock, &[writes])?.pop().unwrap_or_else(|| {
+/// Applies one request on the calling thread (the caller holds the turn).
+pub(super) fn commit_now(db: &Database, clock: &NodeClock, op: &Op) -> Outcome {
+    apply_group(db, clock, &[op])?.pop().unwrap_or_else(|| {
         Err(EngineError::Internal {
             detail: "a one-batch group returned no outcome".into(),
         })
@@ -90,15 +101,44 @@ pub(super) fn commit_now(db: &Database, clock: &NodeClock, writes: &[Write]) -> 
 fn apply_group(
     db: &Database,
     clock: &NodeClock,
-    group: &[&[Write]],
+    group: &[&Op],
 ) -> Result<Vec<Outcome>, EngineError> {
     let txn = db.begin_write().map_err(EngineError::storage)?;
     let mut outcomes = Vec::with_capacity(group.len());
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let mut fences = txn.open_table(FENCES).map_err(EngineError::storage)?;
-        for writes in group {
-            let checked = check_fences(&fences, writes)
+        let mut locks = txn.open_table(TXN_LOCKS).map_err(EngineError::storage)?;
+        let mut staged = txn.open_table(TXN_STAGED).map_err(EngineError::storage)?;
+        for op in group {
+            let writes = match op {
+                Op::Commit(writes) => writes,
+                Op::Prepare(id, writes) => {
+                    let physical_ms = clock.physical_ms();
+                    let mut participant = RedbParticipant {
+                        records: &mut table,
+                        fences: &mut fences,
+                        locks: &mut locks,
+                        staged: &mut staged,
+                    };
+                    let prepared = participant.prepare(&mut clock.lock(), physical_ms, id, writes);
+                    outcomes.push(prepared.map(|()| Vec::new()));
+                    continue;
+                }
+                Op::Resolve(id, commit) => {
+                    let physical_ms = clock.physical_ms();
+                    let mut participant = RedbParticipant {
+                        records: &mut table,
+                        fences: &mut fences,
+                        locks: &mut locks,
+                        staged: &mut staged,
+                    };
+                    outcomes.push(participant.resolve(&mut clock.lock(), physical_ms, id, *commit));
+                    continue;
+                }
+            };
+            let checked = check_unlocked(&locks, writes)
+                .and_then(|()| check_fences(&fences, writes))
                 .and_then(|accepted| Ok((accepted, prepare(&table, clock, writes)?)));
             match checked {
                 Ok((accepted, results)) => {

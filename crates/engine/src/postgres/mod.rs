@@ -88,7 +88,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         "CREATE TABLE agentstore_fences (lock text PRIMARY KEY, token bigint NOT NULL)",
     ),
+    // Two-phase commit: the prepared transaction holding a row, and its staged writes.
+    (3, "ALTER TABLE agentstore_records ADD COLUMN txn text"),
+    (
+        4,
+        "CREATE TABLE agentstore_txn_staged (txn text PRIMARY KEY, writes bytea NOT NULL)",
+    ),
 ];
+
+/// What a locked-rows transaction does once its rows are locked and checked.
+#[derive(Debug, Clone, Copy)]
+enum Step<'a> {
+    /// Write the batch.
+    Commit,
+    /// Lock the rows for this two-phase transaction and stage the batch.
+    Prepare(&'a str),
+}
 
 /// Attempts before a transaction that keeps failing to serialize gives up.
 const MAX_ATTEMPTS: u32 = 32;
@@ -238,7 +253,15 @@ impl PostgresEngine {
 
     async fn migrate(&self) -> Result<(), EngineError> {
         let mut client = self.shared.pool.get().await.map_err(pool_error)?;
-        let txn = client.transaction().await.map_err(pg_error)?;
+        // Read committed whatever the connection's default: each statement after the lock
+        // must see what a migrator that held it before committed (a serializable snapshot
+        // would be taken while waiting for the lock, and apply a migration twice).
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(pg_error)?;
         txn.execute_typed("SELECT pg_advisory_xact_lock(7234712347)", &[])
             .await
             .map_err(pg_error)?;
@@ -330,7 +353,7 @@ impl PostgresEngine {
         let key = write.key.as_bytes();
         let row = match client
             .query_typed_opt(
-                "SELECT record FROM agentstore_records WHERE key = $1",
+                "SELECT record, txn FROM agentstore_records WHERE key = $1",
                 &[(&key, Type::BYTEA)],
             )
             .await
@@ -339,6 +362,12 @@ impl PostgresEngine {
             Err(e) if retryable(&e) => return Ok(Err(e.to_string())),
             Err(e) => return Err(pg_error(e)),
         };
+        if let Some(holder) = row.as_ref().and_then(|row| row.get::<_, Option<String>>(1)) {
+            return Err(EngineError::InTransaction {
+                key: write.key.clone(),
+                txn: holder,
+            });
+        }
         let exists = row.is_some();
         let old: Option<Vec<u8>> = row.and_then(|row| row.get(0));
         let stored = batch::decode_stored(&write.key, old.as_deref())?;
@@ -351,7 +380,7 @@ impl PostgresEngine {
         let written = if exists {
             client
                 .execute_typed(
-                    "UPDATE agentstore_records SET record = $2 WHERE key = $1 AND record IS NOT DISTINCT FROM $3",
+                    "UPDATE agentstore_records SET record = $2 WHERE key = $1 AND record IS NOT DISTINCT FROM $3 AND txn IS NULL",
                     &[(&key, Type::BYTEA), (&new, Type::BYTEA), (&old, Type::BYTEA)],
                 )
                 .await
@@ -371,10 +400,12 @@ impl PostgresEngine {
         }
     }
 
-    /// One transaction. `Ok(Err(e))` is a retryable failure.
+    /// One transaction that locks the batch's rows, checks them and does `step`.
+    /// `Ok(Err(e))` is a retryable failure.
     async fn try_commit(
         &self,
         writes: &[Write],
+        step: Step<'_>,
     ) -> Result<Result<Vec<Record>, tokio_postgres::Error>, EngineError> {
         let mut keys = batch::distinct_keys(writes);
         // A fixed lock order makes deadlocks between two batches rarer (they are retried anyway).
@@ -400,22 +431,39 @@ impl PostgresEngine {
             .await?;
             let rows = txn
                 .query_typed(
-                    "SELECT key, record FROM agentstore_records WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+                    "SELECT key, record, txn FROM agentstore_records WHERE key = ANY($1) ORDER BY key FOR UPDATE",
                     &[(&key_bytes, Type::BYTEA_ARRAY)],
                 )
                 .await?;
-            Ok::<_, tokio_postgres::Error>(rows)
+            let prepared = match step {
+                Step::Prepare(id) => txn
+                    .query_typed_opt(
+                        "SELECT 1 FROM agentstore_txn_staged WHERE txn = $1",
+                        &[(&id, Type::TEXT)],
+                    )
+                    .await?
+                    .is_some(),
+                Step::Commit => false,
+            };
+            Ok::<_, tokio_postgres::Error>((rows, prepared))
         };
-        let rows = match attempt.await {
-            Ok(rows) => rows,
+        let (rows, prepared) = match attempt.await {
+            Ok(found) => found,
             Err(e) if retryable(&e) => return Ok(Err(e)),
             Err(e) => return Err(pg_error(e)),
         };
+        if prepared {
+            // Prepared before (a coordinator retrying): the same answer, nothing new.
+            return Ok(Ok(Vec::new()));
+        }
         let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
         for row in rows {
             let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
                 detail: format!("postgres holds an invalid key: {e}"),
             })?;
+            if let Some(holder) = row.get::<_, Option<String>>(2) {
+                return Err(EngineError::InTransaction { key, txn: holder });
+            }
             let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
             stored.push((key, record));
         }
@@ -478,13 +526,33 @@ impl PostgresEngine {
             (&final_keys, Type::BYTEA_ARRAY),
             (&final_records, Type::BYTEA_ARRAY),
         ];
+        let staged = match step {
+            Step::Prepare(_) => crate::batch_codec::encode_writes(writes),
+            Step::Commit => Vec::new(),
+        };
         let finish = async {
-            txn.execute_typed(
-                "UPDATE agentstore_records SET record = v.record \
-                 FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
-                &params,
-            )
-            .await?;
+            match step {
+                Step::Commit => {
+                    txn.execute_typed(
+                        "UPDATE agentstore_records SET record = v.record \
+                         FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
+                        &params,
+                    )
+                    .await?;
+                }
+                Step::Prepare(id) => {
+                    txn.execute_typed(
+                        "UPDATE agentstore_records SET txn = $2 WHERE key = ANY($1)",
+                        &[(&key_bytes, Type::BYTEA_ARRAY), (&id, Type::TEXT)],
+                    )
+                    .await?;
+                    txn.execute_typed(
+                        "INSERT INTO agentstore_txn_staged (txn, writes) VALUES ($1, $2)",
+                        &[(&id, Type::TEXT), (&staged, Type::BYTEA)],
+                    )
+                    .await?;
+                }
+            }
             if !fences.is_empty() {
                 txn.execute_typed(
                     "UPDATE agentstore_fences SET token = v.token \
@@ -496,10 +564,133 @@ impl PostgresEngine {
             txn.commit().await
         };
         match finish.await {
+            Ok(()) if matches!(step, Step::Prepare(_)) => Ok(Ok(Vec::new())),
             Ok(()) => Ok(Ok(results.into_iter().map(|(_, r)| r).collect())),
             Err(e) if retryable(&e) => Ok(Err(e)),
             Err(e) => Err(pg_error(e)),
         }
+    }
+
+    /// One transaction that commits or aborts what `id` prepared. `Ok(Err(e))` is a
+    /// retryable failure.
+    async fn try_resolve(
+        &self,
+        id: &str,
+        commit: bool,
+    ) -> Result<Result<Vec<Record>, tokio_postgres::Error>, EngineError> {
+        let mut client = self.shared.pool.get().await.map_err(pool_error)?;
+        let txn = match client
+            .build_transaction()
+            .isolation_level(self.isolation())
+            .start()
+            .await
+        {
+            Ok(txn) => txn,
+            Err(e) if retryable(&e) => return Ok(Err(e)),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let staged = match txn
+            .query_typed_opt(
+                "DELETE FROM agentstore_txn_staged WHERE txn = $1 RETURNING writes",
+                &[(&id, Type::TEXT)],
+            )
+            .await
+        {
+            Ok(row) => row.map(|row| row.get::<_, Vec<u8>>(0)),
+            Err(e) if retryable(&e) => return Ok(Err(e)),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let Some(staged) = staged else {
+            // Not prepared here, or resolved already.
+            return Ok(Ok(Vec::new()));
+        };
+        let writes = crate::two_phase::unconditional(
+            crate::batch_codec::decode_writes(&staged).map_err(|e| EngineError::Storage {
+                detail: format!("postgres holds invalid staged writes for {id}: {e}"),
+            })?,
+        );
+        let attempt = async {
+            let rows = txn
+                .query_typed(
+                    "UPDATE agentstore_records SET txn = NULL WHERE txn = $1 RETURNING key, record",
+                    &[(&id, Type::TEXT)],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(rows)
+        };
+        let rows = match attempt.await {
+            Ok(rows) => rows,
+            Err(e) if retryable(&e) => return Ok(Err(e)),
+            Err(e) => return Err(pg_error(e)),
+        };
+        let mut results = Vec::new();
+        if commit {
+            let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
+            for row in rows {
+                let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
+                    detail: format!("postgres holds an invalid key: {e}"),
+                })?;
+                let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
+                stored.push((key, record));
+            }
+            results = batch::prepare(
+                |key| {
+                    Ok(stored
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .and_then(|(_, r)| r.clone()))
+                },
+                &self.shared.clock,
+                &writes,
+            )?;
+            let finals = batch::final_records(&results);
+            let keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
+            let records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
+            if let Err(e) = txn
+                .execute_typed(
+                    "UPDATE agentstore_records SET record = v.record \
+                     FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
+                    &[(&keys, Type::BYTEA_ARRAY), (&records, Type::BYTEA_ARRAY)],
+                )
+                .await
+            {
+                return if retryable(&e) { Ok(Err(e)) } else { Err(pg_error(e)) };
+            }
+        }
+        match txn.commit().await {
+            Ok(()) => Ok(Ok(results.into_iter().map(|(_, r)| r).collect())),
+            Err(e) if retryable(&e) => Ok(Err(e)),
+            Err(e) => Err(pg_error(e)),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds or fails for good, backing off between retryable
+    /// failures (serialization failures, deadlocks, lost races).
+    async fn retrying<F, Fut, E>(&self, mut attempt: F) -> Result<Vec<Record>, EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Result<Vec<Record>, E>, EngineError>>,
+        E: std::fmt::Display,
+    {
+        let mut last = None;
+        for n in 0..MAX_ATTEMPTS {
+            match attempt().await? {
+                Ok(records) => return Ok(records),
+                Err(err) => {
+                    tracing::debug!(attempt = n, error = %err, "transaction retried");
+                    if let Some(metrics) = &self.shared.options.metrics {
+                        metrics.retry("postgres");
+                    }
+                    last = Some(err.to_string());
+                    tokio::time::sleep(backoff(n)).await;
+                }
+            }
+        }
+        let detail = last.unwrap_or_default();
+        tracing::warn!(%detail, "transaction gave up after {MAX_ATTEMPTS} attempts");
+        Err(EngineError::Contention {
+            attempts: MAX_ATTEMPTS,
+        })
     }
 }
 
@@ -575,29 +766,28 @@ impl Engine for PostgresEngine {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut last = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            let outcome = match writes.as_slice() {
+        let writes = &writes;
+        self.retrying(|| async move {
+            Ok(match writes.as_slice() {
                 [single] if single.fence.is_none() => self.try_single(single).await?,
-                _ => self.try_commit(&writes).await?.map_err(|e| e.to_string()),
-            };
-            match outcome {
-                Ok(records) => return Ok(records),
-                Err(err) => {
-                    tracing::debug!(attempt, error = %err, "transaction retried");
-                    if let Some(metrics) = &self.shared.options.metrics {
-                        metrics.retry("postgres");
-                    }
-                    last = Some(err);
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-            }
-        }
-        let detail = last.unwrap_or_default();
-        tracing::warn!(%detail, "transaction gave up after {MAX_ATTEMPTS} attempts");
-        Err(EngineError::Contention {
-            attempts: MAX_ATTEMPTS,
+                _ => self
+                    .try_commit(writes, Step::Commit)
+                    .await?
+                    .map_err(|e| e.to_string()),
+            })
         })
+        .await
+    }
+
+    async fn prepare(&self, txn: &str, writes: Vec<Write>) -> Result<(), EngineError> {
+        let writes = &writes;
+        self.retrying(|| self.try_commit(writes, Step::Prepare(txn)))
+            .await
+            .map(drop)
+    }
+
+    async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
+        self.retrying(|| self.try_resolve(txn, commit)).await
     }
 }
 

@@ -82,22 +82,23 @@ pub enum StorageError {
         /// The key.
         key: String,
     },
-    /// A transaction's collections are served by different engines, which cannot share one
-    /// atomic commit; nothing was written.
+    /// A cross-engine transaction is decided (`committed` or aborted) but a participant has
+    /// not applied the decision yet; the store keeps telling it in the background, and its
+    /// keys stay locked until it has.
     #[error(
-        "a transaction spans `{first}` (on {first_backend}) and `{other}` (on {other_backend}); \
-         one atomic commit spans one engine, and two-phase commit across engines is not \
-         available: keep the transaction's collections on one backend; nothing was written"
+        "transaction {txn} is decided ({}) but `{collection}` has not applied it yet ({detail}); \
+         it will be applied in the background, and its keys stay locked until then",
+        if *committed { "committed" } else { "aborted" }
     )]
-    CrossEngine {
-        /// The first write's collection.
-        first: String,
-        /// Its engine.
-        first_backend: &'static str,
-        /// A collection on another engine.
-        other: String,
-        /// Its engine.
-        other_backend: &'static str,
+    TransactionUnfinished {
+        /// The transaction.
+        txn: String,
+        /// Whether the decision was to commit.
+        committed: bool,
+        /// A participant's collection that has not applied it.
+        collection: String,
+        /// Why.
+        detail: String,
     },
     /// The call asks for a level the collection's mechanism cannot deliver.
     #[error(
@@ -131,7 +132,7 @@ impl StorageError {
             StorageError::WrongOperation { .. } => "wrong_operation",
             StorageError::Siblings { .. } => "siblings",
             StorageError::VersionMismatch { .. } => "version_mismatch",
-            StorageError::CrossEngine { .. } => "cross_engine",
+            StorageError::TransactionUnfinished { .. } => "transaction_unfinished",
             StorageError::LevelUnavailable { .. } => "level_unavailable",
             StorageError::Engine(err) => err.kind(),
         }

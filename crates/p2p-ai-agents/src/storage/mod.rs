@@ -33,6 +33,7 @@ mod remote;
 mod routes;
 pub mod server;
 mod transaction;
+mod two_phase;
 mod values;
 mod version;
 
@@ -143,6 +144,8 @@ struct Inner {
     routes: Routes,
     /// This store's metrics (engine latency, errors, retries, WAIT shortfalls).
     registry: Registry,
+    /// The durable log of cross-engine transactions this store coordinates.
+    coordinator: two_phase::Coordinator,
 }
 
 /// What a call resolved to: the key, its collection's plan and engine, and the effective level.
@@ -272,15 +275,41 @@ impl Storage {
         let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
         let mut registry = Registry::default();
         let metrics = EngineMetrics::register(&mut registry);
+        let in_cluster = cluster.is_some();
         let routes = Routes::open(&config, &data_dir, clock, metrics, cluster).await?;
-        Ok(Self {
+        let coordinator = two_phase::Coordinator::new(&data_dir, config.node_id.as_str());
+        let recover = coordinator.has_log();
+        let storage = Self {
             inner: Arc::new(Inner {
                 config,
                 data_dir,
                 routes,
                 registry,
+                coordinator,
             }),
-        })
+        };
+        if recover && in_cluster {
+            // A cluster's Raft group may not have a leader yet: recover once it has.
+            storage.recover_in_background();
+        } else if recover {
+            // Transactions an earlier run left unfinished end all-or-nothing before anything
+            // else is served; what cannot be resolved yet (a participant down) is retried.
+            match storage.recover_transactions().await {
+                Ok(0) => {}
+                Ok(left) => {
+                    tracing::warn!(
+                        left,
+                        "unfinished transactions are retried in the background"
+                    );
+                    storage.recover_in_background();
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "transaction recovery is retried in the background");
+                    storage.recover_in_background();
+                }
+            }
+        }
+        Ok(storage)
     }
 
     /// The configuration in force.
@@ -308,27 +337,17 @@ impl Storage {
         &self.inner.routes.get(collection).engine
     }
 
-    /// The one engine that serves all of `collections`, which an atomic batch of writes to
-    /// them needs; [`StorageError::CrossEngine`] if two of them are served by different ones.
+    /// The one engine that serves all of `collections`, if one does (an atomic batch of
+    /// writes to them is then one commit of it).
     pub(crate) fn batch_engine<'c>(
         &self,
         mut collections: impl Iterator<Item = &'c str>,
-    ) -> Result<&Instrumented<AnyEngine>> {
+    ) -> Option<&Instrumented<AnyEngine>> {
         let routes = &self.inner.routes;
-        let first_name = collections.next().unwrap_or_default();
-        let first = routes.get(first_name);
-        for name in collections {
-            let route = routes.get(name);
-            if route.instance != first.instance {
-                return Err(StorageError::CrossEngine {
-                    first: first_name.to_owned(),
-                    first_backend: first.engine.inner().backend(),
-                    other: name.to_owned(),
-                    other_backend: route.engine.inner().backend(),
-                });
-            }
-        }
-        Ok(&first.engine)
+        let first = routes.get(collections.next().unwrap_or_default());
+        collections
+            .all(|name| routes.get(name).instance == first.instance)
+            .then_some(&first.engine)
     }
 
     /// Settings and guarantee of a collection.

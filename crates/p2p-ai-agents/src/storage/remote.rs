@@ -8,8 +8,8 @@
 
 use std::sync::Mutex;
 
-use agentstore_consensus::command::{decode_outcome, encode_command};
 use agentstore_core::{Key, Record, codec};
+use agentstore_engine::batch_codec::{decode_outcome, encode_writes};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -191,7 +191,7 @@ impl NodeClient {
                 acknowledged: count("acknowledged"),
                 needed: count("needed"),
             },
-            "unsupported" | "cross_engine" => EngineError::Unsupported { detail: message },
+            "unsupported" => EngineError::Unsupported { detail: message },
             "indeterminate" => EngineError::Indeterminate {
                 backend: "node",
                 detail: message,
@@ -253,7 +253,7 @@ impl DynEngine for NodeClient {
                 matches!(writes.as_slice(), [w] if w.expect.is_none() && w.fence.is_none());
             if !single {
                 // Batches and conditions: the node applies them atomically, on one engine.
-                let body = encode_command(0, &writes);
+                let body = encode_writes(&writes);
                 let (status, answer) = self.call(Method::POST, "/v1/records", body).await?;
                 if status != StatusCode::OK {
                     return Err(Self::refused(status, &answer));

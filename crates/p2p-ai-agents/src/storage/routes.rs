@@ -58,6 +58,11 @@ impl Routes {
             metrics: metrics.clone(),
             opened: HashMap::new(),
             in_cluster: cluster.is_some(),
+            one_remote: cluster.as_ref().is_some_and(|c| {
+                c.strong.as_ref().is_some_and(|strong| {
+                    Arc::as_ptr(strong).cast::<()>() == Arc::as_ptr(&c.leaderless).cast::<()>()
+                })
+            }),
         };
         if let Some(cluster) = cluster {
             let mut add = |instance, engine: Arc<dyn DynEngine>| {
@@ -107,14 +112,20 @@ struct Engines<'a> {
     opened: HashMap<Instance, Instrumented<AnyEngine>>,
     /// Whether the `local` collections live in a cluster.
     in_cluster: bool,
+    /// Whether one engine (a node reached over the network) serves both the leaderless and
+    /// the Raft collections: a batch across them is one call to the node, which commits it.
+    one_remote: bool,
 }
 
 impl Engines<'_> {
     /// The route of `collection`, opening its engine if no collection opened it yet.
     async fn route(&mut self, collection: &str) -> Result<Route> {
         let plan = self.plan(collection);
-        let instance = self.instance(&plan);
         let engine = self.for_plan(&plan).await?;
+        let instance = match self.instance(&plan) {
+            Instance::Raft if self.one_remote => Instance::Local,
+            instance => instance,
+        };
         Ok(Route {
             plan,
             engine,

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine};
-use agentstore_consensus::command::{decode_command, encode_outcome};
 use agentstore_core::config::Config;
 use agentstore_core::{ConsistencyLevel, Key, codec};
+use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
 use agentstore_engine::{Engine, EngineError, LocalEngine, NodeClock, Write};
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -94,6 +94,9 @@ fn engine_error(err: EngineError) -> ApiError {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "indeterminate", message)
         }
         EngineError::Fenced { .. } => ApiError::new(StatusCode::CONFLICT, "fenced", message),
+        EngineError::InTransaction { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "in_transaction", message)
+        }
         EngineError::Unsupported { .. } => {
             ApiError::new(StatusCode::CONFLICT, "unsupported", message)
         }
@@ -117,7 +120,11 @@ impl From<StorageError> for ApiError {
             StorageError::WrongOperation { .. } => conflict("wrong_operation"),
             StorageError::Siblings { .. } => conflict("siblings"),
             StorageError::VersionMismatch { .. } => conflict("version_mismatch"),
-            StorageError::CrossEngine { .. } => conflict("cross_engine"),
+            StorageError::TransactionUnfinished { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transaction_unfinished",
+                &message,
+            ),
             StorageError::LevelUnavailable { .. } => conflict("consistency_unavailable"),
             StorageError::Engine(err) => engine_error(err),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
@@ -373,23 +380,21 @@ async fn apply_record(
 }
 
 /// Applies a batch of writes atomically (compare-and-set and fences included), for
-/// [`super::NodeClient`]: the body is a batch in the Raft command encoding; the answer is the
-/// outcome in its encoding, a refused condition included (any other failure is an error
-/// answer, as for a single write).
+/// [`super::NodeClient`], as a transaction of this node's store would (across engines, by
+/// two-phase commit): the body is a batch in `agentstore_engine::batch_codec`'s encoding;
+/// the answer is the outcome in its encoding, a refused condition included (any other
+/// failure is an error answer, as for a single write).
 async fn apply_batch(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
-    let (_, writes) =
-        decode_command(&body).map_err(|e| invalid_body(&format!("not an encoded batch: {e}")))?;
-    let engine = api
-        .storage
-        .batch_engine(writes.iter().map(|w| w.key.collection()))?;
-    let outcome = engine.commit(writes).await;
-    match outcome {
-        Err(
+    let writes =
+        decode_writes(&body).map_err(|e| invalid_body(&format!("not an encoded batch: {e}")))?;
+    match api.storage.commit_writes(writes).await {
+        Err(StorageError::Engine(
             err @ (EngineError::ExpectationFailed { .. }
             | EngineError::Fenced { .. }
-            | EngineError::WrongKind { .. }),
-        ) => Ok(octets(encode_outcome(&Err(err)))),
-        Err(err) => Err(engine_error(err)),
+            | EngineError::WrongKind { .. }
+            | EngineError::InTransaction { .. }),
+        )) => Ok(octets(encode_outcome(&Err(err)))),
+        Err(err) => Err(err.into()),
         Ok(records) => Ok(octets(encode_outcome(&Ok(records)))),
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use agentstore_core::config::ConflictStrategy;
 use agentstore_core::record::Mutation;
-use agentstore_engine::{Engine, EngineError, Expect, Write};
+use agentstore_engine::{Engine, EngineError, Expect, Record, Write};
 use serde::Serialize;
 
 use super::{Call, Result, Storage, StorageError, Version, WriteReceipt, traced};
@@ -12,13 +12,17 @@ use super::{Call, Result, Storage, StorageError, Version, WriteReceipt, traced};
 /// Writes to several keys that apply all together or not at all, made by
 /// [`Storage::transaction`] and applied by [`Transaction::commit`].
 ///
-/// The writes of a transaction go to their collections' engine in one atomic commit: one
-/// redb transaction on the embedded engine, one Raft log entry for strong collections in a
-/// cluster, one serializable PostgreSQL transaction, one `MULTI`/`EXEC` on Redis. Every
-/// condition (compare-and-set, fencing token) is checked inside that commit, so one failed
-/// condition writes nothing. Collections served by different engines cannot share a commit:
-/// such a transaction is refused whole with [`StorageError::CrossEngine`]. A cluster's eventual
-/// collections have no leader to order a batch, and refuse one (`unsupported`).
+/// When every write's collection is served by one engine, the transaction is one atomic
+/// commit of it: one redb transaction on the embedded engine, one Raft log entry for strong
+/// collections in a cluster, one serializable PostgreSQL transaction, one `MULTI`/`EXEC` on
+/// Redis. Across engines (a Raft collection and a PostgreSQL one, say) it is a two-phase
+/// commit coordinated by this store, with a durable coordinator record: all or nothing, even
+/// if this process dies in the middle (it finishes the transaction when it opens again); see
+/// the `two_phase` module for what readers see meanwhile. Every condition
+/// (compare-and-set, fencing token) is checked before anything is written, so one failed
+/// condition writes nothing. Redis and a cluster's eventual collections cannot take part in
+/// a two-phase commit (`unsupported`), and a cluster's eventual collections have no leader
+/// to order even a single-engine batch (`unsupported`).
 ///
 /// ```no_run
 /// # async fn demo(storage: &p2p_ai_agents::storage::Storage) -> p2p_ai_agents::storage::Result<()> {
@@ -53,6 +57,20 @@ impl Storage {
             storage: self,
             staged: Vec::new(),
             error: None,
+        }
+    }
+}
+
+impl Storage {
+    /// Applies `writes` atomically: in one commit of their engine, or by two-phase commit
+    /// when their collections live on different engines. Returns the record of each write.
+    pub(crate) async fn commit_writes(&self, writes: Vec<Write>) -> Result<Vec<Record>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.batch_engine(writes.iter().map(|w| w.key.collection())) {
+            Some(engine) => Ok(engine.commit(writes).await?),
+            None => self.two_phase_commit(writes).await,
         }
     }
 }
@@ -139,21 +157,15 @@ impl<'s> Transaction<'s> {
             if let Some(err) = self.error {
                 return Err(err);
             }
-            if self.staged.is_empty() {
-                return Ok(Vec::new());
-            }
-            let engine = self
-                .storage
-                .batch_engine(self.staged.iter().map(|(call, _)| call.key.collection()))?;
             let writes: Vec<Write> = self.staged.iter().map(|(_, w)| w.clone()).collect();
-            let records = match engine.commit(writes).await {
+            let records = match self.storage.commit_writes(writes).await {
                 Ok(records) => records,
-                Err(EngineError::ExpectationFailed { key, .. }) => {
+                Err(StorageError::Engine(EngineError::ExpectationFailed { key, .. })) => {
                     return Err(StorageError::VersionMismatch {
                         key: key.to_string(),
                     });
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             };
             Ok(self
                 .staged
