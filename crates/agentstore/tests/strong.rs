@@ -406,3 +406,71 @@ fn bank_transfers_in_transactions_keep_the_total_through_a_killed_leader() {
     assert!(done >= 10, "only {done} transfers went through");
     assert!(audits.into_inner() >= 10);
 }
+
+#[test]
+fn leases_minted_through_raft_fence_off_a_holder_that_outlived_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), COLLECTIONS);
+    leader(&nodes);
+    let acquire = |node: &NodeProcess, holder: &str, ttl: u64| {
+        http(
+            node.client,
+            "POST",
+            "/v1/locks/agent:lock:payout",
+            &format!(r#"{{"holder":"{holder}","ttl_ms":{ttl}}}"#),
+        )
+        .unwrap()
+    };
+    let (code, body) = acquire(&nodes[0], "worker-a", 500);
+    assert_eq!(code, 200, "{body}");
+    let first: Json = serde_json::from_str(&body).unwrap();
+    let (code, body) = acquire(&nodes[1], "worker-b", 5000);
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("lock_held") && body.contains("worker-a"),
+        "{body}"
+    );
+
+    // worker-a stalls past its lease; worker-b, through another node, takes over.
+    std::thread::sleep(Duration::from_millis(700));
+    let (code, body) = acquire(&nodes[1], "worker-b", 5000);
+    assert_eq!(code, 200, "{body}");
+    let second: Json = serde_json::from_str(&body).unwrap();
+    assert!(
+        second["token"].as_u64() > first["token"].as_u64(),
+        "{first} {second}"
+    );
+
+    // worker-a wakes up and writes with its old token: refused on every node.
+    let fenced_put = |node: &NodeProcess, token: &Json, value: &str| {
+        http(
+            node.client,
+            "PUT",
+            &format!("/v1/keys/agent:payout?fence_lock=agent:lock:payout&fence_token={token}"),
+            value,
+        )
+        .unwrap()
+    };
+    for node in &nodes {
+        let (code, body) = fenced_put(node, &first["token"], r#""from a""#);
+        assert_eq!(code, 409, "{body}");
+        assert!(body.contains("fenced"), "{body}");
+    }
+    let (code, body) = fenced_put(&nodes[2], &second["token"], r#""from b""#);
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = http(nodes[0].client, "GET", "/v1/keys/agent:payout", "").unwrap();
+    assert!(body.contains("from b"), "{body}");
+    // The lock's key shows the lease.
+    let (_, body) = http(nodes[0].client, "GET", "/v1/keys/agent:lock:payout", "").unwrap();
+    assert!(body.contains("worker-b"), "{body}");
+    let (code, body) = http(
+        nodes[1].client,
+        "DELETE",
+        &format!("/v1/locks/agent:lock:payout?token={}", second["token"]),
+        "",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = acquire(&nodes[2], "worker-c", 5000);
+    assert_eq!(code, 200, "released, the lock is free: {body}");
+}

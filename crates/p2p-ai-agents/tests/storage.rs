@@ -485,3 +485,75 @@ async fn transactions_apply_all_or_nothing_and_transfers_keep_the_total() {
     assert_eq!(after, 400);
     assert!(storage.transaction().commit().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn leases_grant_increasing_tokens_and_fence_off_an_expired_holder() {
+    use std::time::Duration;
+    let f = open(&[]).await;
+    let storage = &f.storage;
+    let first = storage
+        .acquire_lock("locks:payout", "worker-a", Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(first.token, 1);
+    let held = storage
+        .acquire_lock("locks:payout", "worker-b", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&held, StorageError::LockHeld { holder, .. } if holder == "worker-a"),
+        "{held}"
+    );
+    let renewed = storage
+        .acquire_lock("locks:payout", "worker-a", Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(renewed.token, 1, "the holder renews its own lease");
+
+    // worker-a stalls past its lease; worker-b takes over with a higher token.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = storage
+        .acquire_lock("locks:payout", "worker-b", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(second.token, 2);
+    let mut late = storage.transaction();
+    late.set("ledger:payout", "from a").fenced(&first);
+    let fenced = late.commit().await.unwrap_err();
+    assert!(
+        matches!(
+            fenced,
+            StorageError::Engine(agentstore_engine::EngineError::Fenced {
+                token: 1,
+                highest: 2,
+                ..
+            })
+        ),
+        "the stale holder is fenced off even before the new one wrote: {fenced}"
+    );
+    let mut current = storage.transaction();
+    current.set("ledger:payout", "from b").fenced(&second);
+    current.commit().await.unwrap();
+    assert_eq!(
+        storage
+            .get::<String>("ledger:payout")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("from b")
+    );
+    storage.release_lock(&first).await.unwrap(); // not the current grant: nothing happens
+    assert!(
+        storage
+            .acquire_lock("locks:payout", "worker-c", Duration::from_secs(5))
+            .await
+            .is_err(),
+        "releasing an old grant does not free the lock"
+    );
+    storage.release_lock(&second).await.unwrap();
+    let third = storage
+        .acquire_lock("locks:payout", "worker-c", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(third.token, 3, "tokens keep growing across releases");
+}

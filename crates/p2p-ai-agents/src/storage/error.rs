@@ -82,6 +82,16 @@ pub enum StorageError {
         /// The key.
         key: String,
     },
+    /// The lock is held by another holder whose lease has not expired.
+    #[error("lock `{lock}` is held by `{holder}` until {expires_at_ms} ms (Unix time)")]
+    LockHeld {
+        /// The lock's key.
+        lock: String,
+        /// Who holds it.
+        holder: String,
+        /// When that lease expires.
+        expires_at_ms: u64,
+    },
     /// A cross-engine transaction is decided (`committed` or aborted) but a participant has
     /// not applied the decision yet; the store keeps telling it in the background, and its
     /// keys stay locked until it has.
@@ -133,6 +143,7 @@ impl StorageError {
             StorageError::Siblings { .. } => "siblings",
             StorageError::VersionMismatch { .. } => "version_mismatch",
             StorageError::TransactionUnfinished { .. } => "transaction_unfinished",
+            StorageError::LockHeld { .. } => "lock_held",
             StorageError::LevelUnavailable { .. } => "level_unavailable",
             StorageError::Engine(err) => err.kind(),
         }

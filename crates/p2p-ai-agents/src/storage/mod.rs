@@ -29,6 +29,7 @@
 //! configuration line to change.
 
 mod error;
+mod lease;
 mod remote;
 mod routes;
 pub mod server;
@@ -57,6 +58,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
 pub use self::error::{Result, StorageError};
+pub use self::lease::Lease;
 pub use self::remote::NodeClient;
 use self::routes::{ClusterEngines, Routes};
 pub use self::transaction::Transaction;

@@ -18,7 +18,7 @@ use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEn
 use agentstore_core::config::Config;
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
-use agentstore_engine::{Engine, EngineError, LocalEngine, NodeClock, Write};
+use agentstore_engine::{Engine, EngineError, Fence, LocalEngine, NodeClock, Write};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -120,6 +120,14 @@ impl From<StorageError> for ApiError {
             StorageError::WrongOperation { .. } => conflict("wrong_operation"),
             StorageError::Siblings { .. } => conflict("siblings"),
             StorageError::VersionMismatch { .. } => conflict("version_mismatch"),
+            StorageError::LockHeld {
+                holder,
+                expires_at_ms,
+                ..
+            } => ApiError {
+                extra: json!({ "holder": holder, "expires_at_ms": expires_at_ms }),
+                ..conflict("lock_held")
+            },
             StorageError::TransactionUnfinished { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transaction_unfinished",
@@ -175,6 +183,23 @@ struct KeyQuery {
     stale: Option<bool>,
     /// Compare-and-set: write only if the key is at this version (`absent`: has no value).
     if_version: Option<String>,
+    /// A fenced write: the lock (a key) and the token of the lease it is made under.
+    fence_lock: Option<String>,
+    fence_token: Option<u64>,
+}
+
+/// The fence of a request: both parts, or neither.
+fn fence(lock: &Option<String>, token: Option<u64>) -> Result<Option<Fence>, ApiError> {
+    match (lock, token) {
+        (Some(lock), Some(token)) => Ok(Some(Fence {
+            lock: lock.clone(),
+            token,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(invalid_query(
+            "a fence needs both fence_lock and fence_token",
+        )),
+    }
 }
 
 fn context(query: &KeyQuery) -> Result<Option<Version>, ApiError> {
@@ -250,6 +275,18 @@ async fn put_key(
         // A multi-value write replaces the siblings its context names; no context adds one.
         let context = context(&query)?.unwrap_or_default();
         storage.set_with_context(&key, value, &context).await?
+    } else if let Some(fence) = fence(&query.fence_lock, query.fence_token)? {
+        if query.consistency.is_some() || query.if_version.is_some() {
+            return Err(invalid_query(
+                "a fenced write takes no consistency= or if_version= (use POST /v1/transactions)",
+            ));
+        }
+        let mut write = storage.transaction();
+        write.set(&key, value).with_fence(fence);
+        let mut receipts = write.commit().await?;
+        receipts.pop().ok_or_else(|| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no receipt")
+        })?
     } else if let Some(expected) = &query.if_version {
         if query.consistency.is_some() {
             return Err(invalid_query(
@@ -399,6 +436,57 @@ async fn apply_batch(State(api): State<Api>, body: axum::body::Bytes) -> Answer 
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockBody {
+    holder: String,
+    ttl_ms: u64,
+}
+
+async fn acquire_lock(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let body: LockBody = serde_json::from_slice(&body).map_err(|e| {
+        invalid_body(&format!(
+            "the body must be {{\"holder\": <name>, \"ttl_ms\": <ms>}}: {e}"
+        ))
+    })?;
+    let lease = api
+        .storage
+        .acquire_lock(&key, &body.holder, Duration::from_millis(body.ttl_ms))
+        .await?;
+    Ok(axum::Json(json!({
+        "lock": lease.lock,
+        "holder": lease.holder,
+        "token": lease.token,
+        "expires_at_ms": lease.expires_at_ms,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseQuery {
+    token: u64,
+}
+
+async fn release_lock(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Query(query): Query<ReleaseQuery>,
+) -> Answer {
+    let lease = super::Lease {
+        lock: key,
+        holder: String::new(),
+        token: query.token,
+        expires_at_ms: 0,
+    };
+    api.storage.release_lock(&lease).await?;
+    Ok(axum::Json(json!({ "lock": lease.lock, "token": lease.token })).into_response())
+}
+
 /// One write of a `POST /v1/transactions` body: exactly one of `set`, `delete`, `add`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -415,6 +503,15 @@ struct TransactionWrite {
 #[serde(deny_unknown_fields)]
 struct TransactionBody {
     writes: Vec<TransactionWrite>,
+    /// Every write fenced by this lease's lock and token.
+    fence: Option<FenceBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FenceBody {
+    lock: String,
+    token: u64,
 }
 
 fn parse_version(text: &str) -> Result<Option<Version>, ApiError> {
@@ -434,6 +531,12 @@ async fn transaction(State(api): State<Api>, body: axum::body::Bytes) -> Answer 
         ))
     })?;
     let mut transaction = api.storage.transaction();
+    if let Some(fence) = &body.fence {
+        transaction.with_fence(Fence {
+            lock: fence.lock.clone(),
+            token: fence.token,
+        });
+    }
     for write in &body.writes {
         match (&write.set, write.delete, write.add, &write.if_version) {
             (Some(value), None, None, None) => transaction.set(&write.key, value),
@@ -581,6 +684,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/scan/{prefix}", get(scan)),
         ("/v1/records", get(scan_records).post(apply_batch)),
         ("/v1/transactions", post(transaction)),
+        ("/v1/locks/{key}", post(acquire_lock).delete(release_lock)),
         ("/v1/records/{key}", get(get_record).post(apply_record)),
         ("/v1/status", get(status)),
         ("/v1/leave", post(leave)),

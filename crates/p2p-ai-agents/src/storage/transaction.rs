@@ -4,7 +4,7 @@ use std::fmt;
 
 use agentstore_core::config::ConflictStrategy;
 use agentstore_core::record::Mutation;
-use agentstore_engine::{Engine, EngineError, Expect, Record, Write};
+use agentstore_engine::{Engine, EngineError, Expect, Fence, Record, Write};
 use serde::Serialize;
 
 use super::{Call, Result, Storage, StorageError, Version, WriteReceipt, traced};
@@ -36,6 +36,8 @@ pub struct Transaction<'s> {
     staged: Vec<(Call<'s>, Write)>,
     /// The first write that could not be staged; the commit reports it and writes nothing.
     error: Option<StorageError>,
+    /// The fence every write carries ([`Transaction::fenced`]).
+    pub(super) fence: Option<Fence>,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -57,6 +59,7 @@ impl Storage {
             storage: self,
             staged: Vec::new(),
             error: None,
+            fence: None,
         }
     }
 }
@@ -157,7 +160,14 @@ impl<'s> Transaction<'s> {
             if let Some(err) = self.error {
                 return Err(err);
             }
-            let writes: Vec<Write> = self.staged.iter().map(|(_, w)| w.clone()).collect();
+            let writes: Vec<Write> = self
+                .staged
+                .iter()
+                .map(|(_, w)| match &self.fence {
+                    Some(fence) => w.clone().fenced(fence.clone()),
+                    None => w.clone(),
+                })
+                .collect();
             let records = match self.storage.commit_writes(writes).await {
                 Ok(records) => records,
                 Err(StorageError::Engine(EngineError::ExpectationFailed { key, .. })) => {
