@@ -1,11 +1,11 @@
-//! `agentstore status|repair|leave --node ADDR`: administration of a running node.
+//! `agentstore status|repair|leave|raft --node ADDR`: administration of a running node.
 
 use std::io::Write as _;
 
 use p2p_ai_agents::storage::{NodeClient, StorageError};
 use serde_json::Value as Json;
 
-use crate::{Command, exit};
+use crate::{Command, RaftCommand, exit};
 
 pub(crate) async fn run(command: &Command, addr: &str, json: bool) -> Result<u8, StorageError> {
     let client = NodeClient::new(addr);
@@ -27,9 +27,63 @@ pub(crate) async fn run(command: &Command, addr: &str, json: bool) -> Result<u8,
                 println!("the node at {addr} left the cluster and stopped");
             }
         }
+        Command::Raft(change) => {
+            let done = raft(&client, change).await?;
+            if json {
+                println!("{}", serde_json::json!({ "done": done }));
+            } else {
+                println!("{done}");
+            }
+        }
         _ => return Ok(exit::USAGE),
     }
     Ok(exit::OK)
+}
+
+/// Makes a Raft membership change; returns what was done, in words.
+async fn raft(client: &NodeClient, change: &RaftCommand) -> Result<String, StorageError> {
+    if let RaftCommand::AddLearner { id, peer_addr } = change {
+        client.add_learner(id, peer_addr).await?;
+        return Ok(format!(
+            "{id} ({peer_addr}) is a learner; `agentstore status` shows it catching up"
+        ));
+    }
+    let status = client.status().await?;
+    let listed = |field: &str| -> Vec<String> {
+        status["raft"][field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut voters = listed("voters");
+    match change {
+        RaftCommand::Promote { id } => {
+            if !listed("learners").contains(id) && !voters.contains(id) {
+                return Err(StorageError::InvalidConfig(format!(
+                    "{id} is not a learner of the group; add it first with `agentstore raft add-learner`"
+                )));
+            }
+            if !voters.contains(id) {
+                voters.push(id.clone());
+            }
+            client.set_voters(&voters).await?;
+            Ok(format!("voters: {}", voters.join(", ")))
+        }
+        RaftCommand::Remove { id } => {
+            if !voters.contains(id) {
+                return Err(StorageError::InvalidConfig(format!(
+                    "{id} is not a voter of the group (voters: {})",
+                    voters.join(", ")
+                )));
+            }
+            voters.retain(|v| v != id);
+            client.set_voters(&voters).await?;
+            Ok(format!("{id} removed; voters: {}", voters.join(", ")))
+        }
+        RaftCommand::AddLearner { .. } => unreachable!("handled above"),
+    }
 }
 
 fn text(value: &Json) -> String {

@@ -140,6 +140,31 @@ enum Command {
     /// Make the node leave the cluster for good: it hands its records to the replicas that
     /// take its place, then stops (needs --node).
     Leave,
+    /// Change the Raft group that serves strong collections (needs --node; any member
+    /// forwards the change to the leader).
+    #[command(subcommand)]
+    Raft(RaftCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RaftCommand {
+    /// Add a running node as a learner: it receives the log (or a snapshot) without voting.
+    AddLearner {
+        /// The node's id (`storage.node_id` in its configuration).
+        id: String,
+        /// Where it listens for peers (`storage.cluster.peer_addr`).
+        peer_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// The learner's id.
+        id: String,
+    },
+    /// Remove a voter from the group (its data stays on its disk).
+    Remove {
+        /// The voter's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -301,7 +326,7 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     }
     if matches!(
         cli.command,
-        Command::Status | Command::Repair | Command::Leave
+        Command::Status | Command::Repair | Command::Leave | Command::Raft(_)
     ) {
         let Some(addr) = &cli.node else {
             eprintln!("error: this command talks to a node: give --node HOST:PORT");
@@ -423,7 +448,12 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             let members = storage.set_members::<Json>(key).await?;
             print_value(&cli, key, Json::Array(members));
         }
-        Command::Config(_) | Command::Node | Command::Status | Command::Repair | Command::Leave => {
+        Command::Config(_)
+        | Command::Node
+        | Command::Status
+        | Command::Repair
+        | Command::Leave
+        | Command::Raft(_) => {
             unreachable!("handled before the store is opened")
         }
     }

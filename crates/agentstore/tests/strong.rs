@@ -474,3 +474,104 @@ fn leases_minted_through_raft_fence_off_a_holder_that_outlived_its_lease() {
     let (code, body) = acquire(&nodes[2], "worker-c", 5000);
     assert_eq!(code, 200, "released, the lock is free: {body}");
 }
+
+/// Runs the `agentstore` CLI; returns (success, stdout + stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_node_joins_the_raft_group_from_the_cli_and_an_original_voter_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
+    leader(&nodes);
+    for node in &nodes {
+        for _ in 0..5 {
+            assert_eq!(add(node).0, 200);
+        }
+    }
+    let peers: Vec<(&str, u16)> = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .zip(nodes.iter().map(|n| n.peer_port))
+        .collect();
+    let port = agentstore_engine::testkit::free_port();
+    let mut joining = common::node(dir.path(), "node-d", port, &peers, COLLECTIONS);
+    joining.start();
+
+    // Asked of a follower, the learner is added by the leader and catches up.
+    let first = leader(&nodes);
+    let follower = nodes[(first + 1) % 3].client.to_string();
+    let (ok, out) = cli(&[
+        "--node",
+        &follower,
+        "raft",
+        "add-learner",
+        "node-d",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) =
+            http(joining.client, "GET", "/v1/keys/bank:total?stale=true", "").unwrap();
+        if code == 200 && body.contains(r#""value":15"#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let learners = status(&joining).unwrap()["raft"]["learners"].clone();
+    assert_eq!(learners, serde_json::json!(["node-d"]));
+
+    // Promoted, it votes; then node-a is removed and stopped: three voters serve on.
+    let (ok, out) = cli(&["--node", &follower, "raft", "promote", "node-d"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("node-d"), "{out}");
+    let (ok, out) = cli(&[
+        "--node",
+        &nodes[1].client.to_string(),
+        "raft",
+        "remove",
+        "node-a",
+    ]);
+    assert!(ok, "{out}");
+    let voters = status(&joining).unwrap()["raft"]["voters"].clone();
+    assert_eq!(voters, serde_json::json!(["node-b", "node-c", "node-d"]));
+    nodes[0].signal("-KILL");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut added, mut unanswered) = (0, 0);
+    while added < 3 {
+        assert!(Instant::now() < deadline, "the new group never served");
+        match add(&joining).0 {
+            200 => added += 1,
+            _ => {
+                // Refused, or indeterminate (it may still apply).
+                unanswered += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let total = total_of(&joining, "bank:total");
+    assert!(
+        (18..=18 + unanswered).contains(&total),
+        "{total}, {unanswered} unanswered"
+    );
+    assert_eq!(total_of(&nodes[2], "bank:total"), total);
+    let (ok, out) = cli(&[
+        "--node",
+        &nodes[1].client.to_string(),
+        "raft",
+        "promote",
+        "node-x",
+    ]);
+    assert!(!ok && out.contains("not a learner"), "{out}");
+}

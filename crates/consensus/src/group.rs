@@ -25,7 +25,9 @@ use openraft::{BasicNode, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 
 use crate::command::{Op, decode_outcome, encode_command};
 use crate::log_store::LogStore;
-use crate::network::{Network, Refusal, Reply, Request, Rpc, RpcError, ask, decode, encode};
+use crate::network::{
+    MembershipChange, Network, Refusal, Reply, Request, Rpc, RpcError, ask, decode, encode,
+};
 use crate::state_machine::StateMachine;
 use crate::types::{Applied, Command, MemberId, Snapshot, TypeConfig};
 
@@ -582,6 +584,7 @@ impl Group {
             Request::Probe => Reply::Probed {
                 initialized: raft.is_initialized().await.unwrap_or(true),
             },
+            Request::Membership(change) => Reply::Membership(self.change_here(change).await),
         };
         encode(&reply)
     }
@@ -619,41 +622,73 @@ impl Group {
         }
     }
 
-    /// Adds `id` (listening for peers at `addr`) as a learner: it receives the log and does
-    /// not vote. Returns once it has caught up with the leader.
+    /// Adds `id` (listening for peers at `addr`) as a learner: it receives the log (or a
+    /// snapshot) and does not vote. Made by the leader (a follower forwards it); returns once
+    /// the change is committed, before the learner has caught up (its status shows it).
     pub async fn add_learner(&self, id: MemberId, addr: String) -> Result<(), GroupError> {
-        self.inner
-            .raft
-            .add_learner(id, BasicNode::new(addr), true)
-            .await
-            .map(|_| ())
-            .map_err(membership)
+        self.change(MembershipChange::AddLearner { id, addr }).await
     }
 
     /// Makes `voters` the voting members (learners among them are promoted; voters left out
-    /// become learners, or leave the group when `remove_others`).
+    /// become learners, or leave the group when `remove_others`). Made by the leader.
     pub async fn change_voters(
         &self,
         voters: BTreeSet<MemberId>,
         remove_others: bool,
     ) -> Result<(), GroupError> {
-        self.inner
-            .raft
-            .change_membership(voters, !remove_others)
-            .await
-            .map(|_| ())
-            .map_err(membership)
+        self.change(MembershipChange::SetVoters {
+            voters,
+            remove_others,
+        })
+        .await
+    }
+
+    async fn change(&self, change: MembershipChange) -> Result<(), GroupError> {
+        let request = Request::Membership(change.clone());
+        let outcome = self
+            .at_leader(
+                Effect::MayApply,
+                || self.change_here(change.clone()),
+                &request,
+                |reply| match reply {
+                    Reply::Membership(answer) => Some(answer),
+                    _ => None,
+                },
+            )
+            .await?;
+        outcome.map_err(|detail| GroupError::Membership { detail })
+    }
+
+    /// Makes `change` if this member leads; `Ok(Err(why))` if the leader refuses it.
+    async fn change_here(&self, change: MembershipChange) -> Result<Result<(), String>, Refusal> {
+        let raft = &self.inner.raft;
+        let result = match change {
+            MembershipChange::AddLearner { id, addr } => raft
+                .add_learner(id, BasicNode::new(addr), false)
+                .await
+                .map(drop),
+            MembershipChange::SetVoters {
+                voters,
+                remove_others,
+            } => raft
+                .change_membership(voters, !remove_others)
+                .await
+                .map(drop),
+        };
+        match result {
+            Ok(()) => Ok(Ok(())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(Refusal::NotLeader {
+                    leader: leader_of(&forward),
+                })
+            }
+            Err(err) => Ok(Err(err.to_string())),
+        }
     }
 
     /// Stops this member (its files stay; a restart recovers from them).
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
-    }
-}
-
-fn membership(err: impl std::fmt::Display) -> GroupError {
-    GroupError::Membership {
-        detail: err.to_string(),
     }
 }
 

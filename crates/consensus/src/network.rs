@@ -77,6 +77,20 @@ pub(crate) enum Request {
     },
     /// Whether the member is in a group already (asked before initializing one).
     Probe,
+    /// A membership change, for the leader to make.
+    Membership(MembershipChange),
+}
+
+/// A change of the group's members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum MembershipChange {
+    /// Add a non-voting member that receives the log.
+    AddLearner { id: MemberId, addr: String },
+    /// Make these the voters (the others become learners, or leave when `remove_others`).
+    SetVoters {
+        voters: std::collections::BTreeSet<MemberId>,
+        remove_others: bool,
+    },
 }
 
 /// Why the leader did not serve a forwarded proposal or read.
@@ -104,6 +118,8 @@ pub(crate) enum Reply {
     Probed {
         initialized: bool,
     },
+    /// Done, or why the leader refused the change.
+    Membership(Result<Result<(), String>, Refusal>),
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

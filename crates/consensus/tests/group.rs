@@ -219,8 +219,10 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
         .lock()
         .unwrap()
         .insert(id("d"), learner.clone());
+    // Asked of a follower: forwarded to the leader.
+    let follower = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
     cluster
-        .group(&leader)
+        .group(follower)
         .add_learner(id("d"), "mem:d".into())
         .await
         .unwrap();
@@ -241,6 +243,42 @@ async fn a_minority_refuses_and_a_learner_catches_up_from_a_snapshot() {
         "the learner caught up by installing a snapshot"
     );
     assert_eq!(learner.status().learners, vec!["d".to_string()]);
+
+    // Promoted, then one original voter removed: four members, then three again.
+    let all: std::collections::BTreeSet<_> = ["a", "b", "c", "d"].into_iter().map(id).collect();
+    cluster
+        .group(follower)
+        .change_voters(all, true)
+        .await
+        .unwrap();
+    assert_eq!(learner.status().voters.len(), 4);
+    let removed = ["a", "b", "c"]
+        .into_iter()
+        .find(|n| *n != leader && *n != follower)
+        .unwrap();
+    let remaining: std::collections::BTreeSet<_> = ["a", "b", "c", "d"]
+        .into_iter()
+        .filter(|n| *n != removed)
+        .map(id)
+        .collect();
+    cluster
+        .group(&leader)
+        .change_voters(remaining, true)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if learner.status().voters.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!learner.status().voters.contains(&removed.to_string()));
+    cluster.stop(removed).await;
+    cluster
+        .group(follower)
+        .write(vec![put("log:after-removal", "z")])
+        .await
+        .unwrap();
 
     // Cut the leader off: alone it cannot commit, and says so (typed, never a success).
     let mut everyone = cluster.ids();

@@ -44,6 +44,8 @@ pub(crate) struct NodeProcess {
     pub(crate) config: PathBuf,
     pub(crate) data: PathBuf,
     pub(crate) client: SocketAddr,
+    /// Where it listens for peers.
+    pub(crate) peer_port: u16,
     pub(crate) child: Option<Child>,
     /// Extra environment of the process (`AGENTSTORE_CRASH_AT`, ...).
     pub(crate) env: Vec<(String, String)>,
@@ -90,36 +92,56 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A node `name` (not started) listening for clients on a free port and for peers on
+/// `peer_port`, with `peers` (name, peer port) and `collections` (a YAML `  collections:`
+/// block), N=3 W=2 R=2.
+pub(crate) fn node(
+    dir: &Path,
+    name: &str,
+    peer_port: u16,
+    peers: &[(&str, u16)],
+    collections: &str,
+) -> NodeProcess {
+    let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let data = dir.join(name);
+    let peers: String = peers
+        .iter()
+        .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
+        .collect();
+    let yaml = format!(
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    peers:\n{peers}",
+        data.display(),
+    );
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml).unwrap();
+    NodeProcess {
+        config,
+        data,
+        client,
+        peer_port,
+        child: None,
+        env: Vec::new(),
+    }
+}
+
 /// Three nodes (`node-a`, `node-b`, `node-c`, N=3 W=2 R=2) with `collections` (a YAML
 /// `  collections:` block), started.
 pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
     let names = ["node-a", "node-b", "node-c"];
-    let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let data = dir.join(name);
-        let peers: String = names
-            .iter()
-            .zip(&peer_ports)
-            .filter(|(n, _)| *n != name)
-            .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
-            .collect();
-        let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
-            data.display(),
-            peer_ports[i]
-        );
-        let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, yaml).unwrap();
-        nodes.push(NodeProcess {
-            config,
-            data,
-            client,
-            child: None,
-            env: Vec::new(),
-        });
-    }
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let mut nodes: Vec<NodeProcess> = names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| {
+            let peers: Vec<(&str, u16)> = names
+                .iter()
+                .copied()
+                .zip(ports.iter().copied())
+                .filter(|(n, _)| n != name)
+                .collect();
+            node(dir, name, *port, &peers, collections)
+        })
+        .collect();
     for node in &mut nodes {
         node.start();
     }

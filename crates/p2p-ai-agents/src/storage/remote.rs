@@ -138,6 +138,27 @@ impl NodeClient {
         Ok(())
     }
 
+    /// Asks the node's Raft group to add `id` (its peer address `addr`) as a learner.
+    pub async fn add_learner(&self, id: &str, addr: &str) -> Result<(), EngineError> {
+        let body = serde_json::json!({ "id": id, "addr": addr }).to_string();
+        self.post_json("/v1/raft/learners", body).await
+    }
+
+    /// Asks the node's Raft group to make `voters` its voting members (learners among them
+    /// are promoted; voters left out leave the group).
+    pub async fn set_voters(&self, voters: &[String]) -> Result<(), EngineError> {
+        let body = serde_json::json!({ "voters": voters }).to_string();
+        self.post_json("/v1/raft/voters", body).await
+    }
+
+    async fn post_json(&self, path: &str, body: String) -> Result<(), EngineError> {
+        let (status, answer) = self.call(Method::POST, path, body.into_bytes()).await?;
+        if status != StatusCode::OK {
+            return Err(Self::refused(status, &answer));
+        }
+        Ok(())
+    }
+
     /// Runs a repair on the node (Merkle anti-entropy with every member, now); calls
     /// `on_step` with each member's result as the node reports it.
     pub async fn repair(
@@ -192,6 +213,7 @@ impl NodeClient {
                 needed: count("needed"),
             },
             "unsupported" => EngineError::Unsupported { detail: message },
+            "membership_refused" => EngineError::InvalidSettings { detail: message },
             "indeterminate" => EngineError::Indeterminate {
                 backend: "node",
                 detail: message,

@@ -487,6 +487,73 @@ async fn release_lock(
     Ok(axum::Json(json!({ "lock": lease.lock, "token": lease.token })).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnerBody {
+    id: String,
+    addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VotersBody {
+    voters: Vec<String>,
+}
+
+fn membership_error(err: agentstore_consensus::GroupError) -> ApiError {
+    let message = err.to_string();
+    match err {
+        agentstore_consensus::GroupError::Membership { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "membership_refused", message)
+        }
+        agentstore_consensus::GroupError::Indeterminate { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "indeterminate", message)
+        }
+        _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+    }
+}
+
+/// Adds a learner to the Raft group (forwarded to the leader).
+async fn add_learner(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+    let body: LearnerBody = serde_json::from_slice(&body).map_err(|e| {
+        invalid_body(&format!(
+            "the body must be {{\"id\": <node id>, \"addr\": <peer host:port>}}: {e}"
+        ))
+    })?;
+    api.strong
+        .group()
+        .add_learner(
+            agentstore_consensus::MemberId::from(body.id.as_str()),
+            body.addr,
+        )
+        .await
+        .map_err(membership_error)?;
+    Ok(axum::Json(json!({ "added": body.id })).into_response())
+}
+
+/// Sets the Raft group's voters (forwarded to the leader).
+async fn set_voters(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+    let body: VotersBody = serde_json::from_slice(&body).map_err(|e| {
+        invalid_body(&format!(
+            "the body must be {{\"voters\": [<node id>, ...]}}: {e}"
+        ))
+    })?;
+    if body.voters.is_empty() {
+        return Err(invalid_body("a group needs at least one voter"));
+    }
+    let voters = body
+        .voters
+        .iter()
+        .map(|v| agentstore_consensus::MemberId::from(v.as_str()))
+        .collect();
+    api.strong
+        .group()
+        .change_voters(voters, true)
+        .await
+        .map_err(membership_error)?;
+    Ok(axum::Json(json!({ "voters": body.voters })).into_response())
+}
+
 /// One write of a `POST /v1/transactions` body: exactly one of `set`, `delete`, `add`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -685,6 +752,8 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/records", get(scan_records).post(apply_batch)),
         ("/v1/transactions", post(transaction)),
         ("/v1/locks/{key}", post(acquire_lock).delete(release_lock)),
+        ("/v1/raft/learners", post(add_learner)),
+        ("/v1/raft/voters", post(set_voters)),
         ("/v1/records/{key}", get(get_record).post(apply_record)),
         ("/v1/status", get(status)),
         ("/v1/leave", post(leave)),
