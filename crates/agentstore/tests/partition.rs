@@ -9,10 +9,12 @@
 
 mod common;
 
+use common::eventually;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value as Json;
 
@@ -156,18 +158,6 @@ fn start(network: &Network, dir: &Path, i: usize, collections: &str) -> (NodePro
         .unwrap();
     let client: SocketAddr = format!("{}:7001", network.addr(i)).parse().unwrap();
     (NodeProcess(child), client)
-}
-
-/// Waits until `check` holds (30 s at most).
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(why) if Instant::now() > deadline => panic!("{what}: {why}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 fn alive(client: SocketAddr) -> Vec<String> {

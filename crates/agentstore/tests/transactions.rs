@@ -6,10 +6,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use agentstore_engine::testkit::postgres_url;
-use common::{NodeProcess, cluster, http};
+use common::{NodeProcess, cluster, eventually, http};
 use serde_json::Value as Json;
 
 fn collections() -> String {
@@ -30,18 +28,6 @@ fn unique() -> String {
 fn get(node: &NodeProcess, key: &str) -> (u16, Json) {
     let (code, body) = http(node.client, "GET", &format!("/v1/keys/{key}"), "").unwrap();
     (code, serde_json::from_str(&body).unwrap_or(Json::Null))
-}
-
-/// Waits until `check` holds (30 s at most).
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(why) if Instant::now() > deadline => panic!("{what}: {why}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 fn strong_ready(nodes: &[NodeProcess]) {

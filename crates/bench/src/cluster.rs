@@ -23,7 +23,7 @@ use crate::redis::beside;
 const CLIENTS: usize = 50;
 const KEYS: u64 = 100_000;
 
-struct NodeProcess(Child);
+pub(crate) struct NodeProcess(Child);
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
@@ -49,9 +49,14 @@ fn agentstore_binary() -> PathBuf {
     })
 }
 
-/// Starts three nodes with the given replication block; returns them and their client
-/// addresses once every node sees the other two.
-fn start_cluster(dir: &Path, replication: &str) -> (Vec<NodeProcess>, Vec<String>) {
+/// Starts three nodes with the given replication block and `collections` (a YAML
+/// `  collections:` block, or nothing); returns them and their client addresses once every
+/// node sees the other two.
+pub(crate) fn start_cluster(
+    dir: &Path,
+    replication: &str,
+    collections: &str,
+) -> (Vec<NodeProcess>, Vec<String>) {
     let names = ["node-a", "node-b", "node-c"];
     let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let mut nodes = Vec::new();
@@ -65,7 +70,7 @@ fn start_cluster(dir: &Path, replication: &str) -> (Vec<NodeProcess>, Vec<String
             .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
             .collect();
         let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
             dir.join(name).display(),
             peer_ports[i]
         );
@@ -104,13 +109,13 @@ fn start_cluster(dir: &Path, replication: &str) -> (Vec<NodeProcess>, Vec<String
 }
 
 /// One keep-alive HTTP/1.1 connection.
-struct Connection {
+pub(crate) struct Connection {
     stream: BufReader<TcpStream>,
     host: String,
 }
 
 impl Connection {
-    async fn open(addr: &str) -> Self {
+    pub(crate) async fn open(addr: &str) -> Self {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
         Self {
@@ -119,8 +124,8 @@ impl Connection {
         }
     }
 
-    /// Sends a request and reads the whole answer; panics unless it is 200.
-    async fn call(&mut self, method: &str, path: &str, body: &str) {
+    /// Sends a request and reads the whole answer; panics unless it is 200 (or a GET's 404).
+    pub(crate) async fn call(&mut self, method: &str, path: &str, body: &str) {
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
@@ -207,11 +212,7 @@ fn measure(
 }
 
 pub(crate) fn run(seconds: u64) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::two_workers();
     println!(
         "3 agentstore nodes on loopback (fsync per write on every node) vs Redis primary + 2 async replicas (no persistence); {CLIENTS} clients, 100-byte values, {KEYS} keys, {seconds} s per workload\n"
     );
@@ -233,7 +234,7 @@ pub(crate) fn run(seconds: u64) {
     ];
     for (name, replication) in settings {
         let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients) = start_cluster(dir.path(), replication);
+        let (nodes, clients) = start_cluster(dir.path(), replication, "");
         let (put, get) = measure(&runtime, &clients, seconds);
         drop(nodes);
         let port = primary.port;

@@ -4,6 +4,7 @@
 //!     cargo run --release -p agentstore-bench -- redis [--seconds S]
 //!     cargo run --release -p agentstore-bench -- postgres [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench strong [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
@@ -15,6 +16,7 @@ mod load;
 mod postgres;
 mod redis;
 mod stats;
+mod strong;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,13 +47,23 @@ fn main() {
         "redis" => redis::run(seconds),
         "postgres" => postgres::run(seconds),
         "cluster" => cluster::run(seconds),
+        "strong" => strong::run(seconds),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong"
             );
             std::process::exit(2);
         }
     }
+}
+
+/// The runtime every benchmark's clients share: two workers, the machine's two cores.
+pub(crate) fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 fn key(i: usize) -> String {
@@ -70,11 +82,7 @@ const ROUNDS: usize = 3;
 fn local(ops: usize, with_puts: bool) {
     // Writers share a 2-worker runtime; the single reader runs on a current-thread runtime,
     // as a single-threaded application would.
-    let multi = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let multi = two_workers();
     let single = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

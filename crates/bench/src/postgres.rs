@@ -103,11 +103,7 @@ pub(crate) fn run(seconds: u64) {
     psql("DROP TABLE IF EXISTS agentstore_bench_upsert, agentstore_bench_tx");
     psql("CREATE TABLE agentstore_bench_upsert (key bigint PRIMARY KEY, value text)");
     psql("CREATE TABLE agentstore_bench_tx (key bigint PRIMARY KEY, value text)");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::two_workers();
     let engine = runtime.block_on(async {
         let clock = NodeClock::system(NodeId::new("bench").unwrap(), 500);
         let options = PostgresOptions {

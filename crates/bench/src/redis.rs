@@ -68,11 +68,7 @@ pub(crate) fn beside(port: u16, test: &str, name: &str, ours: Sample, seconds: u
 }
 
 pub(crate) fn run(seconds: u64) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::two_workers();
     let server = RedisServer::start(&[]);
     let engine = runtime.block_on(async {
         let clock = NodeClock::system(NodeId::new("bench").unwrap(), 500);

@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 
 use agentstore_engine::testkit::free_port;
 
+/// Waits until `check` holds (30 s at most); panics with its last reason.
+pub(crate) fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("{what}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// A minimal HTTP/1.1 exchange: (status, body).
 pub(crate) fn http(
     addr: SocketAddr,

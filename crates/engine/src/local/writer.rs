@@ -113,7 +113,7 @@ fn apply_group(
         for op in group {
             let writes = match op {
                 Op::Commit(writes) => writes,
-                Op::Prepare(id, writes) => {
+                Op::Prepare(..) | Op::Resolve(..) => {
                     let physical_ms = clock.physical_ms();
                     let mut participant = RedbParticipant {
                         records: &mut table,
@@ -121,19 +121,16 @@ fn apply_group(
                         locks: &mut locks,
                         staged: &mut staged,
                     };
-                    let prepared = participant.prepare(&mut clock.lock(), physical_ms, id, writes);
-                    outcomes.push(prepared.map(|()| Vec::new()));
-                    continue;
-                }
-                Op::Resolve(id, commit) => {
-                    let physical_ms = clock.physical_ms();
-                    let mut participant = RedbParticipant {
-                        records: &mut table,
-                        fences: &mut fences,
-                        locks: &mut locks,
-                        staged: &mut staged,
-                    };
-                    outcomes.push(participant.resolve(&mut clock.lock(), physical_ms, id, *commit));
+                    let hlc = &mut clock.lock();
+                    outcomes.push(match op {
+                        Op::Prepare(id, writes) => participant
+                            .prepare(hlc, physical_ms, id, writes)
+                            .map(|()| Vec::new()),
+                        Op::Resolve(id, commit) => {
+                            participant.resolve(hlc, physical_ms, id, *commit)
+                        }
+                        Op::Commit(_) => unreachable!("matched above"),
+                    });
                     continue;
                 }
             };

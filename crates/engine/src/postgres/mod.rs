@@ -412,15 +412,9 @@ impl PostgresEngine {
         keys.sort();
         let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
         let mut client = self.shared.pool.get().await.map_err(pool_error)?;
-        let txn = match client
-            .build_transaction()
-            .isolation_level(self.isolation())
-            .start()
-            .await
-        {
+        let txn = match self.begin(&mut client).await? {
             Ok(txn) => txn,
-            Err(e) if retryable(&e) => return Ok(Err(e)),
-            Err(e) => return Err(pg_error(e)),
+            Err(e) => return Ok(Err(e)),
         };
         let attempt = async {
             txn.execute_typed(
@@ -456,27 +450,7 @@ impl PostgresEngine {
             // Prepared before (a coordinator retrying): the same answer, nothing new.
             return Ok(Ok(Vec::new()));
         }
-        let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
-        for row in rows {
-            let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
-                detail: format!("postgres holds an invalid key: {e}"),
-            })?;
-            if let Some(holder) = row.get::<_, Option<String>>(2) {
-                return Err(EngineError::InTransaction { key, txn: holder });
-            }
-            let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
-            stored.push((key, record));
-        }
-        let results = batch::prepare(
-            |key| {
-                Ok(stored
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .and_then(|(_, r)| r.clone()))
-            },
-            &self.shared.clock,
-            writes,
-        )?;
+        let results = prepare_on_rows(&rows, true, &self.shared.clock, writes)?;
         let fences = batch_fences(writes);
         let locks: Vec<&str> = fences.iter().map(|f| f.lock.as_str()).collect();
         let tokens: Vec<i64> = fences
@@ -571,6 +545,24 @@ impl PostgresEngine {
         }
     }
 
+    /// Starts a transaction at the configured isolation; `Ok(Err(e))` is a retryable failure.
+    async fn begin<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<Result<deadpool_postgres::Transaction<'c>, tokio_postgres::Error>, EngineError>
+    {
+        match client
+            .build_transaction()
+            .isolation_level(self.isolation())
+            .start()
+            .await
+        {
+            Ok(txn) => Ok(Ok(txn)),
+            Err(e) if retryable(&e) => Ok(Err(e)),
+            Err(e) => Err(pg_error(e)),
+        }
+    }
+
     /// One transaction that commits or aborts what `id` prepared. `Ok(Err(e))` is a
     /// retryable failure.
     async fn try_resolve(
@@ -579,15 +571,9 @@ impl PostgresEngine {
         commit: bool,
     ) -> Result<Result<Vec<Record>, tokio_postgres::Error>, EngineError> {
         let mut client = self.shared.pool.get().await.map_err(pool_error)?;
-        let txn = match client
-            .build_transaction()
-            .isolation_level(self.isolation())
-            .start()
-            .await
-        {
+        let txn = match self.begin(&mut client).await? {
             Ok(txn) => txn,
-            Err(e) if retryable(&e) => return Ok(Err(e)),
-            Err(e) => return Err(pg_error(e)),
+            Err(e) => return Ok(Err(e)),
         };
         let staged = match txn
             .query_typed_opt(
@@ -625,24 +611,7 @@ impl PostgresEngine {
         };
         let mut results = Vec::new();
         if commit {
-            let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
-            for row in rows {
-                let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
-                    detail: format!("postgres holds an invalid key: {e}"),
-                })?;
-                let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
-                stored.push((key, record));
-            }
-            results = batch::prepare(
-                |key| {
-                    Ok(stored
-                        .iter()
-                        .find(|(k, _)| k == key)
-                        .and_then(|(_, r)| r.clone()))
-                },
-                &self.shared.clock,
-                &writes,
-            )?;
+            results = prepare_on_rows(&rows, false, &self.shared.clock, &writes)?;
             let finals = batch::final_records(&results);
             let keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
             let records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
@@ -692,6 +661,37 @@ impl PostgresEngine {
             attempts: MAX_ATTEMPTS,
         })
     }
+}
+
+/// The records `writes` make from locked rows (`key, record[, txn]`); with `refuse_locked`,
+/// a row a prepared transaction holds refuses the batch.
+fn prepare_on_rows(
+    rows: &[tokio_postgres::Row],
+    refuse_locked: bool,
+    clock: &NodeClock,
+    writes: &[Write],
+) -> Result<Vec<(Key, Record)>, EngineError> {
+    let mut stored: Vec<(Key, Option<Record>)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key = Key::new(row.get::<_, Vec<u8>>(0)).map_err(|e| EngineError::Storage {
+            detail: format!("postgres holds an invalid key: {e}"),
+        })?;
+        if refuse_locked && let Some(holder) = row.get::<_, Option<String>>(2) {
+            return Err(EngineError::InTransaction { key, txn: holder });
+        }
+        let record = batch::decode_stored(&key, row.get::<_, Option<&[u8]>>(1))?;
+        stored.push((key, record));
+    }
+    batch::prepare(
+        |key| {
+            Ok(stored
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, r)| r.clone()))
+        },
+        clock,
+        writes,
+    )
 }
 
 /// A random delay for retry number `attempt`: exponential, capped, fully jittered.
