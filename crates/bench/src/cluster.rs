@@ -58,6 +58,7 @@ pub(crate) fn start_cluster(
     collections: &str,
 ) -> (Vec<NodeProcess>, Vec<String>) {
     let names = ["node-a", "node-b", "node-c"];
+    std::fs::create_dir_all(dir).expect("the benchmark's directory");
     let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let mut nodes = Vec::new();
     let mut clients = Vec::new();
