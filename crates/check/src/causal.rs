@@ -94,8 +94,12 @@ impl fmt::Display for CausalViolation {
             CausalViolation::DuplicateValue { first, second } => {
                 write!(f, "writes {first:?} and {second:?} wrote the same value")
             }
-            CausalViolation::ThinAir { read } => write!(f, "read {read:?} saw a value nobody wrote"),
-            CausalViolation::Cycle { at } => write!(f, "the causal order has a cycle through {at:?}"),
+            CausalViolation::ThinAir { read } => {
+                write!(f, "read {read:?} saw a value nobody wrote")
+            }
+            CausalViolation::Cycle { at } => {
+                write!(f, "the causal order has a cycle through {at:?}")
+            }
             CausalViolation::StaleRead {
                 read,
                 seen,
@@ -177,12 +181,16 @@ where
             }
         }
     }
-    let write_index: HashMap<(usize, usize), usize> =
-        writes.iter().enumerate().map(|(w, (at, _))| (*at, w)).collect();
+    let write_index: HashMap<(usize, usize), usize> = writes
+        .iter()
+        .enumerate()
+        .map(|(w, (at, _))| (*at, w))
+        .collect();
     // The causal past of each operation, computed in a topological order of session order
     // plus reads-from: an operation is ready once its session predecessor is done and, for
     // a read, the write it saw.
-    let mut past: Vec<Vec<Option<Past>>> = sessions.iter().map(|ops| vec![None; ops.len()]).collect();
+    let mut past: Vec<Vec<Option<Past>>> =
+        sessions.iter().map(|ops| vec![None; ops.len()]).collect();
     let mut next = vec![0usize; sessions.len()];
     let total: usize = sessions.iter().map(Vec::len).sum();
     let mut done = 0;
@@ -196,7 +204,9 @@ where
                 } else {
                     past[s][i - 1].clone().expect("predecessor done")
                 };
-                if i > 0 && let Some(&w) = write_index.get(&(s, i - 1)) {
+                if i > 0
+                    && let Some(&w) = write_index.get(&(s, i - 1))
+                {
                     here.insert(w);
                 }
                 if let CausalOp::Read { value: Some(v), .. } = &sessions[s][i] {

@@ -45,7 +45,10 @@ fn reads_do_not_go_back() {
         guarantee(&[writer.clone(), vec![r("x", Some(2)), r("x", Some(1))]]),
         Some(Guarantee::MonotonicReads)
     );
-    assert_eq!(guarantee(&[writer, vec![r("x", Some(1)), r("x", Some(2))]]), None);
+    assert_eq!(
+        guarantee(&[writer, vec![r("x", Some(1)), r("x", Some(2))]]),
+        None
+    );
 }
 
 #[test]
@@ -117,7 +120,10 @@ impl Store {
         let stamp = (write as u64 + 1).max(target.lamport + 1);
         target.lamport = stamp;
         target.applied.insert(value);
-        let newer = target.values.get(key).is_none_or(|current| (stamp, value) > *current);
+        let newer = target
+            .values
+            .get(key)
+            .is_none_or(|current| (stamp, value) > *current);
         if newer {
             target.values.insert(key, (stamp, value));
         }
