@@ -60,7 +60,9 @@ struct Entry {
 pub(crate) struct Coordinator {
     path: PathBuf,
     db: std::sync::OnceLock<Database>,
-    node: String,
+    /// `node-random`: unique to this store even where several share a node id (clients
+    /// on the default one), since a participant takes a second prepare of an id as a retry.
+    prefix: String,
     sequence: AtomicU64,
 }
 
@@ -79,15 +81,16 @@ fn crash_point(point: &str) {
 
 impl Coordinator {
     pub(crate) fn new(data_dir: &Path, node: &str) -> Self {
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        use std::hash::{BuildHasher, Hasher};
+        // 64 random bits from the standard library's per-process hash keys.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         Self {
             path: data_dir.join(COORDINATOR_FILE),
             db: std::sync::OnceLock::new(),
-            node: node.to_owned(),
-            // Ids of this process start after those of earlier runs: milliseconds at start.
-            sequence: AtomicU64::new(started << 16),
+            prefix: format!("{node}-{random:016x}"),
+            sequence: AtomicU64::new(0),
         }
     }
 
@@ -110,7 +113,7 @@ impl Coordinator {
     fn next_id(&self) -> String {
         format!(
             "{}-{}",
-            self.node,
+            self.prefix,
             self.sequence.fetch_add(1, Ordering::Relaxed)
         )
     }
@@ -355,5 +358,22 @@ async fn resolve(
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_with_one_node_id_never_share_a_transaction_id() {
+        // Participants take a second prepare of an id as a retry of the first: two clients
+        // on the default node id must not collide.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Coordinator::new(dir.path(), "local");
+        let b = Coordinator::new(dir.path(), "local");
+        let (first, second) = (a.next_id(), b.next_id());
+        assert_ne!(first, second);
+        assert_ne!(a.next_id(), first, "ids of one store are unique too");
     }
 }
