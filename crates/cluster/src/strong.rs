@@ -302,27 +302,23 @@ impl StrongEngine {
     }
 }
 
+impl StrongEngine {
+    fn read<'a>(&'a self, key: &'a Key, level: ReadLevel) -> EngineFuture<'a, Option<Record>> {
+        Box::pin(async move { self.group.read(key, level).await.map_err(group_error) })
+    }
+}
+
 impl DynEngine for StrongEngine {
     fn backend(&self) -> &'static str {
         "raft"
     }
 
     fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
-        Box::pin(async move {
-            self.group
-                .read(key, ReadLevel::Linearizable)
-                .await
-                .map_err(group_error)
-        })
+        self.read(key, ReadLevel::Linearizable)
     }
 
     fn get_stale<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {
-        Box::pin(async move {
-            self.group
-                .read(key, ReadLevel::Stale)
-                .await
-                .map_err(group_error)
-        })
+        self.read(key, ReadLevel::Stale)
     }
 
     fn scan<'a>(

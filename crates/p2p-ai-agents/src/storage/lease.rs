@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use agentstore_core::config::ConflictStrategy;
 use agentstore_core::record::{Mutation, Value};
-use agentstore_engine::{Engine, EngineError, Expect, Fence, Write};
+use agentstore_engine::{Engine, EngineError, Expect, Fence, PhysicalClock, SystemClock, Write};
 use serde::{Deserialize, Serialize};
 
 use super::{Result, Storage, StorageError, Transaction, traced};
@@ -51,12 +51,6 @@ struct State {
     holder: Option<String>,
     token: u64,
     expires_at_ms: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Storage {
@@ -103,7 +97,7 @@ impl Storage {
         traced("acquire_lock", lock, async move {
             loop {
                 let (call, current) = self.lease_state(lock).await?;
-                let now = now_ms();
+                let now = SystemClock.now_ms();
                 let (token, expect) = match &current {
                     None => (1, Expect::Absent),
                     Some((state, version)) => {
@@ -132,14 +126,8 @@ impl Storage {
                     token,
                     expires_at_ms: lease.expires_at_ms,
                 };
-                let bytes = Storage::encode(&call, &state)?;
-                let grant = Write::expecting(call.key.clone(), Mutation::Put(bytes), expect)
-                    .fenced(lease.fence());
-                match call.engine.commit(vec![grant]).await {
-                    Ok(_) => return Ok(lease),
-                    // Someone else acquired or released in between: look again.
-                    Err(EngineError::ExpectationFailed { .. }) => continue,
-                    Err(err) => return Err(err.into()),
+                if put_state(&call, &state, expect, lease.fence()).await? {
+                    return Ok(lease);
                 }
             }
         })
@@ -164,23 +152,33 @@ impl Storage {
                     token: state.token,
                     expires_at_ms: 0,
                 };
-                let bytes = Storage::encode(&call, &released)?;
-                let write = Write::expecting(
-                    call.key.clone(),
-                    Mutation::Put(bytes),
-                    Expect::Version(version),
-                )
-                .fenced(lease.fence());
-                match call.engine.commit(vec![write]).await {
-                    Ok(_) => return Ok(()),
-                    Err(EngineError::ExpectationFailed { .. }) => continue,
+                match put_state(&call, &released, Expect::Version(version), lease.fence()).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
                     // A newer grant has been seen: this lease is over anyway.
-                    Err(EngineError::Fenced { .. }) => return Ok(()),
-                    Err(err) => return Err(err.into()),
+                    Err(StorageError::Engine(EngineError::Fenced { .. })) => return Ok(()),
+                    Err(err) => return Err(err),
                 }
             }
         })
         .await
+    }
+}
+
+/// Writes a lock's new state if the key is still as `expect` says, fenced by `fence`;
+/// `false` if someone else changed it in between (look again).
+async fn put_state(
+    call: &super::Call<'_>,
+    state: &State,
+    expect: Expect,
+    fence: Fence,
+) -> Result<bool> {
+    let bytes = Storage::encode(call, state)?;
+    let write = Write::expecting(call.key.clone(), Mutation::Put(bytes), expect).fenced(fence);
+    match call.engine.commit(vec![write]).await {
+        Ok(_) => Ok(true),
+        Err(EngineError::ExpectationFailed { .. }) => Ok(false),
+        Err(err) => Err(err.into()),
     }
 }
 
