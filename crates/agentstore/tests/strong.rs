@@ -516,21 +516,25 @@ fn a_node_joins_the_raft_group_from_the_cli_and_an_original_voter_leaves() {
         &format!("127.0.0.1:{port}"),
     ]);
     assert!(ok, "{out}");
+    // The data and the membership entry that names the learner may reach it
+    // in different batches: wait for both.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (code, body) =
             http(joining.client, "GET", "/v1/keys/bank:total?stale=true", "").unwrap();
-        if code == 200 && body.contains(r#""value":15"#) {
+        let learners = status(&joining).map(|s| s["raft"]["learners"].clone());
+        if code == 200
+            && body.contains(r#""value":15"#)
+            && learners.as_ref() == Some(&serde_json::json!(["node-d"]))
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the learner never caught up: {code} {body}"
+            "the learner never caught up: {code} {body}, learners {learners:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let learners = status(&joining).unwrap()["raft"]["learners"].clone();
-    assert_eq!(learners, serde_json::json!(["node-d"]));
 
     // Promoted, it votes; then node-a is removed and stopped: three voters serve on.
     let (ok, out) = cli(&["--node", &follower, "raft", "promote", "node-d"]);
@@ -544,8 +548,17 @@ fn a_node_joins_the_raft_group_from_the_cli_and_an_original_voter_leaves() {
         "node-a",
     ]);
     assert!(ok, "{out}");
-    let voters = status(&joining).unwrap()["raft"]["voters"].clone();
-    assert_eq!(voters, serde_json::json!(["node-b", "node-c", "node-d"]));
+    // The CLI returns once the leader committed the change; node-d learns it
+    // with the next replication round.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let voters = status(&joining).map(|s| s["raft"]["voters"].clone());
+        if voters == Some(serde_json::json!(["node-b", "node-c", "node-d"])) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "voters on node-d: {voters:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     nodes[0].signal("-KILL");
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut added, mut unanswered) = (0, 0);

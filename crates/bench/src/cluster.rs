@@ -113,6 +113,8 @@ pub(crate) fn start_cluster(
 pub(crate) struct Connection {
     stream: BufReader<TcpStream>,
     host: String,
+    /// A session's token, when the connection carries one (sent and kept from each answer).
+    session: Option<String>,
 }
 
 impl Connection {
@@ -122,13 +124,26 @@ impl Connection {
         Self {
             stream: BufReader::new(stream),
             host: addr.to_owned(),
+            session: None,
+        }
+    }
+
+    /// The same connection, in a session of its own (the `agentstore-session` header).
+    pub(crate) fn in_session(self) -> Self {
+        Self {
+            session: Some(String::new()),
+            ..self
         }
     }
 
     /// Sends a request and reads the whole answer; panics unless it is 200 (or a GET's 404).
     pub(crate) async fn call(&mut self, method: &str, path: &str, body: &str) {
+        let session = match &self.session {
+            Some(token) if !token.is_empty() => format!("agentstore-session: {token}\r\n"),
+            _ => String::new(),
+        };
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{session}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
             body.len()
         );
@@ -147,10 +162,14 @@ impl Connection {
             if line == "\r\n" {
                 break;
             }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                } else if name.eq_ignore_ascii_case("agentstore-session")
+                    && let Some(token) = &mut self.session
+                {
+                    *token = value.trim().to_owned();
+                }
             }
         }
         let mut body = vec![0u8; length];

@@ -5,12 +5,14 @@
 //!     cargo run --release -p agentstore-bench -- postgres [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench strong [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench causal [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
 //! Raw redb commits every put on its own (it has one writer at a time); the facade's local
 //! engine commits concurrent writes together (group commit). Values are 100 bytes.
 
+mod causal;
 mod cluster;
 mod load;
 mod postgres;
@@ -48,9 +50,10 @@ fn main() {
         "postgres" => postgres::run(seconds),
         "cluster" => cluster::run(seconds),
         "strong" => strong::run(seconds),
+        "causal" => causal::run(seconds),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal"
             );
             std::process::exit(2);
         }

@@ -5,8 +5,10 @@
 //! fsync is on by default; agentstore's Raft log is a redb file committed with an fsync per
 //! append). Reads are linearizable on both: agentstore's read index, etcd's default range
 //! (quorum read). Clients speak HTTP/1.1 with keep-alive to both: agentstore's key API, and
-//! etcd's JSON gateway (`/v3/kv/put`, `/v3/kv/range`), client i to member i mod 3, at
-//! concurrency 1, 16 and 64, 100-byte values over 10 000 keys.
+//! etcd's JSON gateway (`/v3/kv/put`, `/v3/kv/range`), client i to the i-th member counting
+//! from the leader (so a lone client talks to the leader on both sides, and neither pays a
+//! forward that the other does not), at concurrency 1, 16 and 64, 100-byte values over
+//! 10 000 keys.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -83,7 +85,7 @@ fn start_etcd(dir: &Path) -> (Etcd, Vec<String>) {
     let etcd = Etcd(members);
     let deadline = Instant::now() + Duration::from_secs(30);
     for client in &clients {
-        while !curl(&format!("http://{client}/health")).contains("\"health\":\"true\"") {
+        while !curl(&format!("http://{client}/health"), None).contains("\"health\":\"true\"") {
             assert!(Instant::now() < deadline, "etcd never became healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -91,34 +93,69 @@ fn start_etcd(dir: &Path) -> (Etcd, Vec<String>) {
     (etcd, clients)
 }
 
-fn curl(url: &str) -> String {
-    Command::new("curl")
-        .args(["-s", url])
+fn curl(url: &str, body: Option<&str>) -> String {
+    let mut command = Command::new("curl");
+    command.args(["-s", url]);
+    if let Some(body) = body {
+        command.args(["-X", "POST", "-d", body]);
+    }
+    command
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
 
-/// Waits until the agentstore nodes agree on a Raft leader.
-fn wait_for_leader(clients: &[String]) {
+/// The string value of `"field":"..."` in a JSON text (the first one), or "".
+fn field(json: &str, name: &str) -> String {
+    json.split(&format!("\"{name}\":\""))
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// `members` reordered to start at `leader`, keeping their cyclic order.
+fn leader_first(members: &[String], leader: usize) -> Vec<String> {
+    (0..members.len())
+        .map(|i| members[(leader + i) % members.len()].clone())
+        .collect()
+}
+
+/// Waits until the agentstore nodes agree on a Raft leader; returns its position.
+fn agentstore_leader(clients: &[String]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let leaders: Vec<String> = clients
+        let statuses: Vec<String> = clients
             .iter()
-            .map(|c| {
-                let status = curl(&format!("http://{c}/v1/status"));
-                status
-                    .split("\"leader\":\"")
-                    .nth(1)
-                    .and_then(|rest| rest.split('"').next())
-                    .unwrap_or("")
-                    .to_owned()
-            })
+            .map(|c| curl(&format!("http://{c}/v1/status"), None))
             .collect();
-        if !leaders[0].is_empty() && leaders.iter().all(|l| *l == leaders[0]) {
-            return;
+        let leaders: Vec<String> = statuses.iter().map(|s| field(s, "leader")).collect();
+        if !leaders[0].is_empty()
+            && leaders.iter().all(|l| *l == leaders[0])
+            && let Some(at) = statuses.iter().position(|s| field(s, "node") == leaders[0])
+        {
+            return at;
         }
         assert!(Instant::now() < deadline, "no Raft leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The position of etcd's leader among `clients`.
+fn etcd_leader(clients: &[String]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let statuses: Vec<String> = clients
+            .iter()
+            .map(|c| curl(&format!("http://{c}/v3/maintenance/status"), Some("{}")))
+            .collect();
+        let found = statuses.iter().position(|s| {
+            !field(s, "leader").is_empty() && field(s, "leader") == field(s, "member_id")
+        });
+        if let Some(at) = found {
+            return at;
+        }
+        assert!(Instant::now() < deadline, "etcd has no leader");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -212,9 +249,17 @@ pub(crate) fn run(seconds: u64) {
     let collections = "  collections:\n    ledger:\n      consistency: strong\n";
     let replication =
         "    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n";
-    let (nodes, ours) = start_cluster(&dir.path().join("agentstore"), replication, collections);
-    wait_for_leader(&ours);
+    // etcd first: without it the run stops before any node is started.
     let (etcd, theirs) = start_etcd(&dir.path().join("etcd"));
+    let (nodes, ours) = start_cluster(&dir.path().join("agentstore"), replication, collections);
+    let (our_leader, their_leader) = (agentstore_leader(&ours), etcd_leader(&theirs));
+    println!(
+        "leaders: agentstore node {} of 3, etcd member {} of 3; client i talks to the i-th member from the leader\n",
+        our_leader + 1,
+        their_leader + 1
+    );
+    let ours = leader_first(&ours, our_leader);
+    let theirs = leader_first(&theirs, their_leader);
     let mut rows = Vec::new();
     for write in [true, false] {
         for clients in CONCURRENCY {

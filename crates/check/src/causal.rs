@@ -17,8 +17,10 @@
 //!
 //! The four session guarantees are special cases, and a violation names the one it breaks:
 //! read-your-writes (the newer write is the session's own), monotonic reads (the session had
-//! already read the key at the newer write, or after it), and otherwise causality through
-//! other reads and sessions (writes-follow-reads, monotonic writes).
+//! already read the key at the newer write, or after it), monotonic writes (the session had
+//! read a later write of the newer write's session), writes-follow-reads (the session had
+//! read a write whose session had read the newer write before writing it), and otherwise
+//! causality through longer chains of reads and sessions.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,7 +52,11 @@ pub enum Guarantee {
     ReadYourWrites,
     /// The reading session had already read the key at the newer write (or after it).
     MonotonicReads,
-    /// The newer write reached the read through other reads and sessions' causal order.
+    /// The reading session had read a write that the newer write's session made after it.
+    MonotonicWrites,
+    /// The reading session had read a write whose session had read the newer write first.
+    WritesFollowReads,
+    /// The newer write reached the read through a longer chain of reads and sessions.
     Causality,
 }
 
@@ -258,7 +264,7 @@ where
                     Some(w) => past[ws][wi].as_ref().expect("all done").contains(w),
                 };
                 if overwrites {
-                    let broken = guarantee(sessions, &past, &writes, s, i, w2);
+                    let broken = guarantee(sessions, &past, &writes, &writer, s, i, w2);
                     if worst.is_none_or(|(g, _)| broken < g) {
                         worst = Some((broken, w2));
                     }
@@ -278,15 +284,17 @@ where
 }
 
 /// Which session guarantee the stale read `(s, i)` breaks, `newer` being the write it missed.
-fn guarantee<K: PartialEq, V>(
+fn guarantee<K: PartialEq, V: Eq + Hash>(
     sessions: &[Vec<CausalOp<K, V>>],
     past: &[Vec<Option<Past>>],
     writes: &[((usize, usize), &K)],
+    writer: &HashMap<&V, usize>,
     s: usize,
     i: usize,
     newer: usize,
 ) -> Guarantee {
-    if writes[newer].0.0 == s {
+    let (newer_session, newer_index) = writes[newer].0;
+    if newer_session == s {
         return Guarantee::ReadYourWrites;
     }
     // An earlier read of the same key in this session whose past (what it saw included)
@@ -297,7 +305,30 @@ fn guarantee<K: PartialEq, V>(
             && past[s][j].as_ref().is_some_and(|p| p.contains(newer))
     });
     if earlier_read {
-        Guarantee::MonotonicReads
+        return Guarantee::MonotonicReads;
+    }
+    // The writes this session read before `i`, by (session, index).
+    let read_before: Vec<(usize, usize)> = sessions[s][..i]
+        .iter()
+        .filter_map(|op| match op {
+            CausalOp::Read { value: Some(v), .. } => Some(writes[writer[v]].0),
+            _ => None,
+        })
+        .collect();
+    if read_before
+        .iter()
+        .any(|&(t, m)| t == newer_session && m > newer_index)
+    {
+        return Guarantee::MonotonicWrites;
+    }
+    // A write this session read whose session had read the newer write before making it.
+    let follows_a_read_of_newer = |&(t, m): &(usize, usize)| {
+        sessions[t][..m]
+            .iter()
+            .any(|op| matches!(op, CausalOp::Read { value: Some(v), .. } if writer[v] == newer))
+    };
+    if read_before.iter().any(follows_a_read_of_newer) {
+        Guarantee::WritesFollowReads
     } else {
         Guarantee::Causality
     }

@@ -60,7 +60,32 @@ fn a_task_is_never_seen_without_the_task_it_depends_on() {
     let fine = vec![r("task:b", Some(2)), r("task:a", Some(1))];
     let broken = vec![r("task:b", Some(2)), r("task:a", None)];
     assert_eq!(guarantee(&[a.clone(), b.clone(), fine]), None);
-    assert_eq!(guarantee(&[a, b, broken]), Some(Guarantee::Causality));
+    assert_eq!(
+        guarantee(&[a, b, broken]),
+        Some(Guarantee::WritesFollowReads)
+    );
+}
+
+#[test]
+fn a_session_sees_another_sessions_writes_in_the_order_they_were_made() {
+    // A writes step 1, then step 2; B sees step 2, then must see step 1.
+    let a = vec![w("step:1", 1), w("step:2", 2)];
+    let fine = vec![r("step:2", Some(2)), r("step:1", Some(1))];
+    let broken = vec![r("step:2", Some(2)), r("step:1", None)];
+    assert_eq!(guarantee(&[a.clone(), fine]), None);
+    assert_eq!(guarantee(&[a, broken]), Some(Guarantee::MonotonicWrites));
+}
+
+#[test]
+fn a_longer_chain_of_sessions_is_still_causality() {
+    // A writes x; B reads it and writes y; C reads y and writes z; D sees z, then not x.
+    let sessions = [
+        vec![w("x", 1)],
+        vec![r("x", Some(1)), w("y", 2)],
+        vec![r("y", Some(2)), w("z", 3)],
+        vec![r("z", Some(3)), r("x", None)],
+    ];
+    assert_eq!(guarantee(&sessions), Some(Guarantee::Causality));
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //! the cluster through [`ClusterEngine`]; the HTTP client API that `agentstore node` serves
 //! lives with the store (`p2p_ai_agents::storage::server`).
 
+mod causal;
+mod causal_store;
 mod engine;
 pub mod membership;
 mod metrics;
@@ -15,6 +17,7 @@ mod strong;
 mod transport;
 
 pub use agentstore_consensus::{GroupStatus, ReadLevel};
+pub use causal::{CausalConfig, CausalEngine};
 pub use engine::ClusterEngine;
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
 pub use strong::{StrongConfig, StrongEngine};

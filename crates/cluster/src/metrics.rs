@@ -17,10 +17,21 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use std::sync::atomic::AtomicU64;
 
 use crate::transport::Dropped;
+
+/// Registers `metric` under `name` and returns it: the handle updates what is registered.
+pub(crate) fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Request {
@@ -236,4 +247,12 @@ impl NodeMetrics {
     pub(crate) fn handed_off(&self) {
         self.handed_off.inc();
     }
+}
+
+/// A registry's metrics in the OpenMetrics text format.
+pub(crate) fn text(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
 }

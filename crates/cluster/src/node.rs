@@ -221,6 +221,7 @@ pub struct Node {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     registry: Registry,
+    members: watch::Receiver<Vec<NodeId>>,
 }
 
 impl Node {
@@ -260,7 +261,9 @@ impl Node {
             .collect();
         // Unbounded, yet bounded in practice: one message per engine call in flight.
         let (finished, done) = mpsc::unbounded_channel();
+        let (placed_on, members_seen) = watch::channel(Vec::new());
         let mut state = Loop {
+            placed_on,
             finished,
             ring: Ring::new([config.id.clone()], 64),
             coordinator: Coordinator::new(config.id.clone()),
@@ -294,7 +297,13 @@ impl Node {
             stop,
             task,
             registry,
+            members: members_seen,
         }
+    }
+
+    /// The other members (those that hold keys), in id order, as they change.
+    pub fn members(&self) -> watch::Receiver<Vec<NodeId>> {
+        self.members.clone()
     }
 
     /// Writes `mutation` to `key` through this node (it must be one of the key's replicas).
@@ -388,10 +397,7 @@ impl Node {
 
     /// This node's metrics in the OpenMetrics text format (served as `/metrics`).
     pub fn metrics_text(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::metrics::text(&self.registry)
     }
 
     /// Stops the node: its loop, its listener and its connections end.
@@ -402,6 +408,8 @@ impl Node {
 }
 
 struct Loop {
+    /// The other members, published for the layers beside the loop (causal replication).
+    placed_on: watch::Sender<Vec<NodeId>>,
     config: NodeConfig,
     ring: Ring,
     coordinator: Coordinator,
@@ -491,6 +499,16 @@ fn merge_page(entries: &mut BTreeMap<Key, Record>, page: Vec<(Key, Record)>) {
     }
 }
 
+/// Whether `record` is a tombstone past the grace period (stamped at or before `horizon`):
+/// one that collection may purge, and that a replica holding nothing of its key does not take
+/// back. Such a replica reads the key as deleted either way; taking the tombstone back would
+/// undo its collection, and anti-entropy from a replica that has not collected yet would hand
+/// it back again and again, so the replicas could take turns holding it and never all be rid
+/// of it.
+fn past_grace_tombstone(record: &Record, horizon: u64) -> bool {
+    record.is_tombstone() && record.stamp.wall_ms <= horizon
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -543,6 +561,17 @@ impl Loop {
         if self.leaving.is_none() {
             nodes.push(self.config.id.clone());
         }
+        nodes.sort();
+        let others: Vec<NodeId> = nodes
+            .iter()
+            .filter(|n| **n != self.config.id)
+            .cloned()
+            .collect();
+        self.placed_on.send_if_modified(|known| {
+            let changed = *known != others;
+            *known = others;
+            changed
+        });
         self.ring = Ring::new(nodes, 64);
     }
 
@@ -598,6 +627,11 @@ impl Loop {
         }
     }
 
+    /// Tombstones stamped at or before this time are past the grace period.
+    fn collect_horizon(&self) -> u64 {
+        now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64)
+    }
+
     /// Tombstone collection, step 1: ask the other replicas of each tombstone older than the
     /// grace period for their copy. Unanswered questions are asked again next round.
     fn collect_tombstones(&mut self, placed: &[Placed]) {
@@ -605,10 +639,10 @@ impl Loop {
             .retain(|_, c| c.sent.elapsed() < HANDOFF_RETRY);
         let in_flight: std::collections::BTreeSet<Key> =
             self.collecting.values().map(|c| c.key.clone()).collect();
-        let horizon = now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64);
+        let horizon = self.collect_horizon();
         let me = self.config.id.clone();
         for (key, record, replicas) in placed {
-            let collectable = record.is_tombstone() && record.stamp.wall_ms <= horizon;
+            let collectable = past_grace_tombstone(record, horizon);
             if !collectable || !replicas.contains(&me) || in_flight.contains(key) {
                 continue;
             }
@@ -1003,6 +1037,7 @@ impl Loop {
                     self.metrics.clone(),
                     self.transport.clone(),
                 );
+                let horizon = self.collect_horizon();
                 tokio::spawn(async move {
                     let stored = measured.get(&key).await;
                     if let Ok(Some(stored)) = &stored
@@ -1011,12 +1046,17 @@ impl Loop {
                         metrics.conflict(record.value.kind().as_str());
                     }
                     // A record this replica already holds (a repeated repair, a duplicate)
-                    // changes nothing: acknowledge without a commit.
-                    let known = matches!(&stored, Ok(Some(stored)) if {
-                        let mut merged = stored.clone();
-                        merged.merge(&record);
-                        merged == *stored
-                    });
+                    // changes nothing: acknowledge without a commit. Nor does an old tombstone
+                    // of a key this replica holds nothing of (see `past_grace_tombstone`).
+                    let known = match &stored {
+                        Ok(Some(stored)) => {
+                            let mut merged = stored.clone();
+                            merged.merge(&record);
+                            merged == *stored
+                        }
+                        Ok(None) => past_grace_tombstone(&record, horizon),
+                        Err(_) => false,
+                    };
                     let merged =
                         known || measured.apply(key, Mutation::Merge(record)).await.is_ok();
                     if merged && request != 0 {
@@ -1368,7 +1408,13 @@ impl Loop {
                 }
                 Effect::MergeLocal { key, record } => {
                     let measured = self.measured.clone();
+                    let horizon = self.collect_horizon();
                     tokio::spawn(async move {
+                        if past_grace_tombstone(&record, horizon)
+                            && matches!(measured.get(&key).await, Ok(None))
+                        {
+                            return;
+                        }
                         if let Err(err) = measured.apply(key, Mutation::Merge(record)).await {
                             tracing::warn!(%err, "read repair of the local copy failed");
                         }

@@ -23,12 +23,11 @@ use agentstore_wire::Envelope;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot, watch};
 
-use crate::transport::{Incoming, Transport};
+use crate::metrics::registered;
+use crate::transport::{Incoming, RaftRoute, ServeFuture, Transport};
 
-/// Raft messages received and not yet handled.
-const RAFT_INBOX: usize = 1024;
 /// Raft requests served at once.
 const SERVING: usize = 256;
 
@@ -87,35 +86,21 @@ impl Rpc for RaftRpc {
     }
 }
 
-/// Serves the Raft messages of `inbox`: requests to the group, replies to their callers.
-async fn serve(
-    group: Group,
-    transport: Transport,
-    waiting: Waiting,
-    mut inbox: mpsc::Receiver<Incoming>,
-) {
-    let slots = Arc::new(Semaphore::new(SERVING));
-    while let Some(Incoming { from, envelope }) = inbox.recv().await {
-        match envelope.message {
-            Message::Raft { request, data } => {
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
-                let (group, transport) = (group.clone(), transport.clone());
-                tokio::spawn(async move {
-                    let data = group.serve(&data).await;
-                    transport.send(&from, Envelope::new(Message::RaftReply { request, data }));
-                    drop(slot);
-                });
-            }
-            Message::RaftReply { request, data } => {
-                if let Some(caller) = lock(&waiting).remove(&request) {
-                    let _ = caller.send(data);
-                }
-            }
-            _ => {}
-        }
-    }
+/// Serves one Raft request from another member, once one of `slots` is free, on a task of
+/// its own (an append waits for its fsync; the next request need not).
+async fn serve(group: Group, transport: Transport, slots: Arc<Semaphore>, incoming: Incoming) {
+    let Incoming { from, envelope } = incoming;
+    let Message::Raft { request, data } = envelope.message else {
+        return;
+    };
+    let Ok(slot) = slots.acquire_owned().await else {
+        return;
+    };
+    tokio::spawn(async move {
+        let data = group.serve(&data).await;
+        transport.send(&from, Envelope::new(Message::RaftReply { request, data }));
+        drop(slot);
+    });
 }
 
 /// How the node's Raft member is set up.
@@ -158,16 +143,14 @@ struct StrongMetrics {
 impl StrongMetrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("agentstore_raft");
-        let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        registry.register(
+        let commit_seconds = registered(
+            &mut registry,
             "commit_seconds",
             "Time from proposing a strong write to its answer (applied by the leader)",
-            commit_seconds.clone(),
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let gauge = Gauge::default();
-            registry.register(name, help, gauge.clone());
-            gauge
+            registered(registry, name, help, Gauge::default())
         };
         let term = gauge(&mut registry, "term", "The current Raft term");
         let leader = gauge(
@@ -200,11 +183,11 @@ impl StrongMetrics {
             "apply_lag_entries",
             "Committed entries not yet applied here",
         );
-        let quorum_ack_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
+        let quorum_ack_seconds = registered(
+            &mut registry,
             "quorum_ack_age_seconds",
             "On the leader: how long ago a quorum last acknowledged it (large = no quorum); -1 elsewhere",
-            quorum_ack_seconds.clone(),
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
         );
         Self {
             registry,
@@ -277,10 +260,33 @@ impl StrongEngine {
             voters,
         );
         group_config.request_timeout = config.request_timeout;
-        let (raft_inbox, incoming) = mpsc::channel(RAFT_INBOX);
-        transport.route_raft(raft_inbox);
+        // Requests that arrive while the group starts wait for it.
+        let (started, group_of) = watch::channel::<Option<Group>>(None);
+        let slots = Arc::new(Semaphore::new(SERVING));
+        transport.route_raft(RaftRoute {
+            requests: Arc::new({
+                let transport = transport.clone();
+                move |incoming| -> ServeFuture {
+                    let (mut group_of, transport, slots) =
+                        (group_of.clone(), transport.clone(), Arc::clone(&slots));
+                    Box::pin(async move {
+                        let group = match group_of.wait_for(Option::is_some).await {
+                            Ok(group) => group.clone().expect("waited for a group"),
+                            Err(_) => return,
+                        };
+                        serve(group, transport, slots, incoming).await;
+                    })
+                }
+            }),
+            replies: Arc::new(move |request, data| {
+                // A late reply finds nobody waiting.
+                if let Some(caller) = lock(&waiting).remove(&request) {
+                    let _ = caller.send(data);
+                }
+            }),
+        });
         let group = Group::start(group_config, rpc).await.map_err(group_error)?;
-        tokio::spawn(serve(group.clone(), transport, waiting, incoming));
+        started.send_replace(Some(group.clone()));
         Ok(Self {
             group,
             metrics: Arc::new(StrongMetrics::new()),
@@ -295,10 +301,7 @@ impl StrongEngine {
     /// The Raft metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> String {
         self.metrics.observe(&self.group.status());
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry);
-        out
+        crate::metrics::text(&self.metrics.registry)
     }
 }
 

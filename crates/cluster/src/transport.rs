@@ -5,17 +5,21 @@
 //! two nodes dial each other at once, both keep the connection dialled by the node with the
 //! smaller id (each decides alone, by the same rule) and drop the other once it is drained.
 //!
-//! Sending never blocks: each connection has a bounded queue, and a message that does not
-//! fit, or that finds its peer unreachable, is dropped and counted (the protocol tolerates
-//! loss: a missing acknowledgement becomes a hint, anti-entropy repairs the rest). A
-//! connection that fails is forgotten and dialled again for the next message. Incoming frames
-//! go to one bounded inbox, so a slow node slows its peers' readers instead of growing
-//! without bound.
+//! Sending never blocks. A frame for a connection with nothing queued is written to the socket
+//! at once by the sender, when the socket takes it whole (the common case on an idle link: no
+//! task is woken on the way, which on a strong write's path is most of what a message costs).
+//! Otherwise it waits in the connection's bounded queue for the connection's writer task, in
+//! order. A message that does not fit, or that finds its peer unreachable, is dropped and
+//! counted (the protocol tolerates loss: a missing acknowledgement becomes a hint,
+//! anti-entropy repairs the rest). A connection that fails is forgotten and dialled again for
+//! the next message. Incoming frames go to one bounded inbox, so a slow node slows its peers'
+//! readers instead of growing without bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use agentstore_core::NodeId;
@@ -27,9 +31,9 @@ use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
-/// Messages waiting for one peer's connection.
+/// Frames waiting for one peer's connection.
 const PEER_QUEUE: usize = 1024;
 /// Messages received and not yet handled.
 const INBOX: usize = 4096;
@@ -57,6 +61,27 @@ pub struct Dropped {
     message: &'static str,
 }
 
+/// What [`RaftRoute::requests`] returns.
+pub(crate) type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Where a Raft member takes its traffic.
+#[derive(Clone)]
+pub(crate) struct RaftRoute {
+    /// Takes a request from another member; the connection's reader awaits the future
+    /// (which waits for a free serving slot, then starts serving) before reading on, so a
+    /// member with every slot busy slows its peers down rather than queueing without bound.
+    pub(crate) requests: Arc<dyn Fn(Incoming) -> ServeFuture + Send + Sync>,
+    /// Answers to this member's requests, by request id: handed to the waiting caller from
+    /// the connection's reader, with no task in between on a strong write's path.
+    pub(crate) replies: Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>,
+}
+
+impl std::fmt::Debug for RaftRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftRoute").finish_non_exhaustive()
+    }
+}
+
 /// The connection used to send to one peer.
 #[derive(Debug)]
 struct Link {
@@ -64,7 +89,150 @@ struct Link {
     id: u64,
     /// Who dialled it.
     dialer: NodeId,
-    queue: mpsc::Sender<Envelope>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Link {
+    /// A link that is replaced or forgotten lets its writer drain what is queued, then stop.
+    fn drop(&mut self) {
+        self.outbox.close();
+    }
+}
+
+/// One encoded frame, and what it carries (to count it if it is dropped).
+#[derive(Debug)]
+struct Frame {
+    bytes: Vec<u8>,
+    message: &'static str,
+}
+
+/// Frames on their way to one peer, shared by the senders and the connection's writer task.
+/// Every write to the socket happens under `pending`'s lock, so frames go out whole and in
+/// order whoever writes them; only the wait for the socket to drain happens outside it.
+#[derive(Debug)]
+struct Outbox {
+    pending: Mutex<Pending>,
+    /// The connection, once it is up (a dialled link has none while it dials).
+    stream: OnceLock<OwnedWriteHalf>,
+    /// Wakes the writer task when frames wait or the link closes.
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Frames not yet written, oldest first; the first one may be partly written.
+    frames: VecDeque<Frame>,
+    /// Bytes of the first frame already written.
+    written: usize,
+    /// No new frames: the link was replaced or forgotten (the writer drains what is queued).
+    closed: bool,
+    /// The connection failed or never came up: nothing more is written.
+    failed: bool,
+}
+
+/// Why a frame was not taken.
+enum Refused {
+    /// The queue is full.
+    Full(Frame),
+    /// The link was replaced or forgotten a moment ago (its writer drains what it holds).
+    Closed(Frame),
+    /// The connection failed: the sender gives up on the link.
+    Failed(Frame),
+}
+
+/// What a writer's pass over the queue ended with.
+enum Flushed {
+    /// Everything is written.
+    Empty,
+    /// The socket takes no more for now.
+    Blocked,
+    /// The connection failed.
+    Failed,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Self {
+            pending: Mutex::new(Pending::default()),
+            stream: OnceLock::new(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Takes `frame` for the peer: written at once if nothing is queued and the socket takes
+    /// it whole, else queued for the writer task.
+    fn push(&self, frame: Frame) -> Result<(), Refused> {
+        let mut pending = lock(&self.pending);
+        if pending.failed {
+            return Err(Refused::Failed(frame));
+        }
+        if pending.closed {
+            return Err(Refused::Closed(frame));
+        }
+        if pending.frames.len() >= PEER_QUEUE {
+            return Err(Refused::Full(frame));
+        }
+        if pending.frames.is_empty()
+            && let Some(stream) = self.stream.get()
+        {
+            match stream.try_write(&frame.bytes) {
+                Ok(n) if n == frame.bytes.len() => return Ok(()),
+                Ok(n) => pending.written = n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    pending.failed = true;
+                    drop(pending);
+                    self.wake.notify_one();
+                    return Err(Refused::Failed(frame));
+                }
+            }
+        }
+        pending.frames.push_back(frame);
+        drop(pending);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Writes queued frames until the queue is empty or the socket is full.
+    fn flush(&self, stream: &OwnedWriteHalf) -> Flushed {
+        let mut pending = lock(&self.pending);
+        if pending.failed {
+            return Flushed::Failed;
+        }
+        loop {
+            let written = pending.written;
+            let Some(frame) = pending.frames.front() else {
+                return Flushed::Empty;
+            };
+            match stream.try_write(&frame.bytes[written..]) {
+                Ok(n) if written + n == frame.bytes.len() => {
+                    pending.frames.pop_front();
+                    pending.written = 0;
+                }
+                Ok(n) => pending.written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+                Err(_) => return Flushed::Failed,
+            }
+        }
+    }
+
+    /// Takes no new frames; the writer stops once it has written the queued ones.
+    fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Gives up on the link: returns what was still queued (lost).
+    fn fail(&self) -> Vec<Frame> {
+        let mut pending = lock(&self.pending);
+        pending.failed = true;
+        pending.written = 0;
+        pending.frames.drain(..).collect()
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.pending).closed
+    }
 }
 
 #[derive(Debug)]
@@ -74,7 +242,9 @@ struct Shared {
     links: Mutex<BTreeMap<NodeId, Link>>,
     inbox: mpsc::Sender<Incoming>,
     /// Where Raft messages go, once a Raft member is attached (else to `inbox`).
-    raft: Mutex<Option<mpsc::Sender<Incoming>>>,
+    raft: Mutex<Option<RaftRoute>>,
+    /// Where causal replication messages go, once causal replication is attached.
+    causal: Mutex<Option<mpsc::Sender<Incoming>>>,
     stopped: watch::Receiver<bool>,
     dropped: Family<Dropped, Counter>,
     next_link: AtomicU64,
@@ -91,16 +261,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn count_drop(&self, envelope: &Envelope) {
-        let message = message_name(&envelope.message);
+    fn count_drop(&self, message: &'static str) {
         self.dropped.get_or_create(&Dropped { message }).inc();
     }
 
-    /// A new link to `peer` dialled by `dialer`: its id and the receiving end of its queue.
-    fn link(&self, dialer: NodeId) -> (Link, mpsc::Receiver<Envelope>) {
-        let (queue, messages) = mpsc::channel(PEER_QUEUE);
+    /// A new link dialled by `dialer`, and its outbox (for its writer).
+    fn link(&self, dialer: NodeId) -> (Link, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new());
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
-        (Link { id, dialer, queue }, messages)
+        let link = Link {
+            id,
+            dialer,
+            outbox: Arc::clone(&outbox),
+        };
+        (link, outbox)
+    }
+
+    /// Gives up on link `id` to `peer`: forgets it and counts what it still held as lost.
+    fn fail(&self, peer: &NodeId, id: u64, outbox: &Outbox) {
+        for frame in outbox.fail() {
+            self.count_drop(frame.message);
+        }
+        self.forget(peer, id);
     }
 
     /// Forgets the link to `peer` if it is still connection `id`.
@@ -129,6 +311,7 @@ impl Transport {
             links: Mutex::new(BTreeMap::new()),
             inbox,
             raft: Mutex::new(None),
+            causal: Mutex::new(None),
             stopped,
             dropped,
             next_link: AtomicU64::new(1),
@@ -137,9 +320,15 @@ impl Transport {
         (Self { shared }, incoming)
     }
 
-    /// Sends Raft messages received from now on to `inbox` instead of the main inbox.
-    pub fn route_raft(&self, inbox: mpsc::Sender<Incoming>) {
-        *lock(&self.shared.raft) = Some(inbox);
+    /// Hands Raft messages received from now on to `route` instead of the main inbox.
+    pub(crate) fn route_raft(&self, route: RaftRoute) {
+        *lock(&self.shared.raft) = Some(route);
+    }
+
+    /// Sends causal replication messages received from now on to `inbox` instead of the main
+    /// inbox.
+    pub fn route_causal(&self, inbox: mpsc::Sender<Incoming>) {
+        *lock(&self.shared.causal) = Some(inbox);
     }
 
     /// Learns (or updates) where `node` listens for peers.
@@ -151,37 +340,36 @@ impl Transport {
         }
     }
 
-    /// Queues `envelope` for `to`; drops it (and counts it) if the peer's queue is full or the
-    /// peer is unknown.
+    /// Sends `envelope` to `to` (see the module's doc); drops it (and counts it) if the peer's
+    /// queue is full or the peer is unknown or unreachable.
     pub fn send(&self, to: &NodeId, envelope: Envelope) {
         let shared = &self.shared;
-        let mut links = lock(&shared.links);
-        if !links.contains_key(to) {
-            let Some(addr) = lock(&shared.peers).get(to).copied() else {
-                drop(links);
-                shared.count_drop(&envelope);
-                return;
-            };
-            let (link, messages) = shared.link(shared.node.clone());
-            tokio::spawn(dial(
-                Arc::clone(shared),
-                to.clone(),
-                addr,
-                link.id,
-                messages,
-            ));
-            links.insert(to.clone(), link);
-        }
-        let Some(link) = links.get(to) else { return };
-        if let Err(err) = link.queue.try_send(envelope) {
-            let closed = matches!(err, mpsc::error::TrySendError::Closed(_));
-            let (mpsc::error::TrySendError::Full(envelope)
-            | mpsc::error::TrySendError::Closed(envelope)) = err;
-            if closed {
-                links.remove(to);
+        let frame = Frame {
+            bytes: encode_frame(&envelope),
+            message: message_name(&envelope.message),
+        };
+        let (id, outbox) = {
+            let mut links = lock(&shared.links);
+            if !links.contains_key(to) {
+                let Some(addr) = lock(&shared.peers).get(to).copied() else {
+                    drop(links);
+                    shared.count_drop(frame.message);
+                    return;
+                };
+                let (link, outbox) = shared.link(shared.node.clone());
+                tokio::spawn(dial(Arc::clone(shared), to.clone(), addr, link.id, outbox));
+                links.insert(to.clone(), link);
             }
-            drop(links);
-            shared.count_drop(&envelope);
+            let Some(link) = links.get(to) else { return };
+            (link.id, Arc::clone(&link.outbox))
+        };
+        match outbox.push(frame) {
+            Ok(()) => {}
+            Err(Refused::Full(frame) | Refused::Closed(frame)) => shared.count_drop(frame.message),
+            Err(Refused::Failed(frame)) => {
+                shared.count_drop(frame.message);
+                shared.fail(to, id, &outbox);
+            }
         }
     }
 }
@@ -201,57 +389,52 @@ fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
-/// Dials `peer` for link `id`, then runs the connection. A failed dial drops the message that
-/// asked for it (counted); the next message dials again.
-async fn dial(
-    shared: Arc<Shared>,
-    peer: NodeId,
-    addr: SocketAddr,
-    id: u64,
-    mut messages: mpsc::Receiver<Envelope>,
-) {
-    while let Some(envelope) = messages.recv().await {
-        let connected = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await;
-        if let Ok(Ok(mut stream)) = connected {
-            tune(&stream);
-            if stream.write_all(&hello(&shared.node)).await.is_ok() {
-                let (reader, writer) = stream.into_split();
-                tokio::spawn(read(Arc::clone(&shared), peer.clone(), reader, Some(id)));
-                write(shared, peer, id, writer, Some(envelope), messages).await;
-                return;
-            }
+/// Dials `peer` for link `id`, then runs the connection. A failed dial loses what was queued
+/// for it (counted) and forgets the link; the next message dials again.
+async fn dial(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr, id: u64, outbox: Arc<Outbox>) {
+    let connected = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await;
+    if let Ok(Ok(mut stream)) = connected {
+        tune(&stream);
+        if stream.write_all(&hello(&shared.node)).await.is_ok() {
+            let (reader, writer) = stream.into_split();
+            tokio::spawn(read(Arc::clone(&shared), peer.clone(), reader, Some(id)));
+            write(shared, peer, id, writer, outbox).await;
+            return;
         }
-        // Unreachable: this message is lost (counted); the protocol copes.
-        shared.count_drop(&envelope);
     }
+    shared.fail(&peer, id, &outbox);
 }
 
-/// Writes a link's queued messages until the queue closes or the connection fails.
+/// Writes what the senders could not write themselves (a queue behind a slow socket), until
+/// the link closes and is drained, or the connection fails.
 async fn write(
     shared: Arc<Shared>,
     peer: NodeId,
     id: u64,
-    mut writer: OwnedWriteHalf,
-    first: Option<Envelope>,
-    mut messages: mpsc::Receiver<Envelope>,
+    writer: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
 ) {
-    let mut next = first;
+    let _ = outbox.stream.set(writer);
+    let Some(stream) = outbox.stream.get() else {
+        return;
+    };
     loop {
-        let envelope = match next.take() {
-            Some(envelope) => envelope,
-            None => match messages.recv().await {
-                Some(envelope) => envelope,
-                None => return,
-            },
-        };
-        // A peer that stops reading (a partition: TCP retransmits in silence) must not hold
-        // the queue: give up on the connection, and the next message dials again.
-        let written =
-            tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&encode_frame(&envelope))).await;
-        if !matches!(written, Ok(Ok(()))) {
-            shared.count_drop(&envelope);
-            shared.forget(&peer, id);
-            return;
+        match outbox.flush(stream) {
+            Flushed::Empty if outbox.is_closed() => return,
+            Flushed::Empty => outbox.wake.notified().await,
+            // A peer that stops reading (a partition: TCP retransmits in silence) must not
+            // hold the queue: give up on the connection, and the next message dials again.
+            Flushed::Blocked => {
+                let drained = tokio::time::timeout(WRITE_TIMEOUT, stream.writable()).await;
+                if !matches!(drained, Ok(Ok(()))) {
+                    shared.fail(&peer, id, &outbox);
+                    return;
+                }
+            }
+            Flushed::Failed => {
+                shared.fail(&peer, id, &outbox);
+                return;
+            }
         }
     }
 }
@@ -307,16 +490,16 @@ async fn greet(shared: Arc<Shared>, mut stream: TcpStream) {
             Some(_) => peer < shared.node,
         };
         adopt.then(|| {
-            let (link, messages) = shared.link(peer.clone());
+            let (link, outbox) = shared.link(peer.clone());
             let id = link.id;
             links.insert(peer.clone(), link);
-            (id, messages)
+            (id, outbox)
         })
     };
     match adopted {
-        Some((id, messages)) => {
+        Some((id, outbox)) => {
             tokio::spawn(read(Arc::clone(&shared), peer.clone(), reader, Some(id)));
-            write(shared, peer, id, writer, None, messages).await;
+            write(shared, peer, id, writer, outbox).await;
         }
         // Read-only: the peer drains and closes it once it adopts ours.
         None => read(shared, peer, reader, None).await,
@@ -351,9 +534,23 @@ async fn read(shared: Arc<Shared>, from: NodeId, mut reader: OwnedReadHalf, link
                         }
                         _ => None,
                     };
+                    if let Some(route) = raft {
+                        match incoming.envelope.message {
+                            Message::RaftReply { request, data } => (route.replies)(request, data),
+                            _ => (route.requests)(incoming).await,
+                        }
+                        continue;
+                    }
+                    let routed = match incoming.envelope.message {
+                        Message::CausalWrites { .. }
+                        | Message::CausalHave { .. }
+                        | Message::CausalSnapshot { .. } => lock(&shared.causal).clone(),
+                        _ => None,
+                    };
                     // Raft traffic has its own inbox so a busy replication loop never delays
-                    // heartbeats into a needless election.
-                    let inbox = raft.as_ref().unwrap_or(&shared.inbox);
+                    // heartbeats into a needless election; causal replication has its own
+                    // because the replication loop has no use for it.
+                    let inbox = routed.as_ref().unwrap_or(&shared.inbox);
                     if inbox.send(incoming).await.is_err() {
                         return;
                     }
@@ -372,5 +569,121 @@ async fn read(shared: Arc<Shared>, from: NodeId, mut reader: OwnedReadHalf, link
     }
     if let Some(id) = link {
         shared.forget(&from, id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn transport(
+        name: &str,
+        peers: BTreeMap<NodeId, SocketAddr>,
+    ) -> (
+        Transport,
+        mpsc::Receiver<Incoming>,
+        SocketAddr,
+        Family<Dropped, Counter>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dropped = Family::<Dropped, Counter>::default();
+        // The sender of `stopped` is leaked on purpose: the transports live as long as the test.
+        let (stop, stopped) = watch::channel(false);
+        std::mem::forget(stop);
+        let node = NodeId::new(name).unwrap();
+        let (transport, inbox) = Transport::start(node, listener, peers, stopped, dropped.clone());
+        (transport, inbox, addr, dropped)
+    }
+
+    fn raft(request: u64, size: usize) -> Envelope {
+        let data = (0..size).map(|i| (i as u64 ^ request) as u8).collect();
+        Envelope::new(Message::Raft { request, data })
+    }
+
+    fn lost(dropped: &Family<Dropped, Counter>, message: &'static str) -> u64 {
+        dropped.get_or_create(&Dropped { message }).get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_arrive_whole_in_order_and_none_is_lost_unaccounted() {
+        let (_b, mut inbox, b_addr, _) = transport("b", BTreeMap::new()).await;
+        let b = NodeId::new("b").unwrap();
+        let (a, _a_inbox, _, dropped) = transport("a", BTreeMap::from([(b.clone(), b_addr)])).await;
+        // Small frames that the socket takes whole, and large ones it takes in pieces, so
+        // both the senders' own writes and the writer task's are exercised.
+        let sizes = |i: u64| {
+            if i.is_multiple_of(50) {
+                300_000
+            } else {
+                100 + (i % 7) as usize * 40
+            }
+        };
+        let sent = 2_000u64;
+        for i in 0..sent {
+            a.send(&b, raft(i, sizes(i)));
+            if i.is_multiple_of(100) {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut received = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while (received.len() as u64) + lost(&dropped, "raft") < sent {
+            let next = tokio::time::timeout_at(deadline, inbox.recv()).await;
+            let Ok(Some(incoming)) = next else {
+                panic!(
+                    "{} of {sent} frames arrived and {} were counted lost",
+                    received.len(),
+                    lost(&dropped, "raft")
+                );
+            };
+            let Message::Raft { request, data } = incoming.envelope.message else {
+                panic!("another message arrived");
+            };
+            assert_eq!(incoming.from.as_str(), "a");
+            assert_eq!(
+                data,
+                (0..sizes(request))
+                    .map(|i| (i as u64 ^ request) as u8)
+                    .collect::<Vec<_>>(),
+                "frame {request} arrived damaged"
+            );
+            received.push(request);
+        }
+        assert!(
+            received.windows(2).all(|w| w[0] < w[1]),
+            "frames overtook each other"
+        );
+        assert!(
+            received.len() as u64 > sent / 2,
+            "most frames arrive on an idle loopback link ({} did)",
+            received.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_to_an_unreachable_peer_is_dropped_and_counted() {
+        // A port nobody listens on: bind one, then close it.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let nobody = NodeId::new("nobody").unwrap();
+        let (a, _inbox, _, dropped) =
+            transport("a", BTreeMap::from([(nobody.clone(), closed)])).await;
+        a.send(&nobody, raft(1, 10));
+        a.send(&nobody, raft(2, 10));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while lost(&dropped, "raft") < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lost messages were not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // An unknown peer: dropped at once.
+        a.send(&NodeId::new("stranger").unwrap(), raft(3, 10));
+        assert_eq!(lost(&dropped, "raft"), 3);
     }
 }

@@ -232,7 +232,7 @@ async fn garbage_on_a_peer_connection_is_dropped_and_the_node_keeps_working() {
 async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_everywhere() {
     let c = cluster().await;
     // node-c holds a version of the key that node-a has never seen.
-    c.engines[2]
+    let from_c = c.engines[2]
         .apply(key("doc:contested"), Mutation::Put(b"from c".to_vec()))
         .await
         .unwrap();
@@ -241,7 +241,9 @@ async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_every
         .write(key("doc:contested"), Mutation::Put(b"from a".to_vec()))
         .await
         .unwrap();
-    assert!(matches!(written, Outcome::Written { .. }));
+    let Outcome::Written { record: from_a } = written else {
+        panic!("the write was not acknowledged: {written:?}");
+    };
     // W=2: node-c may merge the write just after the client got its answer. Each delivery
     // of a concurrent state counts (a read repair racing the write may count a second time).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -258,18 +260,91 @@ async fn a_concurrent_version_is_detected_as_a_conflict_and_resolved_alike_every
         assert!(std::time::Instant::now() < deadline, "{metrics}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Every replica resolves the conflict the same way (LWW by hybrid timestamp).
-    let winner = value(
-        &c.nodes[1]
-            .as_ref()
-            .unwrap()
-            .read(key("doc:contested"))
-            .await
-            .unwrap(),
-    );
+    // Every replica ends with the version of the greater hybrid timestamp (LWW; within one
+    // millisecond the node id breaks the tie, so node-c's earlier write may win). A replica
+    // that has not seen node-c's version yet gets it from the reads' repair.
+    let winner = if from_a.stamp > from_c.stamp {
+        from_a.value
+    } else {
+        from_c.value
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     for node in c.nodes.iter().flatten() {
-        let read = node.read(key("doc:contested")).await.unwrap();
-        assert_eq!(value(&read), winner);
+        loop {
+            let read = node.read(key("doc:contested")).await.unwrap();
+            if value(&read).as_ref() == Some(&winner) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a replica reads {read:?}, not the LWW winner {winner:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A tombstone of `key` stamped `age` ago by node-a, as node-a's engine would hold it.
+fn tombstone(key_name: &str, age: Duration) -> agentstore_core::Record {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut clock = agentstore_core::HybridClock::new(NodeId::new("node-a").unwrap(), 500);
+    let physical = now - age.as_millis() as u64;
+    let put = agentstore_core::record::apply(
+        None,
+        &Mutation::Put(key_name.as_bytes().to_vec()),
+        &mut clock,
+        physical,
+    )
+    .unwrap();
+    agentstore_core::record::apply(Some(&put), &Mutation::Delete, &mut clock, physical).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_past_its_grace_is_collected_not_spread_to_replicas_that_hold_nothing() {
+    let c = cluster_with(Duration::from_millis(100)).await;
+    // node-a alone holds two tombstones: one from two hours ago (past the hour of grace), one
+    // fresh. node-b and node-c hold nothing of either key.
+    let (old, fresh) = (key("doc:long-gone"), key("doc:just-gone"));
+    for (k, age) in [(&old, Duration::from_secs(7200)), (&fresh, Duration::ZERO)] {
+        c.engines[0]
+            .apply(k.clone(), Mutation::Merge(tombstone(&k.to_string(), age)))
+            .await
+            .unwrap();
+    }
+    // Anti-entropy carries the fresh tombstone to the others (a delayed write of the value it
+    // deletes could still arrive there)...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for engine in &c.engines[1..] {
+        while engine.get(&fresh).await.unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fresh tombstone never spread"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // ...and node-a collects the old one, since every other replica holds nothing of it;
+    // none of them took it in meanwhile from the rounds that carried the fresh one.
+    while c.engines[0].get(&old).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-a never collected the old tombstone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, engine) in c.engines.iter().enumerate() {
+        let held = engine.get(&old).await.unwrap();
+        assert!(held.is_none(), "{} holds {held:?}", c.ids[i]);
+        let fresh = engine.get(&fresh).await.unwrap();
+        assert!(
+            fresh.is_some_and(|r| r.is_tombstone()),
+            "{} lost the fresh tombstone",
+            c.ids[i]
+        );
     }
 }
 

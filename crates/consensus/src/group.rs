@@ -207,7 +207,7 @@ impl Group {
     /// is initialized in the background (see [`GroupConfig::voters`]).
     pub async fn start(config: GroupConfig, rpc: Arc<dyn Rpc>) -> Result<Self, GroupError> {
         std::fs::create_dir_all(&config.dir).map_err(storage)?;
-        let log = LogStore::open(&config.dir.join(LOG_FILE)).map_err(storage)?;
+        let log = LogStore::open(&config.dir.join(LOG_FILE), config.id.clone()).map_err(storage)?;
         let state = StateMachine::open(&config.dir.join(STATE_FILE)).map_err(storage)?;
         let heartbeat = config.heartbeat.as_millis() as u64;
         let election = config.election_timeout.as_millis() as u64;
@@ -692,9 +692,11 @@ impl Group {
     }
 }
 
-/// Counts the times the known leader changes, for metrics.
+/// Counts the times the known leader changes, for metrics. It watches the server metrics
+/// (state, leader, membership), which change rarely, not the whole metrics, which change with
+/// every entry and would wake this task on every write.
 async fn count_leader_changes(raft: Raft<TypeConfig, StateMachine>, changes: Arc<AtomicU64>) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     let mut leader = metrics.borrow_watched().current_leader.clone();
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow_watched().current_leader.clone();

@@ -7,6 +7,7 @@
 //! time is always an argument. That is what lets the same logic run in a node, in an
 //! engine's transaction and in a deterministic simulator.
 
+pub mod causal;
 pub mod codec;
 pub mod config;
 pub mod crdt;
@@ -20,6 +21,7 @@ pub mod placement;
 pub mod quorum;
 pub mod record;
 pub mod replication;
+pub mod session;
 pub mod version;
 
 pub use crdt::Crdt;

@@ -134,6 +134,33 @@ pub enum Message {
         /// The Raft reply.
         data: Vec<u8>,
     },
+    /// Causal writes (see [`crate::causal`]): pushed by their origin, or sent to a peer that
+    /// lacks them.
+    CausalWrites {
+        /// The writes, each origin's in sequence order.
+        writes: Vec<crate::causal::CausalWrite>,
+    },
+    /// What the sender has applied of the causal writes: the receiver sends what the sender
+    /// lacks, and knows what it may forget.
+    CausalHave {
+        /// The sender's applied vector.
+        applied: crate::version::VersionVector,
+    },
+    /// One chunk of a snapshot of the sender's causal state, for a peer that lacks writes
+    /// already trimmed from every log: the receiver applies the snapshot once it has every
+    /// chunk, never a part of it.
+    CausalSnapshot {
+        /// Names the snapshot (chunks of different snapshots never mix).
+        id: u64,
+        /// This chunk's place, from 0.
+        index: u32,
+        /// How many chunks the snapshot has.
+        total: u32,
+        /// What the snapshot's state has applied (the same in every chunk).
+        applied: crate::version::VersionVector,
+        /// Records, keys strictly increasing.
+        entries: Vec<(Key, Record)>,
+    },
 }
 
 impl Message {
@@ -153,7 +180,10 @@ impl Message {
             Message::TreeLeaves { .. }
             | Message::Buckets { .. }
             | Message::Gossip { .. }
-            | Message::Leaving => 0,
+            | Message::Leaving
+            | Message::CausalWrites { .. }
+            | Message::CausalHave { .. }
+            | Message::CausalSnapshot { .. } => 0,
         }
     }
 }
@@ -452,7 +482,10 @@ impl Coordinator {
                 | Message::Scan { .. }
                 | Message::Scanned { .. }
                 | Message::Raft { .. }
-                | Message::RaftReply { .. } => {}
+                | Message::RaftReply { .. }
+                | Message::CausalWrites { .. }
+                | Message::CausalHave { .. }
+                | Message::CausalSnapshot { .. } => {}
             },
             Input::Tick => self.expire(now_ms, &mut effects),
         }

@@ -161,6 +161,19 @@ pub enum EngineError {
         /// What happened.
         detail: String,
     },
+    /// The node has not caught up with the session's causal past in time: answering now could
+    /// show the session something older than what it has already seen or written.
+    #[error(
+        "{backend}: this node has not caught up with the session in {waited_ms} ms ({detail}); retry, or use another node"
+    )]
+    SessionBehind {
+        /// The engine.
+        backend: &'static str,
+        /// How long the call waited.
+        waited_ms: u64,
+        /// What is missing.
+        detail: String,
+    },
     /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,
@@ -193,6 +206,7 @@ impl EngineError {
             EngineError::Unsupported { .. } => "unsupported",
             EngineError::QuorumFailed { .. } => "quorum_failed",
             EngineError::Indeterminate { .. } => "indeterminate",
+            EngineError::SessionBehind { .. } => "session_behind",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
         }

@@ -15,12 +15,15 @@ pub mod batch_codec;
 mod clock;
 pub mod conformance;
 mod error;
+pub mod group_commit;
 mod local;
 mod metrics;
 #[cfg(feature = "postgres")]
 mod postgres;
+pub mod redb_file;
 #[cfg(feature = "redis")]
 mod redis;
+pub mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod two_phase;

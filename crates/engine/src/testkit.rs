@@ -105,6 +105,13 @@ impl RedisServer {
         }
     }
 
+    /// Sends the server `signal` (`-STOP`, `-CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+    }
+
     /// Stops the server (SIGKILL) and waits for it to exit.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

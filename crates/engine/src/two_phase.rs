@@ -30,6 +30,44 @@ pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("rec
 /// The highest fencing token seen per lock.
 pub const FENCES: TableDefinition<'_, &str, u64> = TableDefinition::new("fences");
 
+/// Up to `limit` records of a [`RECORDS`] table whose keys start with `prefix`, in key order,
+/// after `start_after` when given: the scan of every engine that keeps records in redb.
+pub fn scan_records(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    start_after: Option<&Key>,
+    limit: usize,
+) -> Result<Vec<(Key, Record)>, EngineError> {
+    use std::ops::Bound;
+    let start = match start_after {
+        Some(after) if after.as_bytes() >= prefix => Bound::Excluded(after.as_bytes()),
+        _ => Bound::Included(prefix),
+    };
+    let mut out = Vec::new();
+    for entry in table
+        .range::<&[u8]>((start, Bound::Unbounded))
+        .map_err(EngineError::storage)?
+    {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = entry.map_err(EngineError::storage)?;
+        let key_bytes = key.value();
+        if !key_bytes.starts_with(prefix) {
+            break;
+        }
+        let key = Key::new(key_bytes).map_err(|e| EngineError::Storage {
+            detail: format!(
+                "stored key {:?} is invalid: {e}",
+                key_bytes.escape_ascii().to_string()
+            ),
+        })?;
+        let record = decode(&key, value.value())?;
+        out.push((key, record));
+    }
+    Ok(out)
+}
+
 /// The writes a commit applies: their conditions were checked and their fences raised when
 /// they were prepared, and with the keys locked since, nothing can have changed the answer.
 pub fn unconditional(writes: Vec<Write>) -> Vec<Write> {

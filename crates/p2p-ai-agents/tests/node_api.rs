@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use agentstore_engine::EngineError;
 use p2p_ai_agents::storage::server::{self, Listeners, OPENAPI};
-use p2p_ai_agents::storage::{Config, ConsistencyLevel, NodeClient, Storage, StorageError};
+use p2p_ai_agents::storage::{
+    Config, ConsistencyLevel, NodeClient, Session, Storage, StorageError,
+};
 use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -22,6 +24,8 @@ const COLLECTIONS: &str = "  collections:
       conflict: multi_value
     agent:
       consistency: strong
+    tasks:
+      consistency: causal
 ";
 
 struct TestNode {
@@ -171,6 +175,71 @@ async fn the_openapi_document_describes_every_route_served() {
     assert!(operations >= 14, "{operations} operations checked");
     // And an undocumented path is not served.
     assert_eq!(http(a, "GET", "/v1/undocumented", "").await.0, 404);
+    stop(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_follows_its_client_from_node_to_node() {
+    let nodes = cluster().await;
+    let addr = |i: usize| nodes[i].client.to_string();
+    let config = || Config::from_yaml(&format!("storage:\n{COLLECTIONS}"), "client.yaml").unwrap();
+    let on_a = Storage::connect(&addr(0), config()).await.unwrap();
+    let on_c = Storage::connect(&addr(2), config()).await.unwrap();
+    assert_eq!(on_c.plan("tasks").guarantee.level, ConsistencyLevel::Causal);
+
+    // Written through A in a session; the token names the write, and C serves the session
+    // only with it (waiting for it if it has not arrived).
+    let session = Session::new();
+    session
+        .run(on_a.set("tasks:a", json!({"title": "fetch"})))
+        .await
+        .unwrap();
+    assert_eq!(session.token(), "node-a=1");
+    let moved = Session::resume(&session.token()).unwrap();
+    let read: Option<Json> = moved.run(on_c.get("tasks:a")).await.unwrap();
+    assert_eq!(read, Some(json!({"title": "fetch"})));
+    // A write through C in the same session depends on what it has seen.
+    moved
+        .run(on_c.set("tasks:b", json!({"after": "tasks:a"})))
+        .await
+        .unwrap();
+    assert_eq!(moved.token(), "node-a=1,node-c=1");
+
+    // A session that saw a write this cluster never made cannot be served: a typed refusal
+    // after the node's wait, never an answer without it.
+    let ahead = Session::resume("node-a=99").unwrap();
+    let refused = ahead.run(on_c.get::<Json>("tasks:a")).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StorageError::Engine(EngineError::SessionBehind { .. })
+        ),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        Session::resume("node-a"),
+        Err(StorageError::InvalidSession(_))
+    ));
+    // The node counts the wait and the timeout.
+    let (_, metrics) = http(nodes[2].client, "GET", "/metrics", "").await;
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("agentstore_causal_session_timeouts_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(value("agentstore_causal_session_waits_total") >= 1.0);
+    assert!(metrics.contains("agentstore_causal_dependency_wait_seconds_bucket"));
+    assert!(metrics.contains("agentstore_causal_buffered_updates"));
+    // Over HTTP too.
+    let (status, body) = http(nodes[1].client, "GET", "/v1/status", "").await;
+    assert_eq!(status, 200);
+    let status: Json = serde_json::from_str(&body).unwrap();
+    assert!(status["causal"]["applied"].is_string(), "{status}");
     stop(nodes).await;
 }
 

@@ -207,7 +207,7 @@ async fn the_example_config_routes_each_collection_to_its_backend() {
 
 #[tokio::test]
 async fn a_level_the_backend_cannot_deliver_is_refused_with_the_fix() {
-    let text = "storage:\n  redis:\n    url: redis://127.0.0.1:6379\n  collections:\n    workflow:\n      backend: redis\n      consistency: causal\n    cache:\n      backend: redis\n";
+    let text = "storage:\n  redis:\n    url: redis://127.0.0.1:6379\n  collections:\n    workflow:\n      backend: redis\n      consistency: strong\n    cache:\n      backend: redis\n";
     let config = storage::Config::from_yaml(text, "test.yaml").unwrap();
     let storage = Storage::new(config).await.unwrap();
     let err = storage
@@ -219,7 +219,7 @@ async fn a_level_the_backend_cannot_deliver_is_refused_with_the_fix() {
             err,
             StorageError::LevelUnavailable {
                 delivered: ConsistencyLevel::Eventual,
-                requested: ConsistencyLevel::Causal,
+                requested: ConsistencyLevel::Strong,
                 ..
             }
         ),
@@ -237,4 +237,24 @@ async fn a_level_the_backend_cannot_deliver_is_refused_with_the_fix() {
         stronger,
         Err(StorageError::LevelUnavailable { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_causal_redis_collection_is_served_in_sessions_by_its_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "storage:\n  data_dir: {}\n  redis:\n    url: redis://127.0.0.1:6379\n  collections:\n    workflow:\n      backend: redis\n      consistency: causal\n",
+        dir.path().display()
+    );
+    let config = storage::Config::from_yaml(&text, "test.yaml").unwrap();
+    let storage = Storage::new(config).await.unwrap();
+    assert_eq!(
+        storage.plan("workflow").guarantee.level,
+        ConsistencyLevel::Causal
+    );
+    let key = format!("workflow:{}", unique());
+    let session = storage::Session::new();
+    session.run(storage.set(&key, "step 1")).await.unwrap();
+    let read: Option<String> = session.run(storage.get(&key)).await.unwrap();
+    assert_eq!(read.as_deref(), Some("step 1"));
 }

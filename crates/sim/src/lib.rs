@@ -10,6 +10,7 @@
 //!
 //! Everything random comes from one seed, so a failing seed replays exactly.
 
+pub mod causal;
 mod rng;
 
 use std::collections::{BTreeMap, BTreeSet};

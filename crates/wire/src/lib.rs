@@ -18,6 +18,11 @@
 //!          | 10                           Leaving
 //!          | 11 prefix:bytes 0|1 key limit:uvarint   Scan (1: resume after the key)
 //!          | 12 entries                   Scanned
+//!          | 13 len:uvarint bytes         Raft (opaque here)
+//!          | 14 len:uvarint bytes         RaftReply (opaque here)
+//!          | 15 count:uvarint write*      CausalWrites (`agentstore_core::causal::CausalWrite`)
+//!          | 16 vector                    CausalHave
+//!          | 17 id:uvarint index:uvarint total:uvarint vector entries   CausalSnapshot
 //! entries  = count:uvarint (key record)*  (keys strictly increasing)
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
@@ -32,6 +37,7 @@
 
 mod forward;
 
+use agentstore_core::causal::CausalWrite;
 use agentstore_core::codec::{self, DecodeError, Reader, put_bytes, put_uvarint};
 use agentstore_core::key::{Key, KeyError};
 use agentstore_core::replication::{Message, RequestId};
@@ -108,6 +114,9 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Scanned { .. } => "scanned",
         Message::Raft { .. } => "raft",
         Message::RaftReply { .. } => "raft_reply",
+        Message::CausalWrites { .. } => "causal_writes",
+        Message::CausalHave { .. } => "causal_have",
+        Message::CausalSnapshot { .. } => "causal_snapshot",
     }
 }
 
@@ -191,6 +200,31 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Message::RaftReply { data, .. } => {
             out.push(14);
             put_bytes(&mut out, data);
+        }
+        Message::CausalWrites { writes } => {
+            out.push(15);
+            put_uvarint(&mut out, writes.len() as u64);
+            for write in writes {
+                write.encode(&mut out);
+            }
+        }
+        Message::CausalHave { applied } => {
+            out.push(16);
+            codec::put_version(&mut out, applied);
+        }
+        Message::CausalSnapshot {
+            id,
+            index,
+            total,
+            applied,
+            entries,
+        } => {
+            out.push(17);
+            put_uvarint(&mut out, *id);
+            put_uvarint(&mut out, u64::from(*index));
+            put_uvarint(&mut out, u64::from(*total));
+            codec::put_version(&mut out, applied);
+            put_entries(&mut out, entries);
         }
     }
     out
@@ -381,6 +415,39 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
             request,
             data: r.bytes().map_err(malformed)?,
         },
+        15 => {
+            let count = r.uvarint().map_err(malformed)?;
+            // A write takes at least eight bytes: never allocate more than the input holds.
+            let mut writes =
+                Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(r.remaining() / 8));
+            for _ in 0..count {
+                writes.push(CausalWrite::decode(&mut r).map_err(malformed)?);
+            }
+            Message::CausalWrites { writes }
+        }
+        16 => Message::CausalHave {
+            applied: r.version_vector().map_err(malformed)?,
+        },
+        17 => {
+            let id = r.uvarint().map_err(malformed)?;
+            let mut small = || {
+                u32::try_from(r.uvarint().map_err(malformed)?).map_err(|_| WireError::Malformed {
+                    offset: 0,
+                    reason: "snapshot chunk number exceeds 32 bits",
+                })
+            };
+            let (index, total) = (small()?, small()?);
+            if index >= total {
+                return Err(malformed(r.malformed("snapshot chunk beyond its total")));
+            }
+            Message::CausalSnapshot {
+                id,
+                index,
+                total,
+                applied: r.version_vector().map_err(malformed)?,
+                entries: entries(&mut r)?,
+            }
+        }
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };
     if r.offset() != bytes.len() {

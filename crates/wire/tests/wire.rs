@@ -57,7 +57,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
     let mutation = prop_oneof![
         bytes().prop_map(Mutation::Put),
         Just(Mutation::Delete),
-        (prop::option::of(bytes()), context)
+        (prop::option::of(bytes()), context.clone())
             .prop_map(|(value, context)| Mutation::PutSibling { value, context }),
         any::<u64>().prop_map(Mutation::GCounterAdd),
         any::<i64>().prop_map(Mutation::PnCounterAdd),
@@ -75,7 +75,8 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         }),
         (0usize..10, 0usize..10)
             .prop_map(|(answered, needed)| Outcome::QuorumFailed { answered, needed }),
-        prop::collection::vec(node, 0..5).prop_map(|replicas| Outcome::NotAReplica { replicas }),
+        prop::collection::vec(node.clone(), 0..5)
+            .prop_map(|replicas| Outcome::NotAReplica { replicas }),
         ".{0,20}".prop_map(|detail| Outcome::LocalFailure { detail }),
     ];
     let membership = prop_oneof![
@@ -92,6 +93,41 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         bytes().prop_map(|data| Message::Raft { request: 0, data }),
         bytes().prop_map(|data| Message::RaftReply { request: 0, data }),
         Just(Message::Leaving),
+        context
+            .clone()
+            .prop_map(|applied| Message::CausalHave { applied }),
+        prop::collection::vec(
+            (
+                node.clone(),
+                1u64..50,
+                context.clone(),
+                prop::collection::btree_map(key.clone(), (bytes(), any::<u32>()), 1..3),
+            ),
+            0..3,
+        )
+        .prop_map(|writes| Message::CausalWrites {
+            writes: writes
+                .into_iter()
+                .map(|(origin, seq, mut deps, entries)| {
+                    // The numbering rule: the origin's own dependency is its previous write.
+                    let mut fixed = agentstore_core::VersionVector::new();
+                    for (node, counter) in deps.iter().filter(|(n, _)| **n != origin) {
+                        fixed.witness(node, counter);
+                    }
+                    fixed.witness(&origin, seq - 1);
+                    deps = fixed;
+                    agentstore_core::causal::CausalWrite {
+                        origin,
+                        seq,
+                        deps,
+                        entries: entries
+                            .into_iter()
+                            .map(|(k, (v, t))| (k, record(v, u64::from(t))))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }),
         (bytes(), prop::option::of(key.clone()), any::<u32>()).prop_map(
             |(prefix, after, limit)| Message::Scan {
                 request: 0,

@@ -31,11 +31,37 @@ pub(crate) fn http(
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    exchange(addr, method, path, body, None).map(|(status, body, _)| (status, body))
+}
+
+/// An HTTP/1.1 exchange in a session: sends `token` as the `agentstore-session` header;
+/// returns (status, body, the session header of the answer).
+pub(crate) fn http_session(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: &str,
+) -> std::io::Result<(u16, String, Option<String>)> {
+    exchange(addr, method, path, body, Some(token))
+}
+
+fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    session: Option<&str>,
+) -> std::io::Result<(u16, String, Option<String>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let session = session
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("agentstore-session: {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{session}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut response = String::new();
@@ -44,11 +70,13 @@ pub(crate) fn http(
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let token = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("agentstore-session")
+            .then(|| value.trim().to_owned())
+    });
+    Ok((status, body.to_owned(), token))
 }
 
 /// An `agentstore node` process of a test; killed when dropped.
@@ -61,16 +89,24 @@ pub(crate) struct NodeProcess {
     pub(crate) child: Option<Child>,
     /// Extra environment of the process (`AGENTSTORE_CRASH_AT`, ...).
     pub(crate) env: Vec<(String, String)>,
+    /// Where the process's log (stderr) goes, appended across restarts.
+    pub(crate) log: PathBuf,
 }
 impl NodeProcess {
     pub(crate) fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_agentstore"))
             .args(["node", "--config"])
             .arg(&self.config)
             .env_remove("AGENTSTORE_DATA_DIR")
+            .env("RUST_LOG", "warn,p2p_ai_agents=info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -92,6 +128,31 @@ impl NodeProcess {
             .args([signal, &child.id().to_string()])
             .status();
         child.wait().ok().and_then(|status| status.code())
+    }
+
+    /// Waits (`limit` at most) for the process to end by itself; whether it did. One that
+    /// did not is killed.
+    pub(crate) fn exits_within(&mut self, limit: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// The last `lines` lines of the process's log, for failure messages.
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 }
 
@@ -133,6 +194,7 @@ pub(crate) fn node(
         peer_port,
         child: None,
         env: Vec::new(),
+        log: dir.join(format!("{name}.log")),
     }
 }
 

@@ -87,6 +87,9 @@ pub struct RedisConfig {
     pub replicas: u8,
     /// How long a strong write waits for them.
     pub wait_timeout_ms: u64,
+    /// Replicas (`redis://host:port`) that may serve reads of causal collections in a
+    /// session, once they have reached the session's replication offset.
+    pub read_replicas: Vec<String>,
 }
 
 /// Transaction isolation for PostgreSQL.
@@ -279,6 +282,18 @@ impl Config {
                             .into(),
                     ),
                 },
+                None if level == ConsistencyLevel::Causal => Guarantee {
+                    level: ConsistencyLevel::Causal,
+                    summary: "one Redis primary orders every write; a session reads from a \
+                              replica only once it has reached the session's replication \
+                              offset, otherwise from the primary"
+                        .into(),
+                    caveat: Some(
+                        "asynchronous replication: a failover can lose acknowledged writes, \
+                         which a session may then miss"
+                            .into(),
+                    ),
+                },
                 None => Guarantee {
                     level: ConsistencyLevel::Eventual,
                     summary: "asynchronous Redis replication".into(),
@@ -344,8 +359,27 @@ impl Config {
         }
     }
 
-    /// What a cluster delivers to the collections on the `local` backend configured causal
-    /// or strong: they go through the cluster's Raft group.
+    /// What a cluster delivers to the collections on the `local` backend configured causal:
+    /// causal broadcast to every member, with session tokens.
+    pub fn causal_guarantee(&self) -> Guarantee {
+        Guarantee {
+            level: ConsistencyLevel::Causal,
+            summary: "causal+: every member holds every key; a write is durable on the node \
+                      that takes it and reaches the others in causal order (what it depends on \
+                      first); a session token keeps read-your-writes, monotonic reads and \
+                      writes, and writes-follow-reads on whichever node the client uses"
+                .into(),
+            caveat: Some(
+                "not linearizable: concurrent writes resolve by the collection's conflict \
+                 strategy; a write lives only on the node that took it until it reaches \
+                 another member"
+                    .into(),
+            ),
+        }
+    }
+
+    /// What a cluster delivers to the collections on the `local` backend configured strong:
+    /// they go through the cluster's Raft group.
     pub fn raft_guarantee(&self) -> Guarantee {
         Guarantee {
             level: ConsistencyLevel::Strong,
@@ -353,11 +387,7 @@ impl Config {
                       acknowledged once a majority has it durably, reads confirm the leader \
                       with a quorum (read index)"
                 .into(),
-            caveat: Some(
-                "unavailable without a majority of the voters; causal collections get this \
-                 stronger level, so they too need a majority"
-                    .into(),
-            ),
+            caveat: Some("unavailable without a majority of the voters".into()),
         }
     }
 

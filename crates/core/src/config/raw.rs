@@ -74,6 +74,7 @@ struct Redis {
     consistency: Option<ConsistencyLevel>,
     replicas: Option<u8>,
     wait_timeout_ms: Option<u64>,
+    read_replicas: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +200,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             consistency,
             replicas,
             wait_timeout_ms: redis.wait_timeout_ms.unwrap_or(1000),
+            read_replicas: redis.read_replicas.unwrap_or_default(),
         });
     }
     if let Some(supabase) = storage.supabase {

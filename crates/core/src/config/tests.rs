@@ -174,7 +174,23 @@ fn guarantees_are_computed_not_copied_from_the_label() {
         "storage:\n  redis: {}\n  collections:\n    tasks:\n      backend: redis\n      consistency: causal\n",
     )
     .unwrap();
+    // Causal on an asynchronous Redis: one primary orders every write, and sessions read
+    // replicas only once they caught up; a failover is the caveat.
     let plan = config.plan("tasks");
+    assert_eq!(plan.guarantee.level, ConsistencyLevel::Causal);
+    assert!(
+        plan.guarantee
+            .caveat
+            .as_deref()
+            .unwrap()
+            .contains("failover")
+    );
+    // Strong on an asynchronous Redis is flagged and refused.
+    let config = parse(
+        "storage:\n  redis: {}\n  collections:\n    locks:\n      backend: redis\n      consistency: strong\n",
+    )
+    .unwrap();
+    let plan = config.plan("locks");
     assert_eq!(plan.guarantee.level, ConsistencyLevel::Eventual);
     assert!(
         plan.guarantee.caveat.is_some(),
@@ -238,4 +254,19 @@ fn cluster_mistakes_are_located() {
         "storage:\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n",
     );
     assert_eq!(err.field, "storage.replication.replicas");
+}
+
+#[test]
+fn redis_read_replicas_are_listed_and_checked() {
+    let config = parse(
+        "storage:\n  redis:\n    read_replicas: [redis://127.0.0.1:6380, redis://127.0.0.1:6381]\n",
+    )
+    .unwrap();
+    let redis = config.redis.unwrap();
+    assert_eq!(
+        redis.read_replicas,
+        vec!["redis://127.0.0.1:6380", "redis://127.0.0.1:6381"]
+    );
+    let err = parse("storage:\n  redis:\n    read_replicas: redis://127.0.0.1:6380\n").unwrap_err();
+    assert!(err.to_string().contains("read_replicas"), "{err}");
 }

@@ -15,7 +15,6 @@ mod writer;
 pub use hints::Hint;
 
 use std::fmt;
-use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -137,8 +136,10 @@ fn open_database(path: &Path) -> Result<Database, EngineError> {
     };
     // redb asserts some invariants of files it wrote itself in debug builds; a damaged file can
     // trip them. Catching the panic turns that into the same typed error a release build gives.
-    let opened = catch_unwind(AssertUnwindSafe(|| Database::builder().create(path)))
-        .map_err(|panic| corrupted(panic_message(&panic)))?;
+    let opened = catch_unwind(AssertUnwindSafe(|| {
+        crate::redb_file::create(&Database::builder(), path)
+    }))
+    .map_err(|panic| corrupted(panic_message(&panic)))?;
     match opened {
         Ok(db) => Ok(db),
         Err(DatabaseError::DatabaseAlreadyOpen) => Err(EngineError::Locked {
@@ -214,34 +215,7 @@ impl Engine for LocalEngine {
     ) -> Result<Vec<(Key, Record)>, EngineError> {
         let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
-        let start = match start_after {
-            Some(after) if after.as_bytes() >= prefix => Bound::Excluded(after.as_bytes()),
-            _ => Bound::Included(prefix),
-        };
-        let mut out = Vec::new();
-        for entry in table
-            .range::<&[u8]>((start, Bound::Unbounded))
-            .map_err(EngineError::storage)?
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = entry.map_err(EngineError::storage)?;
-            let key_bytes = key.value();
-            if !key_bytes.starts_with(prefix) {
-                break;
-            }
-            let key = Key::new(key_bytes).map_err(|e| EngineError::Corrupted {
-                path: self.shared.path.clone(),
-                detail: format!(
-                    "stored key {:?} is invalid: {e}",
-                    key_bytes.escape_ascii().to_string()
-                ),
-            })?;
-            let record = batch::decode(&key, value.value())?;
-            out.push((key, record));
-        }
-        Ok(out)
+        crate::two_phase::scan_records(&table, prefix, start_after, limit)
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {

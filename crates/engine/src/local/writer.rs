@@ -12,12 +12,9 @@ use super::{DATA, FENCES};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
+use crate::group_commit;
 use crate::two_phase::{RedbParticipant, TXN_LOCKS, TXN_STAGED, check_unlocked};
 use crate::{Fence, Key, Write};
-
-/// Most requests committed in one transaction. Bounds the latency one commit adds to the
-/// requests queued behind it, and the memory a group holds.
-const MAX_GROUP: usize = 256;
 
 /// What a request asks the writer to do.
 pub(super) enum Op {
@@ -47,15 +44,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("agentstore-writer".into())
         .spawn(move || {
-            let mut group = Vec::with_capacity(MAX_GROUP);
-            while let Some(first) = requests.blocking_recv() {
-                group.push(first);
-                while group.len() < MAX_GROUP {
-                    match requests.try_recv() {
-                        Ok(request) => group.push(request),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(mut group) = group_commit::next_group(&mut requests) {
                 let _turn = turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 commit_group(&db, &clock, &mut group);
             }

@@ -32,6 +32,7 @@ use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
+use crate::session;
 use crate::{Engine, Fence, Key, Record, Write, batch_fences};
 
 /// How a Redis engine is set up.
@@ -45,6 +46,9 @@ pub struct RedisOptions {
     pub wait: Option<WaitPolicy>,
     /// Where to count retries, if anywhere.
     pub metrics: Option<EngineMetrics>,
+    /// Replicas (`redis://host:port`) that may serve reads made in a session (see
+    /// [`crate::session`]) once they have reached the session's replication offset.
+    pub read_replicas: Vec<String>,
 }
 
 /// `WAIT` settings of strong writes.
@@ -64,6 +68,7 @@ impl RedisOptions {
             prefix: "agentstore:".into(),
             wait: None,
             metrics: None,
+            read_replicas: Vec::new(),
         }
     }
 }
@@ -113,12 +118,63 @@ pub struct RedisEngine {
 
 struct Shared {
     conn: ConnectionManager,
+    /// Replicas for session reads, with the replication offset each last reported.
+    readers: Vec<Reader>,
+    next_reader: AtomicUsize,
+    /// Reads served by a replica, and by the primary, in sessions.
+    replica_reads: std::sync::atomic::AtomicU64,
+    primary_reads: std::sync::atomic::AtomicU64,
     waiters: Vec<Mutex<ConnectionManager>>,
     next_waiter: AtomicUsize,
     options: RedisOptions,
     index: Vec<u8>,
     cas: Script,
     clock: Arc<NodeClock>,
+}
+
+/// A replica that may serve session reads.
+struct Reader {
+    conn: ConnectionManager,
+    /// The replication offset it last reported (0: unknown).
+    offset: std::sync::atomic::AtomicU64,
+}
+
+/// How often replicas are asked for their replication offset.
+const OFFSET_POLL: Duration = Duration::from_millis(20);
+
+/// `field:<n>` of an `INFO replication` answer.
+fn info_offset(info: &str, field: &str) -> Option<u64> {
+    info.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(field)?
+            .strip_prefix(':')?
+            .parse()
+            .ok()
+    })
+}
+
+/// Keeps each replica's reported offset fresh until the engine is dropped. A replica that
+/// does not answer, or reports no offset (it is not replicating), is not read from.
+async fn poll_offsets(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(OFFSET_POLL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for reader in &shared.readers {
+            let mut conn = reader.conn.clone();
+            let info: Result<String, _> = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await;
+            let offset = info
+                .ok()
+                .filter(|info| info.contains("master_link_status:up"))
+                .and_then(|info| info_offset(&info, "slave_repl_offset"))
+                .unwrap_or(0);
+            reader.offset.store(offset, Ordering::Release);
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -169,7 +225,7 @@ impl RedisEngine {
         let mut waiters = Vec::new();
         if let Some(wait) = options.wait {
             // A WAIT connection must answer after the WAIT timeout, not time out before it.
-            let wait_config = config.set_response_timeout(Some(
+            let wait_config = config.clone().set_response_timeout(Some(
                 Duration::from_millis(wait.timeout_ms) + Duration::from_secs(5),
             ));
             for _ in 0..WAIT_CONNECTIONS {
@@ -180,10 +236,28 @@ impl RedisEngine {
                 waiters.push(Mutex::new(conn));
             }
         }
+        let mut readers = Vec::new();
+        for url in &options.read_replicas {
+            let replica = redis::Client::open(url.as_str()).map_err(|e| EngineError::Storage {
+                detail: format!("invalid Redis replica URL `{url}`: {e}"),
+            })?;
+            let conn = replica
+                .get_connection_manager_with_config(config.clone())
+                .await
+                .map_err(redis_error)?;
+            readers.push(Reader {
+                conn,
+                offset: std::sync::atomic::AtomicU64::new(0),
+            });
+        }
         let index = format!("{}i", options.prefix).into_bytes();
-        Ok(Self {
+        let engine = Self {
             shared: Arc::new(Shared {
                 conn,
+                readers,
+                next_reader: AtomicUsize::new(0),
+                replica_reads: Default::default(),
+                primary_reads: Default::default(),
                 waiters,
                 next_waiter: AtomicUsize::new(0),
                 index,
@@ -191,7 +265,86 @@ impl RedisEngine {
                 clock,
                 options,
             }),
-        })
+        };
+        if !engine.shared.readers.is_empty() {
+            tokio::spawn(poll_offsets(Arc::downgrade(&engine.shared)));
+        }
+        Ok(engine)
+    }
+
+    /// Reads made in sessions so far: (served by a replica, served by the primary).
+    pub fn session_reads(&self) -> (u64, u64) {
+        let shared = &self.shared;
+        (
+            shared.replica_reads.load(Ordering::Relaxed),
+            shared.primary_reads.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Runs `read` where the current session may be served, and grows the session by the
+    /// replication offset of what was read. Outside a session, or with no read replicas: the
+    /// primary, as always, with no extra round trip.
+    ///
+    /// A replica serves the session only if the offset it last reported is at least the
+    /// session's (offsets only grow, so it has everything the session saw); the offset read
+    /// right after `read` on the same connection bounds what `read` saw from above, so the
+    /// session's next read, wherever it goes, sees at least as much.
+    async fn in_session<T: redis::FromRedisValue>(
+        &self,
+        read: redis::Cmd,
+    ) -> Result<T, EngineError> {
+        // Without replicas to read from, the primary serves every read and offsets say nothing.
+        let token = session::current().filter(|_| !self.shared.readers.is_empty());
+        let Some(token) = token else {
+            let mut conn = self.shared.conn.clone();
+            return read.query_async(&mut conn).await.map_err(redis_error);
+        };
+        let shared = &self.shared;
+        let count = shared.readers.len();
+        let start = shared.next_reader.fetch_add(1, Ordering::Relaxed);
+        let reader = (0..count)
+            .map(|i| &shared.readers[(start + i) % count.max(1)])
+            .find(|r| r.offset.load(Ordering::Acquire) >= token.redis_offset.max(1));
+        let (mut conn, field) = match reader {
+            Some(reader) => {
+                shared.replica_reads.fetch_add(1, Ordering::Relaxed);
+                (reader.conn.clone(), "slave_repl_offset")
+            }
+            None => {
+                shared.primary_reads.fetch_add(1, Ordering::Relaxed);
+                (shared.conn.clone(), "master_repl_offset")
+            }
+        };
+        let (value, info): (T, String) = redis::pipe()
+            .add_command(read)
+            .cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if let Some(offset) = info_offset(&info, field) {
+            session::observe(|token| token.redis_offset = token.redis_offset.max(offset));
+        }
+        Ok(value)
+    }
+
+    /// After a write or a primary read in a session: the session includes the primary's
+    /// replication offset, which counts what was written or read.
+    async fn observe_primary(&self) -> Result<(), EngineError> {
+        // Offsets only steer reads to replicas: without any, no round trip for them.
+        if self.shared.readers.is_empty() || session::current().is_none() {
+            return Ok(());
+        }
+        let mut conn = self.shared.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if let Some(offset) = info_offset(&info, "master_repl_offset") {
+            session::observe(|token| token.redis_offset = token.redis_offset.max(offset));
+        }
+        Ok(())
     }
 
     fn record_key(&self, key: &Key) -> Vec<u8> {
@@ -329,12 +482,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Engine for RedisEngine {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
-        let mut conn = self.shared.conn.clone();
-        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.record_key(key))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+        let mut read = redis::cmd("GET");
+        read.arg(self.record_key(key));
+        let bytes: Option<Vec<u8>> = self.in_session(read).await?;
         batch::decode_stored(key, bytes.as_deref())
     }
 
@@ -393,6 +543,8 @@ impl Engine for RedisEngine {
                 out.push((key, record));
             }
         }
+        // Scans read the primary; a session then includes what they saw.
+        self.observe_primary().await?;
         Ok(out)
     }
 
@@ -402,6 +554,7 @@ impl Engine for RedisEngine {
         }
         for attempt in 0..MAX_ATTEMPTS {
             if let Some(records) = self.try_commit(&writes).await? {
+                self.observe_primary().await?;
                 return Ok(records);
             }
             if let Some(metrics) = &self.shared.options.metrics {

@@ -124,6 +124,9 @@ pub enum StorageError {
         /// What the call asked for.
         requested: ConsistencyLevel,
     },
+    /// A session token that does not parse.
+    #[error("{0}")]
+    InvalidSession(String),
     /// The engine failed (data directory in use, corruption, I/O, ...).
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -145,6 +148,7 @@ impl StorageError {
             StorageError::TransactionUnfinished { .. } => "transaction_unfinished",
             StorageError::LockHeld { .. } => "lock_held",
             StorageError::LevelUnavailable { .. } => "level_unavailable",
+            StorageError::InvalidSession(_) => "invalid_session",
             StorageError::Engine(err) => err.kind(),
         }
     }

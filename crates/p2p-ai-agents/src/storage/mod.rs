@@ -33,6 +33,7 @@ mod lease;
 mod remote;
 mod routes;
 pub mod server;
+mod session;
 mod transaction;
 mod two_phase;
 mod values;
@@ -60,7 +61,9 @@ use serde_json::Value as Json;
 pub use self::error::{Result, StorageError};
 pub use self::lease::Lease;
 pub use self::remote::NodeClient;
-use self::routes::{ClusterEngines, Routes};
+pub use self::routes::ClusterEngines;
+use self::routes::Routes;
+pub use self::session::Session;
 pub use self::transaction::Transaction;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
@@ -181,9 +184,19 @@ impl Storage {
     pub async fn with_cluster(config: Config, cluster: Arc<dyn DynEngine>) -> Result<Self> {
         let cluster = ClusterEngines {
             leaderless: cluster,
+            causal: None,
             strong: None,
         };
         Self::open(config, Some(cluster)).await
+    }
+
+    /// Opens a store whose `local` collections live in a cluster's engines: eventual ones in
+    /// `engines.leaderless`, causal ones in `engines.causal`, strong ones in `engines.strong`
+    /// (causal ones too when there is no causal engine). Each collection's plan carries what
+    /// its engine delivers ([`Config::cluster_guarantee`], [`Config::causal_guarantee`],
+    /// [`Config::raft_guarantee`]).
+    pub async fn with_cluster_engines(config: Config, engines: ClusterEngines) -> Result<Self> {
+        Self::open(config, Some(engines)).await
     }
 
     /// Like [`Storage::with_cluster`], with the cluster's Raft group (`strong`) serving the
@@ -195,6 +208,7 @@ impl Storage {
     ) -> Result<Self> {
         let cluster = ClusterEngines {
             leaderless: cluster,
+            causal: None,
             strong: Some(strong),
         };
         Self::open(config, Some(cluster)).await
@@ -260,12 +274,14 @@ impl Storage {
         let raft = status["raft"]["voters"]
             .as_array()
             .is_some_and(|voters| !voters.is_empty());
+        let causal = status["causal"].is_object();
         let remote: Arc<dyn DynEngine> = Arc::new(remote);
-        if raft {
-            Self::with_cluster_and_raft(config, Arc::clone(&remote), remote).await
-        } else {
-            Self::with_cluster(config, remote).await
-        }
+        let engines = ClusterEngines {
+            leaderless: Arc::clone(&remote),
+            causal: causal.then(|| Arc::clone(&remote)),
+            strong: raft.then(|| Arc::clone(&remote)),
+        };
+        Self::with_cluster_engines(config, engines).await
     }
 
     async fn open(config: Config, cluster: Option<ClusterEngines>) -> Result<Self> {

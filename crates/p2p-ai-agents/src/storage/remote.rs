@@ -94,17 +94,36 @@ impl NodeClient {
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), EngineError> {
         let mut sender = self.connection().await?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.addr)
-            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| EngineError::Internal {
-                detail: e.to_string(),
-            })?;
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream");
+        // The call's session travels to the node, and comes back grown by what it saw there.
+        let session = agentstore_engine::session::current();
+        if let Some(token) = session.as_ref().filter(|t| !t.is_empty()) {
+            request = request.header(super::server::SESSION_HEADER, token.to_string());
+        }
+        let request =
+            request
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| EngineError::Internal {
+                    detail: e.to_string(),
+                })?;
         let response = sender.send_request(request).await.map_err(unavailable)?;
         let status = response.status();
+        if session.is_some()
+            && let Some(Ok(Ok(seen))) =
+                response
+                    .headers()
+                    .get(super::server::SESSION_HEADER)
+                    .map(|v| {
+                        v.to_str()
+                            .map(str::parse::<agentstore_engine::session::SessionToken>)
+                    })
+        {
+            agentstore_engine::session::observe(|token| token.merge(&seen));
+        }
         let body = response
             .into_body()
             .collect()
@@ -216,6 +235,11 @@ impl NodeClient {
             "membership_refused" => EngineError::InvalidSettings { detail: message },
             "indeterminate" => EngineError::Indeterminate {
                 backend: "node",
+                detail: message,
+            },
+            "session_behind" => EngineError::SessionBehind {
+                backend: "node",
+                waited_ms: count("waited_ms") as u64,
                 detail: message,
             },
             _ if status.is_server_error() => unavailable(message),

@@ -24,11 +24,27 @@ pub(crate) struct Route {
 
 /// The engines of a cluster: where a node keeps the `local` collections.
 #[derive(Debug, Clone)]
-pub(crate) struct ClusterEngines {
+pub struct ClusterEngines {
     /// Leaderless replication (eventual collections).
-    pub(crate) leaderless: Arc<dyn DynEngine>,
-    /// The Raft group (causal and strong collections), if the cluster runs one.
-    pub(crate) strong: Option<Arc<dyn DynEngine>>,
+    pub leaderless: Arc<dyn DynEngine>,
+    /// Causal broadcast (causal collections), if the cluster runs it.
+    pub causal: Option<Arc<dyn DynEngine>>,
+    /// The Raft group (strong collections, and causal ones if there is no causal engine), if
+    /// the cluster runs one.
+    pub strong: Option<Arc<dyn DynEngine>>,
+}
+
+impl ClusterEngines {
+    /// Whether every engine is the same one (a node reached over the network, which routes
+    /// each record itself): a batch across them is one call to the node.
+    fn one_remote(&self) -> bool {
+        let same = |other: &Option<Arc<dyn DynEngine>>| {
+            other.as_ref().is_none_or(|engine| {
+                Arc::as_ptr(engine).cast::<()>() == Arc::as_ptr(&self.leaderless).cast::<()>()
+            })
+        };
+        same(&self.strong) && same(&self.causal)
+    }
 }
 
 /// Every route of a store: the named collections and the default one.
@@ -42,8 +58,9 @@ impl Routes {
     /// Opens the engines the configuration uses (and only those) and routes each collection.
     ///
     /// With `cluster`, collections on the `local` backend go to its engines instead: eventual
-    /// ones to leaderless replication, causal and strong ones to the Raft group if there is
-    /// one; their plans carry what the cluster delivers.
+    /// ones to leaderless replication, causal ones to causal broadcast, strong ones to the
+    /// Raft group (causal ones too when the cluster has no causal engine); their plans carry
+    /// what the cluster delivers.
     pub(crate) async fn open(
         config: &Config,
         data_dir: &Path,
@@ -58,11 +75,7 @@ impl Routes {
             metrics: metrics.clone(),
             opened: HashMap::new(),
             in_cluster: cluster.is_some(),
-            one_remote: cluster.as_ref().is_some_and(|c| {
-                c.strong.as_ref().is_some_and(|strong| {
-                    Arc::as_ptr(strong).cast::<()>() == Arc::as_ptr(&c.leaderless).cast::<()>()
-                })
-            }),
+            one_remote: cluster.as_ref().is_some_and(ClusterEngines::one_remote),
         };
         if let Some(cluster) = cluster {
             let mut add = |instance, engine: Arc<dyn DynEngine>| {
@@ -74,6 +87,9 @@ impl Routes {
             add(Instance::Local, cluster.leaderless);
             if let Some(strong) = cluster.strong {
                 add(Instance::Raft, strong);
+            }
+            if let Some(causal) = cluster.causal {
+                add(Instance::Causal, causal);
             }
         }
         let default = engines.route("").await?;
@@ -98,6 +114,8 @@ pub(crate) enum Instance {
     Local,
     /// A cluster's Raft group.
     Raft,
+    /// A cluster's causal broadcast.
+    Causal,
     Redis {
         wait: bool,
     },
@@ -123,7 +141,7 @@ impl Engines<'_> {
         let plan = self.plan(collection);
         let engine = self.for_plan(&plan).await?;
         let instance = match self.instance(&plan) {
-            Instance::Raft if self.one_remote => Instance::Local,
+            Instance::Raft | Instance::Causal if self.one_remote => Instance::Local,
             instance => instance,
         };
         Ok(Route {
@@ -138,16 +156,24 @@ impl Engines<'_> {
         let mut plan = self.config.plan(collection);
         match self.instance(&plan) {
             Instance::Raft => plan.guarantee = self.config.raft_guarantee(),
+            Instance::Causal => plan.guarantee = self.config.causal_guarantee(),
             Instance::Local if self.in_cluster => plan.guarantee = self.config.cluster_guarantee(),
             _ => {}
         }
         plan
     }
 
-    /// The engine instance a plan needs. In a cluster with a Raft group, causal and strong
-    /// `local` collections go to the group.
+    /// The engine instance a plan needs. In a cluster, causal `local` collections go to its
+    /// causal engine, strong ones (and causal ones if it has no causal engine) to its Raft
+    /// group.
     fn instance(&self, plan: &CollectionPlan) -> Instance {
         match plan.backend {
+            Backend::Local
+                if plan.consistency == ConsistencyLevel::Causal
+                    && self.opened.contains_key(&Instance::Causal) =>
+            {
+                Instance::Causal
+            }
             Backend::Local
                 if plan.consistency > ConsistencyLevel::Eventual
                     && self.opened.contains_key(&Instance::Raft) =>
@@ -185,9 +211,9 @@ impl Engines<'_> {
             ))
         };
         Ok(match instance {
-            Instance::Raft => {
+            Instance::Raft | Instance::Causal => {
                 return Err(super::StorageError::InvalidConfig(
-                    "a Raft group is opened by the node, not by the store".into(),
+                    "a cluster's engines are opened by the node, not by the store".into(),
                 ));
             }
             Instance::Local => {
@@ -204,6 +230,7 @@ impl Engines<'_> {
                 let options = RedisOptions {
                     wait,
                     metrics: Some(self.metrics.clone()),
+                    read_replicas: redis.read_replicas.clone(),
                     ..RedisOptions::new(redis.url.clone())
                 };
                 AnyEngine::Redis(RedisEngine::connect(options, clock).await?)

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentstore_cluster::{ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine};
+use agentstore_cluster::{
+    CausalConfig, CausalEngine, ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine,
+};
 use agentstore_core::config::Config;
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
@@ -29,7 +31,10 @@ use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::{Storage, StorageError, Version, default_data_dir};
+use super::{ClusterEngines, Storage, StorageError, Version, default_data_dir};
+
+/// The header that carries a session token (see [`super::Session`]) both ways.
+pub const SESSION_HEADER: &str = "agentstore-session";
 
 /// The OpenAPI document of the client API.
 pub const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
@@ -101,6 +106,10 @@ fn engine_error(err: EngineError) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "unsupported", message)
         }
         EngineError::WrongKind { .. } => ApiError::new(StatusCode::CONFLICT, "wrong_kind", message),
+        EngineError::SessionBehind { waited_ms, .. } => ApiError {
+            extra: json!({ "waited_ms": waited_ms }),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "session_behind", message)
+        },
         EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
         _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "local_failure", message),
     }
@@ -134,6 +143,9 @@ impl From<StorageError> for ApiError {
                 &message,
             ),
             StorageError::LevelUnavailable { .. } => conflict("consistency_unavailable"),
+            StorageError::InvalidSession(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_session", message)
+            }
             StorageError::Engine(err) => engine_error(err),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
         }
@@ -168,8 +180,10 @@ fn parse_key(key: &str) -> Result<Key, ApiError> {
 struct Api {
     storage: Storage,
     node: Arc<Node>,
-    /// The node's member of the Raft group (strong and causal collections).
+    /// The node's member of the Raft group (strong collections).
     strong: StrongEngine,
+    /// The node's causal broadcast (causal collections).
+    causal: CausalEngine,
     /// Notified once the node has left the cluster: the server stops.
     left: Arc<Notify>,
 }
@@ -688,6 +702,11 @@ async fn status(State(api): State<Api>) -> Answer {
     let mut body = serde_json::to_value(&node).unwrap_or_default();
     body["collections"] = Json::Array(collections);
     body["raft"] = serde_json::to_value(api.strong.group().status()).unwrap_or_default();
+    let applied = agentstore_engine::session::SessionToken {
+        causal: api.causal.applied(),
+        redis_offset: 0,
+    };
+    body["causal"] = json!({ "applied": applied.to_string() });
     Ok(axum::Json(body).into_response())
 }
 
@@ -731,6 +750,7 @@ async fn metrics(State(api): State<Api>) -> Response {
     let without_eof = |text: String| text.trim_end().trim_end_matches("# EOF").to_owned();
     let text = without_eof(api.node.metrics_text())
         + &without_eof(api.strong.metrics_text())
+        + &without_eof(api.causal.metrics_text())
         + &api.storage.metrics_text();
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
@@ -775,7 +795,39 @@ fn router(api: Api) -> Router {
         .fold(Router::new(), |router, (path, methods)| {
             router.route(path, methods)
         })
+        .layer(axum::middleware::from_fn(in_session))
         .with_state(api)
+}
+
+/// Runs every request in the session its `agentstore-session` header names (a new one
+/// without the header), and answers with the session's token grown by what the request saw
+/// and wrote.
+async fn in_session(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let token = match request.headers().get(SESSION_HEADER) {
+        None => Default::default(),
+        Some(value) => match value.to_str().map(str::parse) {
+            Ok(Ok(token)) => token,
+            Ok(Err(err)) => {
+                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_session", err)
+                    .into_response();
+            }
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_session",
+                    "the session header is not ASCII",
+                )
+                .into_response();
+            }
+        },
+    };
+    let (mut response, token) = agentstore_engine::session::run(token, next.run(request)).await;
+    if !token.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&token.to_string())
+    {
+        response.headers_mut().insert(SESSION_HEADER, value);
+    }
+    response
 }
 
 /// Listeners a node serves on.
@@ -825,7 +877,7 @@ pub async fn run(
         .as_ref()
         .map_or_else(default_data_dir, PathBuf::from);
     let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
-    let local = LocalEngine::open(&data_dir, clock)?;
+    let local = LocalEngine::open(&data_dir, Arc::clone(&clock))?;
     let quorum = config.replication.quorum;
     let node_config = NodeConfig {
         id: config.node_id.clone(),
@@ -856,9 +908,17 @@ pub async fn run(
         request_timeout: STRONG_TIMEOUT,
     };
     let strong = StrongEngine::start(strong_config, node.transport().clone()).await?;
-    let storage =
-        Storage::with_cluster_and_raft(config.clone(), Arc::new(engine), Arc::new(strong.clone()))
-            .await?;
+    let causal = CausalEngine::start(
+        CausalConfig::new(data_dir.clone(), clock),
+        node.transport().clone(),
+        node.members(),
+    )?;
+    let engines = ClusterEngines {
+        leaderless: Arc::new(engine),
+        causal: Some(Arc::new(causal.clone())),
+        strong: Some(Arc::new(strong.clone())),
+    };
+    let storage = Storage::with_cluster_engines(config.clone(), engines).await?;
     tracing::info!(
         node = %config.node_id,
         clients = %cluster.client_addr,
@@ -871,6 +931,7 @@ pub async fn run(
         storage,
         node: Arc::clone(&node),
         strong: strong.clone(),
+        causal,
         left: Arc::clone(&left),
     };
     let stop = async move {

@@ -13,7 +13,8 @@
 //!
 //! Recovery runs when the store opens and then in the background until nothing is left: a
 //! record still `preparing` (the coordinator stopped before deciding) is aborted everywhere,
-//! a decided one is resolved again everywhere (resolving is idempotent). So a coordinator
+//! a decided one is resolved again everywhere (resolving is idempotent); a transaction this
+//! process is coordinating right now is left to its coordinator. So a coordinator
 //! killed at any point ends all-or-nothing once it restarts. Until then the keys of a prepared
 //! transaction stay locked (writes to them are refused with `in_transaction`); reads see the
 //! values from before it. Reads across engines are not isolated from a commit in progress:
@@ -22,11 +23,13 @@
 //! Fault injection for tests: `AGENTSTORE_CRASH_AT=after-prepare` (or `after-decision`)
 //! aborts the process at that point of the next cross-engine transaction.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use agentstore_engine::{AnyEngine, Engine, EngineError, Instrumented, Record, Write};
+use agentstore_engine::{AnyEngine, Engine, EngineError, Instrumented, Record, Write, redb_file};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +67,27 @@ pub(crate) struct Coordinator {
     /// on the default one), since a participant takes a second prepare of an id as a retry.
     prefix: String,
     sequence: AtomicU64,
+    /// Transactions this store is coordinating right now: recovery leaves them alone (a
+    /// `preparing` record of a live transaction is not an abandoned one).
+    live: Mutex<HashSet<String>>,
+}
+
+/// Marks a transaction live for as long as it is held.
+struct Live<'c> {
+    coordinator: &'c Coordinator,
+    txn: String,
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        lock(&self.coordinator.live).remove(&self.txn);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn storage(err: impl std::fmt::Display) -> StorageError {
@@ -91,6 +115,7 @@ impl Coordinator {
             db: std::sync::OnceLock::new(),
             prefix: format!("{node}-{random:016x}"),
             sequence: AtomicU64::new(0),
+            live: Mutex::new(HashSet::new()),
         }
     }
 
@@ -106,16 +131,26 @@ impl Coordinator {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
-        let db = Database::create(&self.path).map_err(storage)?;
+        let db = redb_file::create(&Database::builder(), &self.path).map_err(storage)?;
         Ok(self.db.get_or_init(|| db))
     }
 
-    fn next_id(&self) -> String {
-        format!(
+    /// A new transaction id, live until the returned guard is dropped.
+    fn begin(&self) -> Live<'_> {
+        let txn = format!(
             "{}-{}",
             self.prefix,
             self.sequence.fetch_add(1, Ordering::Relaxed)
-        )
+        );
+        lock(&self.live).insert(txn.clone());
+        Live {
+            coordinator: self,
+            txn,
+        }
+    }
+
+    fn is_live(&self, txn: &str) -> bool {
+        lock(&self.live).contains(txn)
     }
 
     fn record(&self, txn: &str, entry: &Entry) -> Result<()> {
@@ -193,12 +228,29 @@ impl Storage {
     }
 
     /// Commits `writes` across engines by two-phase commit; returns the record of each
-    /// write, in order.
+    /// write, in order. The protocol runs on a task of its own, so a caller that gives up
+    /// (a client that disconnects) does not leave it half done.
     pub(crate) async fn two_phase_commit(&self, writes: Vec<Write>) -> Result<Vec<Record>> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.run_two_phase_commit(writes).await;
+        };
+        let storage = self.clone();
+        runtime
+            .spawn(async move { storage.run_two_phase_commit(writes).await })
+            .await
+            .unwrap_or_else(|err| {
+                Err(StorageError::Engine(EngineError::Internal {
+                    detail: format!("the transaction's task failed: {err}"),
+                }))
+            })
+    }
+
+    async fn run_two_phase_commit(&self, writes: Vec<Write>) -> Result<Vec<Record>> {
         let coordinator = &self.inner.coordinator;
         let count = writes.len();
         let parts = self.parts(writes);
-        let txn = coordinator.next_id();
+        let live = coordinator.begin();
+        let txn = live.txn.clone();
         let mut entry = Entry {
             phase: Phase::Preparing,
             participants: parts.iter().map(|p| p.collection.clone()).collect(),
@@ -240,6 +292,8 @@ impl Storage {
             }
         }
         if let Some((collection, err)) = unfinished {
+            // No longer live, so the recovery it starts takes it up.
+            drop(live);
             self.recover_in_background();
             return Err(StorageError::TransactionUnfinished {
                 txn,
@@ -278,6 +332,10 @@ impl Storage {
         let coordinator = &self.inner.coordinator;
         let mut left = 0;
         for (txn, entry) in coordinator.pending()? {
+            if coordinator.is_live(&txn) {
+                // Its coordinator is at work in this process; it finishes it itself.
+                continue;
+            }
             let commit = entry.phase == Phase::Commit;
             if entry.phase == Phase::Preparing {
                 // Never decided: nobody was told it committed, so it aborts.
@@ -372,8 +430,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Coordinator::new(dir.path(), "local");
         let b = Coordinator::new(dir.path(), "local");
-        let (first, second) = (a.next_id(), b.next_id());
+        let (first, second) = (a.begin().txn.clone(), b.begin().txn.clone());
         assert_ne!(first, second);
-        assert_ne!(a.next_id(), first, "ids of one store are unique too");
+        assert_ne!(a.begin().txn, first, "ids of one store are unique too");
+    }
+
+    #[tokio::test]
+    async fn recovery_aborts_what_an_earlier_run_left_but_not_a_transaction_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = super::super::Config {
+            data_dir: Some(dir.path().display().to_string()),
+            ..Default::default()
+        };
+        let storage = Storage::new(config).await.unwrap();
+        let coordinator = &storage.inner.coordinator;
+        let preparing = Entry {
+            phase: Phase::Preparing,
+            participants: vec!["notes".into()],
+        };
+        // Left by a coordinator that stopped before deciding.
+        coordinator.record("gone-1", &preparing).unwrap();
+        // Being coordinated by this store right now (between its record and its decision).
+        let live = coordinator.begin();
+        coordinator.record(&live.txn, &preparing).unwrap();
+
+        assert_eq!(storage.recover_transactions().await.unwrap(), 0);
+        let pending = coordinator.pending().unwrap();
+        assert_eq!(
+            pending.len(),
+            1,
+            "the abandoned one is resolved: {pending:?}"
+        );
+        assert_eq!(pending[0].0, live.txn);
+        assert_eq!(
+            pending[0].1.phase,
+            Phase::Preparing,
+            "recovery must not decide a live transaction"
+        );
+
+        // Once its coordinator is gone (the guard dropped), it is recovery's to end.
+        drop(live);
+        storage.recover_transactions().await.unwrap();
+        assert!(coordinator.pending().unwrap().is_empty());
     }
 }

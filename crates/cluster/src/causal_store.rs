@@ -1,0 +1,448 @@
+//! Where a node keeps its causal collections: one redb file (`causal.redb`) holding the
+//! records, the causal log and the applied vector, written by one thread.
+//!
+//! Every change — a write this node makes, a peer's write delivered — commits in one
+//! transaction with the log entry that lets the node pass it on and the applied vector that
+//! counts it, so after a crash the three agree: nothing applied is forgotten, nothing is
+//! counted that was not applied. The writer thread owns the [`Delivery`] buffer and applies
+//! every queued request in one transaction (group commit, one fsync), in order.
+//!
+//! Tables: `records` (key bytes → encoded record, as the embedded engine stores them),
+//! `causal_log` (origin, a 0 byte, seq big-endian → encoded [`CausalWrite`]), `causal_applied`
+//! (origin → writes applied) and `causal_trimmed` (origin → the highest seq removed from the
+//! log, because every member has it).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use agentstore_core::causal::{CausalWrite, Delivered, Delivery, Offered};
+use agentstore_core::codec::{self, Reader};
+use agentstore_core::crdt::Crdt;
+use agentstore_core::{Key, NodeId, Record, VersionVector};
+use agentstore_engine::two_phase::{RECORDS, scan_records};
+use agentstore_engine::{
+    EngineError, NodeClock, Write, decode_stored, group_commit, prepare_batch, redb_file,
+};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const LOG: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("causal_log");
+const APPLIED: TableDefinition<'_, &str, u64> = TableDefinition::new("causal_applied");
+const TRIMMED: TableDefinition<'_, &str, u64> = TableDefinition::new("causal_trimmed");
+
+/// The store's file inside the data directory.
+pub(crate) const CAUSAL_FILE: &str = "causal.redb";
+
+fn storage(err: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage {
+        detail: format!("causal store: {err}"),
+    }
+}
+
+fn log_key(origin: &NodeId, seq: u64) -> Vec<u8> {
+    let mut key = origin.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// What the writer thread is asked to do.
+pub(crate) enum Request {
+    /// A write by this node's client: unconditional writes, applied as one causal write.
+    Local {
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<(Vec<Record>, VersionVector), EngineError>>,
+    },
+    /// Writes received from a peer at `now_ms`.
+    Remote {
+        writes: Vec<CausalWrite>,
+        now_ms: u64,
+    },
+    /// Forget log entries every member has (`floor`: per origin, up to which seq).
+    Trim { floor: VersionVector },
+    /// A peer's whole state (records and what they have applied), received at `now_ms`.
+    Snapshot {
+        entries: Vec<(Key, Record)>,
+        applied: VersionVector,
+        now_ms: u64,
+    },
+}
+
+/// What the writer thread reports after each commit.
+#[derive(Debug, Default)]
+pub(crate) struct Committed {
+    /// Writes this node made: to push to the peers.
+    pub(crate) own: Vec<CausalWrite>,
+    /// How long each delivered remote write waited for its dependencies, in ms.
+    pub(crate) waits_ms: Vec<u64>,
+    /// Writes refused because the buffer was full.
+    pub(crate) dropped: u64,
+    /// Writes waiting in the buffer after the commit.
+    pub(crate) buffered: usize,
+    /// Peers' snapshots applied.
+    pub(crate) snapshots: u64,
+}
+
+/// The store: the read side, and the queue to its writer thread.
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) db: Arc<Database>,
+    pub(crate) requests: mpsc::Sender<Request>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what it holds.
+        let (closed, _) = mpsc::channel(1);
+        self.requests = closed;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Opens (creating) the store in `dir`; returns it, a watch of the applied vector (updated
+/// after every commit) and the stream of commit reports.
+pub(crate) fn open(
+    dir: &Path,
+    clock: Arc<NodeClock>,
+    buffer: usize,
+) -> Result<
+    (
+        Store,
+        watch::Receiver<VersionVector>,
+        mpsc::UnboundedReceiver<Committed>,
+    ),
+    EngineError,
+> {
+    std::fs::create_dir_all(dir).map_err(storage)?;
+    let db =
+        redb_file::create(&Database::builder(), &dir.join(CAUSAL_FILE)).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => EngineError::Locked {
+                path: dir.join(CAUSAL_FILE),
+            },
+            other => storage(other),
+        })?;
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        txn.open_table(RECORDS).map_err(storage)?;
+        txn.open_table(LOG).map_err(storage)?;
+        txn.open_table(APPLIED).map_err(storage)?;
+        txn.open_table(TRIMMED).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    let db = Arc::new(db);
+    let applied = read_vector(&db.begin_read().map_err(storage)?, APPLIED)?;
+    let (applied_tx, applied_rx) = watch::channel(applied.clone());
+    let (requests, queue) = mpsc::channel(1024);
+    let (reports, committed) = mpsc::unbounded_channel();
+    let writer = Writer {
+        db: Arc::clone(&db),
+        me: clock.node(),
+        clock,
+        delivery: Delivery::new(applied, buffer),
+        buffer,
+        applied: applied_tx,
+        reports,
+    };
+    let writer = std::thread::Builder::new()
+        .name("agentstore-causal".into())
+        .spawn(move || writer.run(queue))
+        .map_err(storage)?;
+    Ok((
+        Store {
+            db,
+            requests,
+            writer: Some(writer),
+        },
+        applied_rx,
+        committed,
+    ))
+}
+
+fn read_vector(
+    txn: &ReadTransaction,
+    table: TableDefinition<'_, &str, u64>,
+) -> Result<VersionVector, EngineError> {
+    let table = txn.open_table(table).map_err(storage)?;
+    let mut vector = VersionVector::new();
+    for entry in table.iter().map_err(storage)? {
+        let (node, counter) = entry.map_err(storage)?;
+        let node = NodeId::new(node.value()).map_err(storage)?;
+        vector.witness(&node, counter.value());
+    }
+    Ok(vector)
+}
+
+/// A consistent view of the store: records and the applied vector of one snapshot.
+pub(crate) struct View(ReadTransaction);
+
+impl View {
+    pub(crate) fn new(db: &Database) -> Result<Self, EngineError> {
+        Ok(Self(db.begin_read().map_err(storage)?))
+    }
+
+    /// What this view has applied: the causal past of everything it shows.
+    pub(crate) fn applied(&self) -> Result<VersionVector, EngineError> {
+        read_vector(&self.0, APPLIED)
+    }
+
+    /// What log entries were trimmed, per origin.
+    pub(crate) fn trimmed(&self) -> Result<VersionVector, EngineError> {
+        read_vector(&self.0, TRIMMED)
+    }
+
+    pub(crate) fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let table = self.0.open_table(RECORDS).map_err(storage)?;
+        let stored = table.get(key.as_bytes()).map_err(storage)?;
+        decode_stored(key, stored.as_ref().map(|v| v.value()))
+    }
+
+    pub(crate) fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Record)>, EngineError> {
+        let table = self.0.open_table(RECORDS).map_err(storage)?;
+        scan_records(&table, prefix, start_after, limit)
+    }
+
+    /// Up to `limit` logged writes of `origin` from `first` to `last` (inclusive), in order.
+    pub(crate) fn logged(
+        &self,
+        origin: &NodeId,
+        first: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<Vec<CausalWrite>, EngineError> {
+        let table = self.0.open_table(LOG).map_err(storage)?;
+        let (from, to) = (log_key(origin, first), log_key(origin, last));
+        let mut out = Vec::new();
+        for entry in table
+            .range::<&[u8]>(from.as_slice()..=to.as_slice())
+            .map_err(storage)?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, bytes) = entry.map_err(storage)?;
+            let bytes = bytes.value();
+            let write = CausalWrite::decode(&mut Reader::new(bytes)).map_err(storage)?;
+            out.push(write);
+        }
+        Ok(out)
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    me: NodeId,
+    clock: Arc<NodeClock>,
+    delivery: Delivery,
+    buffer: usize,
+    applied: watch::Sender<VersionVector>,
+    reports: mpsc::UnboundedSender<Committed>,
+}
+
+type Replies = Vec<(
+    oneshot::Sender<Result<(Vec<Record>, VersionVector), EngineError>>,
+    Result<(Vec<Record>, VersionVector), EngineError>,
+)>;
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::Receiver<Request>) {
+        while let Some(group) = group_commit::next_group(&mut queue) {
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        let before = self.delivery.applied().clone();
+        let mut replies: Replies = Vec::new();
+        let mut report = Committed::default();
+        let outcome = self.apply_group(group, &mut replies, &mut report);
+        if let Err(err) = outcome {
+            // Nothing of the group is stored: start again from what is. Remote writes come
+            // again with the peers' next sync; local writers get the error.
+            tracing::warn!(error = %err, "causal store commit failed");
+            self.delivery = Delivery::new(before, self.buffer);
+            for (reply, _) in replies {
+                let _ = reply.send(Err(storage(&err)));
+            }
+            return;
+        }
+        self.applied.send_replace(self.delivery.applied().clone());
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+        report.buffered = self.delivery.buffered();
+        let _ = self.reports.send(report);
+    }
+
+    fn apply_group(
+        &mut self,
+        group: Vec<Request>,
+        replies: &mut Replies,
+        report: &mut Committed,
+    ) -> Result<(), EngineError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(storage)?;
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut trimmed = txn.open_table(TRIMMED).map_err(storage)?;
+            let log_write = |log: &mut redb::Table<'_, &[u8], &[u8]>,
+                             write: &CausalWrite|
+             -> Result<(), EngineError> {
+                let mut bytes = Vec::new();
+                write.encode(&mut bytes);
+                log.insert(
+                    log_key(&write.origin, write.seq).as_slice(),
+                    bytes.as_slice(),
+                )
+                .map_err(storage)?;
+                Ok(())
+            };
+            for request in group {
+                match request {
+                    Request::Local { writes, reply } => {
+                        let stored = |key: &Key| {
+                            let bytes = records.get(key.as_bytes()).map_err(storage)?;
+                            decode_stored(key, bytes.as_ref().map(|v| v.value()))
+                        };
+                        let physical_ms = self.clock.physical_ms();
+                        let prepared =
+                            prepare_batch(stored, &mut self.clock.lock(), physical_ms, &writes);
+                        let results = match prepared {
+                            Ok(results) => results,
+                            Err(err) => {
+                                replies.push((reply, Err(err)));
+                                continue;
+                            }
+                        };
+                        let (seq, deps) = self.delivery.local_write(&self.me);
+                        let write = CausalWrite {
+                            origin: self.me.clone(),
+                            seq,
+                            deps,
+                            entries: final_entries(&results),
+                        };
+                        for (key, record) in &write.entries {
+                            records
+                                .insert(key.as_bytes(), codec::encode(record).as_slice())
+                                .map_err(storage)?;
+                        }
+                        log_write(&mut log, &write)?;
+                        report.own.push(write);
+                        let answer = results.into_iter().map(|(_, r)| r).collect();
+                        replies.push((reply, Ok((answer, self.delivery.applied().clone()))));
+                    }
+                    Request::Remote { writes, now_ms } => {
+                        let mut ready = Vec::new();
+                        for write in writes {
+                            if self.delivery.offer(write, now_ms) == Offered::Full {
+                                report.dropped += 1;
+                            }
+                            // Taken after each offer: a full buffer takes only what can be
+                            // applied at once (see `Delivery::offer`).
+                            ready.extend(self.delivery.take_ready(now_ms));
+                        }
+                        for Delivered { write, waited_ms } in ready {
+                            self.merge_entries(&mut records, &write.entries)?;
+                            log_write(&mut log, &write)?;
+                            report.waits_ms.push(waited_ms);
+                        }
+                    }
+                    Request::Snapshot {
+                        entries,
+                        applied,
+                        now_ms,
+                    } => {
+                        // Both states are causally closed, so their join is too.
+                        self.merge_entries(&mut records, &entries)?;
+                        self.delivery.absorb(&applied);
+                        for Delivered { write, waited_ms } in self.delivery.take_ready(now_ms) {
+                            self.merge_entries(&mut records, &write.entries)?;
+                            log_write(&mut log, &write)?;
+                            report.waits_ms.push(waited_ms);
+                        }
+                        // The snapshot's writes are not in this log: a peer that lacks them
+                        // gets a snapshot from here too.
+                        for (origin, counter) in applied.iter() {
+                            let done = trimmed
+                                .get(origin.as_str())
+                                .map_err(storage)?
+                                .map_or(0, |v| v.value());
+                            if counter > done {
+                                trimmed.insert(origin.as_str(), counter).map_err(storage)?;
+                            }
+                        }
+                        report.snapshots += 1;
+                    }
+                    Request::Trim { floor } => {
+                        for (origin, upto) in floor.iter() {
+                            let done = trimmed
+                                .get(origin.as_str())
+                                .map_err(storage)?
+                                .map_or(0, |v| v.value());
+                            if upto <= done {
+                                continue;
+                            }
+                            let (from, to) = (log_key(origin, done + 1), log_key(origin, upto));
+                            log.retain_in(from.as_slice()..=to.as_slice(), |_, _| false)
+                                .map_err(storage)?;
+                            trimmed.insert(origin.as_str(), upto).map_err(storage)?;
+                        }
+                    }
+                }
+            }
+            let mut applied = txn.open_table(APPLIED).map_err(storage)?;
+            for (origin, counter) in self.delivery.applied().iter() {
+                applied.insert(origin.as_str(), counter).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// Joins peers' records into the stored ones.
+    fn merge_entries(
+        &self,
+        records: &mut redb::Table<'_, &[u8], &[u8]>,
+        entries: &[(Key, Record)],
+    ) -> Result<(), EngineError> {
+        for (key, remote) in entries {
+            let stored = records.get(key.as_bytes()).map_err(storage)?;
+            let merged = match decode_stored(key, stored.as_ref().map(|v| v.value()))? {
+                Some(mut current) => {
+                    current.merge(remote);
+                    current
+                }
+                None => remote.clone(),
+            };
+            drop(stored);
+            // A local write stamps after the record it overwrites, so a write that follows
+            // this one causally wins by LWW too; the clock observing the stamp keeps other
+            // keys' stamps close. A stamp too far ahead is refused by the clock, not here.
+            let physical_ms = self.clock.physical_ms();
+            let _ = self.clock.lock().observe(&merged.stamp, physical_ms);
+            records
+                .insert(key.as_bytes(), codec::encode(&merged).as_slice())
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+/// One record per key (the last write of a key in a batch wins), in key order.
+fn final_entries(results: &[(Key, Record)]) -> Vec<(Key, Record)> {
+    let mut by_key: std::collections::BTreeMap<Key, Record> = Default::default();
+    for (key, record) in results {
+        by_key.insert(key.clone(), record.clone());
+    }
+    by_key.into_iter().collect()
+}
