@@ -21,7 +21,7 @@
 //! a reader may see one engine's part applied before the other's.
 //!
 //! Fault injection for tests: `AGENTSTORE_CRASH_AT=after-prepare` (or `after-decision`)
-//! aborts the process at that point of the next cross-engine transaction.
+//! kills the process at that point of the next cross-engine transaction.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -96,9 +96,15 @@ fn storage(err: impl std::fmt::Display) -> StorageError {
     })
 }
 
+/// Dies at `point` when `AGENTSTORE_CRASH_AT` names it: by SIGKILL, like a power cut or the
+/// OOM killer (no destructor runs, no core dump is written), or by abort where that fails.
 fn crash_point(point: &str) {
     if std::env::var("AGENTSTORE_CRASH_AT").is_ok_and(|at| at == point) {
-        tracing::error!(point, "AGENTSTORE_CRASH_AT: aborting the process");
+        tracing::error!(point, "AGENTSTORE_CRASH_AT: killing the process");
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
         std::process::abort();
     }
 }
