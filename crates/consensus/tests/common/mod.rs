@@ -254,11 +254,24 @@ impl Cluster {
         if let Some(skew) = self.settings.skew_ms.get(&member) {
             config.clock = Arc::new(Skewed(*skew));
         }
-        let rpc = Arc::new(MemRpc {
-            from: member.clone(),
-            board: Arc::clone(&self.board),
-        });
-        let group = Group::start(config, rpc).await.unwrap();
+        // A stopped member's files stay open until the calls that were inside it when it
+        // stopped return (clients and peers hold it for up to a request timeout): a restart
+        // right after a stop waits for them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let group = loop {
+            let rpc = Arc::new(MemRpc {
+                from: member.clone(),
+                board: Arc::clone(&self.board),
+            });
+            match Group::start(config.clone(), rpc).await {
+                Ok(group) => break group,
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("{name} restarts once its earlier run lets go of its files: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("{name} could not start: {err}"),
+            }
+        };
         self.board
             .members
             .lock()
