@@ -16,6 +16,7 @@
 //! [`EngineError::SessionBehind`], never an older state.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,10 +33,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::metrics::registered;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::causal_store::{self, Committed, Request, Store, View};
+use crate::metrics::registered;
 use crate::transport::{Incoming, Transport};
 
 /// Causal messages received and not yet handled.
@@ -385,7 +386,7 @@ impl Replicator {
             tokio::select! {
                 Some(Incoming { from, envelope }) = incoming.recv() => {
                     let Some(shared) = self.shared.upgrade() else { return };
-                    self.incoming(&shared, from, envelope.message).await;
+                    self.incoming(&shared, from, envelope.message);
                 }
                 report = committed.recv() => {
                     let Some(report) = report else { return };
@@ -393,7 +394,7 @@ impl Replicator {
                 }
                 _ = sync.tick() => {
                     let Some(shared) = self.shared.upgrade() else { return };
-                    self.sync(&shared).await;
+                    self.sync(&shared);
                 }
             }
         }
@@ -430,7 +431,7 @@ impl Replicator {
         }
     }
 
-    async fn incoming(&mut self, shared: &Shared, from: NodeId, message: Message) {
+    fn incoming(&mut self, shared: &Shared, from: NodeId, message: Message) {
         match message {
             Message::CausalWrites { writes } => {
                 let request = Request::Remote {
@@ -551,23 +552,22 @@ impl Replicator {
         applied: VersionVector,
         entries: Vec<(Key, Record)>,
     ) {
-        let receiving = self.receiving.entry(from.clone()).or_insert(Receiving {
+        let fresh = Receiving {
             id,
             total,
-            applied: applied.clone(),
+            applied,
             chunks: BTreeMap::new(),
             records: 0,
-        });
-        if receiving.id != id {
+        };
+        let receiving = match self.receiving.entry(from.clone()) {
+            Entry::Occupied(kept) if kept.get().id == id => kept.into_mut(),
             // A newer snapshot replaces one that lost chunks.
-            *receiving = Receiving {
-                id,
-                total,
-                applied,
-                chunks: BTreeMap::new(),
-                records: 0,
-            };
-        }
+            Entry::Occupied(mut older) => {
+                older.insert(fresh);
+                older.into_mut()
+            }
+            Entry::Vacant(none) => none.insert(fresh),
+        };
         receiving.records += entries.len();
         if receiving.records > MAX_SNAPSHOT_RECORDS {
             tracing::warn!(%from, "a causal snapshot is too large to receive; ignored");
@@ -593,7 +593,7 @@ impl Replicator {
         }
     }
 
-    async fn sync(&mut self, shared: &Shared) {
+    fn sync(&mut self, shared: &Shared) {
         let members = self.members();
         let mine = shared.applied.borrow().clone();
         for member in &members {

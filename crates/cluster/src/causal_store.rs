@@ -293,18 +293,6 @@ impl Writer {
             let mut records = txn.open_table(RECORDS).map_err(storage)?;
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut trimmed = txn.open_table(TRIMMED).map_err(storage)?;
-            let log_write = |log: &mut redb::Table<'_, &[u8], &[u8]>,
-                             write: &CausalWrite|
-             -> Result<(), EngineError> {
-                let mut bytes = Vec::new();
-                write.encode(&mut bytes);
-                log.insert(
-                    log_key(&write.origin, write.seq).as_slice(),
-                    bytes.as_slice(),
-                )
-                .map_err(storage)?;
-                Ok(())
-            };
             for request in group {
                 match request {
                     Request::Local { writes, reply } => {
@@ -349,11 +337,7 @@ impl Writer {
                             // applied at once (see `Delivery::offer`).
                             ready.extend(self.delivery.take_ready(now_ms));
                         }
-                        for Delivered { write, waited_ms } in ready {
-                            self.merge_entries(&mut records, &write.entries)?;
-                            log_write(&mut log, &write)?;
-                            report.waits_ms.push(waited_ms);
-                        }
+                        self.deliver(&mut records, &mut log, ready, report)?;
                     }
                     Request::Snapshot {
                         entries,
@@ -363,19 +347,12 @@ impl Writer {
                         // Both states are causally closed, so their join is too.
                         self.merge_entries(&mut records, &entries)?;
                         self.delivery.absorb(&applied);
-                        for Delivered { write, waited_ms } in self.delivery.take_ready(now_ms) {
-                            self.merge_entries(&mut records, &write.entries)?;
-                            log_write(&mut log, &write)?;
-                            report.waits_ms.push(waited_ms);
-                        }
+                        let ready = self.delivery.take_ready(now_ms);
+                        self.deliver(&mut records, &mut log, ready, report)?;
                         // The snapshot's writes are not in this log: a peer that lacks them
                         // gets a snapshot from here too.
                         for (origin, counter) in applied.iter() {
-                            let done = trimmed
-                                .get(origin.as_str())
-                                .map_err(storage)?
-                                .map_or(0, |v| v.value());
-                            if counter > done {
+                            if counter > trimmed_upto(&trimmed, origin)? {
                                 trimmed.insert(origin.as_str(), counter).map_err(storage)?;
                             }
                         }
@@ -383,10 +360,7 @@ impl Writer {
                     }
                     Request::Trim { floor } => {
                         for (origin, upto) in floor.iter() {
-                            let done = trimmed
-                                .get(origin.as_str())
-                                .map_err(storage)?
-                                .map_or(0, |v| v.value());
+                            let done = trimmed_upto(&trimmed, origin)?;
                             if upto <= done {
                                 continue;
                             }
@@ -406,9 +380,24 @@ impl Writer {
         txn.commit().map_err(storage)?;
         Ok(())
     }
-}
 
-impl Writer {
+    /// Applies peers' writes whose dependencies are here: merges their records and logs
+    /// them, so this node can pass them on.
+    fn deliver(
+        &self,
+        records: &mut redb::Table<'_, &[u8], &[u8]>,
+        log: &mut redb::Table<'_, &[u8], &[u8]>,
+        ready: Vec<Delivered>,
+        report: &mut Committed,
+    ) -> Result<(), EngineError> {
+        for Delivered { write, waited_ms } in ready {
+            self.merge_entries(records, &write.entries)?;
+            log_write(log, &write)?;
+            report.waits_ms.push(waited_ms);
+        }
+        Ok(())
+    }
+
     /// Joins peers' records into the stored ones.
     fn merge_entries(
         &self,
@@ -436,6 +425,28 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+fn log_write(
+    log: &mut redb::Table<'_, &[u8], &[u8]>,
+    write: &CausalWrite,
+) -> Result<(), EngineError> {
+    let mut bytes = Vec::new();
+    write.encode(&mut bytes);
+    log.insert(
+        log_key(&write.origin, write.seq).as_slice(),
+        bytes.as_slice(),
+    )
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Up to which seq the log of `origin` has been trimmed (0: nothing).
+fn trimmed_upto(trimmed: &redb::Table<'_, &str, u64>, origin: &NodeId) -> Result<u64, EngineError> {
+    Ok(trimmed
+        .get(origin.as_str())
+        .map_err(storage)?
+        .map_or(0, |v| v.value()))
 }
 
 /// One record per key (the last write of a key in a batch wins), in key order.

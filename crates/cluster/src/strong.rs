@@ -18,7 +18,7 @@ use agentstore_consensus::{
 };
 use agentstore_core::replication::Message;
 use agentstore_core::{Key, NodeId, Record};
-use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, lock};
 use agentstore_wire::Envelope;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -39,10 +39,6 @@ struct RaftRpc {
     transport: Transport,
     waiting: Waiting,
     next: AtomicU64,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_ms() -> u64 {

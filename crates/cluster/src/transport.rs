@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use agentstore_core::NodeId;
 use agentstore_core::replication::Message;
+use agentstore_engine::lock;
 use agentstore_wire::{Envelope, FrameDecoder, encode_frame, message_name};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -254,10 +255,6 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Transport {
     shared: Arc<Shared>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

@@ -207,6 +207,14 @@ pub trait Engine: Send + Sync + 'static {
     }
 }
 
+/// Locks `mutex`, taking over one a panicking holder left poisoned: every mutex agentstore
+/// shares guards state that stays consistent between statements (queues, tokens, maps).
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What an engine that cannot take part in a two-phase commit answers.
 pub fn no_two_phase() -> EngineError {
     EngineError::Unsupported {

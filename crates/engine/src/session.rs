@@ -11,14 +11,12 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
+
 pub use agentstore_core::session::SessionToken;
 
 tokio::task_local! {
     static SESSION: Arc<Mutex<SessionToken>>;
-}
-
-fn lock(token: &Mutex<SessionToken>) -> std::sync::MutexGuard<'_, SessionToken> {
-    token.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs `call` in a session whose causal past is `token`; returns the call's output and the

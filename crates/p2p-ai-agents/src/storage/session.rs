@@ -54,19 +54,15 @@ impl Session {
 
     /// The session's token as text, to continue it elsewhere.
     pub fn token(&self) -> String {
-        self.lock().to_string()
+        agentstore_engine::lock(&self.token).to_string()
     }
 
     /// Runs a storage call in this session; the session then includes what the call saw and
     /// wrote.
     pub async fn run<F: Future>(&self, call: F) -> F::Output {
-        let start = self.lock().clone();
+        let start = agentstore_engine::lock(&self.token).clone();
         let (output, seen) = session::run(start, call).await;
-        self.lock().merge(&seen);
+        agentstore_engine::lock(&self.token).merge(&seen);
         output
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SessionToken> {
-        self.token.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -29,7 +29,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use agentstore_engine::{AnyEngine, Engine, EngineError, Instrumented, Record, Write, redb_file};
+use agentstore_engine::{
+    AnyEngine, Engine, EngineError, Instrumented, Record, Write, lock, redb_file,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -82,12 +84,6 @@ impl Drop for Live<'_> {
     fn drop(&mut self) {
         lock(&self.coordinator.live).remove(&self.txn);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn storage(err: impl std::fmt::Display) -> StorageError {
