@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use agentstore_engine::{group_commit, redb_file};
+use agentstore_engine::{group_commit, lock, redb_file};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -139,7 +139,7 @@ impl Write {
         match self {
             Write::Append { entries, callback } => {
                 if result().is_ok() {
-                    let mut pending = pending.lock().expect("pending entries");
+                    let mut pending = lock(pending);
                     for (index, _) in &entries {
                         pending.remove(index);
                     }
@@ -322,7 +322,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // The pending entries first, then the table: an entry the writer commits in between
         // is then in one or the other (or both), never in neither.
         let pending: BTreeMap<u64, Entry> = {
-            let pending = self.inner.pending.lock().expect("pending entries");
+            let pending = lock(&self.inner.pending);
             let range = match end {
                 Some(end) => pending.range(start..end),
                 None => pending.range(start..),
@@ -366,7 +366,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let purged: Option<LogId> = Self::read_state(&self.inner.db, "purged")?;
         let pending_last = {
-            let pending = self.inner.pending.lock().expect("pending entries");
+            let pending = lock(&self.inner.pending);
             pending.values().next_back().map(|e| e.log_id())
         };
         let last = pending_last
@@ -421,11 +421,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             write.complete(&result, &self.inner.pending);
             return Ok(());
         }
-        self.inner
-            .pending
-            .lock()
-            .expect("pending entries")
-            .extend(entries.into_iter().map(|e| (e.index(), e)));
+        lock(&self.inner.pending).extend(entries.into_iter().map(|e| (e.index(), e)));
         self.send(Write::Append {
             entries: encoded,
             callback,
