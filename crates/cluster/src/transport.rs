@@ -415,10 +415,23 @@ async fn write(
     let Some(stream) = outbox.stream.get() else {
         return;
     };
+    let mut stopped = shared.stopped.clone();
     loop {
+        if *stopped.borrow_and_update() {
+            // A stopped node closes its connections: a peer must not keep writing into one
+            // nobody reads (it would keep it as its link to a restarted node on that address).
+            shared.fail(&peer, id, &outbox);
+            return;
+        }
         match outbox.flush(stream) {
             Flushed::Empty if outbox.is_closed() => return,
-            Flushed::Empty => outbox.wake.notified().await,
+            Flushed::Empty => {
+                tokio::select! {
+                    () = outbox.wake.notified() => {}
+                    // A dropped stop signal disables this branch (no busy loop).
+                    Ok(()) = stopped.changed() => {}
+                }
+            }
             // A peer that stops reading (a partition: TCP retransmits in silence) must not
             // hold the queue: give up on the connection, and the next message dials again.
             Flushed::Blocked => {
