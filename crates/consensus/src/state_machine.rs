@@ -29,7 +29,8 @@ use futures_util::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 
 use crate::command::{Op, decode_command, encode_outcome};
@@ -41,8 +42,15 @@ use crate::types::{
 /// The stamp node of every record a Raft group writes.
 pub const GROUP_STAMP: &str = "raft";
 
-/// `applied`, `membership`, `snapshot_meta`, `snapshot_data`.
+/// `applied`, `membership`: small values rewritten by every apply.
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+/// The snapshot a lagging follower is sent: `meta`, `data`.
+///
+/// A table of its own because redb keeps a value inline in its B-tree leaf: a snapshot of
+/// megabytes in `META`'s one leaf made every apply (which rewrites `applied` there) copy the
+/// whole snapshot. Files written before kept it in `META` under `snapshot_meta` and
+/// `snapshot_data`; [`StateMachine::open`] moves it.
+const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
 
 /// The snapshot format this build writes (it reads 1, without two-phase locks, too).
 const SNAPSHOT_FORMAT: u8 = 2;
@@ -100,7 +108,7 @@ impl StateMachine {
         txn.open_table(FENCES).map_err(io_error)?;
         txn.open_table(TXN_LOCKS).map_err(io_error)?;
         txn.open_table(TXN_STAGED).map_err(io_error)?;
-        txn.open_table(META).map_err(io_error)?;
+        move_snapshot_out_of_meta(&txn)?;
         txn.commit().map_err(io_error)?;
         let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
         Ok(Self {
@@ -228,15 +236,24 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
 }
 
 /// Records `meta` and `data` as the current snapshot (what a lagging follower is sent).
-fn keep_snapshot(
-    table: &mut Table<'_, &str, &[u8]>,
-    meta: &SnapshotMeta,
-    data: &[u8],
-) -> io::Result<()> {
+fn keep_snapshot(txn: &WriteTransaction, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let mut table = txn.open_table(SNAPSHOT).map_err(io_error)?;
     table
-        .insert("snapshot_meta", persist(meta)?.as_slice())
+        .insert("meta", persist(meta)?.as_slice())
         .map_err(io_error)?;
-    table.insert("snapshot_data", data).map_err(io_error)?;
+    table.insert("data", data).map_err(io_error)?;
+    Ok(())
+}
+
+/// Moves a snapshot kept in `META` (the layout of earlier files) to [`SNAPSHOT`].
+fn move_snapshot_out_of_meta(txn: &WriteTransaction) -> io::Result<()> {
+    let mut meta = txn.open_table(META).map_err(io_error)?;
+    let mut snapshot = txn.open_table(SNAPSHOT).map_err(io_error)?;
+    for (old, new) in [("snapshot_meta", "meta"), ("snapshot_data", "data")] {
+        if let Some(value) = meta.remove(old).map_err(io_error)? {
+            snapshot.insert(new, value.value()).map_err(io_error)?;
+        }
+    }
     Ok(())
 }
 
@@ -324,7 +341,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 )
             };
             let txn = db.begin_write().map_err(io_error)?;
-            keep_snapshot(&mut txn.open_table(META).map_err(io_error)?, &meta, &data)?;
+            keep_snapshot(&txn, &meta, &data)?;
             txn.commit().map_err(io_error)?;
             Ok(Snapshot {
                 meta,
@@ -478,8 +495,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 table
                     .insert("membership", persist(&meta.last_membership)?.as_slice())
                     .map_err(io_error)?;
-                keep_snapshot(&mut table, &meta, &data)?;
             }
+            keep_snapshot(&txn, &meta, &data)?;
             txn.commit().map_err(io_error)
         })
         .await
@@ -487,12 +504,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let txn = self.db.begin_read().map_err(io_error)?;
-        let table = txn.open_table(META).map_err(io_error)?;
-        let Some(meta) = meta::<SnapshotMeta>(&table, "snapshot_meta")? else {
+        let table = txn.open_table(SNAPSHOT).map_err(io_error)?;
+        let Some(meta) = meta::<SnapshotMeta>(&table, "meta")? else {
             return Ok(None);
         };
         let data = table
-            .get("snapshot_data")
+            .get("data")
             .map_err(io_error)?
             .map(|v| v.value().to_vec())
             .unwrap_or_default();
@@ -563,5 +580,40 @@ mod tests {
             record.value,
             agentstore_core::record::Value::Register(Some(b"after".to_vec()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_by_an_earlier_layout_is_still_served_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        let mut source = StateMachine::open(&path).unwrap();
+        let key = Key::new(b"tx:k".to_vec()).unwrap();
+        let put = Write::new(key.clone(), Mutation::Put(b"v".to_vec()));
+        run(&source, &Op::Batch(vec![put])).unwrap();
+        let built = source.build_snapshot().await.unwrap();
+        drop(source);
+        // Rewrite the file in the earlier layout: the snapshot beside `applied` in `META`.
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(SNAPSHOT).unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                let kept = persist(&built.meta).unwrap();
+                meta.insert("snapshot_meta", kept.as_slice()).unwrap();
+                meta.insert("snapshot_data", built.snapshot.as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+
+        let mut reopened = StateMachine::open(&path).unwrap();
+        let served = reopened.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(served.meta, built.meta);
+        assert_eq!(served.snapshot, built.snapshot);
+        let txn = reopened.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert!(meta.get("snapshot_data").unwrap().is_none());
+        assert!(meta.get("snapshot_meta").unwrap().is_none());
     }
 }
