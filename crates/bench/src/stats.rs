@@ -17,6 +17,12 @@ impl Sample {
         }
     }
 
+    /// One sample of several runs: all their latencies over their summed wall time.
+    pub(crate) fn merge(samples: Vec<Sample>) -> Self {
+        let wall = samples.iter().map(|s| s.wall).sum();
+        Self::new(samples.into_iter().flat_map(|s| s.sorted).collect(), wall)
+    }
+
     pub(crate) fn ops_per_sec(&self) -> f64 {
         self.sorted.len() as f64 / self.wall.as_secs_f64()
     }

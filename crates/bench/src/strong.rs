@@ -8,7 +8,8 @@
 //! etcd's JSON gateway (`/v3/kv/put`, `/v3/kv/range`), client i to the i-th member counting
 //! from the leader (so a lone client talks to the leader on both sides, and neither pays a
 //! forward that the other does not), at concurrency 1, 16 and 64, 100-byte values over
-//! 10 000 keys.
+//! 10 000 keys. Both sides take puts for a while first (not counted); then each workload
+//! runs in one-second slices, the sides taking turns.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,6 +25,8 @@ use crate::stats::{Row, Sample};
 
 const KEYS: u64 = 10_000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// Puts at 16 clients on each side before the measured workloads.
+const WARM_UP_SECONDS: u64 = 2;
 
 struct Etcd(Vec<Child>);
 
@@ -242,7 +245,7 @@ async fn measure(
 pub(crate) fn run(seconds: u64) {
     let runtime = crate::two_workers();
     println!(
-        "3 agentstore nodes (strong collection, Raft) vs 3 etcd {} members, loopback, fsync per commit on both; 100-byte values, {KEYS} keys, {seconds} s per workload\n",
+        "3 agentstore nodes (strong collection, Raft) vs 3 etcd {} members, loopback, fsync per commit on both; 100-byte values, {KEYS} keys, {seconds} s per workload after {WARM_UP_SECONDS} s of uncounted puts on each side\n",
         etcd_version()
     );
     let dir = tempfile::tempdir().unwrap();
@@ -260,11 +263,27 @@ pub(crate) fn run(seconds: u64) {
     );
     let ours = leader_first(&ours, our_leader);
     let theirs = leader_first(&theirs, their_leader);
+    // Neither side is measured on files just created: both take puts for a while first
+    // (not counted), so the first workload does not pay for growing them.
+    for side in [Side::Agentstore, Side::Etcd] {
+        let addrs = match side {
+            Side::Agentstore => &ours,
+            Side::Etcd => &theirs,
+        };
+        runtime.block_on(measure(side, addrs, 16, true, WARM_UP_SECONDS));
+    }
     let mut rows = Vec::new();
     for write in [true, false] {
         for clients in CONCURRENCY {
-            let mine = runtime.block_on(measure(Side::Agentstore, &ours, clients, write, seconds));
-            let anchor = runtime.block_on(measure(Side::Etcd, &theirs, clients, write, seconds));
+            // One-second slices, the sides taking turns: the three members of each side share
+            // one disk whose fsync time drifts by up to 2x from one minute to the next, and
+            // a whole workload on one side after the other compared the drift, not the sides.
+            let (mut mine, mut anchor) = (Vec::new(), Vec::new());
+            for _ in 0..seconds {
+                mine.push(runtime.block_on(measure(Side::Agentstore, &ours, clients, write, 1)));
+                anchor.push(runtime.block_on(measure(Side::Etcd, &theirs, clients, write, 1)));
+            }
+            let (mine, anchor) = (Sample::merge(mine), Sample::merge(anchor));
             let what = if write {
                 "strong put"
             } else {
