@@ -218,6 +218,11 @@ impl Group {
             election_timeout_max: election * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.kept_behind_snapshot,
+            // The replication streams learn of the leader's new entries as soon as `append`
+            // returns (which is before its fsync; see log_store), not once the core has
+            // drained its queue: a lone write reaches the followers sooner. Measured: lone
+            // strong puts 0.97x-1.02x etcd's without it, 1.02x-1.10x with it.
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()
