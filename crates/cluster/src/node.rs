@@ -525,7 +525,11 @@ impl Loop {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut hints = tokio::time::interval(Duration::from_millis(500));
-        let mut sync = tokio::time::interval(self.config.anti_entropy_interval);
+        // The first round one interval after start, not at once: a node just started has no
+        // connection to anyone yet, and a round racing the first writes would repair what
+        // replication is still delivering.
+        let period = self.config.anti_entropy_interval;
+        let mut sync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let events = self.membership.start(&self.config.seeds, Instant::now());
         self.membership_events(events);
         loop {
