@@ -265,11 +265,7 @@ pub(crate) fn run(seconds: u64) {
     let theirs = leader_first(&theirs, their_leader);
     // Neither side is measured on files just created: both take puts for a while first
     // (not counted), so the first workload does not pay for growing them.
-    for side in [Side::Agentstore, Side::Etcd] {
-        let addrs = match side {
-            Side::Agentstore => &ours,
-            Side::Etcd => &theirs,
-        };
+    for (side, addrs) in [(Side::Agentstore, &ours), (Side::Etcd, &theirs)] {
         runtime.block_on(measure(side, addrs, 16, true, WARM_UP_SECONDS));
     }
     let mut rows = Vec::new();
