@@ -21,4 +21,5 @@ pub use causal::{CausalConfig, CausalEngine};
 pub use engine::ClusterEngine;
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
 pub use strong::{StrongConfig, StrongEngine};
-pub use transport::{Dropped, Incoming, Transport};
+pub use agentstore_trust::PeerTrust;
+pub use transport::{Dropped, Incoming, PeerSecurity, Transport};

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::membership::{Event, Liveness, Membership, Peer};
 use crate::metrics::NodeMetrics;
 use crate::observe::{AcknowledgedWrites, reachable_share};
-use crate::transport::{Incoming, Transport};
+use crate::transport::{Incoming, PeerSecurity, Transport};
 
 /// Client requests waiting for the loop.
 const COMMANDS: usize = 1024;
@@ -49,6 +49,9 @@ const COLLECT_REQUEST_BIT: RequestId = 1 << 61;
 pub struct NodeConfig {
     /// This node.
     pub id: NodeId,
+    /// How its peer links are secured (mutual TLS with admissions, unless a closed network
+    /// asks for plaintext).
+    pub security: PeerSecurity,
     /// Where this node serves clients, told to the other members (for `status`).
     pub client_addr: Option<SocketAddr>,
     /// The nodes known from configuration and their peer addresses: this node announces itself
@@ -240,6 +243,7 @@ impl Node {
         let metrics = NodeMetrics::register(&mut registry);
         let (transport, inbox) = Transport::start(
             config.id.clone(),
+            config.security.clone(),
             listener,
             config.seeds.clone(),
             stopped.clone(),

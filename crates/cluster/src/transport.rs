@@ -1,7 +1,17 @@
 //! TCP between nodes: one connection per pair of nodes, wire frames both ways, bounded queues.
 //!
-//! A node that has a message for a peer it has no connection to dials it; a connection starts
-//! with a hello frame naming the dialer and then carries wire frames in both directions. When
+//! A node that has a message for a peer it has no connection to dials it. By default
+//! ([`PeerSecurity::Tls`]) a connection is mutual TLS 1.3 in which each side proves it holds
+//! its node key, and each side's first message over it is its admission, signed by the
+//! cluster's authority for that key (`agentstore_trust`): a process the authority never
+//! admitted, or one naming another node without that node's key, is refused before it can
+//! send or receive anything, and the dialler also refuses a node at the address that is not
+//! the one it dialled. Every message between nodes (gossip, forwards, scans, hints, Raft,
+//! causal replication) rides these links, so the sender a message is attributed to is
+//! authenticated. [`PeerSecurity::Plaintext`] keeps the old unauthenticated hello that just
+//! names the dialler (closed networks and benchmarks only). Handshake and hello must finish
+//! within a deadline, and only a bounded number of connections may be in that phase at once.
+//! When
 //! two nodes dial each other at once, both keep the connection dialled by the node with the
 //! smaller id (each decides alone, by the same rule) and drop the other once it is drained.
 //!
@@ -25,6 +35,7 @@ use std::time::Duration;
 use agentstore_core::NodeId;
 use agentstore_core::replication::Message;
 use agentstore_engine::lock;
+use agentstore_trust::{PeerTls, PeerTrust, peer_key};
 use agentstore_wire::{Envelope, FrameDecoder, encode_frame, message_name};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,7 +43,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 /// Frames waiting for one peer's connection.
 const PEER_QUEUE: usize = 1024;
@@ -44,8 +55,27 @@ const USER_TIMEOUT: Duration = Duration::from_secs(3);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
-/// The longest node id a hello may carry.
-const MAX_HELLO: usize = 64;
+/// The longest hello accepted (an admission is at most 162 bytes).
+const MAX_HELLO: usize = 256;
+/// How long a new connection may take to finish its TLS handshake and hellos.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// Accepted connections that may be in their handshake at once; more are closed at once, so
+/// strangers opening connections cannot exhaust the node.
+const MAX_GREETING: usize = 64;
+
+/// How a node's peer links are secured.
+#[derive(Debug, Clone)]
+pub enum PeerSecurity {
+    /// Mutual TLS with node keys, and admissions checked both ways (the default).
+    Tls(Arc<PeerTrust>),
+    /// No encryption and no authentication: the hello names the dialler and is believed.
+    /// Only for a closed network or a benchmark (`storage.cluster.insecure: true`).
+    Plaintext,
+}
+
+/// The TLS session of one connection, shared by its reader (which decrypts) and its writer
+/// (which encrypts); `None` on a plaintext link.
+type Session = Option<Arc<Mutex<rustls::Connection>>>;
 
 /// A message from a peer.
 #[derive(Debug)]
@@ -114,9 +144,65 @@ struct Frame {
 struct Outbox {
     pending: Mutex<Pending>,
     /// The connection, once it is up (a dialled link has none while it dials).
-    stream: OnceLock<OwnedWriteHalf>,
+    stream: OnceLock<Wire>,
     /// Wakes the writer task when frames wait or the link closes.
     wake: Notify,
+}
+
+/// The sending half of a connection: the socket, and the TLS session that seals each frame.
+#[derive(Debug)]
+struct Wire {
+    stream: OwnedWriteHalf,
+    tls: Session,
+}
+
+impl Wire {
+    /// Writes what the TLS session still holds of frames sealed earlier; `Ok(false)` while
+    /// the socket takes no more. A plaintext link holds nothing.
+    fn drain(&self) -> io::Result<bool> {
+        let Some(tls) = &self.tls else {
+            return Ok(true);
+        };
+        let mut tls = lock(tls);
+        while tls.wants_write() {
+            match tls.write_tls(&mut SocketWriter(&self.stream)) {
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends (part of) a frame, once [`Wire::drain`] left nothing behind; returns how many of
+    /// its bytes are taken. A TLS link seals the whole frame at once and writes what the
+    /// socket takes; the rest waits in the session for the next `drain`.
+    fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        match &self.tls {
+            None => match self.stream.try_write(bytes) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                written => written,
+            },
+            Some(tls) => {
+                io::Write::write_all(&mut lock(tls).writer(), bytes)?;
+                self.drain()?;
+                Ok(bytes.len())
+            }
+        }
+    }
+}
+
+/// `io::Write` over a socket that never waits: a full socket answers `WouldBlock`.
+struct SocketWriter<'a>(&'a OwnedWriteHalf);
+
+impl io::Write for SocketWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.try_write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -174,12 +260,23 @@ impl Outbox {
             return Err(Refused::Full(frame));
         }
         if pending.frames.is_empty()
-            && let Some(stream) = self.stream.get()
+            && let Some(wire) = self.stream.get()
         {
-            match stream.try_write(&frame.bytes) {
-                Ok(n) if n == frame.bytes.len() => return Ok(()),
+            let sent = match wire.drain() {
+                Ok(true) => wire.send(&frame.bytes),
+                Ok(false) => Ok(0),
+                Err(err) => Err(err),
+            };
+            match sent {
+                Ok(n) if n == frame.bytes.len() => {
+                    if wire.tls.is_some() {
+                        // What the socket did not take waits in the session for the writer.
+                        drop(pending);
+                        self.wake.notify_one();
+                    }
+                    return Ok(());
+                }
                 Ok(n) => pending.written = n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     pending.failed = true;
                     drop(pending);
@@ -195,23 +292,28 @@ impl Outbox {
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
-    fn flush(&self, stream: &OwnedWriteHalf) -> Flushed {
+    fn flush(&self, wire: &Wire) -> Flushed {
         let mut pending = lock(&self.pending);
         if pending.failed {
             return Flushed::Failed;
         }
         loop {
+            match wire.drain() {
+                Ok(true) => {}
+                Ok(false) => return Flushed::Blocked,
+                Err(_) => return Flushed::Failed,
+            }
             let written = pending.written;
             let Some(frame) = pending.frames.front() else {
                 return Flushed::Empty;
             };
-            match stream.try_write(&frame.bytes[written..]) {
+            match wire.send(&frame.bytes[written..]) {
                 Ok(n) if written + n == frame.bytes.len() => {
                     pending.frames.pop_front();
                     pending.written = 0;
                 }
+                Ok(0) => return Flushed::Blocked,
                 Ok(n) => pending.written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
                 Err(_) => return Flushed::Failed,
             }
         }
@@ -239,6 +341,9 @@ impl Outbox {
 #[derive(Debug)]
 struct Shared {
     node: NodeId,
+    security: PeerSecurity,
+    /// Accepted connections still in their handshake.
+    greeting: Arc<Semaphore>,
     peers: Mutex<BTreeMap<NodeId, SocketAddr>>,
     links: Mutex<BTreeMap<NodeId, Link>>,
     inbox: mpsc::Sender<Incoming>,
@@ -296,6 +401,7 @@ impl Transport {
     /// Stops accepting when `stopped` turns true; counts lost messages in `dropped`.
     pub fn start(
         node: NodeId,
+        security: PeerSecurity,
         listener: TcpListener,
         peers: BTreeMap<NodeId, SocketAddr>,
         stopped: watch::Receiver<bool>,
@@ -304,6 +410,8 @@ impl Transport {
         let (inbox, incoming) = mpsc::channel(INBOX);
         let shared = Arc::new(Shared {
             node,
+            security,
+            greeting: Arc::new(Semaphore::new(MAX_GREETING)),
             peers: Mutex::new(peers),
             links: Mutex::new(BTreeMap::new()),
             inbox,
@@ -371,11 +479,100 @@ impl Transport {
     }
 }
 
-fn hello(node: &NodeId) -> Vec<u8> {
-    let id = node.as_str().as_bytes();
-    let mut frame = (id.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(id);
+/// A hello frame: its length, then its bytes.
+fn hello_frame(hello: &[u8]) -> Vec<u8> {
+    let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(hello);
     frame
+}
+
+async fn read_hello(stream: &mut (impl AsyncReadExt + Unpin)) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_HELLO {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "hello too long"));
+    }
+    let mut hello = vec![0u8; len];
+    stream.read_exact(&mut hello).await?;
+    Ok(hello)
+}
+
+fn refused(reason: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, reason.to_string())
+}
+
+/// A connection whose peer is known: its halves and its TLS session.
+struct Opened {
+    peer: NodeId,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    tls: Session,
+}
+
+impl Opened {
+    fn new(peer: NodeId, stream: TcpStream, tls: Option<rustls::Connection>) -> Self {
+        let (reader, writer) = stream.into_split();
+        let tls = tls.map(|mut tls| {
+            // The writer bounds what is queued (whole frames, per peer); the session holds at
+            // most what the socket did not take of one frame.
+            tls.set_buffer_limit(None);
+            Arc::new(Mutex::new(tls))
+        });
+        Self {
+            peer,
+            reader,
+            writer,
+            tls,
+        }
+    }
+}
+
+/// Opens a dialled connection to `peer`: the TLS handshake and the admissions both ways (the
+/// peer must be the node dialled), or the plaintext hello.
+async fn open_dialled(shared: &Shared, peer: &NodeId, stream: TcpStream) -> io::Result<Opened> {
+    let PeerSecurity::Tls(trust) = &shared.security else {
+        let mut stream = stream;
+        stream
+            .write_all(&hello_frame(shared.node.as_str().as_bytes()))
+            .await?;
+        return Ok(Opened::new(peer.clone(), stream, None));
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&trust.tls().client));
+    let mut tls = connector.connect(PeerTls::server_name(), stream).await?;
+    tls.write_all(&hello_frame(&trust.hello())).await?;
+    let hello = read_hello(&mut tls).await?;
+    let key = peer_key(tls.get_ref().1).ok_or_else(|| refused("no peer key"))?;
+    let name = trust.check_hello(&hello, &key).map_err(refused)?;
+    if name != peer.as_str() {
+        return Err(refused(format!("{peer}'s address is served by {name}")));
+    }
+    let (stream, tls) = tls.into_inner();
+    Ok(Opened::new(peer.clone(), stream, Some(tls.into())))
+}
+
+/// Opens an accepted connection: the TLS handshake and the admissions both ways, or the
+/// plaintext hello. Returns the peer the connection is from.
+async fn open_accepted(shared: &Shared, stream: TcpStream) -> io::Result<Opened> {
+    let peer_id = |name: Vec<u8>| {
+        String::from_utf8(name)
+            .ok()
+            .and_then(|name| NodeId::new(name).ok())
+            .ok_or_else(|| refused("not a node id"))
+    };
+    let PeerSecurity::Tls(trust) = &shared.security else {
+        let mut stream = stream;
+        let peer = peer_id(read_hello(&mut stream).await?)?;
+        return Ok(Opened::new(peer, stream, None));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&trust.tls().server));
+    let mut tls = acceptor.accept(stream).await?;
+    let hello = read_hello(&mut tls).await?;
+    let key = peer_key(tls.get_ref().1).ok_or_else(|| refused("no peer key"))?;
+    let peer = peer_id(trust.check_hello(&hello, &key).map_err(refused)?.into_bytes())?;
+    tls.write_all(&hello_frame(&trust.hello())).await?;
+    let (stream, tls) = tls.into_inner();
+    Ok(Opened::new(peer, stream, Some(tls.into())))
 }
 
 fn tune(stream: &TcpStream) {
@@ -386,20 +583,38 @@ fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
-/// Dials `peer` for link `id`, then runs the connection. A failed dial loses what was queued
-/// for it (counted) and forgets the link; the next message dials again.
+/// Dials `peer` for link `id`, then runs the connection. A failed dial (or handshake) loses
+/// what was queued for it (counted) and forgets the link; the next message dials again.
 async fn dial(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr, id: u64, outbox: Arc<Outbox>) {
-    let connected = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await;
-    if let Ok(Ok(mut stream)) = connected {
+    let opened = tokio::time::timeout(HELLO_DEADLINE, async {
+        let stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         tune(&stream);
-        if stream.write_all(&hello(&shared.node)).await.is_ok() {
-            let (reader, writer) = stream.into_split();
-            tokio::spawn(read(Arc::clone(&shared), peer.clone(), reader, Some(id)));
-            write(shared, peer, id, writer, outbox).await;
-            return;
+        open_dialled(&shared, &peer, stream).await
+    })
+    .await;
+    match opened {
+        Ok(Ok(opened)) => {
+            tokio::spawn(read(
+                Arc::clone(&shared),
+                opened.peer.clone(),
+                opened.reader,
+                opened.tls.clone(),
+                Some((id, Arc::downgrade(&outbox))),
+            ));
+            let wire = Wire {
+                stream: opened.writer,
+                tls: opened.tls,
+            };
+            write(shared, peer, id, wire, outbox).await;
         }
+        Ok(Err(err)) if err.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::warn!(%peer, %addr, %err, "peer refused");
+            shared.fail(&peer, id, &outbox);
+        }
+        _ => shared.fail(&peer, id, &outbox),
     }
-    shared.fail(&peer, id, &outbox);
 }
 
 /// Writes what the senders could not write themselves (a queue behind a slow socket), until
@@ -408,11 +623,11 @@ async fn write(
     shared: Arc<Shared>,
     peer: NodeId,
     id: u64,
-    writer: OwnedWriteHalf,
+    wire: Wire,
     outbox: Arc<Outbox>,
 ) {
-    let _ = outbox.stream.set(writer);
-    let Some(stream) = outbox.stream.get() else {
+    let _ = outbox.stream.set(wire);
+    let Some(wire) = outbox.stream.get() else {
         return;
     };
     let mut stopped = shared.stopped.clone();
@@ -423,7 +638,7 @@ async fn write(
             shared.fail(&peer, id, &outbox);
             return;
         }
-        match outbox.flush(stream) {
+        match outbox.flush(wire) {
             Flushed::Empty if outbox.is_closed() => return,
             Flushed::Empty => {
                 tokio::select! {
@@ -435,7 +650,7 @@ async fn write(
             // A peer that stops reading (a partition: TCP retransmits in silence) must not
             // hold the queue: give up on the connection, and the next message dials again.
             Flushed::Blocked => {
-                let drained = tokio::time::timeout(WRITE_TIMEOUT, stream.writable()).await;
+                let drained = tokio::time::timeout(WRITE_TIMEOUT, wire.stream.writable()).await;
                 if !matches!(drained, Ok(Ok(()))) {
                     shared.fail(&peer, id, &outbox);
                     return;
@@ -456,9 +671,13 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
             // Returning drops the listener: the port is free again.
             _ = stopped.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, from)) => {
+                    let Ok(permit) = Arc::clone(&shared.greeting).try_acquire_owned() else {
+                        tracing::warn!(%from, "too many connections in their handshake; closed");
+                        continue;
+                    };
                     tune(&stream);
-                    tokio::spawn(greet(Arc::clone(&shared), stream));
+                    tokio::spawn(greet(Arc::clone(&shared), stream, permit));
                 }
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
@@ -469,29 +688,30 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Reads an accepted connection's hello, then decides whether it becomes the link to that
-/// peer: yes if there is none, if the peer dialled the one we have (it is stale), or if both
-/// dialled each other and the peer's id is the smaller. Either way the connection is read.
-async fn greet(shared: Arc<Shared>, mut stream: TcpStream) {
-    let mut len = [0u8; 4];
-    if stream.read_exact(&mut len).await.is_err() {
-        return;
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len == 0 || len > MAX_HELLO {
-        return;
-    }
-    let mut id = vec![0u8; len];
-    if stream.read_exact(&mut id).await.is_err() {
-        return;
-    }
-    let Some(peer) = String::from_utf8(id)
-        .ok()
-        .and_then(|id| NodeId::new(id).ok())
-    else {
-        return;
+/// Opens an accepted connection (within the hello deadline), then decides whether it becomes
+/// the link to that peer: yes if there is none, if the peer dialled the one we have (it is
+/// stale), or if both dialled each other and the peer's id is the smaller. Either way the
+/// connection is read.
+async fn greet(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let from = stream.peer_addr().ok();
+    let opened = tokio::time::timeout(HELLO_DEADLINE, open_accepted(&shared, stream)).await;
+    drop(permit);
+    let opened = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(err)) => {
+            tracing::warn!(?from, %err, "peer connection refused");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(?from, "peer connection refused: no hello in time");
+            return;
+        }
     };
-    let (reader, writer) = stream.into_split();
+    let peer = opened.peer.clone();
     let adopted = {
         let mut links = lock(&shared.links);
         let adopt = match links.get(&peer) {
@@ -508,60 +728,68 @@ async fn greet(shared: Arc<Shared>, mut stream: TcpStream) {
     };
     match adopted {
         Some((id, outbox)) => {
-            tokio::spawn(read(Arc::clone(&shared), peer.clone(), reader, Some(id)));
-            write(shared, peer, id, writer, outbox).await;
+            tokio::spawn(read(
+                Arc::clone(&shared),
+                peer.clone(),
+                opened.reader,
+                opened.tls.clone(),
+                Some((id, Arc::downgrade(&outbox))),
+            ));
+            let wire = Wire {
+                stream: opened.writer,
+                tls: opened.tls,
+            };
+            write(shared, peer, id, wire, outbox).await;
         }
-        // Read-only: the peer drains and closes it once it adopts ours.
-        None => read(shared, peer, reader, None).await,
+        // Read-only: the peer drains and closes it once it adopts ours. The write half stays
+        // open until then (closing it would end the TLS session's sending side).
+        None => {
+            let _writer = opened.writer;
+            read(shared, peer, opened.reader, opened.tls, None).await;
+        }
     }
 }
 
-/// Reads one connection until it closes or sends something invalid; then forgets its link.
-async fn read(shared: Arc<Shared>, from: NodeId, mut reader: OwnedReadHalf, link: Option<u64>) {
+/// Reads one connection until it closes or sends something invalid (on a TLS link, a record
+/// that fails to decrypt); then forgets its link (`link`: its id and outbox, `None` for a
+/// connection only read). The outbox is held weakly: a link that is replaced must drop its
+/// write half (closing the connection) without waiting for this reader.
+async fn read(
+    shared: Arc<Shared>,
+    from: NodeId,
+    mut reader: OwnedReadHalf,
+    tls: Session,
+    link: Option<(u64, std::sync::Weak<Outbox>)>,
+) {
     let mut stopped = shared.stopped.clone();
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0u8; 64 * 1024];
+    let mut plain = Vec::new();
+    // A TLS session may already hold frames the peer sent right behind its hello.
+    let mut received = 0;
     loop {
-        let read = tokio::select! {
-            _ = stopped.changed() => break,
-            read = reader.read(&mut buffer) => read,
+        let opened = match &tls {
+            None => {
+                decoder.push(&buffer[..received]);
+                Ok(())
+            }
+            Some(session) => unseal(session, &buffer[..received], &mut decoder, &mut plain)
+                .map(|wants_write| {
+                    // The session has something to send (a key update's answer): wake the
+                    // writer.
+                    if wants_write && let Some(outbox) = link.as_ref().and_then(|(_, o)| o.upgrade()) {
+                        outbox.wake.notify_one();
+                    }
+                }),
         };
-        let n = match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        decoder.push(&buffer[..n]);
+        if let Err(err) = opened {
+            tracing::warn!(%from, %err, "undecryptable data; closing the connection");
+            break;
+        }
         loop {
             match decoder.next_envelope() {
                 Ok(Some(envelope)) => {
-                    let incoming = Incoming {
-                        from: from.clone(),
-                        envelope,
-                    };
-                    let raft = match incoming.envelope.message {
-                        Message::Raft { .. } | Message::RaftReply { .. } => {
-                            lock(&shared.raft).clone()
-                        }
-                        _ => None,
-                    };
-                    if let Some(route) = raft {
-                        match incoming.envelope.message {
-                            Message::RaftReply { request, data } => (route.replies)(request, data),
-                            _ => (route.requests)(incoming).await,
-                        }
-                        continue;
-                    }
-                    let routed = match incoming.envelope.message {
-                        Message::CausalWrites { .. }
-                        | Message::CausalHave { .. }
-                        | Message::CausalSnapshot { .. } => lock(&shared.causal).clone(),
-                        _ => None,
-                    };
-                    // Raft traffic has its own inbox so a busy replication loop never delays
-                    // heartbeats into a needless election; causal replication has its own
-                    // because the replication loop has no use for it.
-                    let inbox = routed.as_ref().unwrap_or(&shared.inbox);
-                    if inbox.send(incoming).await.is_err() {
+                    if !deliver(&shared, &from, envelope).await {
                         return;
                     }
                 }
@@ -569,25 +797,89 @@ async fn read(shared: Arc<Shared>, from: NodeId, mut reader: OwnedReadHalf, link
                 Err(err) => {
                     // The stream is out of sync: drop the connection; the sender dials again.
                     tracing::warn!(%from, %err, "invalid frame; closing the connection");
-                    if let Some(id) = link {
+                    if let Some((id, _)) = link {
                         shared.forget(&from, id);
                     }
                     return;
                 }
             }
         }
+        let read = tokio::select! {
+            _ = stopped.changed() => break,
+            read = reader.read(&mut buffer) => read,
+        };
+        received = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
     }
-    if let Some(id) = link {
+    if let Some((id, _)) = link {
         shared.forget(&from, id);
     }
+}
+
+/// Decrypts `bytes` read from a TLS link (and whatever the session already held) into
+/// `decoder`; says whether the session now has something to send.
+fn unseal(
+    session: &Mutex<rustls::Connection>,
+    mut bytes: &[u8],
+    decoder: &mut FrameDecoder,
+    plain: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let mut tls = lock(session);
+    loop {
+        let state = tls.process_new_packets().map_err(io::Error::other)?;
+        let available = state.plaintext_bytes_to_read();
+        if available > 0 {
+            plain.resize(available, 0);
+            io::Read::read_exact(&mut tls.reader(), plain)?;
+            decoder.push(plain);
+        }
+        if bytes.is_empty() {
+            return Ok(tls.wants_write());
+        }
+        tls.read_tls(&mut bytes)?;
+    }
+}
+
+/// Hands one message to whoever takes it; `false` once the node is gone.
+async fn deliver(shared: &Shared, from: &NodeId, envelope: agentstore_wire::Envelope) -> bool {
+    let incoming = Incoming {
+        from: from.clone(),
+        envelope,
+    };
+    let raft = match incoming.envelope.message {
+        Message::Raft { .. } | Message::RaftReply { .. } => lock(&shared.raft).clone(),
+        _ => None,
+    };
+    if let Some(route) = raft {
+        match incoming.envelope.message {
+            Message::RaftReply { request, data } => (route.replies)(request, data),
+            _ => (route.requests)(incoming).await,
+        }
+        return true;
+    }
+    let routed = match incoming.envelope.message {
+        Message::CausalWrites { .. } | Message::CausalHave { .. } | Message::CausalSnapshot { .. } => {
+            lock(&shared.causal).clone()
+        }
+        _ => None,
+    };
+    // Raft traffic has its own inbox so a busy replication loop never delays heartbeats into
+    // a needless election; causal replication has its own because the replication loop has
+    // no use for it.
+    let inbox = routed.as_ref().unwrap_or(&shared.inbox);
+    inbox.send(incoming).await.is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentstore_trust::SecretKey;
 
     async fn transport(
         name: &str,
+        security: PeerSecurity,
         peers: BTreeMap<NodeId, SocketAddr>,
     ) -> (
         Transport,
@@ -602,8 +894,14 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         std::mem::forget(stop);
         let node = NodeId::new(name).unwrap();
-        let (transport, inbox) = Transport::start(node, listener, peers, stopped, dropped.clone());
+        let (transport, inbox) =
+            Transport::start(node, security, listener, peers, stopped, dropped.clone());
         (transport, inbox, addr, dropped)
+    }
+
+    /// A node admitted as `name` by `authority`.
+    fn admitted(authority: &SecretKey, name: &str) -> PeerSecurity {
+        PeerSecurity::Tls(Arc::new(PeerTrust::generate(authority, name).unwrap()))
     }
 
     fn raft(request: u64, size: usize) -> Envelope {
@@ -616,10 +914,21 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn frames_arrive_whole_in_order_and_none_is_lost_unaccounted() {
-        let (_b, mut inbox, b_addr, _) = transport("b", BTreeMap::new()).await;
+    async fn frames_arrive_whole_in_order_and_none_is_lost_unaccounted_over_tls() {
+        let authority = SecretKey::generate();
+        frames_arrive_whole_in_order(admitted(&authority, "a"), admitted(&authority, "b")).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_arrive_whole_in_order_and_none_is_lost_unaccounted_in_plaintext() {
+        frames_arrive_whole_in_order(PeerSecurity::Plaintext, PeerSecurity::Plaintext).await;
+    }
+
+    async fn frames_arrive_whole_in_order(a_security: PeerSecurity, b_security: PeerSecurity) {
+        let (_b, mut inbox, b_addr, _) = transport("b", b_security, BTreeMap::new()).await;
         let b = NodeId::new("b").unwrap();
-        let (a, _a_inbox, _, dropped) = transport("a", BTreeMap::from([(b.clone(), b_addr)])).await;
+        let (a, _a_inbox, _, dropped) =
+            transport("a", a_security, BTreeMap::from([(b.clone(), b_addr)])).await;
         // Small frames that the socket takes whole, and large ones it takes in pieces, so
         // both the senders' own writes and the writer task's are exercised.
         let sizes = |i: u64| {
@@ -680,8 +989,12 @@ mod tests {
             .local_addr()
             .unwrap();
         let nobody = NodeId::new("nobody").unwrap();
-        let (a, _inbox, _, dropped) =
-            transport("a", BTreeMap::from([(nobody.clone(), closed)])).await;
+        let (a, _inbox, _, dropped) = transport(
+            "a",
+            PeerSecurity::Plaintext,
+            BTreeMap::from([(nobody.clone(), closed)]),
+        )
+        .await;
         a.send(&nobody, raft(1, 10));
         a.send(&nobody, raft(2, 10));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -695,5 +1008,80 @@ mod tests {
         // An unknown peer: dropped at once.
         a.send(&NodeId::new("stranger").unwrap(), raft(3, 10));
         assert_eq!(lost(&dropped, "raft"), 3);
+    }
+
+    /// Sends one message from `a` to `b`; returns what `b` received within a second, and
+    /// whether `a` counted the message lost.
+    async fn one_message(
+        a_name: &str,
+        a_security: PeerSecurity,
+        b_security: PeerSecurity,
+    ) -> (Option<Incoming>, bool) {
+        let (_b, mut inbox, b_addr, _) = transport("b", b_security, BTreeMap::new()).await;
+        let b = NodeId::new("b").unwrap();
+        let (a, _a_inbox, _, dropped) =
+            transport(a_name, a_security, BTreeMap::from([(b.clone(), b_addr)])).await;
+        a.send(&b, raft(7, 10));
+        let received = tokio::time::timeout(Duration::from_secs(1), inbox.recv())
+            .await
+            .ok()
+            .flatten();
+        (received, lost(&dropped, "raft") == 1)
+    }
+
+    #[tokio::test]
+    async fn an_admitted_peer_is_heard_under_its_admitted_name() {
+        let authority = SecretKey::generate();
+        let (received, lost) =
+            one_message("a", admitted(&authority, "a"), admitted(&authority, "b")).await;
+        assert_eq!(received.expect("delivered").from.as_str(), "a");
+        assert!(!lost);
+    }
+
+    #[tokio::test]
+    async fn a_peer_admitted_by_another_authority_is_refused_both_ways() {
+        let authority = SecretKey::generate();
+        let stranger = SecretKey::generate();
+        let (received, lost) =
+            one_message("a", admitted(&stranger, "a"), admitted(&authority, "b")).await;
+        assert!(received.is_none(), "a stranger's message was delivered");
+        assert!(lost, "the refused link's message is counted lost");
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_another_node_is_heard_under_the_name_its_key_was_admitted_as() {
+        // `mallory` is admitted, but calls itself `a` in its transport: its hello carries its
+        // own admission, so `b` hears it as `mallory`, never as `a`.
+        let authority = SecretKey::generate();
+        let (received, _) =
+            one_message("a", admitted(&authority, "mallory"), admitted(&authority, "b")).await;
+        assert_eq!(received.expect("delivered").from.as_str(), "mallory");
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_hello_reaches_nothing_on_a_tls_node() {
+        let authority = SecretKey::generate();
+        let (received, _) =
+            one_message("a", PeerSecurity::Plaintext, admitted(&authority, "b")).await;
+        assert!(received.is_none(), "a plaintext message was delivered");
+    }
+
+    #[tokio::test]
+    async fn a_dialled_address_answered_by_another_node_gets_nothing() {
+        // `c` (admitted) listens where `a` believes `b` is: `a` must not send it `b`'s traffic.
+        let authority = SecretKey::generate();
+        let (_c, mut inbox, c_addr, _) =
+            transport("c", admitted(&authority, "c"), BTreeMap::new()).await;
+        let b = NodeId::new("b").unwrap();
+        let (a, _a_inbox, _, dropped) = transport(
+            "a",
+            admitted(&authority, "a"),
+            BTreeMap::from([(b.clone(), c_addr)]),
+        )
+        .await;
+        a.send(&b, raft(7, 10));
+        let received = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
+        assert!(!matches!(received, Ok(Some(_))), "c received b's message");
+        assert_eq!(lost(&dropped, "raft"), 1);
     }
 }

@@ -6,13 +6,24 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use agentstore_cluster::membership::Liveness;
-use agentstore_cluster::{Node, NodeConfig, Status};
+use agentstore_cluster::{Node, NodeConfig, PeerSecurity, PeerTrust, Status};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::{Mutation, Value};
 use agentstore_core::replication::Outcome;
 use agentstore_core::{Key, NodeId};
 use agentstore_engine::{Engine, LocalEngine, NodeClock};
 use tokio::net::TcpListener;
+
+/// The authority that admits this test's nodes.
+static AUTHORITY: std::sync::LazyLock<agentstore_trust::SecretKey> =
+    std::sync::LazyLock::new(agentstore_trust::SecretKey::generate);
+
+/// Peer links as a node admitted as `id` has them: mutual TLS, admissions checked.
+fn admitted(id: &NodeId) -> PeerSecurity {
+    PeerSecurity::Tls(std::sync::Arc::new(
+        PeerTrust::generate(&AUTHORITY, id.as_str()).unwrap(),
+    ))
+}
 
 struct Member {
     id: NodeId,
@@ -30,6 +41,7 @@ async fn start(name: &str, seeds: &[&Member]) -> Member {
     let engine = LocalEngine::open(dir.path(), NodeClock::system(id.clone(), 500)).unwrap();
     let config = NodeConfig {
         id: id.clone(),
+        security: admitted(&id),
         client_addr: None,
         seeds: seeds.iter().map(|m| (m.id.clone(), m.addr)).collect(),
         replicas: 3,

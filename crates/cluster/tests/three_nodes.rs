@@ -3,12 +3,23 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agentstore_cluster::{Node, NodeConfig};
+use agentstore_cluster::{Node, NodeConfig, PeerSecurity, PeerTrust};
 use agentstore_core::record::{Mutation, Value};
 use agentstore_core::replication::Outcome;
 use agentstore_core::{Key, NodeId};
 use agentstore_engine::{Engine, LocalEngine, NodeClock};
 use tokio::net::TcpListener;
+
+/// The authority that admits this test's nodes.
+static AUTHORITY: std::sync::LazyLock<agentstore_trust::SecretKey> =
+    std::sync::LazyLock::new(agentstore_trust::SecretKey::generate);
+
+/// Peer links as a node admitted as `id` has them: mutual TLS, admissions checked.
+fn admitted(id: &NodeId) -> PeerSecurity {
+    PeerSecurity::Tls(std::sync::Arc::new(
+        PeerTrust::generate(&AUTHORITY, id.as_str()).unwrap(),
+    ))
+}
 
 struct Cluster {
     ids: Vec<NodeId>,
@@ -34,6 +45,7 @@ fn config(
         .collect();
     NodeConfig {
         id: ids[me].clone(),
+        security: admitted(&ids[me]),
         client_addr: None,
         seeds: peers,
         replicas: 3,
@@ -397,6 +409,7 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
             .unwrap();
     let engine = LocalEngine::open(dir.path(), NodeClock::system(a.clone(), 500)).unwrap();
     let config = NodeConfig {
+        security: admitted(&a),
         id: a,
         client_addr: None,
         seeds: BTreeMap::from([(b, nobody)]),
@@ -443,12 +456,18 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_past_its_deadline_is_dropped_unanswered() {
-    use tokio::io::AsyncWriteExt;
     let c = cluster().await;
-    let mut stream = tokio::net::TcpStream::connect(c.addrs[1]).await.unwrap();
-    let mut hello = 6u32.to_be_bytes().to_vec();
-    hello.extend_from_slice(b"node-a");
-    stream.write_all(&hello).await.unwrap();
+    // An admitted member's transport, sending a read whose deadline is long gone.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let x = NodeId::new("node-x").unwrap();
+    let (transport, _inbox) = agentstore_cluster::Transport::start(
+        x.clone(),
+        admitted(&x),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        BTreeMap::from([(c.ids[1].clone(), c.addrs[1])]),
+        stopped,
+        Default::default(),
+    );
     let late = agentstore_wire::Envelope {
         request: 7,
         deadline_ms: 1, // long gone
@@ -457,10 +476,7 @@ async fn a_read_past_its_deadline_is_dropped_unanswered() {
             key: key("doc:late"),
         },
     };
-    stream
-        .write_all(&agentstore_wire::encode_frame(&late))
-        .await
-        .unwrap();
+    transport.send(&c.ids[1], late);
     let b = c.nodes[1].as_ref().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !b
@@ -471,6 +487,56 @@ async fn a_read_past_its_deadline_is_dropped_unanswered() {
         assert!(std::time::Instant::now() < deadline, "{}", b.metrics_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_its_authority_never_admitted_cannot_join_or_read() {
+    let c = cluster().await;
+    let written = c.nodes[0]
+        .as_ref()
+        .unwrap()
+        .write(key("doc:secret"), Mutation::Put(b"s".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(written, Outcome::Written { .. }));
+    // A stranger with a key and an admission of its own authority, seeded with every member.
+    let stranger_authority = agentstore_trust::SecretKey::generate();
+    let id = NodeId::new("node-d").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LocalEngine::open(dir.path(), NodeClock::system(id.clone(), 500)).unwrap();
+    let mut config = config(&c.ids, &c.addrs, 0, NO_ANTI_ENTROPY);
+    config.id = id.clone();
+    config.seeds.insert(c.ids[0].clone(), c.addrs[0]);
+    config.security = PeerSecurity::Tls(std::sync::Arc::new(
+        PeerTrust::generate(&stranger_authority, "node-d").unwrap(),
+    ));
+    config.write_quorum = 1;
+    config.read_quorum = 1;
+    let stranger = Node::start(
+        config,
+        engine,
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in c.nodes.iter().flatten() {
+        let members: Vec<String> = node
+            .status()
+            .await
+            .unwrap()
+            .members
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect();
+        assert!(!members.contains(&"node-d".to_owned()), "{members:?}");
+    }
+    // Its read reaches no member: whatever it answers, it is not the member's record.
+    let read = stranger.read(key("doc:secret")).await.unwrap();
+    assert!(
+        !matches!(&read, Outcome::Read { record: Some(_) }),
+        "{read:?}"
+    );
+    stranger.shutdown().await;
 }
 
 /// Established TCP connections accepted on `ports` (Linux, from /proc/net/tcp).

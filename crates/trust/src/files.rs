@@ -1,0 +1,58 @@
+//! Secrets on disk: files readable by their owner alone, written whole or not at all.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::TrustError;
+
+/// Creates `dir` (and its parents) with mode 0700 if it does not exist, and narrows an
+/// existing one to 0700: a data directory holds the node's key and every record.
+pub fn create_private_dir(dir: &Path) -> Result<(), TrustError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| TrustError::io(dir, &e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| TrustError::io(dir, &e))
+}
+
+/// Writes `bytes` to a new file `path` with mode 0600: through a temporary file in the same
+/// directory, fsynced and renamed into place, so a crash leaves the old state or the new one.
+/// Refuses to replace an existing file (a key is never overwritten by accident).
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), TrustError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_private_dir(dir)?;
+    if path.exists() {
+        return Err(TrustError::File {
+            path: path.to_owned(),
+            reason: "already exists; not overwritten".into(),
+        });
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        // A hard link fails if `path` appeared meanwhile, where a rename would replace it.
+        fs::hard_link(&temporary, path)?;
+        fs::remove_file(&temporary)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    written.map_err(|e| TrustError::io(path, &e))
+}
