@@ -5,6 +5,7 @@
 
 mod admin;
 mod check;
+mod keys;
 mod node;
 
 #[global_allocator]
@@ -147,6 +148,29 @@ enum Command {
     /// forwards the change to the leader).
     #[command(subcommand)]
     Raft(RaftCommand),
+    /// The cluster authority: the key whose signature makes a process a node of the cluster.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
+    /// Admit a node (needs --data-dir, the node's data directory): create the node's key there
+    /// if it has none, and write its admission there, signed by the authority's key.
+    Admit {
+        /// The authority's secret key file (from `agentstore authority new`).
+        #[arg(long)]
+        authority: PathBuf,
+        /// The node's name: its `node_id`.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthorityCommand {
+    /// Create an authority: its secret key in FILE (mode 0600; an existing file is never
+    /// replaced) and its public key in FILE.pub, which nodes name as `storage.cluster.authority`.
+    New {
+        /// Where to write the secret key.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -327,6 +351,20 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     if let Command::Node = &cli.command {
         return node::run(load(&cli)?).await;
     }
+    let trust_failed = |err: agentstore_trust::TrustError| {
+        eprintln!("error: {err}");
+        exit::FAILURE
+    };
+    if let Command::Authority(AuthorityCommand::New { file }) = &cli.command {
+        return Ok(keys::new_authority(file, cli.json).unwrap_or_else(trust_failed));
+    }
+    if let Command::Admit { authority, name } = &cli.command {
+        let Some(data_dir) = &cli.data_dir else {
+            eprintln!("error: admit writes into the node's data directory: give --data-dir DIR");
+            return Ok(exit::USAGE);
+        };
+        return Ok(keys::admit(authority, name, data_dir, cli.json).unwrap_or_else(trust_failed));
+    }
     if matches!(
         cli.command,
         Command::Status | Command::Repair | Command::Leave | Command::Raft(_)
@@ -452,6 +490,8 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             print_value(&cli, key, Json::Array(members));
         }
         Command::Config(_)
+        | Command::Authority(_)
+        | Command::Admit { .. }
         | Command::Node
         | Command::Status
         | Command::Repair

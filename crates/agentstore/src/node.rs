@@ -1,5 +1,6 @@
 //! `agentstore node`: a cluster node in the foreground.
 
+use agentstore_cluster::PeerSecurity;
 use p2p_ai_agents::storage::server::{self, Listeners};
 use p2p_ai_agents::storage::{Config, StorageError};
 
@@ -20,12 +21,21 @@ async fn stop_signal() {
 }
 
 pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
+    let Some(cluster) = config.cluster.clone() else {
+        return Err(StorageError::InvalidConfig(
+            "a node needs a storage.cluster block (client_addr, peer_addr, peers)".into(),
+        ));
+    };
+    let security = server::peer_security(&config, &cluster.peer_auth, &server::data_dir(&config))?;
     let listeners = Listeners::bind(&config).await?;
-    let cluster = config.cluster.clone();
-    if let Some(cluster) = &cluster {
+    {
         let quorum = config.replication.quorum;
+        let peers = match &security {
+            PeerSecurity::Tls(trust) => format!("mutual TLS as {}", trust.key()),
+            PeerSecurity::Plaintext => "PLAINTEXT, UNAUTHENTICATED".to_owned(),
+        };
         eprintln!(
-            "node {} ready: clients on http://{}, peers on {} ({} N={} W={} R={})",
+            "node {} ready: clients on http://{}, peers on {} ({peers}; {} N={} W={} R={})",
             config.node_id,
             cluster.client_addr,
             cluster.peer_addr,
@@ -36,7 +46,7 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
         );
     }
     let id = config.node_id.clone();
-    server::run(config, listeners, stop_signal()).await?;
+    server::run_secured(config, listeners, security, stop_signal()).await?;
     eprintln!("node {id} stopped");
     Ok(0)
 }

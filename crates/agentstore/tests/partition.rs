@@ -140,9 +140,13 @@ fn start(network: &Network, dir: &Path, i: usize, collections: &str) -> (NodePro
         .filter(|j| *j != i)
         .map(|j| format!("      {}: {}:7101\n", names[j - 1], network.addr(j)))
         .collect();
+    let (authority, _) =
+        agentstore_trust::SecretKey::load_or_create(&dir.join("authority.key")).unwrap();
+    agentstore_trust::admit(&authority, name, &dir.join(name)).unwrap();
     let yaml = format!(
-        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {addr}:7001\n    peer_addr: {addr}:7101\n    peers:\n{peers}",
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {addr}:7001\n    peer_addr: {addr}:7101\n    authority: {}\n    peers:\n{peers}",
         dir.join(name).display(),
+        authority.public(),
         addr = network.addr(i),
     );
     let config = dir.join(format!("{name}.yaml"));

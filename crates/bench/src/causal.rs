@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::cluster::{Connection, start_cluster};
+use crate::cluster::{Connection, Peers, start_cluster};
 use crate::load;
 use crate::stats::{Row, Sample};
 
@@ -67,7 +67,7 @@ pub(crate) fn run(seconds: u64) {
     let dir = tempfile::tempdir().unwrap();
     let replication = "    strategy: async\n    replicas: 3\n    read_quorum: 1\n";
     let collections = "  collections:\n    tasks:\n      consistency: causal\n";
-    let (nodes, clients) = start_cluster(dir.path(), replication, collections);
+    let (nodes, clients) = start_cluster(dir.path(), replication, collections, Peers::Admitted);
     let mut rows = Vec::new();
     for write in [true, false] {
         for concurrency in CONCURRENCY {

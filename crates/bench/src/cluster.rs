@@ -49,6 +49,15 @@ fn agentstore_binary() -> PathBuf {
     })
 }
 
+/// How the benchmark's nodes talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peers {
+    /// Admitted by one authority, over mutual TLS (a node's default).
+    Admitted,
+    /// `insecure: true`: plaintext, unauthenticated.
+    Plaintext,
+}
+
 /// Starts three nodes with the given replication block and `collections` (a YAML
 /// `  collections:` block, or nothing); returns them and their client addresses once every
 /// node sees the other two.
@@ -56,9 +65,11 @@ pub(crate) fn start_cluster(
     dir: &Path,
     replication: &str,
     collections: &str,
+    peers_are: Peers,
 ) -> (Vec<NodeProcess>, Vec<String>) {
     let names = ["node-a", "node-b", "node-c"];
     std::fs::create_dir_all(dir).expect("the benchmark's directory");
+    let authority = agentstore_trust::SecretKey::generate();
     let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let mut nodes = Vec::new();
     let mut clients = Vec::new();
@@ -70,8 +81,15 @@ pub(crate) fn start_cluster(
             .filter(|(n, _)| *n != name)
             .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
             .collect();
+        let trust = match peers_are {
+            Peers::Admitted => {
+                agentstore_trust::admit(&authority, name, &dir.join(name)).expect("admitted");
+                format!("    authority: {}\n", authority.public())
+            }
+            Peers::Plaintext => "    insecure: true\n".to_owned(),
+        };
         let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n    peers:\n{peers}",
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n{trust}    peers:\n{peers}",
             dir.join(name).display(),
             peer_ports[i]
         );
@@ -254,7 +272,7 @@ pub(crate) fn run(seconds: u64) {
     ];
     for (name, replication) in settings {
         let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients) = start_cluster(dir.path(), replication, "");
+        let (nodes, clients) = start_cluster(dir.path(), replication, "", Peers::Admitted);
         let (put, get) = measure(&runtime, &clients, seconds);
         drop(nodes);
         let port = primary.port;

@@ -6,6 +6,7 @@
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench strong [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench causal [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench trust [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
@@ -19,6 +20,7 @@ mod postgres;
 mod redis;
 mod stats;
 mod strong;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,9 +53,10 @@ fn main() {
         "cluster" => cluster::run(seconds),
         "strong" => strong::run(seconds),
         "causal" => causal::run(seconds),
+        "trust" => trust::run(seconds),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust"
             );
             std::process::exit(2);
         }

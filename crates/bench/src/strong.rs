@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use agentstore_engine::testkit::free_port;
 use tokio::sync::Mutex;
 
-use crate::cluster::{Connection, start_cluster};
+use crate::cluster::{Connection, Peers, start_cluster};
 use crate::load;
 use crate::stats::{Row, Sample};
 
@@ -254,7 +254,12 @@ pub(crate) fn run(seconds: u64) {
         "    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n";
     // etcd first: without it the run stops before any node is started.
     let (etcd, theirs) = start_etcd(&dir.path().join("etcd"));
-    let (nodes, ours) = start_cluster(&dir.path().join("agentstore"), replication, collections);
+    let (nodes, ours) = start_cluster(
+        &dir.path().join("agentstore"),
+        replication,
+        collections,
+        Peers::Admitted,
+    );
     let (our_leader, their_leader) = (agentstore_leader(&ours), etcd_leader(&theirs));
     println!(
         "leaders: agentstore node {} of 3, etcd member {} of 3; client i talks to the i-th member from the leader\n",

@@ -117,7 +117,7 @@ pub(crate) fn open(
     ),
     EngineError,
 > {
-    std::fs::create_dir_all(dir).map_err(storage)?;
+    redb_file::create_private_dir(dir).map_err(storage)?;
     let db =
         redb_file::create(&Database::builder(), &dir.join(CAUSAL_FILE)).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => EngineError::Locked {

@@ -17,9 +17,9 @@ mod strong;
 mod transport;
 
 pub use agentstore_consensus::{GroupStatus, ReadLevel};
+pub use agentstore_trust::PeerTrust;
 pub use causal::{CausalConfig, CausalEngine};
 pub use engine::ClusterEngine;
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
 pub use strong::{StrongConfig, StrongEngine};
-pub use agentstore_trust::PeerTrust;
 pub use transport::{Dropped, Incoming, PeerSecurity, Transport};

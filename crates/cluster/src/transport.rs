@@ -569,7 +569,12 @@ async fn open_accepted(shared: &Shared, stream: TcpStream) -> io::Result<Opened>
     let mut tls = acceptor.accept(stream).await?;
     let hello = read_hello(&mut tls).await?;
     let key = peer_key(tls.get_ref().1).ok_or_else(|| refused("no peer key"))?;
-    let peer = peer_id(trust.check_hello(&hello, &key).map_err(refused)?.into_bytes())?;
+    let peer = peer_id(
+        trust
+            .check_hello(&hello, &key)
+            .map_err(refused)?
+            .into_bytes(),
+    )?;
     tls.write_all(&hello_frame(&trust.hello())).await?;
     let (stream, tls) = tls.into_inner();
     Ok(Opened::new(peer, stream, Some(tls.into())))
@@ -619,13 +624,7 @@ async fn dial(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr, id: u64, outb
 
 /// Writes what the senders could not write themselves (a queue behind a slow socket), until
 /// the link closes and is drained, or the connection fails.
-async fn write(
-    shared: Arc<Shared>,
-    peer: NodeId,
-    id: u64,
-    wire: Wire,
-    outbox: Arc<Outbox>,
-) {
+async fn write(shared: Arc<Shared>, peer: NodeId, id: u64, wire: Wire, outbox: Arc<Outbox>) {
     let _ = outbox.stream.set(wire);
     let Some(wire) = outbox.stream.get() else {
         return;
@@ -692,11 +691,7 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
 /// the link to that peer: yes if there is none, if the peer dialled the one we have (it is
 /// stale), or if both dialled each other and the peer's id is the smaller. Either way the
 /// connection is read.
-async fn greet(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn greet(shared: Arc<Shared>, stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
     let from = stream.peer_addr().ok();
     let opened = tokio::time::timeout(HELLO_DEADLINE, open_accepted(&shared, stream)).await;
     drop(permit);
@@ -773,14 +768,17 @@ async fn read(
                 decoder.push(&buffer[..received]);
                 Ok(())
             }
-            Some(session) => unseal(session, &buffer[..received], &mut decoder, &mut plain)
-                .map(|wants_write| {
+            Some(session) => {
+                unseal(session, &buffer[..received], &mut decoder, &mut plain).map(|wants_write| {
                     // The session has something to send (a key update's answer): wake the
                     // writer.
-                    if wants_write && let Some(outbox) = link.as_ref().and_then(|(_, o)| o.upgrade()) {
+                    if wants_write
+                        && let Some(outbox) = link.as_ref().and_then(|(_, o)| o.upgrade())
+                    {
                         outbox.wake.notify_one();
                     }
-                }),
+                })
+            }
         };
         if let Err(err) = opened {
             tracing::warn!(%from, %err, "undecryptable data; closing the connection");
@@ -860,9 +858,9 @@ async fn deliver(shared: &Shared, from: &NodeId, envelope: agentstore_wire::Enve
         return true;
     }
     let routed = match incoming.envelope.message {
-        Message::CausalWrites { .. } | Message::CausalHave { .. } | Message::CausalSnapshot { .. } => {
-            lock(&shared.causal).clone()
-        }
+        Message::CausalWrites { .. }
+        | Message::CausalHave { .. }
+        | Message::CausalSnapshot { .. } => lock(&shared.causal).clone(),
         _ => None,
     };
     // Raft traffic has its own inbox so a busy replication loop never delays heartbeats into
@@ -1053,8 +1051,12 @@ mod tests {
         // `mallory` is admitted, but calls itself `a` in its transport: its hello carries its
         // own admission, so `b` hears it as `mallory`, never as `a`.
         let authority = SecretKey::generate();
-        let (received, _) =
-            one_message("a", admitted(&authority, "mallory"), admitted(&authority, "b")).await;
+        let (received, _) = one_message(
+            "a",
+            admitted(&authority, "mallory"),
+            admitted(&authority, "b"),
+        )
+        .await;
         assert_eq!(received.expect("delivered").from.as_str(), "mallory");
     }
 

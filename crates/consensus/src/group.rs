@@ -206,7 +206,7 @@ impl Group {
     /// Opens the log and state machine in `config.dir` and starts the member; a fresh group
     /// is initialized in the background (see [`GroupConfig::voters`]).
     pub async fn start(config: GroupConfig, rpc: Arc<dyn Rpc>) -> Result<Self, GroupError> {
-        std::fs::create_dir_all(&config.dir).map_err(storage)?;
+        agentstore_engine::redb_file::create_private_dir(&config.dir).map_err(storage)?;
         let log = LogStore::open(&config.dir.join(LOG_FILE), config.id.clone()).map_err(storage)?;
         let state = StateMachine::open(&config.dir.join(STATE_FILE)).map_err(storage)?;
         let heartbeat = config.heartbeat.as_millis() as u64;

@@ -15,6 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use redb::backends::FileBackend;
@@ -23,14 +24,24 @@ use redb::{BackendError, Builder, Database, DatabaseError, StorageBackend};
 /// Zeros are written in pieces of this size.
 const ZEROS: usize = 1 << 20;
 
-/// Opens (creating if needed) the redb database at `path`, as `builder` sets it up, on a file
-/// whose growth is written out.
+/// Creates `dir` and its missing parents readable by their owner alone (mode 0700): a data
+/// directory holds every record and the node's key.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Opens (creating if needed, with mode 0600) the redb database at `path`, as `builder` sets
+/// it up, on a file whose growth is written out.
 pub fn create(builder: &Builder, path: &Path) -> Result<Database, DatabaseError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)?;
     let filler = file.try_clone()?;
     let inner = FileBackend::new(file)?;

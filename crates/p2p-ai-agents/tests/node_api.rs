@@ -15,6 +15,10 @@ use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+/// The authority that admits this test's nodes.
+static AUTHORITY: std::sync::LazyLock<agentstore_trust::SecretKey> =
+    std::sync::LazyLock::new(agentstore_trust::SecretKey::generate);
+
 const COLLECTIONS: &str = "  collections:
     metrics:
       conflict: pn_counter
@@ -52,11 +56,13 @@ async fn cluster() -> Vec<TestNode> {
             .filter(|j| *j != i)
             .map(|j| format!("      {}: {}\n", names[j], peer_addrs[j]))
             .collect();
+        agentstore_trust::admit(&AUTHORITY, names[i], dir.path()).unwrap();
         let yaml = format!(
-            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    peers:\n{seeds}",
+            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    authority: {}\n    peers:\n{seeds}",
             names[i],
             dir.path().display(),
-            peer_addrs[i]
+            peer_addrs[i],
+            AUTHORITY.public()
         );
         let config = Config::from_yaml(&yaml, "test.yaml").unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -2,20 +2,19 @@
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::TrustError;
 
-/// Creates `dir` (and its parents) with mode 0700 if it does not exist, and narrows an
-/// existing one to 0700: a data directory holds the node's key and every record.
+/// Creates `dir` and its missing parents with mode 0700 (a data directory holds the node's
+/// key and every record); an existing directory is left as it is.
 pub fn create_private_dir(dir: &Path) -> Result<(), TrustError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| TrustError::io(dir, &e))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| TrustError::io(dir, &e))
+        .map_err(|e| TrustError::io(dir, &e))
 }
 
 /// Writes `bytes` to a new file `path` with mode 0600: through a temporary file in the same

@@ -43,6 +43,38 @@ pub fn admission_path(data_dir: &Path) -> PathBuf {
     data_dir.join(ADMISSION_FILE)
 }
 
+/// Admits the node `name` whose data directory is `data_dir`: creates its key if it has none
+/// and writes its admission there (replacing an earlier one). Returns the node's public key.
+/// This is what `agentstore admit` does; the authority's key never leaves the machine that
+/// runs it.
+pub fn admit(authority: &SecretKey, name: &str, data_dir: &Path) -> Result<PublicKey, TrustError> {
+    let (key, _) = SecretKey::load_or_create(&node_key_path(data_dir))?;
+    let admission = Admission::issue(authority, name, key.public())?;
+    let path = admission_path(data_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(TrustError::io(&path, &err)),
+    }
+    write_private_file(&path, admission.to_text().as_bytes())?;
+    Ok(key.public())
+}
+
+/// The authority a configuration names: its public key (`ed25519:…`), or the path of a file
+/// holding it (what `agentstore authority new` writes beside the secret key).
+pub fn authority_from(text: &str) -> Result<PublicKey, TrustError> {
+    let text = text.trim();
+    if text.starts_with("ed25519:") {
+        return text.parse();
+    }
+    let path = Path::new(text);
+    let contents = std::fs::read_to_string(path).map_err(|e| TrustError::io(path, &e))?;
+    contents.parse().map_err(|e: TrustError| TrustError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 /// Everything a node needs to open and accept authenticated peer links: its key, its
 /// admission, the authority that admits its peers, and the TLS settings built from them.
 #[derive(Debug, Clone)]

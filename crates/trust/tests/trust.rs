@@ -107,6 +107,25 @@ fn a_node_without_an_admission_is_told_its_key() {
     assert_eq!(trust.name(), "node-a");
 }
 
+#[test]
+fn admitting_a_node_twice_keeps_its_key_and_replaces_its_admission() {
+    let dir = tempfile::tempdir().unwrap();
+    let authority = SecretKey::generate();
+    let first = agentstore_trust::admit(&authority, "node-a", dir.path()).unwrap();
+    let again = agentstore_trust::admit(&authority, "node-b", dir.path()).unwrap();
+    assert_eq!(first, again);
+    let trust = PeerTrust::load(dir.path(), authority.public()).unwrap();
+    assert_eq!(trust.name(), "node-b");
+    // The authority is named inline or by the file that holds its public key.
+    let public = dir.path().join("authority.pub");
+    std::fs::write(&public, format!("{}\n", authority.public())).unwrap();
+    let by_file = agentstore_trust::authority_from(public.to_str().unwrap()).unwrap();
+    let inline = agentstore_trust::authority_from(&authority.public().to_string()).unwrap();
+    assert_eq!(by_file, authority.public());
+    assert_eq!(inline, authority.public());
+    assert!(agentstore_trust::authority_from("/nonexistent/authority.pub").is_err());
+}
+
 /// Runs a TLS handshake between two connections in memory.
 fn handshake(client: &mut Connection, server: &mut Connection) -> Result<(), rustls::Error> {
     for _ in 0..10 {

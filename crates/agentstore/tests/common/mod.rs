@@ -163,6 +163,15 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Admits the node `name` (data in `data`) with the authority of the cluster in `dir` (created
+/// with the first node); returns the authority's public key.
+pub(crate) fn admit(dir: &Path, name: &str, data: &Path) -> agentstore_trust::PublicKey {
+    let (authority, _) =
+        agentstore_trust::SecretKey::load_or_create(&dir.join("authority.key")).unwrap();
+    agentstore_trust::admit(&authority, name, data).unwrap();
+    authority.public()
+}
+
 /// A node `name` (not started) listening for clients on a free port and for peers on
 /// `peer_port`, with `peers` (name, peer port) and `collections` (a YAML `  collections:`
 /// block), N=3 W=2 R=2.
@@ -179,8 +188,9 @@ pub(crate) fn node(
         .iter()
         .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
         .collect();
+    let authority = admit(dir, name, &data);
     let yaml = format!(
-        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    peers:\n{peers}",
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    authority: {authority}\n    peers:\n{peers}",
         data.display(),
     );
     let config = dir.join(format!("{name}.yaml"));

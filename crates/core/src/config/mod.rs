@@ -160,6 +160,18 @@ pub struct ClusterConfig {
     pub peer_addr: std::net::SocketAddr,
     /// Every other node and its peer address.
     pub peers: BTreeMap<NodeId, std::net::SocketAddr>,
+    /// Who may be a peer.
+    pub peer_auth: PeerAuth,
+}
+
+/// Who may be a node's peer (`storage.cluster.authority` / `insecure`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAuth {
+    /// Nodes admitted by this authority, over mutual TLS: its public key (`ed25519:…`) or the
+    /// path of a file holding it.
+    Authority(String),
+    /// Anyone who connects, in plaintext (`insecure: true`: a closed network or a benchmark).
+    Insecure,
 }
 
 /// Default largest accepted clock offset between nodes.

@@ -9,7 +9,7 @@ use super::error::{expected_names, nearest, unknown_name};
 use super::locate::{locate, path_at};
 use super::{
     Backend, ClusterConfig, CollectionConfig, Config, ConfigError, ConflictStrategy,
-    IsolationLevel, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
+    IsolationLevel, PeerAuth, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
 };
 use crate::key::validate_collection;
 use crate::level::ConsistencyLevel;
@@ -48,6 +48,9 @@ struct Cluster {
     peer_addr: String,
     #[serde(default)]
     peers: BTreeMap<String, String>,
+    authority: Option<String>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +244,34 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             }
             peers.insert(node, addr(&field, text)?);
         }
+        let peer_auth = match (cluster.authority, cluster.insecure) {
+            (Some(_), true) => {
+                return Err(source.error(
+                    "storage.cluster.insecure",
+                    "`insecure: true` turns off the peer authentication that `authority` asks for; \
+                     set one of them",
+                ));
+            }
+            (Some(authority), false) => {
+                let authority = authority.trim().to_owned();
+                if authority.starts_with("ed25519:") && !is_ed25519_text(&authority) {
+                    return Err(source.error(
+                        "storage.cluster.authority",
+                        "an ed25519 public key is `ed25519:` and 43 characters of URL-safe base64",
+                    ));
+                }
+                PeerAuth::Authority(authority)
+            }
+            (None, true) => PeerAuth::Insecure,
+            (None, false) => {
+                return Err(source.error(
+                    "storage.cluster",
+                    "a node needs `authority`: the public key (or the file holding it) of the \
+                     authority that admits this cluster's nodes (`agentstore authority new`); \
+                     or `insecure: true` for plaintext, unauthenticated peer links on a closed network",
+                ));
+            }
+        };
         let nodes = peers.len() + 1;
         if usize::from(config.replication.quorum.n) > nodes {
             return Err(source.error(
@@ -255,6 +286,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             client_addr,
             peer_addr,
             peers,
+            peer_auth,
         });
     }
     if let Some(clock) = storage.clock {
@@ -352,4 +384,19 @@ fn replication(block: ReplicationBlock, source: &Source<'_>) -> Result<Replicati
         source.error(field, err.to_string())
     })?;
     Ok(Replication { strategy, quorum })
+}
+
+/// Whether `text` has the form of an ed25519 public key: `ed25519:` and 32 bytes in unpadded
+/// URL-safe base64 (43 characters; the last one carries 4 bits, so it is one of 16).
+fn is_ed25519_text(text: &str) -> bool {
+    let Some(encoded) = text.strip_prefix("ed25519:") else {
+        return false;
+    };
+    let alphabet = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    encoded.len() == 43
+        && encoded.bytes().all(alphabet)
+        && encoded
+            .bytes()
+            .last()
+            .is_some_and(|c| b"AEIMQUYcgkosw048".contains(&c))
 }

@@ -229,29 +229,64 @@ fn guarantees_are_computed_not_copied_from_the_label() {
 
 #[test]
 fn a_cluster_block_names_the_nodes_addresses_and_peers() {
-    let text = "storage:\n  node_id: node-a\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:7001\n    peer_addr: 127.0.0.1:7101\n    peers:\n      node-b: 127.0.0.1:7102\n      node-c: 127.0.0.1:7103\n";
+    let text = "storage:\n  node_id: node-a\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:7001\n    peer_addr: 127.0.0.1:7101\n    authority: ./cluster/authority.key.pub\n    peers:\n      node-b: 127.0.0.1:7102\n      node-c: 127.0.0.1:7103\n";
     let cluster = parse(text).unwrap().cluster.unwrap();
     assert_eq!(cluster.client_addr.port(), 7001);
     assert_eq!(cluster.peers.len(), 2);
+    assert_eq!(
+        cluster.peer_auth,
+        PeerAuth::Authority("./cluster/authority.key.pub".into())
+    );
+}
+
+const CLUSTER: &str =
+    "storage:\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n";
+
+#[test]
+fn a_cluster_names_the_authority_that_admits_its_nodes_or_says_it_is_insecure() {
+    let err = error(CLUSTER);
+    assert_eq!((err.field.as_str(), err.line), ("storage.cluster", 2));
+    assert!(err.message.contains("authority"), "{}", err.message);
+    let insecure = parse(&format!("{CLUSTER}    insecure: true\n")).unwrap();
+    assert_eq!(insecure.cluster.unwrap().peer_auth, PeerAuth::Insecure);
+    let both = error(&format!(
+        "{CLUSTER}    authority: a.pub\n    insecure: true\n"
+    ));
+    assert_eq!(
+        (both.field.as_str(), both.line),
+        ("storage.cluster.insecure", 6)
+    );
+    let key = "ed25519:11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+    let inline = parse(&format!("{CLUSTER}    authority: {key}\n")).unwrap();
+    assert_eq!(
+        inline.cluster.unwrap().peer_auth,
+        PeerAuth::Authority(key.into())
+    );
+    let bad = error(&format!("{CLUSTER}    authority: ed25519:short\n"));
+    assert_eq!(
+        (bad.field.as_str(), bad.line),
+        ("storage.cluster.authority", 5)
+    );
 }
 
 #[test]
 fn cluster_mistakes_are_located() {
-    let err =
-        error("storage:\n  cluster:\n    client_addr: localhost\n    peer_addr: 127.0.0.1:1\n");
+    let err = error(
+        "storage:\n  cluster:\n    client_addr: localhost\n    peer_addr: 127.0.0.1:1\n    insecure: true\n",
+    );
     assert_eq!(
         (err.field.as_str(), err.line),
         ("storage.cluster.client_addr", 3)
     );
     let err = error(
-        "storage:\n  node_id: a\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n    peers:\n      a: 127.0.0.1:3\n",
+        "storage:\n  node_id: a\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n    insecure: true\n    peers:\n      a: 127.0.0.1:3\n",
     );
     assert_eq!(
         (err.field.as_str(), err.line),
-        ("storage.cluster.peers.a", 7)
+        ("storage.cluster.peers.a", 8)
     );
     let err = error(
-        "storage:\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n",
+        "storage:\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n    insecure: true\n",
     );
     assert_eq!(err.field, "storage.replication.replicas");
 }

@@ -84,7 +84,7 @@ impl LocalEngine {
     /// Fails with [`EngineError::Locked`] if another process has `dir` open, and with
     /// [`EngineError::Corrupted`] if the data file is damaged or not an agentstore file.
     pub fn open(dir: &Path, clock: Arc<NodeClock>) -> Result<Self, EngineError> {
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::Storage {
+        crate::redb_file::create_private_dir(dir).map_err(|e| EngineError::Storage {
             detail: format!("cannot create the data directory {}: {e}", dir.display()),
         })?;
         let path = dir.join(DATA_FILE);

@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentstore_cluster::{
-    CausalConfig, CausalEngine, ClusterEngine, Node, NodeConfig, StrongConfig, StrongEngine,
+    CausalConfig, CausalEngine, ClusterEngine, Node, NodeConfig, PeerSecurity, PeerTrust,
+    StrongConfig, StrongEngine,
 };
-use agentstore_core::config::Config;
+use agentstore_core::config::{Config, PeerAuth};
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
 use agentstore_engine::{Engine, EngineError, Fence, LocalEngine, NodeClock, Write};
@@ -863,6 +864,41 @@ fn cluster_block(config: &Config) -> Result<&agentstore_core::config::ClusterCon
     })
 }
 
+/// How a node's peer links are secured: by its key and admission (loaded from `data_dir`,
+/// the key created there at first start), checked against the configured authority.
+pub fn peer_security(
+    config: &Config,
+    auth: &PeerAuth,
+    data_dir: &std::path::Path,
+) -> Result<PeerSecurity, StorageError> {
+    let PeerAuth::Authority(authority) = auth else {
+        tracing::warn!("peer links are plaintext and unauthenticated (storage.cluster.insecure)");
+        return Ok(PeerSecurity::Plaintext);
+    };
+    let invalid = |e: agentstore_trust::TrustError| {
+        StorageError::InvalidConfig(format!("storage.cluster.authority: {e}"))
+    };
+    let authority = agentstore_trust::authority_from(authority).map_err(invalid)?;
+    let trust = PeerTrust::load(data_dir, authority)
+        .map_err(|e| StorageError::InvalidConfig(e.to_string()))?;
+    if trust.name() != config.node_id.as_str() {
+        return Err(StorageError::InvalidConfig(format!(
+            "this node is configured as {} but admitted as {}: admit it under its own name",
+            config.node_id,
+            trust.name()
+        )));
+    }
+    Ok(PeerSecurity::Tls(Arc::new(trust)))
+}
+
+/// The data directory a node's configuration names (or the default one).
+pub fn data_dir(config: &Config) -> PathBuf {
+    config
+        .data_dir
+        .as_ref()
+        .map_or_else(default_data_dir, PathBuf::from)
+}
+
 /// Runs a node until `shutdown` completes or the node leaves the cluster: starts replication
 /// on `listeners.peers`, serves the client API on `listeners.clients`, then drains (requests
 /// in progress finish) and stops.
@@ -871,16 +907,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StorageError> {
+    let cluster = cluster_block(&config)?;
+    let security = peer_security(&config, &cluster.peer_auth, &data_dir(&config))?;
+    run_secured(config, listeners, security, shutdown).await
+}
+
+/// [`run`], with the peer links' security already loaded (see [`peer_security`]).
+pub async fn run_secured(
+    config: Config,
+    listeners: Listeners,
+    security: PeerSecurity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StorageError> {
     let cluster = cluster_block(&config)?.clone();
-    let data_dir = config
-        .data_dir
-        .as_ref()
-        .map_or_else(default_data_dir, PathBuf::from);
+    let data_dir = data_dir(&config);
     let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
     let local = LocalEngine::open(&data_dir, Arc::clone(&clock))?;
     let quorum = config.replication.quorum;
     let node_config = NodeConfig {
         id: config.node_id.clone(),
+        security,
         client_addr: Some(
             listeners
                 .clients

@@ -131,7 +131,7 @@ impl Coordinator {
             return Ok(db);
         }
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(storage)?;
+            agentstore_engine::redb_file::create_private_dir(dir).map_err(storage)?;
         }
         let db = redb_file::create(&Database::builder(), &self.path).map_err(storage)?;
         Ok(self.db.get_or_init(|| db))
