@@ -7,8 +7,13 @@ use serde_json::Value as Json;
 
 use crate::{Command, RaftCommand, exit};
 
-pub(crate) async fn run(command: &Command, addr: &str, json: bool) -> Result<u8, StorageError> {
-    let client = NodeClient::new(addr);
+pub(crate) async fn run(
+    command: &Command,
+    addr: &str,
+    token: Option<String>,
+    json: bool,
+) -> Result<u8, StorageError> {
+    let client = NodeClient::new(addr).with_token(token);
     match command {
         Command::Status => {
             let status = client.status().await?;

@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use agentstore_trust::{PublicKey, SecretKey, TrustError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentstore_trust::{Capability, Operation, PublicKey, Right, SecretKey, TrustError};
 use serde_json::json;
 
-use crate::exit;
+use crate::{Rights, TokenCommand, exit};
 
 /// Where the public half of the authority key in `key_file` is written.
 pub(crate) fn public_path(key_file: &Path) -> PathBuf {
@@ -71,6 +73,105 @@ pub(crate) fn admit(
     } else {
         println!("node {name} admitted: key {key}");
         println!("admission written to {}", admission.display());
+    }
+    Ok(exit::OK)
+}
+
+/// `30s`, `15m`, `12h`, `30d`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number and a unit (30s, 15m, 12h, 30d)"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit is s, m, h or d")),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+fn expiry(rights: &Rights) -> u64 {
+    rights.ttl.map_or(0, |ttl| {
+        (SystemTime::now() + ttl)
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
+fn grants(rights: &Rights) -> Result<Vec<Right>, TrustError> {
+    let mut grants = Vec::new();
+    for prefix in &rights.read {
+        grants.push(Right::new(&[Operation::Read], prefix)?);
+    }
+    for prefix in &rights.write {
+        grants.push(Right::new(&[Operation::Write], prefix)?);
+    }
+    if rights.admin {
+        grants.push(Right::new(&[Operation::Admin], "")?);
+    }
+    if grants.is_empty() {
+        return Err(TrustError::Malformed {
+            what: "token",
+            reason: "grant something: --read PREFIX, --write PREFIX or --admin".into(),
+        });
+    }
+    Ok(grants)
+}
+
+/// `agentstore token issue|attenuate|show`.
+pub(crate) fn token(command: &TokenCommand, json: bool) -> Result<u8, TrustError> {
+    let token = match command {
+        TokenCommand::Issue { authority, rights } => {
+            let authority = SecretKey::load(authority)?;
+            Capability::issue(&authority, grants(rights)?, expiry(rights))?
+        }
+        TokenCommand::Attenuate { token, rights } => {
+            Capability::from_text(token)?.attenuate(grants(rights)?, expiry(rights))?
+        }
+        TokenCommand::Show {
+            token,
+            authority_key,
+        } => {
+            let token = Capability::from_text(token)?;
+            let verified = authority_key
+                .as_deref()
+                .map(|key| agentstore_trust::authority_from(key).and_then(|k| token.verify(&k)));
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "blocks": token.rights(),
+                        "expires_ms": token.expires_ms(),
+                        "verified": verified.as_ref().map(Result::is_ok),
+                    })
+                );
+            } else {
+                for (i, rights) in token.rights().iter().enumerate() {
+                    println!("block {i}: {}", rights.join(", "));
+                }
+                match token.expires_ms() {
+                    Some(at) => println!("expires at {at} ms since the Unix epoch"),
+                    None => println!("never expires"),
+                }
+                match verified {
+                    Some(Ok(())) => println!("signed by the authority: yes"),
+                    Some(Err(err)) => println!("signed by the authority: NO ({err})"),
+                    None => {}
+                }
+            }
+            return Ok(exit::OK);
+        }
+    };
+    if json {
+        println!("{}", json!({ "token": token.to_text() }));
+    } else {
+        println!("{}", token.to_text());
     }
     Ok(exit::OK)
 }

@@ -59,6 +59,10 @@ struct Cli {
     /// embedded store: its `local` collections live in the cluster.
     #[arg(short, long, global = true, env = "AGENTSTORE_NODE")]
     node: Option<String>,
+    /// The capability token to present to the node (`agentstore token issue` prints one);
+    /// nodes of a cluster with an authority require one.
+    #[arg(long, global = true, env = "AGENTSTORE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -151,6 +155,9 @@ enum Command {
     /// The cluster authority: the key whose signature makes a process a node of the cluster.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+    /// Capability tokens for clients: what they may read, write or administer, until when.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Admit a node (needs --data-dir, the node's data directory): create the node's key there
     /// if it has none, and write its admission there, signed by the authority's key.
     Admit {
@@ -160,6 +167,51 @@ enum Command {
         /// The node's name: its `node_id`.
         #[arg(long)]
         name: String,
+    },
+}
+
+/// Rights of a token, as flags.
+#[derive(Args)]
+pub(crate) struct Rights {
+    /// Let the holder read keys starting with PREFIX (repeatable; '' for every key).
+    #[arg(long = "read", value_name = "PREFIX")]
+    pub(crate) read: Vec<String>,
+    /// Let the holder write keys starting with PREFIX (repeatable).
+    #[arg(long = "write", value_name = "PREFIX")]
+    pub(crate) write: Vec<String>,
+    /// Let the holder change the cluster (Raft membership, leave, repair).
+    #[arg(long)]
+    pub(crate) admin: bool,
+    /// How long the token works: 30s, 15m, 12h, 30d (default: no expiry).
+    #[arg(long, value_parser = keys::parse_duration)]
+    pub(crate) ttl: Option<std::time::Duration>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Grant a token, signed by the authority's key.
+    Issue {
+        /// The authority's secret key file.
+        #[arg(long)]
+        authority: PathBuf,
+        #[command(flatten)]
+        rights: Rights,
+    },
+    /// Narrow a token (offline: needs only the token): the new token may do only what both
+    /// allow, until the earlier expiry.
+    Attenuate {
+        /// The token to narrow.
+        token: String,
+        #[command(flatten)]
+        rights: Rights,
+    },
+    /// Show what a token grants (and, given --authority-key, whether it verifies).
+    Show {
+        /// The token.
+        token: String,
+        /// The authority's public key (`ed25519:…`) or the file holding it.
+        #[arg(long)]
+        authority_key: Option<String>,
     },
 }
 
@@ -358,6 +410,9 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     if let Command::Authority(AuthorityCommand::New { file }) = &cli.command {
         return Ok(keys::new_authority(file, cli.json).unwrap_or_else(trust_failed));
     }
+    if let Command::Token(command) = &cli.command {
+        return Ok(keys::token(command, cli.json).unwrap_or_else(trust_failed));
+    }
     if let Command::Admit { authority, name } = &cli.command {
         let Some(data_dir) = &cli.data_dir else {
             eprintln!("error: admit writes into the node's data directory: give --data-dir DIR");
@@ -373,10 +428,10 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             eprintln!("error: this command talks to a node: give --node HOST:PORT");
             return Ok(exit::USAGE);
         };
-        return admin::run(&cli.command, addr, cli.json).await;
+        return admin::run(&cli.command, addr, cli.token.clone(), cli.json).await;
     }
     let storage = match &cli.node {
-        Some(addr) => Storage::connect(addr, load(&cli)?).await?,
+        Some(addr) => Storage::connect_with_token(addr, load(&cli)?, cli.token.clone()).await?,
         None => Storage::new(load(&cli)?).await?,
     };
     match &cli.command {
@@ -491,6 +546,7 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         }
         Command::Config(_)
         | Command::Authority(_)
+        | Command::Token(_)
         | Command::Admit { .. }
         | Command::Node
         | Command::Status

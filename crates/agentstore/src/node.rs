@@ -26,6 +26,12 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
             "a node needs a storage.cluster block (client_addr, peer_addr, peers)".into(),
         ));
     };
+    // A node holds a connection per peer and per client: the soft limit on open files is
+    // often 1024; raise it to the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
     let security = server::peer_security(&config, &cluster.peer_auth, &server::data_dir(&config))?;
     let listeners = Listeners::bind(&config).await?;
     {

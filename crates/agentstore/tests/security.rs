@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use agentstore_core::replication::Message;
 use agentstore_engine::testkit::free_port;
 use agentstore_wire::{Envelope, encode_frame};
-use common::{cluster, eventually, http, node};
+use common::{NodeProcess, cluster, eventually, http, http_bearer, node};
 
 const COLLECTIONS: &str = "  collections:\n    notes: {}\n";
 
@@ -233,4 +233,193 @@ fn a_node_without_an_admission_is_told_how_to_get_one() {
         .output()
         .unwrap();
     assert!(!again.status.success());
+}
+
+/// Three nodes that require capability tokens from their clients (`clients: tokens`).
+fn token_cluster(dir: &std::path::Path) -> Vec<NodeProcess> {
+    let names = ["node-a", "node-b", "node-c"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let mut nodes: Vec<NodeProcess> = names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| {
+            let peers: Vec<(&str, u16)> = names
+                .iter()
+                .copied()
+                .zip(ports.iter().copied())
+                .filter(|(n, _)| n != name)
+                .collect();
+            let node = node(dir, name, *port, &peers, COLLECTIONS);
+            let config = std::fs::read_to_string(&node.config)
+                .unwrap()
+                .replace("clients: open", "clients: tokens");
+            std::fs::write(&node.config, config).unwrap();
+            node
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    nodes
+}
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(args)
+        .env_remove("AGENTSTORE_TOKEN")
+        .env_remove("AGENTSTORE_DATA_DIR")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn error_code(body: &str) -> String {
+    let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    body["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+#[test]
+fn a_client_may_do_only_what_its_token_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = token_cluster(dir.path());
+    let authority = dir.path().join("authority.key");
+    let authority = authority.to_str().unwrap();
+    let a = nodes[0].client;
+    let issue = |rights: &[&str]| {
+        let mut args = vec!["token", "issue", "--authority", authority];
+        args.extend_from_slice(rights);
+        let (code, token, stderr) = cli(&args);
+        assert_eq!(code, 0, "{stderr}");
+        token
+    };
+    let notes = issue(&["--read", "notes:", "--write", "notes:"]);
+    let admin = issue(&["--admin", "--read", ""]);
+
+    // No token, a malformed one: 401, with the stable error body.
+    let (status, body) = http(a, "PUT", "/v1/keys/notes:a", "1").unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (401, "unauthenticated"),
+        "{body}"
+    );
+    let (status, body) =
+        http_bearer(a, "GET", "/v1/keys/notes:a", "", "agentstore-token-v1:AAAA").unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (401, "invalid_token"),
+        "{body}"
+    );
+    // /healthz stays open (load balancers), everything else is behind a token.
+    assert_eq!(http(a, "GET", "/healthz", "").unwrap().0, 200);
+    assert_eq!(http(a, "GET", "/v1/status", "").unwrap().0, 401);
+
+    // Its own collection: yes; another: 403, and nothing written.
+    let (status, body) = http_bearer(a, "PUT", "/v1/keys/notes:a", "1", &notes).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        http_bearer(nodes[1].client, "GET", "/v1/keys/notes:a", "", &notes).unwrap();
+    assert_eq!(status, 200, "{body}");
+    for (method, path) in [
+        ("PUT", "/v1/keys/ledger:a"),
+        ("GET", "/v1/keys/ledger:a"),
+        ("POST", "/v1/counters/ledger:a"),
+        ("GET", "/v1/scan/ledger"),
+        ("POST", "/v1/raft/voters"),
+        ("POST", "/v1/leave"),
+    ] {
+        let (status, body) = http_bearer(a, method, path, "{\"delta\": 1}", &notes).unwrap();
+        assert_eq!(
+            (status, error_code(&body).as_str()),
+            (403, "forbidden"),
+            "{method} {path}: {body}"
+        );
+    }
+    // A transaction is checked key by key: one key outside the token refuses all of it.
+    let transaction =
+        r#"{"writes": [{"key": "notes:t", "set": 1}, {"key": "ledger:t", "set": 1}]}"#;
+    let (status, body) = http_bearer(a, "POST", "/v1/transactions", transaction, &notes).unwrap();
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = http_bearer(a, "GET", "/v1/keys/notes:t", "", &admin).unwrap();
+    assert_eq!(status, 404, "the refused transaction wrote nothing");
+    let (status, body) = http_bearer(a, "GET", "/v1/keys/ledger:a", "", &admin).unwrap();
+    assert_eq!(status, 404, "{body}");
+    // The admin token reaches the cluster's administration.
+    let (status, body) = http_bearer(a, "POST", "/v1/repair", "", &admin).unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Narrowed offline by its holder: read-only.
+    let (code, read_only, stderr) = cli(&["token", "attenuate", &notes, "--read", "notes:"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        http_bearer(a, "GET", "/v1/keys/notes:a", "", &read_only)
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        http_bearer(a, "PUT", "/v1/keys/notes:a", "2", &read_only)
+            .unwrap()
+            .0,
+        403
+    );
+
+    // Altered by one character, or granted by another authority: 401.
+    let mut altered = notes.clone().into_bytes();
+    let last = altered.len() - 10;
+    altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let (status, body) = http_bearer(a, "GET", "/v1/keys/notes:a", "", &altered).unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (401, "invalid_token"),
+        "{body}"
+    );
+    let stranger = dir.path().join("stranger.key");
+    assert_eq!(cli(&["authority", "new", stranger.to_str().unwrap()]).0, 0);
+    let (_, foreign, _) = cli(&[
+        "token",
+        "issue",
+        "--authority",
+        stranger.to_str().unwrap(),
+        "--read",
+        "",
+    ]);
+    assert_eq!(
+        http_bearer(a, "GET", "/v1/keys/notes:a", "", &foreign)
+            .unwrap()
+            .0,
+        401
+    );
+
+    // Expired.
+    let brief = issue(&["--read", "notes:", "--ttl", "1s"]);
+    assert_eq!(
+        http_bearer(a, "GET", "/v1/keys/notes:a", "", &brief)
+            .unwrap()
+            .0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = http_bearer(a, "GET", "/v1/keys/notes:a", "", &brief).unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (401, "token_expired"),
+        "{body}"
+    );
+
+    // The CLI presents --token (or AGENTSTORE_TOKEN); without one the node refuses it.
+    let node = a.to_string();
+    let (code, out, stderr) = cli(&["--node", &node, "--token", &notes, "get", "notes:a"]);
+    assert_eq!((code, out.as_str()), (0, "1"), "{stderr}");
+    let (code, _, stderr) = cli(&["--node", &node, "put", "notes:b", "1"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unauthenticated"), "{stderr}");
+    let (code, _, stderr) = cli(&["--node", &node, "--token", &notes, "put", "ledger:b", "1"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("forbidden"), "{stderr}");
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentstore_engine::testkit::{RedisServer, free_port};
+use agentstore_trust::{Capability, Operation, Right};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -52,8 +53,10 @@ fn agentstore_binary() -> PathBuf {
 /// How the benchmark's nodes talk to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Peers {
-    /// Admitted by one authority, over mutual TLS (a node's default).
+    /// Admitted by one authority, over mutual TLS; an open client API (`clients: open`).
     Admitted,
+    /// Admitted, and clients present a capability token (a node's default with an authority).
+    AdmittedWithTokens,
     /// `insecure: true`: plaintext, unauthenticated.
     Plaintext,
 }
@@ -67,6 +70,17 @@ pub(crate) fn start_cluster(
     collections: &str,
     peers_are: Peers,
 ) -> (Vec<NodeProcess>, Vec<String>) {
+    let (nodes, clients, _) = start_cluster_with_token(dir, replication, collections, peers_are);
+    (nodes, clients)
+}
+
+/// [`start_cluster`], and a token that may do anything (with [`Peers::AdmittedWithTokens`]).
+pub(crate) fn start_cluster_with_token(
+    dir: &Path,
+    replication: &str,
+    collections: &str,
+    peers_are: Peers,
+) -> (Vec<NodeProcess>, Vec<String>, Option<String>) {
     let names = ["node-a", "node-b", "node-c"];
     std::fs::create_dir_all(dir).expect("the benchmark's directory");
     let authority = agentstore_trust::SecretKey::generate();
@@ -82,9 +96,17 @@ pub(crate) fn start_cluster(
             .map(|(n, p)| format!("      {n}: 127.0.0.1:{p}\n"))
             .collect();
         let trust = match peers_are {
-            Peers::Admitted => {
+            Peers::Admitted | Peers::AdmittedWithTokens => {
                 agentstore_trust::admit(&authority, name, &dir.join(name)).expect("admitted");
-                format!("    authority: {}\n", authority.public())
+                let clients = if peers_are == Peers::Admitted {
+                    "open"
+                } else {
+                    "tokens"
+                };
+                format!(
+                    "    authority: {}\n    clients: {clients}\n",
+                    authority.public()
+                )
             }
             Peers::Plaintext => "    insecure: true\n".to_owned(),
         };
@@ -124,7 +146,16 @@ pub(crate) fn start_cluster(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    (nodes, clients)
+    let token = (peers_are == Peers::AdmittedWithTokens).then(|| {
+        let everything = vec![
+            Right::new(&[Operation::Read, Operation::Write, Operation::Admin], "")
+                .expect("a right"),
+        ];
+        Capability::issue(&authority, everything, 0)
+            .expect("a token")
+            .to_text()
+    });
+    (nodes, clients, token)
 }
 
 /// One keep-alive HTTP/1.1 connection.
@@ -133,6 +164,8 @@ pub(crate) struct Connection {
     host: String,
     /// A session's token, when the connection carries one (sent and kept from each answer).
     session: Option<String>,
+    /// The capability token sent with every request, if the nodes check them.
+    bearer: Option<String>,
 }
 
 impl Connection {
@@ -143,6 +176,15 @@ impl Connection {
             stream: BufReader::new(stream),
             host: addr.to_owned(),
             session: None,
+            bearer: None,
+        }
+    }
+
+    /// The same connection, presenting `token` with every request.
+    pub(crate) fn with_token(self, token: Option<String>) -> Self {
+        Self {
+            bearer: token,
+            ..self
         }
     }
 
@@ -160,8 +202,12 @@ impl Connection {
             Some(token) if !token.is_empty() => format!("agentstore-session: {token}\r\n"),
             _ => String::new(),
         };
+        let bearer = match &self.bearer {
+            Some(token) => format!("Authorization: Bearer {token}\r\n"),
+            None => String::new(),
+        };
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{session}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{session}{bearer}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
             body.len()
         );

@@ -1,6 +1,7 @@
-//! What peer authentication costs: the same three-node cluster with admitted nodes over
-//! mutual TLS (the default) and with `insecure: true` (plaintext, unauthenticated), side by
-//! side in one run, for eventual and strong puts.
+//! What trust costs: the same three-node cluster with admitted nodes over mutual TLS and a
+//! capability token checked on every request (the default with an authority), and with
+//! `insecure: true` (plaintext peers, open client API), side by side in one run, for eventual
+//! and strong puts.
 //!
 //! Both clusters run at once and the workload alternates between them in one-second slices:
 //! the nodes share one disk whose fsync time drifts between minutes, and alternating keeps
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::cluster::{Connection, Peers, start_cluster};
+use crate::cluster::{Connection, Peers, start_cluster_with_token};
 use crate::load;
 use crate::stats::{Row, Sample};
 
@@ -20,12 +21,11 @@ const CLIENTS: usize = 16;
 /// Keys written.
 const KEYS: u64 = 10_000;
 
-async fn connections(clients: &[String]) -> Arc<Vec<Mutex<Connection>>> {
+async fn connections(clients: &[String], token: &Option<String>) -> Arc<Vec<Mutex<Connection>>> {
     let mut all = Vec::new();
     for i in 0..CLIENTS {
-        all.push(Mutex::new(
-            Connection::open(&clients[i % clients.len()]).await,
-        ));
+        let connection = Connection::open(&clients[i % clients.len()]).await;
+        all.push(Mutex::new(connection.with_token(token.clone())));
     }
     Arc::new(all)
 }
@@ -54,18 +54,18 @@ async fn puts(
 pub(crate) fn run(seconds: u64) {
     let runtime = crate::two_workers();
     println!(
-        "3 agentstore nodes on loopback, admitted peers over mutual TLS vs the same with `insecure: true` (plaintext), both running, alternating one-second slices; {CLIENTS} clients over HTTP, 100-byte values, {KEYS} keys, {seconds} s per workload and side\n"
+        "3 agentstore nodes on loopback, admitted peers over mutual TLS and a token checked per request vs the same with `insecure: true` (plaintext, no tokens), both running, alternating one-second slices; {CLIENTS} clients over HTTP, 100-byte values, {KEYS} keys, {seconds} s per workload and side\n"
     );
     let replication = "    strategy: async\n    replicas: 3\n    read_quorum: 1\n";
     let collections = "  collections:\n    ledger:\n      consistency: strong\n";
     let dir = tempfile::tempdir().unwrap();
-    let (_secure, secure) = start_cluster(
+    let (_secure, secure, token) = start_cluster_with_token(
         &dir.path().join("tls"),
         replication,
         collections,
-        Peers::Admitted,
+        Peers::AdmittedWithTokens,
     );
-    let (_plain, plain) = start_cluster(
+    let (_plain, plain, _) = start_cluster_with_token(
         &dir.path().join("plaintext"),
         replication,
         collections,
@@ -73,8 +73,8 @@ pub(crate) fn run(seconds: u64) {
     );
     let mut rows = Vec::new();
     runtime.block_on(async {
-        let secure = connections(&secure).await;
-        let plain = connections(&plain).await;
+        let secure = connections(&secure, &token).await;
+        let plain = connections(&plain, &None).await;
         for (name, collection) in [
             ("eventual put (async, W=1)", "bench"),
             ("strong put (Raft)", "ledger"),
@@ -94,6 +94,6 @@ pub(crate) fn run(seconds: u64) {
             ));
         }
     });
-    println!("agentstore = mutual TLS with admissions; plaintext = `insecure: true`\n");
+    println!("agentstore = mutual TLS with admissions + tokens; plaintext = `insecure: true`\n");
     crate::stats::print_table_with("plaintext", &rows);
 }

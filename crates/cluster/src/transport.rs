@@ -47,6 +47,9 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 /// Frames waiting for one peer's connection.
 const PEER_QUEUE: usize = 1024;
+/// Bytes of frames waiting for one peer's connection (a frame larger than this still goes
+/// alone): a slow or stuck peer holds at most this much of the node's memory.
+const PEER_BYTES: usize = 64 << 20;
 /// Messages received and not yet handled.
 const INBOX: usize = 4096;
 /// How long sent data may stay unacknowledged by the peer before the connection is dropped.
@@ -209,6 +212,8 @@ impl io::Write for SocketWriter<'_> {
 struct Pending {
     /// Frames not yet written, oldest first; the first one may be partly written.
     frames: VecDeque<Frame>,
+    /// Their total size.
+    bytes: usize,
     /// Bytes of the first frame already written.
     written: usize,
     /// No new frames: the link was replaced or forgotten (the writer drains what is queued).
@@ -256,7 +261,9 @@ impl Outbox {
         if pending.closed {
             return Err(Refused::Closed(frame));
         }
-        if pending.frames.len() >= PEER_QUEUE {
+        if pending.frames.len() >= PEER_QUEUE
+            || (!pending.frames.is_empty() && pending.bytes + frame.bytes.len() > PEER_BYTES)
+        {
             return Err(Refused::Full(frame));
         }
         if pending.frames.is_empty()
@@ -285,6 +292,7 @@ impl Outbox {
                 }
             }
         }
+        pending.bytes += frame.bytes.len();
         pending.frames.push_back(frame);
         drop(pending);
         self.wake.notify_one();
@@ -307,8 +315,10 @@ impl Outbox {
             let Some(frame) = pending.frames.front() else {
                 return Flushed::Empty;
             };
+            let len = frame.bytes.len();
             match wire.send(&frame.bytes[written..]) {
-                Ok(n) if written + n == frame.bytes.len() => {
+                Ok(n) if written + n == len => {
+                    pending.bytes -= len;
                     pending.frames.pop_front();
                     pending.written = 0;
                 }
@@ -330,6 +340,7 @@ impl Outbox {
         let mut pending = lock(&self.pending);
         pending.failed = true;
         pending.written = 0;
+        pending.bytes = 0;
         pending.frames.drain(..).collect()
     }
 
@@ -1085,5 +1096,29 @@ mod tests {
         let received = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
         assert!(!matches!(received, Ok(Some(_))), "c received b's message");
         assert_eq!(lost(&dropped, "raft"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_holds_at_most_its_share_of_queued_bytes() {
+        // A peer that is being dialled takes nothing yet: every frame queues, and the queue
+        // stops at PEER_BYTES (counting the rest as dropped at once), not at PEER_QUEUE frames.
+        let (_b, _inbox, b_addr, _) =
+            transport("b", PeerSecurity::Plaintext, BTreeMap::new()).await;
+        let b = NodeId::new("b").unwrap();
+        let (a, _a_inbox, _, dropped) = transport(
+            "a",
+            PeerSecurity::Plaintext,
+            BTreeMap::from([(b.clone(), b_addr)]),
+        )
+        .await;
+        let frame = 1 << 20;
+        for i in 0..100 {
+            a.send(&b, raft(i, frame));
+        }
+        let queued = 100 - lost(&dropped, "raft") as usize;
+        assert!(
+            queued <= PEER_BYTES / frame && queued >= PEER_BYTES / frame - 2,
+            "{queued} frames of 1 MiB queued"
+        );
     }
 }

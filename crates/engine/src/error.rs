@@ -102,6 +102,18 @@ pub enum EngineError {
         /// The underlying error.
         detail: String,
     },
+    /// The server refused the caller: no valid credential (`unauthenticated`), or one that does
+    /// not grant this operation (`forbidden`). Nothing was done.
+    #[error("{backend} refused the caller ({code}): {detail}")]
+    Denied {
+        /// Which backend.
+        backend: &'static str,
+        /// The server's code: `unauthenticated`, `invalid_token`, `token_expired` or
+        /// `forbidden`.
+        code: String,
+        /// The server's message.
+        detail: String,
+    },
     /// Concurrent writers kept changing the same keys; the batch was retried `attempts` times
     /// and not applied.
     #[error("the batch lost to concurrent writers {attempts} times and was not applied")]
@@ -201,6 +213,7 @@ impl EngineError {
             EngineError::InvalidSettings { .. } => "invalid_settings",
             EngineError::Unavailable { .. } => "unavailable",
             EngineError::Contention { .. } => "contention",
+            EngineError::Denied { .. } => "denied",
             EngineError::ReplicationShortfall { .. } => "replication_shortfall",
             EngineError::LockNotAcquired { .. } => "lock_not_acquired",
             EngineError::Unsupported { .. } => "unsupported",

@@ -58,7 +58,7 @@ async fn cluster() -> Vec<TestNode> {
             .collect();
         agentstore_trust::admit(&AUTHORITY, names[i], dir.path()).unwrap();
         let yaml = format!(
-            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    authority: {}\n    peers:\n{seeds}",
+            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    authority: {}\n    clients: open\n    peers:\n{seeds}",
             names[i],
             dir.path().display(),
             peer_addrs[i],

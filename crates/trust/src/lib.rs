@@ -12,14 +12,19 @@
 //! ([`PeerTrust::check_hello`]): signed by the cluster's authority, for the very key that
 //! signed the TLS handshake. So a hello naming another node's id without that node's key is
 //! refused, and so is a process the authority never admitted.
+//!
+//! Clients present a [`Capability`]: rights (read, write, admin on key prefixes) and an expiry
+//! granted by the same authority, which any holder can narrow further offline.
 
 mod admission;
+mod capability;
 mod error;
 mod files;
 mod key;
 mod tls;
 
 pub use admission::{Admission, MAX_NAME};
+pub use capability::{Capability, Operation, Right};
 pub use error::TrustError;
 pub use files::{create_private_dir, write_private_file};
 pub use key::{PublicKey, SecretKey};
@@ -145,6 +150,11 @@ impl PeerTrust {
     /// This node's public key.
     pub fn key(&self) -> &PublicKey {
         self.admission.key()
+    }
+
+    /// The authority that admits this cluster's nodes (and grants its clients' tokens).
+    pub fn authority(&self) -> &PublicKey {
+        &self.authority
     }
 
     /// The TLS settings for peer links.

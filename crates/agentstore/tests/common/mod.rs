@@ -31,7 +31,7 @@ pub(crate) fn http(
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    exchange(addr, method, path, body, None).map(|(status, body, _)| (status, body))
+    exchange(addr, method, path, body, "").map(|(status, body, _)| (status, body))
 }
 
 /// An HTTP/1.1 exchange in a session: sends `token` as the `agentstore-session` header;
@@ -43,7 +43,24 @@ pub(crate) fn http_session(
     body: &str,
     token: &str,
 ) -> std::io::Result<(u16, String, Option<String>)> {
-    exchange(addr, method, path, body, Some(token))
+    let session = if token.is_empty() {
+        String::new()
+    } else {
+        format!("agentstore-session: {token}\r\n")
+    };
+    exchange(addr, method, path, body, &session)
+}
+
+/// An HTTP/1.1 exchange presenting a capability token: (status, body).
+pub(crate) fn http_bearer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: &str,
+) -> std::io::Result<(u16, String)> {
+    let header = format!("Authorization: Bearer {token}\r\n");
+    exchange(addr, method, path, body, &header).map(|(status, body, _)| (status, body))
 }
 
 fn exchange(
@@ -51,14 +68,10 @@ fn exchange(
     method: &str,
     path: &str,
     body: &str,
-    session: Option<&str>,
+    session: &str,
 ) -> std::io::Result<(u16, String, Option<String>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let session = session
-        .filter(|t| !t.is_empty())
-        .map(|t| format!("agentstore-session: {t}\r\n"))
-        .unwrap_or_default();
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{session}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -190,7 +203,7 @@ pub(crate) fn node(
         .collect();
     let authority = admit(dir, name, &data);
     let yaml = format!(
-        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    authority: {authority}\n    peers:\n{peers}",
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    authority: {authority}\n    clients: open\n    peers:\n{peers}",
         data.display(),
     );
     let config = dir.join(format!("{name}.yaml"));

@@ -162,6 +162,21 @@ pub struct ClusterConfig {
     pub peers: BTreeMap<NodeId, std::net::SocketAddr>,
     /// Who may be a peer.
     pub peer_auth: PeerAuth,
+    /// Who may use the client API.
+    pub client_auth: ClientAuth,
+}
+
+/// Who may use a node's client API (`storage.cluster.clients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Every request but `/healthz` and the OpenAPI document carries a capability token from
+    /// the cluster's authority (`Authorization: Bearer`), and may do only what it grants (the
+    /// default with `authority`).
+    Tokens,
+    /// Anyone who reaches the client address may do anything (the default with
+    /// `insecure: true`).
+    Open,
 }
 
 /// Who may be a node's peer (`storage.cluster.authority` / `insecure`).

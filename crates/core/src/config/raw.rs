@@ -8,7 +8,7 @@ use serde_saphyr::{RenderOptions, SnippetMode};
 use super::error::{expected_names, nearest, unknown_name};
 use super::locate::{locate, path_at};
 use super::{
-    Backend, ClusterConfig, CollectionConfig, Config, ConfigError, ConflictStrategy,
+    Backend, ClientAuth, ClusterConfig, CollectionConfig, Config, ConfigError, ConflictStrategy,
     IsolationLevel, PeerAuth, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
 };
 use crate::key::validate_collection;
@@ -51,6 +51,7 @@ struct Cluster {
     authority: Option<String>,
     #[serde(default)]
     insecure: bool,
+    clients: Option<ClientAuth>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +273,18 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 ));
             }
         };
+        let client_auth = match (cluster.clients, &peer_auth) {
+            (Some(ClientAuth::Tokens), PeerAuth::Insecure) => {
+                return Err(source.error(
+                    "storage.cluster.clients",
+                    "tokens are checked against the cluster's authority; name it with `authority` \
+                     instead of `insecure: true`",
+                ));
+            }
+            (Some(clients), _) => clients,
+            (None, PeerAuth::Authority(_)) => ClientAuth::Tokens,
+            (None, PeerAuth::Insecure) => ClientAuth::Open,
+        };
         let nodes = peers.len() + 1;
         if usize::from(config.replication.quorum.n) > nodes {
             return Err(source.error(
@@ -287,6 +300,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             peer_addr,
             peers,
             peer_auth,
+            client_auth,
         });
     }
     if let Some(clock) = storage.clock {

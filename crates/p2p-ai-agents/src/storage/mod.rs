@@ -220,8 +220,19 @@ impl Storage {
     /// conflict strategy of each collection it holds (they decide what a key is, so the node's
     /// win over `config`'s). Redis and PostgreSQL collections are opened from `config` as with
     /// [`Storage::new`].
-    pub async fn connect(node: &str, mut config: Config) -> Result<Self> {
-        let remote = NodeClient::new(node);
+    pub async fn connect(node: &str, config: Config) -> Result<Self> {
+        Self::connect_with_token(node, config, None).await
+    }
+
+    /// [`Storage::connect`], presenting a capability token (the text form that
+    /// `agentstore token issue` prints) with every request, as a node that checks tokens
+    /// requires.
+    pub async fn connect_with_token(
+        node: &str,
+        mut config: Config,
+        token: Option<String>,
+    ) -> Result<Self> {
+        let remote = NodeClient::new(node).with_token(token);
         let status = remote.status().await?;
         let invalid = |what: &str| {
             StorageError::InvalidConfig(format!("the node at {node} sent an invalid {what}"))

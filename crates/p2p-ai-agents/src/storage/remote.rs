@@ -27,6 +27,8 @@ const IDLE: usize = 16;
 pub struct NodeClient {
     /// `host:port` of the node's client API.
     addr: String,
+    /// The capability token sent with every request (`Authorization: Bearer`), if any.
+    token: Option<String>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
@@ -57,7 +59,21 @@ impl NodeClient {
         let addr = addr.trim_start_matches("http://").trim_end_matches('/');
         Self {
             addr: addr.to_owned(),
+            token: None,
             idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The same client, presenting `token` (a capability token's text form) with every
+    /// request.
+    pub fn with_token(self, token: Option<String>) -> Self {
+        Self { token, ..self }
+    }
+
+    fn authorized(&self, request: hyper::http::request::Builder) -> hyper::http::request::Builder {
+        match &self.token {
+            Some(token) => request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
+            None => request,
         }
     }
 
@@ -94,11 +110,13 @@ impl NodeClient {
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), EngineError> {
         let mut sender = self.connection().await?;
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.addr)
-            .header(hyper::header::CONTENT_TYPE, "application/octet-stream");
+        let mut request = self.authorized(
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, &self.addr)
+                .header(hyper::header::CONTENT_TYPE, "application/octet-stream"),
+        );
         // The call's session travels to the node, and comes back grown by what it saw there.
         let session = agentstore_engine::session::current();
         if let Some(token) = session.as_ref().filter(|t| !t.is_empty()) {
@@ -185,10 +203,13 @@ impl NodeClient {
         mut on_step: impl FnMut(serde_json::Value),
     ) -> Result<(), EngineError> {
         let mut sender = self.connection().await?;
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/v1/repair")
-            .header(hyper::header::HOST, &self.addr)
+        let request = self
+            .authorized(
+                Request::builder()
+                    .method(Method::POST)
+                    .uri("/v1/repair")
+                    .header(hyper::header::HOST, &self.addr),
+            )
             .body(Full::new(Bytes::new()))
             .map_err(|e| EngineError::Internal {
                 detail: e.to_string(),
@@ -242,6 +263,13 @@ impl NodeClient {
                 waited_ms: count("waited_ms") as u64,
                 detail: message,
             },
+            _ if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN => {
+                EngineError::Denied {
+                    backend: "node",
+                    code,
+                    detail: message,
+                }
+            }
             _ if status.is_server_error() => unavailable(message),
             _ => EngineError::Storage { detail: message },
         }

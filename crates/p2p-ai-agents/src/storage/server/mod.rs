@@ -9,6 +9,8 @@
 //! Errors are `{"error": {"code", "message"}}` with a stable `code` (listed in the
 //! document).
 
+mod auth;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use agentstore_cluster::{
     CausalConfig, CausalEngine, ClusterEngine, Node, NodeConfig, PeerSecurity, PeerTrust,
     StrongConfig, StrongEngine,
 };
-use agentstore_core::config::{Config, PeerAuth};
+use agentstore_core::config::{ClientAuth, Config, PeerAuth};
 use agentstore_core::{ConsistencyLevel, Key, codec};
 use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
 use agentstore_engine::{Engine, EngineError, Fence, LocalEngine, NodeClock, Write};
@@ -38,7 +40,7 @@ use super::{ClusterEngines, Storage, StorageError, Version, default_data_dir};
 pub const SESSION_HEADER: &str = "agentstore-session";
 
 /// The OpenAPI document of the client API.
-pub const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
+pub const OPENAPI: &str = include_str!("../../../../../docs/openapi.yaml");
 
 /// How old a tombstone must be before the cluster collects it (every replica must hold it
 /// too). A day: longer than a node is expected to stay down with hints waiting for it.
@@ -112,6 +114,20 @@ fn engine_error(err: EngineError) -> ApiError {
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "session_behind", message)
         },
         EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
+        EngineError::Denied { code, detail, .. } => {
+            let status = if code == "forbidden" {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            let code = match code.as_str() {
+                "forbidden" => "forbidden",
+                "invalid_token" => "invalid_token",
+                "token_expired" => "token_expired",
+                _ => "unauthenticated",
+            };
+            ApiError::new(status, code, detail)
+        }
         _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "local_failure", message),
     }
 }
@@ -187,6 +203,8 @@ struct Api {
     causal: CausalEngine,
     /// Notified once the node has left the cluster: the server stops.
     left: Arc<Notify>,
+    /// The authority whose capability tokens clients must present (`None`: open API).
+    clients: Option<agentstore_trust::PublicKey>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -436,9 +454,14 @@ async fn apply_record(
 /// two-phase commit): the body is a batch in `agentstore_engine::batch_codec`'s encoding;
 /// the answer is the outcome in its encoding, a refused condition included (any other
 /// failure is an error answer, as for a single write).
-async fn apply_batch(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+async fn apply_batch(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<auth::Caller>>,
+    body: axum::body::Bytes,
+) -> Answer {
     let writes =
         decode_writes(&body).map_err(|e| invalid_body(&format!("not an encoded batch: {e}")))?;
+    auth::may_write(caller.as_deref(), writes.iter().map(|w| w.key.to_string()))?;
     match api.storage.commit_writes(writes).await {
         Err(StorageError::Engine(
             err @ (EngineError::ExpectationFailed { .. }
@@ -606,12 +629,20 @@ fn parse_version(text: &str) -> Result<Option<Version>, ApiError> {
     }
 }
 
-async fn transaction(State(api): State<Api>, body: axum::body::Bytes) -> Answer {
+async fn transaction(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<auth::Caller>>,
+    body: axum::body::Bytes,
+) -> Answer {
     let body: TransactionBody = serde_json::from_slice(&body).map_err(|e| {
         invalid_body(&format!(
             "the body must be {{\"writes\": [{{\"key\": ..., \"set\"|\"delete\"|\"add\": ...}}]}}: {e}"
         ))
     })?;
+    auth::may_write(
+        caller.as_deref(),
+        body.writes.iter().map(|w| w.key.as_str()),
+    )?;
     let mut transaction = api.storage.transaction();
     if let Some(fence) = &body.fence {
         transaction.with_fence(Fence {
@@ -796,6 +827,10 @@ fn router(api: Api) -> Router {
         .fold(Router::new(), |router, (path, methods)| {
             router.route(path, methods)
         })
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            auth::authorize,
+        ))
         .layer(axum::middleware::from_fn(in_session))
         .with_state(api)
 }
@@ -921,6 +956,15 @@ pub async fn run_secured(
 ) -> Result<(), StorageError> {
     let cluster = cluster_block(&config)?.clone();
     let data_dir = data_dir(&config);
+    let clients = match (cluster.client_auth, &security) {
+        (ClientAuth::Open, _) => None,
+        (ClientAuth::Tokens, PeerSecurity::Tls(trust)) => Some(*trust.authority()),
+        (ClientAuth::Tokens, PeerSecurity::Plaintext) => {
+            return Err(StorageError::InvalidConfig(
+                "client tokens need the cluster's authority (storage.cluster.authority)".into(),
+            ));
+        }
+    };
     let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
     let local = LocalEngine::open(&data_dir, Arc::clone(&clock))?;
     let quorum = config.replication.quorum;
@@ -979,6 +1023,7 @@ pub async fn run_secured(
         strong: strong.clone(),
         causal,
         left: Arc::clone(&left),
+        clients,
     };
     let stop = async move {
         tokio::select! {

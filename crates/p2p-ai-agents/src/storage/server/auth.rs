@@ -1,0 +1,164 @@
+//! Who may do what through the client API: capability tokens from the cluster's authority.
+//!
+//! With `storage.cluster.clients: tokens` (the default when the cluster names an authority)
+//! every request but `/healthz` and the OpenAPI document carries `Authorization: Bearer
+//! agentstore-token-v1:…`. A missing, malformed, forged or expired token is answered 401; a
+//! valid one that does not grant the request is answered 403. What a request needs:
+//!
+//! | request | needs |
+//! |---|---|
+//! | `GET` a key, a record, a scan of a prefix | `read` on a prefix of the key (or scan prefix) |
+//! | `PUT`/`DELETE`/`POST` on a key (values, counters, sets, locks, records) | `write` on it |
+//! | `POST /v1/transactions`, `POST /v1/records` (batches) | `write` on every key written |
+//! | Raft membership, `leave`, `repair` | `admin` on the empty prefix (the whole cluster) |
+//! | `status`, `metrics` | any valid token |
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agentstore_trust::{Capability, Operation, PublicKey};
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{Api, ApiError};
+
+/// The verified capability a request carries, for handlers that check each key they write.
+#[derive(Debug, Clone)]
+pub(super) struct Caller(Arc<Capability>);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unauthenticated(code: &'static str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+fn forbidden(operation: Operation, prefix: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("the token does not allow {operation} on '{prefix}'"),
+    )
+}
+
+/// The verified token of a request, or why there is none.
+fn caller(request: &Request, authority: &PublicKey) -> Result<Capability, ApiError> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            unauthenticated(
+                "unauthenticated",
+                "this node needs a capability token: Authorization: Bearer agentstore-token-v1:…",
+            )
+        })?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthenticated("invalid_token", "expected `Bearer <token>`"))?;
+    let capability =
+        Capability::from_text(token).map_err(|e| unauthenticated("invalid_token", e))?;
+    capability
+        .verify(authority)
+        .map_err(|e| unauthenticated("invalid_token", e))?;
+    if capability.expires_ms().is_some_and(|at| at <= now_ms()) {
+        return Err(unauthenticated("token_expired", "the token has expired"));
+    }
+    Ok(capability)
+}
+
+/// What the request needs beyond a valid token, judged by its route (`None`: nothing more, or
+/// the handler checks each key it writes).
+fn needs(
+    path: &str,
+    method: &Method,
+    request: &Request,
+    params: &RawPathParams,
+) -> Option<(Operation, String)> {
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_owned())
+            .unwrap_or_default()
+    };
+    let read_or_write = if method == Method::GET {
+        Operation::Read
+    } else {
+        Operation::Write
+    };
+    match path {
+        "/v1/keys/{key}" | "/v1/counters/{key}" | "/v1/sets/{key}" | "/v1/locks/{key}"
+        | "/v1/records/{key}" => Some((read_or_write, param("key"))),
+        "/v1/scan/{prefix}" => Some((Operation::Read, param("prefix"))),
+        "/v1/records" if method == Method::GET => {
+            #[derive(serde::Deserialize)]
+            struct Prefix {
+                prefix: Option<String>,
+            }
+            let prefix = axum::extract::Query::<Prefix>::try_from_uri(request.uri())
+                .ok()
+                .and_then(|q| q.0.prefix)
+                .unwrap_or_default();
+            Some((Operation::Read, prefix))
+        }
+        "/v1/raft/learners" | "/v1/raft/voters" | "/v1/leave" | "/v1/repair" => {
+            Some((Operation::Admin, String::new()))
+        }
+        _ => None,
+    }
+}
+
+/// The client API's gate (a route layer, so the route and its parameters are known).
+pub(super) async fn authorize(
+    State(api): State<Api>,
+    matched: Option<MatchedPath>,
+    params: RawPathParams,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(authority) = api.clients else {
+        return next.run(request).await;
+    };
+    let path = matched.as_ref().map_or("", MatchedPath::as_str);
+    if path == "/healthz" || path == "/v1/openapi.yaml" {
+        return next.run(request).await;
+    }
+    let capability = match caller(&request, &authority) {
+        Ok(capability) => capability,
+        Err(err) => return err.into_response(),
+    };
+    if let Some((operation, prefix)) = needs(path, request.method(), &request, &params)
+        && !capability.allows(operation, &prefix, now_ms())
+    {
+        return forbidden(operation, &prefix).into_response();
+    }
+    request
+        .extensions_mut()
+        .insert(Caller(Arc::new(capability)));
+    next.run(request).await
+}
+
+/// Checks that the request's token (if the node checks tokens) allows writing every key.
+pub(super) fn may_write(
+    caller: Option<&Caller>,
+    keys: impl IntoIterator<Item = impl AsRef<str>>,
+) -> Result<(), ApiError> {
+    let Some(Caller(capability)) = caller else {
+        return Ok(());
+    };
+    let now = now_ms();
+    for key in keys {
+        let key = key.as_ref();
+        if !capability.allows(Operation::Write, key, now) {
+            return Err(forbidden(Operation::Write, key));
+        }
+    }
+    Ok(())
+}
