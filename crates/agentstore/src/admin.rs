@@ -9,11 +9,11 @@ use crate::{Command, RaftCommand, exit};
 
 pub(crate) async fn run(
     command: &Command,
-    addr: &str,
-    token: Option<String>,
+    client: NodeClient,
     json: bool,
 ) -> Result<u8, StorageError> {
-    let client = NodeClient::new(addr).with_token(token);
+    let addr = client.addr().to_owned();
+    let client = &client;
     match command {
         Command::Status => {
             let status = client.status().await?;

@@ -16,6 +16,13 @@ pub(crate) fn public_path(key_file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where the certificate of the authority in `key_file` is written.
+pub(crate) fn certificate_path(key_file: &Path) -> PathBuf {
+    let mut name = key_file.as_os_str().to_owned();
+    name.push(".crt");
+    PathBuf::from(name)
+}
+
 /// Creates a cluster authority: its secret key in `key_file` (mode 0600, never overwritten)
 /// and its public key beside it in `<key_file>.pub`.
 pub(crate) fn new_authority(key_file: &Path, json: bool) -> Result<u8, TrustError> {
@@ -23,6 +30,11 @@ pub(crate) fn new_authority(key_file: &Path, json: bool) -> Result<u8, TrustErro
     key.save(key_file)?;
     let public = public_path(key_file);
     agentstore_trust::write_private_file(&public, format!("{}\n", key.public()).as_bytes())?;
+    let certificate = certificate_path(key_file);
+    agentstore_trust::write_private_file(
+        &certificate,
+        agentstore_trust::authority_certificate(&key)?.as_bytes(),
+    )?;
     if json {
         println!(
             "{}",
@@ -30,6 +42,7 @@ pub(crate) fn new_authority(key_file: &Path, json: bool) -> Result<u8, TrustErro
                 "key_file": key_file.display().to_string(),
                 "public_key_file": public.display().to_string(),
                 "public_key": key.public().to_string(),
+                "certificate_file": certificate.display().to_string(),
             })
         );
     } else {
@@ -55,10 +68,11 @@ pub(crate) fn admit(
     authority_file: &Path,
     name: &str,
     data_dir: &Path,
+    hosts: &[String],
     json: bool,
 ) -> Result<u8, TrustError> {
     let authority = SecretKey::load(authority_file)?;
-    let key: PublicKey = agentstore_trust::admit(&authority, name, data_dir)?;
+    let key: PublicKey = agentstore_trust::admit(&authority, name, data_dir, hosts)?;
     let admission = agentstore_trust::admission_path(data_dir);
     if json {
         println!(
@@ -73,6 +87,13 @@ pub(crate) fn admit(
     } else {
         println!("node {name} admitted: key {key}");
         println!("admission written to {}", admission.display());
+        if !hosts.is_empty() {
+            println!(
+                "client API certificate for {} written to {}",
+                hosts.join(", "),
+                data_dir.join(agentstore_trust::CLIENT_CERT_FILE).display()
+            );
+        }
     }
     Ok(exit::OK)
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use p2p_ai_agents::storage::{
-    self, Config, ConsistencyLevel, Storage, StorageError, Version, WriteReceipt,
+    self, Config, ConsistencyLevel, NodeClient, Storage, StorageError, Version, WriteReceipt,
 };
 use serde_json::{Value as Json, json};
 
@@ -63,6 +63,10 @@ struct Cli {
     /// nodes of a cluster with an authority require one.
     #[arg(long, global = true, env = "AGENTSTORE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Speak HTTPS to the node, trusting the cluster authority's certificate in FILE
+    /// (`authority.key.crt`, written by `agentstore authority new`).
+    #[arg(long, global = true, env = "AGENTSTORE_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -167,6 +171,10 @@ enum Command {
         /// The node's name: its `node_id`.
         #[arg(long)]
         name: String,
+        /// A name or address clients reach the node's client API by (repeatable): writes the
+        /// certificate, signed by the authority, that the API serves with `client_tls: true`.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
     },
 }
 
@@ -218,7 +226,8 @@ pub(crate) enum TokenCommand {
 #[derive(Subcommand)]
 enum AuthorityCommand {
     /// Create an authority: its secret key in FILE (mode 0600; an existing file is never
-    /// replaced) and its public key in FILE.pub, which nodes name as `storage.cluster.authority`.
+    /// replaced), its public key in FILE.pub, which nodes name as `storage.cluster.authority`,
+    /// and its certificate in FILE.crt, which clients of an HTTPS client API trust.
     New {
         /// Where to write the secret key.
         file: PathBuf,
@@ -354,6 +363,25 @@ fn exit_code(err: &StorageError) -> u8 {
     }
 }
 
+/// A client of the node at `addr`, with the command line's token and TLS settings.
+fn node_client(cli: &Cli, addr: &str) -> Result<NodeClient, StorageError> {
+    let tls = match &cli.ca_cert {
+        None => None,
+        Some(path) => {
+            let roots = std::fs::read_to_string(path).map_err(|e| {
+                StorageError::InvalidConfig(format!("--ca-cert {}: {e}", path.display()))
+            })?;
+            let config = agentstore_trust::client_api_client(&roots).map_err(|e| {
+                StorageError::InvalidConfig(format!("--ca-cert {}: {e}", path.display()))
+            })?;
+            Some(config)
+        }
+    };
+    Ok(NodeClient::new(addr)
+        .with_token(cli.token.clone())
+        .with_tls(tls))
+}
+
 fn load(cli: &Cli) -> Result<Config, StorageError> {
     let mut config = match &cli.config {
         Some(path) => storage::load_config(path)?,
@@ -413,12 +441,19 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     if let Command::Token(command) = &cli.command {
         return Ok(keys::token(command, cli.json).unwrap_or_else(trust_failed));
     }
-    if let Command::Admit { authority, name } = &cli.command {
+    if let Command::Admit {
+        authority,
+        name,
+        hosts,
+    } = &cli.command
+    {
         let Some(data_dir) = &cli.data_dir else {
             eprintln!("error: admit writes into the node's data directory: give --data-dir DIR");
             return Ok(exit::USAGE);
         };
-        return Ok(keys::admit(authority, name, data_dir, cli.json).unwrap_or_else(trust_failed));
+        return Ok(
+            keys::admit(authority, name, data_dir, hosts, cli.json).unwrap_or_else(trust_failed)
+        );
     }
     if matches!(
         cli.command,
@@ -428,10 +463,10 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             eprintln!("error: this command talks to a node: give --node HOST:PORT");
             return Ok(exit::USAGE);
         };
-        return admin::run(&cli.command, addr, cli.token.clone(), cli.json).await;
+        return admin::run(&cli.command, node_client(&cli, addr)?, cli.json).await;
     }
     let storage = match &cli.node {
-        Some(addr) => Storage::connect_with_token(addr, load(&cli)?, cli.token.clone()).await?,
+        Some(addr) => Storage::connect_client(node_client(&cli, addr)?, load(&cli)?).await?,
         None => Storage::new(load(&cli)?).await?,
     };
     match &cli.command {

@@ -142,7 +142,7 @@ fn start(network: &Network, dir: &Path, i: usize, collections: &str) -> (NodePro
         .collect();
     let (authority, _) =
         agentstore_trust::SecretKey::load_or_create(&dir.join("authority.key")).unwrap();
-    agentstore_trust::admit(&authority, name, &dir.join(name)).unwrap();
+    agentstore_trust::admit(&authority, name, &dir.join(name), &[]).unwrap();
     let yaml = format!(
         "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {addr}:7001\n    peer_addr: {addr}:7101\n    authority: {}\n    clients: open\n    peers:\n{peers}",
         dir.join(name).display(),

@@ -423,3 +423,121 @@ fn a_client_may_do_only_what_its_token_grants() {
     assert_ne!(code, 0);
     assert!(stderr.contains("forbidden"), "{stderr}");
 }
+
+#[test]
+fn the_client_api_speaks_https_with_a_certificate_from_the_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["node-a", "node-b", "node-c"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let mut nodes: Vec<NodeProcess> = names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| {
+            let peers: Vec<(&str, u16)> = names
+                .iter()
+                .copied()
+                .zip(ports.iter().copied())
+                .filter(|(n, _)| n != name)
+                .collect();
+            let node = node(dir.path(), name, *port, &peers, COLLECTIONS);
+            let config = std::fs::read_to_string(&node.config)
+                .unwrap()
+                .replace("clients: open", "clients: tokens\n    client_tls: true");
+            std::fs::write(&node.config, config).unwrap();
+            node
+        })
+        .collect();
+    let authority = agentstore_trust::SecretKey::load(&dir.path().join("authority.key")).unwrap();
+    let ca = dir.path().join("authority.crt");
+    std::fs::write(
+        &ca,
+        agentstore_trust::authority_certificate(&authority).unwrap(),
+    )
+    .unwrap();
+    let ca = ca.to_str().unwrap().to_owned();
+    let everything = agentstore_trust::Right::new(
+        &[
+            agentstore_trust::Operation::Read,
+            agentstore_trust::Operation::Write,
+        ],
+        "",
+    )
+    .unwrap();
+    let token = agentstore_trust::Capability::issue(&authority, vec![everything], 0)
+        .unwrap()
+        .to_text();
+    for node in &mut nodes {
+        let log = std::fs::File::create(&node.log).unwrap();
+        node.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_agentstore"))
+                .args(["node", "--config"])
+                .arg(&node.config)
+                .env_remove("AGENTSTORE_DATA_DIR")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let addr = |i: usize| nodes[i].client.to_string();
+    eventually("the nodes answer over HTTPS", || {
+        let (code, _, stderr) = cli(&[
+            "--node",
+            &addr(0),
+            "--ca-cert",
+            &ca,
+            "--token",
+            &token,
+            "status",
+        ]);
+        if code == 0 { Ok(()) } else { Err(stderr) }
+    });
+    eventually("a write through node-a", || {
+        let (code, _, stderr) = cli(&[
+            "--node",
+            &addr(0),
+            "--ca-cert",
+            &ca,
+            "--token",
+            &token,
+            "put",
+            "notes:tls",
+            "1",
+        ]);
+        if code == 0 { Ok(()) } else { Err(stderr) }
+    });
+    let (code, out, stderr) = cli(&[
+        "--node",
+        &addr(2),
+        "--ca-cert",
+        &ca,
+        "--token",
+        &token,
+        "get",
+        "notes:tls",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "1"), "{stderr}");
+    // Plain HTTP gets no answer from an HTTPS port.
+    let plain = http(nodes[0].client, "GET", "/healthz", "");
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
+    // A client that trusts another authority refuses the node's certificate.
+    let stranger = agentstore_trust::SecretKey::generate();
+    let other_ca = dir.path().join("other.crt");
+    std::fs::write(
+        &other_ca,
+        agentstore_trust::authority_certificate(&stranger).unwrap(),
+    )
+    .unwrap();
+    let (code, _, stderr) = cli(&[
+        "--node",
+        &addr(1),
+        "--ca-cert",
+        other_ca.to_str().unwrap(),
+        "--token",
+        &token,
+        "get",
+        "notes:tls",
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("TLS"), "{stderr}");
+}

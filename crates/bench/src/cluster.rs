@@ -97,7 +97,7 @@ pub(crate) fn start_cluster_with_token(
             .collect();
         let trust = match peers_are {
             Peers::Admitted | Peers::AdmittedWithTokens => {
-                agentstore_trust::admit(&authority, name, &dir.join(name)).expect("admitted");
+                agentstore_trust::admit(&authority, name, &dir.join(name), &[]).expect("admitted");
                 let clients = if peers_are == Peers::Admitted {
                     "open"
                 } else {

@@ -56,7 +56,7 @@ async fn cluster() -> Vec<TestNode> {
             .filter(|j| *j != i)
             .map(|j| format!("      {}: {}\n", names[j], peer_addrs[j]))
             .collect();
-        agentstore_trust::admit(&AUTHORITY, names[i], dir.path()).unwrap();
+        agentstore_trust::admit(&AUTHORITY, names[i], dir.path(), &[]).unwrap();
         let yaml = format!(
             "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    authority: {}\n    clients: open\n    peers:\n{seeds}",
             names[i],

@@ -18,6 +18,7 @@
 
 mod admission;
 mod capability;
+mod certificates;
 mod error;
 mod files;
 mod key;
@@ -25,6 +26,9 @@ mod tls;
 
 pub use admission::{Admission, MAX_NAME};
 pub use capability::{Capability, Operation, Right};
+pub use certificates::{
+    authority_certificate, client_api_certificate, client_api_client, client_api_server,
+};
 pub use error::TrustError;
 pub use files::{create_private_dir, write_private_file};
 pub use key::{PublicKey, SecretKey};
@@ -37,6 +41,8 @@ use std::sync::Arc;
 pub const NODE_KEY_FILE: &str = "node.key";
 /// The name of a node's admission file in its data directory.
 pub const ADMISSION_FILE: &str = "admission.token";
+/// The name of a node's client-API certificate chain in its data directory.
+pub const CLIENT_CERT_FILE: &str = "client-api.crt";
 
 /// Where a node keeps its key.
 pub fn node_key_path(data_dir: &Path) -> PathBuf {
@@ -49,20 +55,33 @@ pub fn admission_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Admits the node `name` whose data directory is `data_dir`: creates its key if it has none
-/// and writes its admission there (replacing an earlier one). Returns the node's public key.
-/// This is what `agentstore admit` does; the authority's key never leaves the machine that
-/// runs it.
-pub fn admit(authority: &SecretKey, name: &str, data_dir: &Path) -> Result<PublicKey, TrustError> {
+/// and writes its admission there (replacing an earlier one). With `hosts` (the names and
+/// addresses clients reach the node by), also writes the certificate its client API serves
+/// over TLS, signed by the authority. Returns the node's public key. This is what
+/// `agentstore admit` does; the authority's key never leaves the machine that runs it.
+pub fn admit(
+    authority: &SecretKey,
+    name: &str,
+    data_dir: &Path,
+    hosts: &[String],
+) -> Result<PublicKey, TrustError> {
     let (key, _) = SecretKey::load_or_create(&node_key_path(data_dir))?;
     let admission = Admission::issue(authority, name, key.public())?;
-    let path = admission_path(data_dir);
-    match std::fs::remove_file(&path) {
+    replace_private_file(&admission_path(data_dir), admission.to_text().as_bytes())?;
+    if !hosts.is_empty() {
+        let chain = client_api_certificate(authority, &key, hosts)?;
+        replace_private_file(&data_dir.join(CLIENT_CERT_FILE), chain.as_bytes())?;
+    }
+    Ok(key.public())
+}
+
+fn replace_private_file(path: &Path, bytes: &[u8]) -> Result<(), TrustError> {
+    match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(TrustError::io(&path, &err)),
+        Err(err) => return Err(TrustError::io(path, &err)),
     }
-    write_private_file(&path, admission.to_text().as_bytes())?;
-    Ok(key.public())
+    write_private_file(path, bytes)
 }
 
 /// The authority a configuration names: its public key (`ed25519:…`), or the path of a file

@@ -111,8 +111,8 @@ fn a_node_without_an_admission_is_told_its_key() {
 fn admitting_a_node_twice_keeps_its_key_and_replaces_its_admission() {
     let dir = tempfile::tempdir().unwrap();
     let authority = SecretKey::generate();
-    let first = agentstore_trust::admit(&authority, "node-a", dir.path()).unwrap();
-    let again = agentstore_trust::admit(&authority, "node-b", dir.path()).unwrap();
+    let first = agentstore_trust::admit(&authority, "node-a", dir.path(), &[]).unwrap();
+    let again = agentstore_trust::admit(&authority, "node-b", dir.path(), &[]).unwrap();
     assert_eq!(first, again);
     let trust = PeerTrust::load(dir.path(), authority.public()).unwrap();
     assert_eq!(trust.name(), "node-b");

@@ -181,7 +181,7 @@ impl Drop for NodeProcess {
 pub(crate) fn admit(dir: &Path, name: &str, data: &Path) -> agentstore_trust::PublicKey {
     let (authority, _) =
         agentstore_trust::SecretKey::load_or_create(&dir.join("authority.key")).unwrap();
-    agentstore_trust::admit(&authority, name, data).unwrap();
+    agentstore_trust::admit(&authority, name, data, &["127.0.0.1".to_owned()]).unwrap();
     authority.public()
 }
 

@@ -164,6 +164,9 @@ pub struct ClusterConfig {
     pub peer_auth: PeerAuth,
     /// Who may use the client API.
     pub client_auth: ClientAuth,
+    /// Whether the client API speaks HTTPS, with the certificate `agentstore admit --host`
+    /// wrote into the data directory (signed by the authority).
+    pub client_tls: bool,
 }
 
 /// Who may use a node's client API (`storage.cluster.clients`).

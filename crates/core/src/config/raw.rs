@@ -52,6 +52,8 @@ struct Cluster {
     #[serde(default)]
     insecure: bool,
     clients: Option<ClientAuth>,
+    #[serde(default)]
+    client_tls: bool,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +287,13 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             (None, PeerAuth::Authority(_)) => ClientAuth::Tokens,
             (None, PeerAuth::Insecure) => ClientAuth::Open,
         };
+        if cluster.client_tls && peer_auth == PeerAuth::Insecure {
+            return Err(source.error(
+                "storage.cluster.client_tls",
+                "the client API's certificate is signed by the cluster's authority; name it \
+                 with `authority` instead of `insecure: true`",
+            ));
+        }
         let nodes = peers.len() + 1;
         if usize::from(config.replication.quorum.n) > nodes {
             return Err(source.error(
@@ -301,6 +310,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             peers,
             peer_auth,
             client_auth,
+            client_tls: cluster.client_tls,
         });
     }
     if let Some(clock) = storage.clock {

@@ -259,9 +259,27 @@ fn a_cluster_names_the_authority_that_admits_its_nodes_or_says_it_is_insecure() 
     let key = "ed25519:11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
     let inline = parse(&format!("{CLUSTER}    authority: {key}\n")).unwrap();
     assert_eq!(
-        inline.cluster.unwrap().peer_auth,
+        inline.cluster.as_ref().unwrap().peer_auth,
         PeerAuth::Authority(key.into())
     );
+    assert_eq!(
+        inline
+            .cluster
+            .as_ref()
+            .map(|c| (c.client_auth, c.client_tls)),
+        Some((ClientAuth::Tokens, false)),
+        "tokens are the default with an authority"
+    );
+    let open = parse(&format!("{CLUSTER}    insecure: true\n")).unwrap();
+    assert_eq!(open.cluster.unwrap().client_auth, ClientAuth::Open);
+    let tls_without_authority = error(&format!(
+        "{CLUSTER}    insecure: true\n    client_tls: true\n"
+    ));
+    assert_eq!(tls_without_authority.field, "storage.cluster.client_tls");
+    let tokens_without_authority = error(&format!(
+        "{CLUSTER}    insecure: true\n    clients: tokens\n"
+    ));
+    assert_eq!(tokens_without_authority.field, "storage.cluster.clients");
     let bad = error(&format!("{CLUSTER}    authority: ed25519:short\n"));
     assert_eq!(
         (bad.field.as_str(), bad.line),

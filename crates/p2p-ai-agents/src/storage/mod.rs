@@ -221,18 +221,14 @@ impl Storage {
     /// win over `config`'s). Redis and PostgreSQL collections are opened from `config` as with
     /// [`Storage::new`].
     pub async fn connect(node: &str, config: Config) -> Result<Self> {
-        Self::connect_with_token(node, config, None).await
+        Self::connect_client(NodeClient::new(node), config).await
     }
 
-    /// [`Storage::connect`], presenting a capability token (the text form that
-    /// `agentstore token issue` prints) with every request, as a node that checks tokens
-    /// requires.
-    pub async fn connect_with_token(
-        node: &str,
-        mut config: Config,
-        token: Option<String>,
-    ) -> Result<Self> {
-        let remote = NodeClient::new(node).with_token(token);
+    /// [`Storage::connect`] through a client set up beforehand: with a capability token
+    /// ([`NodeClient::with_token`]), as a node that checks tokens requires, or over HTTPS
+    /// ([`NodeClient::with_tls`]).
+    pub async fn connect_client(remote: NodeClient, mut config: Config) -> Result<Self> {
+        let node = remote.addr().to_owned();
         let status = remote.status().await?;
         let invalid = |what: &str| {
             StorageError::InvalidConfig(format!("the node at {node} sent an invalid {what}"))

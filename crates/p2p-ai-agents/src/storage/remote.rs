@@ -6,7 +6,7 @@
 //! counters exactly as an embedded store does. Connections are kept and reused; a connection
 //! that fails is dropped and the call reports [`EngineError::Unavailable`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::batch_codec::{decode_outcome, encode_writes};
@@ -29,6 +29,8 @@ pub struct NodeClient {
     addr: String,
     /// The capability token sent with every request (`Authorization: Bearer`), if any.
     token: Option<String>,
+    /// TLS settings when the node's client API speaks HTTPS.
+    tls: Option<Arc<rustls::ClientConfig>>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
@@ -52,16 +54,44 @@ fn encode(raw: &[u8]) -> String {
     out
 }
 
+/// An HTTP/1.1 connection over `stream`, driven by a task of its own.
+async fn handshake(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(unavailable)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
 impl NodeClient {
     /// A client of the node serving clients at `addr` (`host:port`; an `http://` prefix is
     /// accepted).
     pub fn new(addr: &str) -> Self {
-        let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+        let addr = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
         Self {
             addr: addr.to_owned(),
             token: None,
+            tls: None,
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same client, speaking HTTPS with these settings (see
+    /// `agentstore_trust::client_api_client`: the cluster authority's certificate as the root).
+    pub fn with_tls(self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self { tls, ..self }
+    }
+
+    /// The `host:port` it talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// The same client, presenting `token` (a capability token's text form) with every
@@ -93,13 +123,22 @@ impl NodeClient {
             .await
             .map_err(|e| unavailable(format!("cannot connect to {}: {e}", self.addr)))?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let Some(tls) = &self.tls else {
+            return handshake(stream).await;
+        };
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| unavailable(format!("{host} is not a name TLS can check: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+            .connect(name, stream)
             .await
-            .map_err(unavailable)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+            .map_err(|e| unavailable(format!("TLS with {}: {e}", self.addr)))?;
+        handshake(stream).await
     }
 
     /// Sends one request; returns the status and the whole body.

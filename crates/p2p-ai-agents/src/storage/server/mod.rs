@@ -10,6 +10,7 @@
 //! document).
 
 mod auth;
+mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -934,6 +935,26 @@ pub fn data_dir(config: &Config) -> PathBuf {
         .map_or_else(default_data_dir, PathBuf::from)
 }
 
+/// The client API's TLS settings: the node's key and the certificate `agentstore admit --host`
+/// wrote into its data directory.
+fn client_tls_config(
+    data_dir: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, StorageError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        StorageError::InvalidConfig(format!("storage.cluster.client_tls: {e}"))
+    };
+    let key = agentstore_trust::SecretKey::load(&agentstore_trust::node_key_path(data_dir))
+        .map_err(|e| invalid(&e))?;
+    let path = data_dir.join(agentstore_trust::CLIENT_CERT_FILE);
+    let chain = std::fs::read_to_string(&path).map_err(|e| {
+        invalid(&format!(
+            "{}: {e}; write it with `agentstore admit ... --host <name or address clients use>`",
+            path.display()
+        ))
+    })?;
+    agentstore_trust::client_api_server(&key, &chain).map_err(|e| invalid(&e))
+}
+
 /// Runs a node until `shutdown` completes or the node leaves the cluster: starts replication
 /// on `listeners.peers`, serves the client API on `listeners.clients`, then drains (requests
 /// in progress finish) and stops.
@@ -956,6 +977,10 @@ pub async fn run_secured(
 ) -> Result<(), StorageError> {
     let cluster = cluster_block(&config)?.clone();
     let data_dir = data_dir(&config);
+    let client_tls = cluster
+        .client_tls
+        .then(|| client_tls_config(&data_dir))
+        .transpose()?;
     let clients = match (cluster.client_auth, &security) {
         (ClientAuth::Open, _) => None,
         (ClientAuth::Tokens, PeerSecurity::Tls(trust)) => Some(*trust.authority()),
@@ -1031,9 +1056,21 @@ pub async fn run_secured(
             () = left.notified() => {}
         }
     };
-    let served = axum::serve(listeners.clients, router(api))
-        .with_graceful_shutdown(stop)
-        .await;
+    let app = router(api);
+    let served = match client_tls {
+        None => {
+            axum::serve(listeners.clients, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(config) => {
+            let listener = tls::TlsListener::new(listeners.clients, config)
+                .map_err(|e| StorageError::InvalidConfig(format!("the client API: {e}")))?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
     // Drain: the HTTP server has finished its requests; stop the Raft member, then the node
     // loop and its listeners.
     strong.group().shutdown().await;
