@@ -23,7 +23,7 @@ pub(crate) async fn run(
                 print_status(&status);
             }
         }
-        Command::Repair => repair(&client, json).await?,
+        Command::Repair => repair(client, json).await?,
         Command::Leave => {
             client.leave().await?;
             if json {
@@ -33,7 +33,7 @@ pub(crate) async fn run(
             }
         }
         Command::Raft(change) => {
-            let done = raft(&client, change).await?;
+            let done = raft(client, change).await?;
             if json {
                 println!("{}", serde_json::json!({ "done": done }));
             } else {
