@@ -59,6 +59,10 @@ pub(crate) fn new_authority(key_file: &Path, json: bool) -> Result<u8, TrustErro
             "name it in every node's configuration: storage.cluster.authority: {}",
             public.display()
         );
+        println!(
+            "certificate written to {} (clients of an HTTPS client API trust it)",
+            certificate.display()
+        );
     }
     Ok(exit::OK)
 }

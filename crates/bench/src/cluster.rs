@@ -127,11 +127,29 @@ pub(crate) fn start_cluster_with_token(
         nodes.push(NodeProcess(child));
         clients.push(client);
     }
+    let token = (peers_are == Peers::AdmittedWithTokens).then(|| {
+        let everything = vec![
+            Right::new(&[Operation::Read, Operation::Write, Operation::Admin], "")
+                .expect("a right"),
+        ];
+        Capability::issue(&authority, everything, 0)
+            .expect("a token")
+            .to_text()
+    });
+    let authorization = token
+        .as_ref()
+        .map(|token| format!("Authorization: Bearer {token}"))
+        .unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     for client in &clients {
         loop {
             let status = std::process::Command::new("curl")
-                .args(["-s", &format!("http://{client}/v1/status")])
+                .args([
+                    "-s",
+                    "-H",
+                    &authorization,
+                    &format!("http://{client}/v1/status"),
+                ])
                 .output()
                 .map(|o| {
                     String::from_utf8_lossy(&o.stdout)
@@ -146,15 +164,6 @@ pub(crate) fn start_cluster_with_token(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let token = (peers_are == Peers::AdmittedWithTokens).then(|| {
-        let everything = vec![
-            Right::new(&[Operation::Read, Operation::Write, Operation::Admin], "")
-                .expect("a right"),
-        ];
-        Capability::issue(&authority, everything, 0)
-            .expect("a token")
-            .to_text()
-    });
     (nodes, clients, token)
 }
 

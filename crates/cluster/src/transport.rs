@@ -1121,4 +1121,53 @@ mod tests {
             "{queued} frames of 1 MiB queued"
         );
     }
+
+    /// Whatever bytes a stranger sends in place of a handshake (random, or a valid plaintext
+    /// hello followed by random frames), nothing reaches the node, and an admitted peer is
+    /// still heard after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_bytes_on_the_peer_port_deliver_nothing() {
+        use proptest::strategy::{Strategy, ValueTree};
+        use proptest::test_runner::{Config, TestRunner};
+        use tokio::io::AsyncWriteExt;
+        let authority = SecretKey::generate();
+        let (_b, mut inbox, b_addr, _) =
+            transport("b", admitted(&authority, "b"), BTreeMap::new()).await;
+        let mut runner = TestRunner::new(Config::with_cases(64));
+        let junk = proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..2048);
+        for case in 0..64 {
+            let mut bytes = junk.new_tree(&mut runner).unwrap().current();
+            if case % 2 == 0 {
+                // A well-formed plaintext hello first, as an old node or a forger would send.
+                let mut hello = hello_frame(b"a");
+                hello.append(&mut bytes);
+                bytes = hello;
+            }
+            let mut stream = TcpStream::connect(b_addr).await.unwrap();
+            let _ = stream.write_all(&bytes).await;
+            drop(stream);
+        }
+        let (a, _a_inbox, _, _) = transport(
+            "a",
+            admitted(&authority, "a"),
+            BTreeMap::from([(NodeId::new("b").unwrap(), b_addr)]),
+        )
+        .await;
+        a.send(&NodeId::new("b").unwrap(), raft(9, 10));
+        let first = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+            .await
+            .expect("the admitted peer is heard")
+            .unwrap();
+        assert_eq!(
+            first.from.as_str(),
+            "a",
+            "only the admitted peer got through"
+        );
+        let Message::Raft { request, .. } = first.envelope.message else {
+            panic!("another message arrived");
+        };
+        assert_eq!(request, 9);
+        let more = tokio::time::timeout(Duration::from_millis(500), inbox.recv()).await;
+        assert!(more.is_err(), "something else was delivered: {more:?}");
+    }
 }

@@ -13,7 +13,8 @@
 //! | Raft membership, `leave`, `repair` | `admin` on the empty prefix (the whole cluster) |
 //! | `status`, `metrics` | any valid token |
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agentstore_trust::{Capability, Operation, PublicKey};
@@ -21,6 +22,8 @@ use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+use agentstore_engine::lock;
 
 use super::{Api, ApiError};
 
@@ -46,31 +49,65 @@ fn forbidden(operation: Operation, prefix: &str) -> ApiError {
     )
 }
 
-/// The verified token of a request, or why there is none.
-fn caller(request: &Request, authority: &PublicKey) -> Result<Capability, ApiError> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| {
-            unauthenticated(
-                "unauthenticated",
-                "this node needs a capability token: Authorization: Bearer agentstore-token-v1:…",
-            )
-        })?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthenticated("invalid_token", "expected `Bearer <token>`"))?;
-    let capability =
-        Capability::from_text(token).map_err(|e| unauthenticated("invalid_token", e))?;
-    capability
-        .verify(authority)
-        .map_err(|e| unauthenticated("invalid_token", e))?;
-    if capability.expires_ms().is_some_and(|at| at <= now_ms()) {
-        return Err(unauthenticated("token_expired", "the token has expired"));
+/// Tokens whose signatures checked out, kept so a client's every request does not pay for
+/// verifying its token again (two ed25519 operations per block): a token's bytes cannot
+/// change, and expiry is checked on every request.
+const VERIFIED: usize = 4096;
+
+/// The client API's gate: the authority and the tokens it has verified.
+#[derive(Debug)]
+pub(super) struct Gate {
+    authority: PublicKey,
+    verified: Mutex<HashMap<String, Arc<Capability>>>,
+}
+
+impl Gate {
+    pub(super) fn new(authority: PublicKey) -> Self {
+        Self {
+            authority,
+            verified: Mutex::new(HashMap::new()),
+        }
     }
-    Ok(capability)
+
+    /// The verified token of a request, or why there is none.
+    fn caller(&self, request: &Request) -> Result<Arc<Capability>, ApiError> {
+        let value = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| {
+                unauthenticated(
+                    "unauthenticated",
+                    "this node needs a capability token: Authorization: Bearer agentstore-token-v1:…",
+                )
+            })?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthenticated("invalid_token", "expected `Bearer <token>`"))?;
+        let known = lock(&self.verified).get(token).cloned();
+        let capability = match known {
+            Some(capability) => capability,
+            None => {
+                let capability = Capability::from_text(token)
+                    .map_err(|e| unauthenticated("invalid_token", e))?;
+                capability
+                    .verify(&self.authority)
+                    .map_err(|e| unauthenticated("invalid_token", e))?;
+                let capability = Arc::new(capability);
+                let mut verified = lock(&self.verified);
+                if verified.len() >= VERIFIED {
+                    verified.clear();
+                }
+                verified.insert(token.to_owned(), Arc::clone(&capability));
+                capability
+            }
+        };
+        if capability.expires_ms().is_some_and(|at| at <= now_ms()) {
+            return Err(unauthenticated("token_expired", "the token has expired"));
+        }
+        Ok(capability)
+    }
 }
 
 /// What the request needs beyond a valid token, judged by its route (`None`: nothing more, or
@@ -123,14 +160,14 @@ pub(super) async fn authorize(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(authority) = api.clients else {
+    let Some(gate) = api.clients.clone() else {
         return next.run(request).await;
     };
     let path = matched.as_ref().map_or("", MatchedPath::as_str);
     if path == "/healthz" || path == "/v1/openapi.yaml" {
         return next.run(request).await;
     }
-    let capability = match caller(&request, &authority) {
+    let capability = match gate.caller(&request) {
         Ok(capability) => capability,
         Err(err) => return err.into_response(),
     };
@@ -139,9 +176,7 @@ pub(super) async fn authorize(
     {
         return forbidden(operation, &prefix).into_response();
     }
-    request
-        .extensions_mut()
-        .insert(Caller(Arc::new(capability)));
+    request.extensions_mut().insert(Caller(capability));
     next.run(request).await
 }
 

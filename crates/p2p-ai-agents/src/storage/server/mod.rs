@@ -204,8 +204,8 @@ struct Api {
     causal: CausalEngine,
     /// Notified once the node has left the cluster: the server stops.
     left: Arc<Notify>,
-    /// The authority whose capability tokens clients must present (`None`: open API).
-    clients: Option<agentstore_trust::PublicKey>,
+    /// The gate that checks clients' capability tokens (`None`: open API).
+    clients: Option<Arc<auth::Gate>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -983,7 +983,9 @@ pub async fn run_secured(
         .transpose()?;
     let clients = match (cluster.client_auth, &security) {
         (ClientAuth::Open, _) => None,
-        (ClientAuth::Tokens, PeerSecurity::Tls(trust)) => Some(*trust.authority()),
+        (ClientAuth::Tokens, PeerSecurity::Tls(trust)) => {
+            Some(Arc::new(auth::Gate::new(*trust.authority())))
+        }
         (ClientAuth::Tokens, PeerSecurity::Plaintext) => {
             return Err(StorageError::InvalidConfig(
                 "client tokens need the cluster's authority (storage.cluster.authority)".into(),
