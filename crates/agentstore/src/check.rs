@@ -36,8 +36,13 @@ pub(crate) fn print(config: &Config, as_json: bool) {
         "collection", "backend", "level", "conflict"
     );
     for plan in &plans {
+        let sealed = if plan.encrypted {
+            "; values encrypted at rest (AES-256-GCM)"
+        } else {
+            ""
+        };
         println!(
-            "{:<14} {:<9} {:<9} {:<12} {}",
+            "{:<14} {:<9} {:<9} {:<12} {}{sealed}",
             plan.name,
             plan.backend.to_string(),
             plan.consistency.as_str(),
@@ -53,6 +58,7 @@ fn plan_json(plan: &CollectionPlan) -> Json {
         "backend": plan.backend.to_string(),
         "consistency": plan.consistency.as_str(),
         "conflict": plan.conflict.as_str(),
+        "encrypted": plan.encrypted,
         "guarantee": {
             "level": plan.guarantee.level.as_str(),
             "summary": plan.guarantee.summary,

@@ -541,3 +541,110 @@ fn the_client_api_speaks_https_with_a_certificate_from_the_authority() {
     assert_ne!(code, 0);
     assert!(stderr.contains("TLS"), "{stderr}");
 }
+
+/// Every byte of the files under `dir`.
+fn files_under(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all.extend(files_under(&path));
+        } else if path.is_file() {
+            all.extend(std::fs::read(path).unwrap_or_default());
+        }
+    }
+    all
+}
+
+#[test]
+fn an_encrypted_collection_is_ciphertext_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let collections = "  collections:\n    notes: {}\n    keys: { encrypted: true }\n    vault: { encrypted: true, consistency: strong }\n";
+    let names = ["node-a", "node-b", "node-c"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let key = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio";
+    let mut nodes: Vec<NodeProcess> = names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| {
+            let peers: Vec<(&str, u16)> = names
+                .iter()
+                .copied()
+                .zip(ports.iter().copied())
+                .filter(|(n, _)| n != name)
+                .collect();
+            let mut node = node(dir.path(), name, *port, &peers, collections);
+            node.env
+                .push(("AGENTSTORE_ENCRYPTION_KEY".into(), key.into()));
+            node
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    for (path, secret) in [
+        ("/v1/keys/keys:agent-1", "EVENTUAL-SECRET"),
+        ("/v1/keys/vault:agent-1", "STRONG-SECRET"),
+        ("/v1/keys/notes:agent-1", "PUBLIC-NOTE"),
+    ] {
+        let (status, body) = http(nodes[0].client, "PUT", path, &format!("\"{secret}\"")).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually("every replica serves the decrypted values", || {
+        for node in &nodes {
+            for (path, secret) in [
+                ("/v1/keys/keys:agent-1", "EVENTUAL-SECRET"),
+                ("/v1/keys/vault:agent-1", "STRONG-SECRET"),
+            ] {
+                let (_, body) = http(node.client, "GET", path, "").map_err(|e| e.to_string())?;
+                if !body.contains(secret) {
+                    return Err(format!("{path}: {body}"));
+                }
+            }
+        }
+        Ok(())
+    });
+    // Replicated everywhere (the control value reached every node's files), in the clear
+    // nowhere.
+    eventually("the control value on every node's disk", || {
+        for node in &nodes {
+            if !files_under(&node.data)
+                .windows(11)
+                .any(|w| w == b"PUBLIC-NOTE")
+            {
+                return Err(format!("{} has not written it yet", node.data.display()));
+            }
+        }
+        Ok(())
+    });
+    for node in &nodes {
+        let bytes = files_under(&node.data);
+        for secret in ["EVENTUAL-SECRET", "STRONG-SECRET"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} is in the clear in {}",
+                node.data.display()
+            );
+        }
+    }
+    // A node started without the key refuses to start rather than serve ciphertext.
+    let mut keyless = node(
+        dir.path(),
+        "node-d",
+        free_port(),
+        &[("node-a", ports[0]), ("node-b", ports[1])],
+        collections,
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(["node", "--config"])
+        .arg(&keyless.config)
+        .env_remove("AGENTSTORE_ENCRYPTION_KEY")
+        .env_remove("AGENTSTORE_ENCRYPTION_KEY_FILE")
+        .env_remove("AGENTSTORE_DATA_DIR")
+        .output()
+        .unwrap();
+    keyless.child = None;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(stderr.contains("AGENTSTORE_ENCRYPTION_KEY"), "{stderr}");
+}

@@ -62,7 +62,10 @@ async fn the_example_config_routes_each_collection_to_its_backend() {
     config.data_dir = Some(dir.path().display().to_string());
     config.redis.as_mut().unwrap().url = primary.url();
     config.supabase.as_mut().unwrap().url = postgres_url();
-    let storage = Storage::new(config).await.unwrap();
+    // `keys` is encrypted in the example; its key comes from the environment in production.
+    let storage = Storage::with_encryption_key(config, &[9; 32])
+        .await
+        .unwrap();
     let id = unique();
 
     // The spec's code example, with its keys made unique to this run.

@@ -22,6 +22,7 @@ async fn open(collections: &[(&str, ConflictStrategy, Option<ConsistencyLevel>)]
                 backend: None,
                 consistency: *consistency,
                 conflict: Some(*conflict),
+                ..Default::default()
             },
         );
     }

@@ -122,6 +122,8 @@ pub struct CollectionConfig {
     pub consistency: Option<ConsistencyLevel>,
     /// How concurrent writes to one key merge; also the kind of value its keys hold.
     pub conflict: Option<ConflictStrategy>,
+    /// Whether its values are encrypted before they leave the store (`encrypted: true`).
+    pub encrypted: bool,
 }
 
 /// A whole, validated configuration.
@@ -228,6 +230,8 @@ pub struct CollectionPlan {
     pub consistency: ConsistencyLevel,
     /// Its conflict strategy (and value kind).
     pub conflict: ConflictStrategy,
+    /// Whether its values are stored encrypted.
+    pub encrypted: bool,
     /// Replication between nodes.
     pub replication: Replication,
     /// What the configuration really delivers.
@@ -275,6 +279,7 @@ impl Config {
             backend,
             consistency,
             conflict: settings.conflict.unwrap_or(self.default_conflict),
+            encrypted: settings.encrypted,
             replication: self.replication,
             guarantee: self.guarantee(backend, consistency),
         }

@@ -62,6 +62,8 @@ struct Collection {
     backend: Option<Backend>,
     consistency: Option<ConsistencyLevel>,
     conflict: Option<ConflictStrategy>,
+    #[serde(default)]
+    encrypted: bool,
 }
 
 #[derive(Deserialize)]
@@ -322,12 +324,28 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
         validate_collection(name.as_bytes()).map_err(|e| source.error(&field, e.to_string()))?;
         let backend = collection.backend.unwrap_or(config.default_backend);
         check_backend_block(&config, backend, &format!("{field}.backend"), source)?;
+        let conflict = collection.conflict.unwrap_or(config.default_conflict);
+        if collection.encrypted
+            && !matches!(
+                conflict,
+                ConflictStrategy::Register | ConflictStrategy::MultiValue
+            )
+        {
+            return Err(source.error(
+                &format!("{field}.encrypted"),
+                format!(
+                    "only lww and multi_value values can be encrypted: a {conflict} merges \
+                     what it holds, which it cannot do without reading it"
+                ),
+            ));
+        }
         config.collections.insert(
             name,
             CollectionConfig {
                 backend: collection.backend,
                 consistency: collection.consistency,
                 conflict: collection.conflict,
+                encrypted: collection.encrypted,
             },
         );
     }

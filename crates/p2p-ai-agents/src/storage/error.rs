@@ -49,6 +49,15 @@ pub enum StorageError {
         /// Why.
         source: serde_json::Error,
     },
+    /// A value of an encrypted collection does not open with this store's key: another key,
+    /// or altered, or written without encryption.
+    #[error(
+        "the value of `{key}` does not decrypt with this store's key (another key, or altered)"
+    )]
+    Unsealable {
+        /// The key.
+        key: String,
+    },
     /// The operation does not fit the collection's conflict strategy.
     #[error(
         "`{key}`: collection `{collection}` holds {strategy} values, which do not support {operation}; \
@@ -142,6 +151,7 @@ impl StorageError {
             StorageError::Key { .. } => "invalid_key",
             StorageError::Serialize { .. } => "serialize",
             StorageError::Deserialize { .. } => "deserialize",
+            StorageError::Unsealable { .. } => "unsealable",
             StorageError::WrongOperation { .. } => "wrong_operation",
             StorageError::Siblings { .. } => "siblings",
             StorageError::VersionMismatch { .. } => "version_mismatch",

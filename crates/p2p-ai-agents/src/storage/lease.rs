@@ -63,11 +63,11 @@ impl Storage {
         Option<(State, agentstore_core::VersionVector)>,
     )> {
         let call = self.call(lock, None)?;
-        if call.plan.conflict != ConflictStrategy::Register {
+        if call.plan.conflict != ConflictStrategy::Register || call.plan.encrypted {
             return Err(Storage::wrong(
                 &call,
                 "lock",
-                "a lock is a key of an lww collection",
+                "a lock is a key of an lww collection that is not encrypted",
             ));
         }
         let record = call.engine.get(&call.key).await?;

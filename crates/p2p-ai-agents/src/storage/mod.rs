@@ -32,6 +32,7 @@ mod error;
 mod lease;
 mod remote;
 mod routes;
+mod sealing;
 pub mod server;
 mod session;
 mod transaction;
@@ -63,6 +64,7 @@ pub use self::lease::Lease;
 pub use self::remote::NodeClient;
 pub use self::routes::ClusterEngines;
 use self::routes::Routes;
+pub use self::sealing::{KEY_ENV as ENCRYPTION_KEY_ENV, KEY_FILE_ENV as ENCRYPTION_KEY_FILE_ENV};
 pub use self::session::Session;
 pub use self::transaction::Transaction;
 use self::values::Reading;
@@ -151,6 +153,8 @@ struct Inner {
     registry: Registry,
     /// The durable log of cross-engine transactions this store coordinates.
     coordinator: two_phase::Coordinator,
+    /// Seals and opens the values of encrypted collections (`None` when there are none).
+    sealer: Option<sealing::Sealer>,
 }
 
 /// What a call resolved to: the key, its collection's plan and engine, and the effective level.
@@ -159,6 +163,8 @@ struct Call<'a> {
     plan: &'a CollectionPlan,
     engine: &'a Instrumented<AnyEngine>,
     level: ConsistencyLevel,
+    /// The collection's sealer, if its values are encrypted.
+    sealer: Option<&'a sealing::Sealer>,
 }
 
 /// Whether a read must see the latest write or may read this node's copy.
@@ -171,10 +177,17 @@ enum Freshness {
 impl Storage {
     /// Opens the store described by `config`: the local engine in the configured data
     /// directory (see [`default_data_dir`]) if any collection uses it, and connections to Redis
-    /// and PostgreSQL if any collection uses them.
+    /// and PostgreSQL if any collection uses them. Encrypted collections take their key from
+    /// `AGENTSTORE_ENCRYPTION_KEY` or `AGENTSTORE_ENCRYPTION_KEY_FILE`.
     #[tracing::instrument(skip_all, fields(node = %config.node_id))]
     pub async fn new(config: Config) -> Result<Self> {
-        Self::open(config, None).await
+        Self::open(config, None, None).await
+    }
+
+    /// [`Storage::new`], with the key that seals the values of encrypted collections given
+    /// here rather than in the environment.
+    pub async fn with_encryption_key(config: Config, key: &[u8; 32]) -> Result<Self> {
+        Self::open(config, None, Some(key)).await
     }
 
     /// Opens a store whose `local` collections live in `cluster` (a cluster node, or a node
@@ -187,7 +200,7 @@ impl Storage {
             causal: None,
             strong: None,
         };
-        Self::open(config, Some(cluster)).await
+        Self::open(config, Some(cluster), None).await
     }
 
     /// Opens a store whose `local` collections live in a cluster's engines: eventual ones in
@@ -196,7 +209,7 @@ impl Storage {
     /// its engine delivers ([`Config::cluster_guarantee`], [`Config::causal_guarantee`],
     /// [`Config::raft_guarantee`]).
     pub async fn with_cluster_engines(config: Config, engines: ClusterEngines) -> Result<Self> {
-        Self::open(config, Some(engines)).await
+        Self::open(config, Some(engines), None).await
     }
 
     /// Like [`Storage::with_cluster`], with the cluster's Raft group (`strong`) serving the
@@ -211,7 +224,7 @@ impl Storage {
             causal: None,
             strong: Some(strong),
         };
-        Self::open(config, Some(cluster)).await
+        Self::open(config, Some(cluster), None).await
     }
 
     /// Opens a store whose `local` collections live in the cluster of the node serving
@@ -255,6 +268,8 @@ impl Storage {
                             backend: Some(Backend::Local),
                             consistency: Some(consistency),
                             conflict: Some(conflict),
+                            // The client encrypts and decrypts: the node stores ciphertext.
+                            encrypted: collection["encrypted"].as_bool().unwrap_or(false),
                         },
                     );
                 }
@@ -291,7 +306,11 @@ impl Storage {
         Self::with_cluster_engines(config, engines).await
     }
 
-    async fn open(config: Config, cluster: Option<ClusterEngines>) -> Result<Self> {
+    async fn open(
+        config: Config,
+        cluster: Option<ClusterEngines>,
+        encryption_key: Option<&[u8; 32]>,
+    ) -> Result<Self> {
         config.validate().map_err(StorageError::InvalidConfig)?;
         let data_dir = config
             .data_dir
@@ -301,6 +320,17 @@ impl Storage {
         let mut registry = Registry::default();
         let metrics = EngineMetrics::register(&mut registry);
         let in_cluster = cluster.is_some();
+        let encrypted: Vec<String> = config
+            .collections
+            .iter()
+            .filter(|(_, c)| c.encrypted)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let sealer = match encryption_key {
+            _ if encrypted.is_empty() => None,
+            Some(key) => Some(sealing::Sealer::new(key)?),
+            None => Some(sealing::Sealer::from_env(&encrypted)?),
+        };
         let routes = Routes::open(&config, &data_dir, clock, metrics, cluster).await?;
         let coordinator = two_phase::Coordinator::new(&data_dir, config.node_id.as_str());
         let recover = coordinator.has_log();
@@ -311,6 +341,7 @@ impl Storage {
                 routes,
                 registry,
                 coordinator,
+                sealer,
             }),
         };
         if recover && in_cluster {
@@ -405,7 +436,14 @@ impl Storage {
             plan,
             engine: &route.engine,
             level,
+            sealer: self.sealer_of(plan),
         })
+    }
+
+    fn sealer_of(&self, plan: &CollectionPlan) -> Option<&sealing::Sealer> {
+        plan.encrypted
+            .then_some(self.inner.sealer.as_ref())
+            .flatten()
     }
 
     fn receipt(call: &Call<'_>, record: &Record) -> WriteReceipt {
@@ -426,10 +464,15 @@ impl Storage {
         }
     }
 
+    /// A value as it is stored: JSON, sealed if the collection is encrypted.
     fn encode<T: Serialize>(call: &Call<'_>, value: &T) -> Result<Vec<u8>> {
-        serde_json::to_vec(value).map_err(|source| StorageError::Serialize {
+        let json = serde_json::to_vec(value).map_err(|source| StorageError::Serialize {
             key: call.key.to_string(),
             source,
+        })?;
+        Ok(match call.sealer {
+            Some(sealer) => sealer.seal(call.key.as_bytes(), json),
+            None => json,
         })
     }
 
@@ -601,9 +644,10 @@ impl Storage {
             let value = match &record.value {
                 // The common case, parsed straight from the stored bytes into `T`.
                 Value::Register(Some(bytes)) => {
-                    serde_json::from_slice(bytes).map_err(decode_error)?
+                    let plain = values::plain(call.sealer, &call.key, bytes)?;
+                    serde_json::from_slice(&plain).map_err(decode_error)?
                 }
-                _ => match values::read(Some(&record)).map_err(decode_error)? {
+                _ => match values::read(Some(&record), call.sealer, &call.key)? {
                     Reading::Absent => return Ok(None),
                     Reading::One(json) => serde_json::from_value(json).map_err(decode_error)?,
                     Reading::Siblings(values) => {
@@ -780,7 +824,7 @@ impl Storage {
                 key: call.key.to_string(),
                 source,
             };
-            let values = match values::read(record.as_ref()).map_err(decode_error)? {
+            let values = match values::read(record.as_ref(), call.sealer, &call.key)? {
                 Reading::Absent => Vec::new(),
                 Reading::One(json) => vec![json],
                 Reading::Siblings(values) => values,
@@ -852,7 +896,8 @@ impl Storage {
                 .transpose()?;
             // The prefix names its collection (the part before the first `:`), which names the engine.
             let collection = prefix.split(':').next().unwrap_or_default();
-            let engine = &self.inner.routes.get(collection).engine;
+            let route = self.inner.routes.get(collection);
+            let (engine, sealer) = (&route.engine, self.sealer_of(&route.plan));
             let mut out = Vec::new();
             let mut cursor = after;
             // Tombstones are skipped, so a page may need several engine pages.
@@ -863,11 +908,7 @@ impl Storage {
                 let Some((last, _)) = page.last() else { break };
                 cursor = Some(last.clone());
                 for (key, record) in page {
-                    let decode_error = |source| StorageError::Deserialize {
-                        key: key.to_string(),
-                        source,
-                    };
-                    let value = match values::read(Some(&record)).map_err(decode_error)? {
+                    let value = match values::read(Some(&record), sealer, &key)? {
                         Reading::Absent => continue,
                         Reading::One(json) => json,
                         Reading::Siblings(values) => Json::Array(values),

@@ -1,7 +1,13 @@
 //! How stored records read back as JSON values.
 
+use std::borrow::Cow;
+
+use agentstore_core::Key;
 use agentstore_core::record::{Record, Value};
 use serde_json::Value as Json;
+
+use super::StorageError;
+use super::sealing::Sealer;
 
 /// A record as the caller sees it.
 pub(crate) enum Reading {
@@ -13,11 +19,37 @@ pub(crate) enum Reading {
     Siblings(Vec<Json>),
 }
 
-fn json(bytes: &[u8]) -> Result<Json, serde_json::Error> {
-    serde_json::from_slice(bytes)
+/// A stored value's JSON bytes: opened if the collection is encrypted.
+pub(crate) fn plain<'a>(
+    sealer: Option<&Sealer>,
+    key: &Key,
+    stored: &'a [u8],
+) -> Result<Cow<'a, [u8]>, StorageError> {
+    match sealer {
+        None => Ok(Cow::Borrowed(stored)),
+        Some(sealer) => sealer
+            .open(key.as_bytes(), stored)
+            .map(Cow::Owned)
+            .ok_or_else(|| StorageError::Unsealable {
+                key: key.to_string(),
+            }),
+    }
 }
 
-pub(crate) fn read(record: Option<&Record>) -> Result<Reading, serde_json::Error> {
+/// `record` as the caller sees it (`sealer`: the collection's, if it is encrypted).
+pub(crate) fn read(
+    record: Option<&Record>,
+    sealer: Option<&Sealer>,
+    key: &Key,
+) -> Result<Reading, StorageError> {
+    let json = |bytes: &[u8]| -> Result<Json, StorageError> {
+        serde_json::from_slice(&plain(sealer, key, bytes)?).map_err(|source| {
+            StorageError::Deserialize {
+                key: key.to_string(),
+                source,
+            }
+        })
+    };
     let Some(record) = record else {
         return Ok(Reading::Absent);
     };

@@ -718,6 +718,7 @@ async fn status(State(api): State<Api>) -> Answer {
                 "backend": plan.backend.to_string(),
                 "consistency": plan.consistency,
                 "conflict": plan.conflict,
+                "encrypted": plan.encrypted,
                 "replication": {
                     "strategy": plan.replication.strategy.to_string(),
                     "n": plan.replication.quorum.n,
