@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use agentstore_core::replication::Message;
 use agentstore_engine::testkit::free_port;
 use agentstore_wire::{Envelope, encode_frame};
-use common::{NodeProcess, cluster, eventually, http, http_bearer, node};
+use common::{NodeProcess, cluster, eventually, http, http_bearer, node, nodes};
 
 const COLLECTIONS: &str = "  collections:\n    notes: {}\n";
 
@@ -237,27 +237,9 @@ fn a_node_without_an_admission_is_told_how_to_get_one() {
 
 /// Three nodes that require capability tokens from their clients (`clients: tokens`).
 fn token_cluster(dir: &std::path::Path) -> Vec<NodeProcess> {
-    let names = ["node-a", "node-b", "node-c"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut nodes: Vec<NodeProcess> = names
-        .iter()
-        .zip(&ports)
-        .map(|(name, port)| {
-            let peers: Vec<(&str, u16)> = names
-                .iter()
-                .copied()
-                .zip(ports.iter().copied())
-                .filter(|(n, _)| n != name)
-                .collect();
-            let node = node(dir, name, *port, &peers, COLLECTIONS);
-            let config = std::fs::read_to_string(&node.config)
-                .unwrap()
-                .replace("clients: open", "clients: tokens");
-            std::fs::write(&node.config, config).unwrap();
-            node
-        })
-        .collect();
+    let mut nodes = nodes(dir, COLLECTIONS);
     for node in &mut nodes {
+        node.configure("clients: open", "clients: tokens");
         node.start();
     }
     nodes
@@ -427,26 +409,10 @@ fn a_client_may_do_only_what_its_token_grants() {
 #[test]
 fn the_client_api_speaks_https_with_a_certificate_from_the_authority() {
     let dir = tempfile::tempdir().unwrap();
-    let names = ["node-a", "node-b", "node-c"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut nodes: Vec<NodeProcess> = names
-        .iter()
-        .zip(&ports)
-        .map(|(name, port)| {
-            let peers: Vec<(&str, u16)> = names
-                .iter()
-                .copied()
-                .zip(ports.iter().copied())
-                .filter(|(n, _)| n != name)
-                .collect();
-            let node = node(dir.path(), name, *port, &peers, COLLECTIONS);
-            let config = std::fs::read_to_string(&node.config)
-                .unwrap()
-                .replace("clients: open", "clients: tokens\n    client_tls: true");
-            std::fs::write(&node.config, config).unwrap();
-            node
-        })
-        .collect();
+    let mut nodes = nodes(dir.path(), COLLECTIONS);
+    for node in &nodes {
+        node.configure("clients: open", "clients: tokens\n    client_tls: true");
+    }
     let authority = agentstore_trust::SecretKey::load(&dir.path().join("authority.key")).unwrap();
     let ca = dir.path().join("authority.crt");
     std::fs::write(
@@ -560,25 +526,12 @@ fn files_under(dir: &std::path::Path) -> Vec<u8> {
 fn an_encrypted_collection_is_ciphertext_on_every_replica() {
     let dir = tempfile::tempdir().unwrap();
     let collections = "  collections:\n    notes: {}\n    keys: { encrypted: true }\n    vault: { encrypted: true, consistency: strong }\n";
-    let names = ["node-a", "node-b", "node-c"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let key = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio";
-    let mut nodes: Vec<NodeProcess> = names
-        .iter()
-        .zip(&ports)
-        .map(|(name, port)| {
-            let peers: Vec<(&str, u16)> = names
-                .iter()
-                .copied()
-                .zip(ports.iter().copied())
-                .filter(|(n, _)| n != name)
-                .collect();
-            let mut node = node(dir.path(), name, *port, &peers, collections);
-            node.env
-                .push(("AGENTSTORE_ENCRYPTION_KEY".into(), key.into()));
-            node
-        })
-        .collect();
+    let mut nodes = nodes(dir.path(), collections);
+    for node in &mut nodes {
+        node.env
+            .push(("AGENTSTORE_ENCRYPTION_KEY".into(), key.into()));
+    }
     for node in &mut nodes {
         node.start();
     }
@@ -632,7 +585,10 @@ fn an_encrypted_collection_is_ciphertext_on_every_replica() {
         dir.path(),
         "node-d",
         free_port(),
-        &[("node-a", ports[0]), ("node-b", ports[1])],
+        &[
+            ("node-a", nodes[0].peer_port),
+            ("node-b", nodes[1].peer_port),
+        ],
         collections,
     );
     let output = Command::new(env!("CARGO_BIN_EXE_agentstore"))

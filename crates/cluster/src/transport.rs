@@ -611,26 +611,29 @@ async fn dial(shared: Arc<Shared>, peer: NodeId, addr: SocketAddr, id: u64, outb
     })
     .await;
     match opened {
-        Ok(Ok(opened)) => {
-            tokio::spawn(read(
-                Arc::clone(&shared),
-                opened.peer.clone(),
-                opened.reader,
-                opened.tls.clone(),
-                Some((id, Arc::downgrade(&outbox))),
-            ));
-            let wire = Wire {
-                stream: opened.writer,
-                tls: opened.tls,
-            };
-            write(shared, peer, id, wire, outbox).await;
-        }
+        Ok(Ok(opened)) => run_link(shared, id, opened, outbox).await,
         Ok(Err(err)) if err.kind() == io::ErrorKind::PermissionDenied => {
             tracing::warn!(%peer, %addr, %err, "peer refused");
             shared.fail(&peer, id, &outbox);
         }
         _ => shared.fail(&peer, id, &outbox),
     }
+}
+
+/// Runs link `id` over an opened connection: a reader task, and the writer on this one.
+async fn run_link(shared: Arc<Shared>, id: u64, opened: Opened, outbox: Arc<Outbox>) {
+    tokio::spawn(read(
+        Arc::clone(&shared),
+        opened.peer.clone(),
+        opened.reader,
+        opened.tls.clone(),
+        Some((id, Arc::downgrade(&outbox))),
+    ));
+    let wire = Wire {
+        stream: opened.writer,
+        tls: opened.tls,
+    };
+    write(shared, opened.peer, id, wire, outbox).await;
 }
 
 /// Writes what the senders could not write themselves (a queue behind a slow socket), until
@@ -733,20 +736,7 @@ async fn greet(shared: Arc<Shared>, stream: TcpStream, permit: tokio::sync::Owne
         })
     };
     match adopted {
-        Some((id, outbox)) => {
-            tokio::spawn(read(
-                Arc::clone(&shared),
-                peer.clone(),
-                opened.reader,
-                opened.tls.clone(),
-                Some((id, Arc::downgrade(&outbox))),
-            ));
-            let wire = Wire {
-                stream: opened.writer,
-                tls: opened.tls,
-            };
-            write(shared, peer, id, wire, outbox).await;
-        }
+        Some((id, outbox)) => run_link(shared, id, opened, outbox).await,
         // Read-only: the peer drains and closes it once it adopts ours. The write half stays
         // open until then (closing it would end the TLS session's sending side).
         None => {

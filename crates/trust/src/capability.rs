@@ -129,6 +129,23 @@ struct Block {
 }
 
 impl Block {
+    /// A block granting `rights` until `expires_ms`, naming a fresh key (whose seed is
+    /// returned), not signed yet.
+    fn unsigned_with_fresh_key(
+        rights: Vec<Right>,
+        expires_ms: u64,
+    ) -> Result<(Self, [u8; 32]), TrustError> {
+        check_rights(&rights)?;
+        let (seed, pair) = fresh_key();
+        let block = Self {
+            rights,
+            expires_ms,
+            next: public_of(&pair),
+            signature: [0; 64],
+        };
+        Ok((block, seed))
+    }
+
     fn unsigned(&self) -> Vec<u8> {
         let mut out = vec![self.rights.len() as u8];
         for right in &self.rights {
@@ -200,14 +217,7 @@ impl Capability {
         rights: Vec<Right>,
         expires_ms: u64,
     ) -> Result<Self, TrustError> {
-        check_rights(&rights)?;
-        let (seed, pair) = fresh_key();
-        let mut block = Block {
-            rights,
-            expires_ms,
-            next: public_of(&pair),
-            signature: [0; 64],
-        };
+        let (mut block, seed) = Block::unsigned_with_fresh_key(rights, expires_ms)?;
         block.signature = authority.sign(&block.signed_message(None));
         Ok(Self {
             blocks: vec![block],
@@ -218,7 +228,6 @@ impl Capability {
     /// A narrower token: this one's rights further limited to `rights` (and, if earlier,
     /// `expires_ms`). Needs nothing but this token.
     pub fn attenuate(&self, rights: Vec<Right>, expires_ms: u64) -> Result<Self, TrustError> {
-        check_rights(&rights)?;
         if self.blocks.len() >= MAX_BLOCKS {
             return Err(TrustError::malformed(
                 "token",
@@ -227,13 +236,7 @@ impl Capability {
         }
         let holder = Ed25519KeyPair::from_seed_unchecked(&self.proof)
             .map_err(|e| TrustError::malformed("token", e.to_string()))?;
-        let (seed, pair) = fresh_key();
-        let mut block = Block {
-            rights,
-            expires_ms,
-            next: public_of(&pair),
-            signature: [0; 64],
-        };
+        let (mut block, seed) = Block::unsigned_with_fresh_key(rights, expires_ms)?;
         let previous = &self.blocks.last().expect("a token has a block").signature;
         let signature = holder.sign(&block.signed_message(Some(previous)));
         block.signature.copy_from_slice(signature.as_ref());

@@ -220,11 +220,11 @@ pub(crate) fn node(
 }
 
 /// Three nodes (`node-a`, `node-b`, `node-c`, N=3 W=2 R=2) with `collections` (a YAML
-/// `  collections:` block), started.
-pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
+/// `  collections:` block), not started: a test may change their configuration first.
+pub(crate) fn nodes(dir: &Path, collections: &str) -> Vec<NodeProcess> {
     let names = ["node-a", "node-b", "node-c"];
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut nodes: Vec<NodeProcess> = names
+    names
         .iter()
         .zip(&ports)
         .map(|(name, port)| {
@@ -236,9 +236,28 @@ pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
                 .collect();
             node(dir, name, *port, &peers, collections)
         })
-        .collect();
+        .collect()
+}
+
+/// Three nodes (`node-a`, `node-b`, `node-c`, N=3 W=2 R=2) with `collections` (a YAML
+/// `  collections:` block), started.
+pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
+    let mut nodes = nodes(dir, collections);
     for node in &mut nodes {
         node.start();
     }
     nodes
+}
+
+impl NodeProcess {
+    /// Changes the node's configuration file: `from` becomes `to`.
+    pub(crate) fn configure(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(
+            text.contains(from),
+            "{from} is not in {}",
+            self.config.display()
+        );
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
 }
