@@ -10,6 +10,7 @@
 //! document).
 
 mod auth;
+mod http;
 mod tls;
 
 use std::future::Future;
@@ -1060,25 +1061,19 @@ pub async fn run_secured(
         }
     };
     let app = router(api);
-    let served = match client_tls {
-        None => {
-            axum::serve(listeners.clients, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
+    match client_tls {
+        None => http::serve(listeners.clients, app, http::HEAD_DEADLINE, stop).await,
         Some(config) => {
             let listener = tls::TlsListener::new(listeners.clients, config)
                 .map_err(|e| StorageError::InvalidConfig(format!("the client API: {e}")))?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
+            http::serve(listener, app, http::HEAD_DEADLINE, stop).await;
         }
-    };
+    }
     // Drain: the HTTP server has finished its requests; stop the Raft member, then the node
     // loop and its listeners.
     strong.group().shutdown().await;
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
-    served.map_err(|e| StorageError::InvalidConfig(format!("the client API failed: {e}")))
+    Ok(())
 }

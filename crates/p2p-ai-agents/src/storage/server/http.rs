@@ -1,0 +1,131 @@
+//! The client API's HTTP/1.1 server: axum's router on hyper connections that a client cannot
+//! hold open for free.
+//!
+//! axum's own `serve` sets no timer, so a connection that sends a request head slowly (or
+//! never sends another request) stays open forever. Here every connection must deliver each
+//! request head within [`HEAD_DEADLINE`] (hyper's header-read timeout: it also closes a
+//! keep-alive connection idle that long), at most [`CONNECTIONS`] connections are served at
+//! once (more wait in the kernel's backlog), and a shutdown lets requests in progress finish.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::serve::Listener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// How long a client may take to send a request head (and may stay idle between requests).
+pub(super) const HEAD_DEADLINE: Duration = Duration::from_secs(30);
+/// Client connections served at once.
+const CONNECTIONS: usize = 4096;
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets the requests in progress
+/// finish. A request head must arrive within `head_deadline` ([`HEAD_DEADLINE`] for a node).
+pub(super) async fn serve<L: Listener>(
+    mut listener: L,
+    app: Router,
+    head_deadline: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = std::sync::Arc::new(Semaphore::new(CONNECTIONS));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = std::sync::Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let (io, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_deadline)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopping.changed() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+        // Forget the connections that are done.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Reads until the server closes the connection (10 s at most); what it sent.
+    async fn until_closed(stream: &mut TcpStream) -> Option<String> {
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+        read.await
+            .ok()
+            .map(|_| String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[tokio::test]
+    async fn slow_and_idle_clients_are_closed_and_a_prompt_one_is_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, Duration::from_millis(300), async {
+            let _ = stopped.await;
+        }));
+        // Half a request head, then nothing: closed at the deadline, not served.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        // Nothing at all.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        // A whole request.
+        let mut prompt = TcpStream::connect(addr).await.unwrap();
+        prompt
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let served = until_closed(&mut prompt)
+            .await
+            .expect("answered and closed");
+        assert!(
+            served.starts_with("HTTP/1.1 200") && served.ends_with("ok"),
+            "{served}"
+        );
+        let slow_answer = until_closed(&mut slow).await;
+        assert!(
+            slow_answer.is_some(),
+            "a slow head kept its connection past 10 s"
+        );
+        assert!(
+            !slow_answer.unwrap().contains("200"),
+            "a slow head was served"
+        );
+        assert!(
+            until_closed(&mut silent).await.is_some(),
+            "an idle connection stayed open"
+        );
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+}
