@@ -304,10 +304,10 @@ fn measure(
     })
 }
 
-pub(crate) fn run(seconds: u64) {
+pub(crate) fn run(seconds: u64, peers: Peers) {
     let runtime = crate::two_workers();
     println!(
-        "3 agentstore nodes on loopback (fsync per write on every node) vs Redis primary + 2 async replicas (no persistence); {CLIENTS} clients, 100-byte values, {KEYS} keys, {seconds} s per workload\n"
+        "3 agentstore nodes on loopback (fsync per write on every node; peers {peers:?}) vs Redis primary + 2 async replicas (no persistence); {CLIENTS} clients, 100-byte values, {KEYS} keys, {seconds} s per workload\n"
     );
     let primary = RedisServer::start(&[]);
     let _replicas = [
@@ -327,7 +327,7 @@ pub(crate) fn run(seconds: u64) {
     ];
     for (name, replication) in settings {
         let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients) = start_cluster(dir.path(), replication, "", Peers::Admitted);
+        let (nodes, clients) = start_cluster(dir.path(), replication, "", peers);
         let (put, get) = measure(&runtime, &clients, seconds);
         drop(nodes);
         let port = primary.port;

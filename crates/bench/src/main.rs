@@ -3,7 +3,7 @@
 //!     cargo run --release -p agentstore-bench -- local [--ops N]
 //!     cargo run --release -p agentstore-bench -- redis [--seconds S]
 //!     cargo run --release -p agentstore-bench -- postgres [--seconds S]
-//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench cluster [--seconds S] [--plaintext]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench strong [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench causal [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench trust [--seconds S]
@@ -37,11 +37,14 @@ fn main() {
     let suite = args.next().unwrap_or_else(|| "local".into());
     let mut ops = 2000usize;
     let mut seconds = 5u64;
+    let mut peers = cluster::Peers::Admitted;
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|n| n.parse().ok()).expect("a number");
         match arg.as_str() {
             "--ops" => ops = number() as usize,
             "--seconds" => seconds = number(),
+            // The cluster benchmark with `insecure: true` nodes (plaintext peer links).
+            "--plaintext" => peers = cluster::Peers::Plaintext,
             other => panic!("unknown option {other}"),
         }
     }
@@ -50,7 +53,7 @@ fn main() {
         "local-get" => local(ops, false),
         "redis" => redis::run(seconds),
         "postgres" => postgres::run(seconds),
-        "cluster" => cluster::run(seconds),
+        "cluster" => cluster::run(seconds, peers),
         "strong" => strong::run(seconds),
         "causal" => causal::run(seconds),
         "trust" => trust::run(seconds),
