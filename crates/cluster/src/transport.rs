@@ -818,26 +818,30 @@ async fn read(
 }
 
 /// Decrypts `bytes` read from a TLS link (and whatever the session already held) into
-/// `decoder`; says whether the session now has something to send.
+/// `decoder`; says whether the session now has something to send. The session is locked one
+/// TLS read (at most 4 KiB) at a time, so senders sealing frames on the same connection wait
+/// for one record's worth of work, not for a whole socket read's.
 fn unseal(
     session: &Mutex<rustls::Connection>,
     mut bytes: &[u8],
     decoder: &mut FrameDecoder,
     plain: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let mut tls = lock(session);
     loop {
-        let state = tls.process_new_packets().map_err(io::Error::other)?;
-        let available = state.plaintext_bytes_to_read();
-        if available > 0 {
-            plain.resize(available, 0);
+        let wants_write = {
+            let mut tls = lock(session);
+            if !bytes.is_empty() {
+                tls.read_tls(&mut bytes)?;
+            }
+            let state = tls.process_new_packets().map_err(io::Error::other)?;
+            plain.resize(state.plaintext_bytes_to_read(), 0);
             io::Read::read_exact(&mut tls.reader(), plain)?;
-            decoder.push(plain);
-        }
+            tls.wants_write()
+        };
+        decoder.push(plain);
         if bytes.is_empty() {
-            return Ok(tls.wants_write());
+            return Ok(wants_write);
         }
-        tls.read_tls(&mut bytes)?;
     }
 }
 
