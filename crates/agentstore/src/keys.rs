@@ -1,36 +1,32 @@
-//! `agentstore authority new` and `agentstore admit`: the keys that decide who is a node.
+//! `agentstore authority new`, `admit` and `token`: the keys that decide who is a node and
+//! what a client may do.
 
 use std::path::{Path, PathBuf};
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use agentstore_engine::{PhysicalClock, SystemClock};
 use agentstore_trust::{Capability, Operation, PublicKey, Right, SecretKey, TrustError};
 use serde_json::json;
 
 use crate::{Rights, TokenCommand, exit};
 
-/// Where the public half of the authority key in `key_file` is written.
-pub(crate) fn public_path(key_file: &Path) -> PathBuf {
+/// `key_file` with `suffix` appended: where the authority's public key (`.pub`) and
+/// certificate (`.crt`) are written beside it.
+fn beside(key_file: &Path, suffix: &str) -> PathBuf {
     let mut name = key_file.as_os_str().to_owned();
-    name.push(".pub");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
-/// Where the certificate of the authority in `key_file` is written.
-pub(crate) fn certificate_path(key_file: &Path) -> PathBuf {
-    let mut name = key_file.as_os_str().to_owned();
-    name.push(".crt");
-    PathBuf::from(name)
-}
-
-/// Creates a cluster authority: its secret key in `key_file` (mode 0600, never overwritten)
-/// and its public key beside it in `<key_file>.pub`.
+/// Creates a cluster authority: its secret key in `key_file` (mode 0600, never overwritten),
+/// its public key in `<key_file>.pub` and its CA certificate in `<key_file>.crt`.
 pub(crate) fn new_authority(key_file: &Path, json: bool) -> Result<u8, TrustError> {
     let key = SecretKey::generate();
     key.save(key_file)?;
-    let public = public_path(key_file);
+    let public = beside(key_file, ".pub");
     agentstore_trust::write_private_file(&public, format!("{}\n", key.public()).as_bytes())?;
-    let certificate = certificate_path(key_file);
+    let certificate = beside(key_file, ".crt");
     agentstore_trust::write_private_file(
         &certificate,
         agentstore_trust::authority_certificate(&key)?.as_bytes(),
@@ -95,7 +91,7 @@ pub(crate) fn admit(
             println!(
                 "client API certificate for {} written to {}",
                 hosts.join(", "),
-                data_dir.join(agentstore_trust::CLIENT_CERT_FILE).display()
+                agentstore_trust::client_cert_path(data_dir).display()
             );
         }
     }
@@ -121,11 +117,10 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(number.saturating_mul(seconds)))
 }
 
+/// When a token with these rights stops working (ms since the Unix epoch; 0: never).
 fn expiry(rights: &Rights) -> u64 {
     rights.ttl.map_or(0, |ttl| {
-        (SystemTime::now() + ttl)
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemClock.now_ms().saturating_add(ttl.as_millis() as u64)
     })
 }
 

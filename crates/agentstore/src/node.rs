@@ -21,11 +21,7 @@ async fn stop_signal() {
 }
 
 pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
-    let Some(cluster) = config.cluster.clone() else {
-        return Err(StorageError::InvalidConfig(
-            "a node needs a storage.cluster block (client_addr, peer_addr, peers)".into(),
-        ));
-    };
+    let cluster = server::cluster_block(&config)?.clone();
     // A node holds a connection per peer and per client: the soft limit on open files is
     // often 1024; raise it to the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -36,12 +32,13 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
     let listeners = Listeners::bind(&config).await?;
     {
         let quorum = config.replication.quorum;
+        let scheme = if cluster.client_tls { "https" } else { "http" };
         let peers = match &security {
             PeerSecurity::Tls(trust) => format!("mutual TLS as {}", trust.key()),
             PeerSecurity::Plaintext => "PLAINTEXT, UNAUTHENTICATED".to_owned(),
         };
         eprintln!(
-            "node {} ready: clients on http://{}, peers on {} ({peers}; {} N={} W={} R={})",
+            "node {} ready: clients on {scheme}://{}, peers on {} ({peers}; {} N={} W={} R={})",
             config.node_id,
             cluster.client_addr,
             cluster.peer_addr,

@@ -27,10 +27,9 @@ fn members(status: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn a_process_its_authority_never_admitted_cannot_join_read_or_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = cluster(dir.path(), COLLECTIONS);
+/// Three nodes that hold `notes:secret` = "s3cret".
+fn cluster_holding_a_secret(dir: &std::path::Path) -> Vec<NodeProcess> {
+    let nodes = cluster(dir, COLLECTIONS);
     let (status, body) = http(
         nodes[0].client,
         "PUT",
@@ -39,6 +38,13 @@ fn a_process_its_authority_never_admitted_cannot_join_read_or_write() {
     )
     .unwrap();
     assert_eq!(status, 200, "{body}");
+    nodes
+}
+
+#[test]
+fn a_process_its_authority_never_admitted_cannot_join_read_or_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster_holding_a_secret(dir.path());
     // A stranger: its own authority (another directory), seeded with every member.
     let elsewhere = tempfile::tempdir().unwrap();
     let seeds: Vec<(&str, u16)> = ["node-a", "node-b", "node-c"]
@@ -93,15 +99,7 @@ fn answer_to(port: u16, bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn raw_frames_on_the_peer_port_reveal_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = cluster(dir.path(), COLLECTIONS);
-    let (status, _) = http(
-        nodes[0].client,
-        "PUT",
-        "/v1/keys/notes:secret",
-        "\"s3cret\"",
-    )
-    .unwrap();
-    assert_eq!(status, 200);
+    let nodes = cluster_holding_a_secret(dir.path());
     // What a plaintext node would have taken from node-b: a scan of every key, then
     // node-b's departure.
     let mut attack = 6u32.to_be_bytes().to_vec();

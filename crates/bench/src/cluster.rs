@@ -255,12 +255,17 @@ impl Connection {
     }
 }
 
-async fn connections(clients: &[String]) -> Arc<Vec<Mutex<Connection>>> {
+/// `count` keep-alive connections spread evenly over the nodes at `clients`, each presenting
+/// `token` if there is one.
+pub(crate) async fn connections(
+    clients: &[String],
+    count: usize,
+    token: Option<&str>,
+) -> Arc<Vec<Mutex<Connection>>> {
     let mut all = Vec::new();
-    for i in 0..CLIENTS {
-        all.push(Mutex::new(
-            Connection::open(&clients[i % clients.len()]).await,
-        ));
+    for i in 0..count {
+        let connection = Connection::open(&clients[i % clients.len()]).await;
+        all.push(Mutex::new(connection.with_token(token.map(str::to_owned))));
     }
     Arc::new(all)
 }
@@ -273,7 +278,7 @@ fn measure(
     let duration = Duration::from_secs(seconds);
     let value = format!("\"{}\"", "v".repeat(98));
     runtime.block_on(async {
-        let connections = connections(clients).await;
+        let connections = connections(clients, CLIENTS, None).await;
         let put = {
             let (connections, value) = (Arc::clone(&connections), value.clone());
             load::run(CLIENTS, duration, move |client, i| {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::cluster::{Connection, Peers, start_cluster_with_token};
+use crate::cluster::{Connection, Peers, connections, start_cluster_with_token};
 use crate::load;
 use crate::stats::{Row, Sample};
 
@@ -20,15 +20,6 @@ use crate::stats::{Row, Sample};
 const CLIENTS: usize = 16;
 /// Keys written.
 const KEYS: u64 = 10_000;
-
-async fn connections(clients: &[String], token: &Option<String>) -> Arc<Vec<Mutex<Connection>>> {
-    let mut all = Vec::new();
-    for i in 0..CLIENTS {
-        let connection = Connection::open(&clients[i % clients.len()]).await;
-        all.push(Mutex::new(connection.with_token(token.clone())));
-    }
-    Arc::new(all)
-}
 
 /// Puts of 100-byte values to `collection` from every client for `duration`.
 async fn puts(
@@ -73,8 +64,8 @@ pub(crate) fn run(seconds: u64) {
     );
     let mut rows = Vec::new();
     runtime.block_on(async {
-        let secure = connections(&secure, &token).await;
-        let plain = connections(&plain, &None).await;
+        let secure = connections(&secure, CLIENTS, token.as_deref()).await;
+        let plain = connections(&plain, CLIENTS, None).await;
         for (name, collection) in [
             ("eventual put (async, W=1)", "bench"),
             ("strong put (Raft)", "ledger"),

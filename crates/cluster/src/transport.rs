@@ -159,16 +159,22 @@ struct Wire {
     tls: Session,
 }
 
+/// How much of a frame [`Wire::send`] took.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// Bytes taken: written to the socket (plaintext), or sealed into the session (TLS, all
+    /// or nothing).
+    taken: usize,
+    /// Whether everything taken reached the socket (a TLS session may hold some back).
+    flushed: bool,
+}
+
 impl Wire {
-    /// Writes what the TLS session still holds of frames sealed earlier; `Ok(false)` while
-    /// the socket takes no more. A plaintext link holds nothing.
-    fn drain(&self) -> io::Result<bool> {
-        let Some(tls) = &self.tls else {
-            return Ok(true);
-        };
-        let mut tls = lock(tls);
+    /// Writes what a TLS session still holds of frames sealed earlier, under its lock;
+    /// `Ok(false)` while the socket takes no more.
+    fn drain_session(tls: &mut rustls::Connection, stream: &OwnedWriteHalf) -> io::Result<bool> {
         while tls.wants_write() {
-            match tls.write_tls(&mut SocketWriter(&self.stream)) {
+            match tls.write_tls(&mut SocketWriter(stream)) {
                 Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(err) => return Err(err),
@@ -177,21 +183,43 @@ impl Wire {
         Ok(true)
     }
 
-    /// Sends (part of) a frame, once [`Wire::drain`] left nothing behind; returns how many of
-    /// its bytes are taken. A TLS link seals the whole frame at once and writes what the
-    /// socket takes; the rest waits in the session for the next `drain`.
-    fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+    /// Writes what the TLS session still holds; `Ok(false)` while the socket takes no more.
+    /// A plaintext link holds nothing.
+    fn drain(&self) -> io::Result<bool> {
         match &self.tls {
-            None => match self.stream.try_write(bytes) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                written => written,
-            },
-            Some(tls) => {
-                io::Write::write_all(&mut lock(tls).writer(), bytes)?;
-                self.drain()?;
-                Ok(bytes.len())
-            }
+            None => Ok(true),
+            Some(tls) => Self::drain_session(&mut lock(tls), &self.stream),
         }
+    }
+
+    /// Sends (the rest of) a frame after whatever the session still holds, without waiting:
+    /// a plaintext link writes what the socket takes; a TLS link seals the whole frame (once
+    /// the session holds nothing back) and writes what the socket takes of it, keeping the
+    /// rest for the next [`Wire::drain`]. One lock of the session either way.
+    fn send(&self, bytes: &[u8]) -> io::Result<Sent> {
+        let Some(tls) = &self.tls else {
+            let taken = match self.stream.try_write(bytes) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                written => written?,
+            };
+            return Ok(Sent {
+                taken,
+                flushed: true,
+            });
+        };
+        let mut tls = lock(tls);
+        if !Self::drain_session(&mut tls, &self.stream)? {
+            return Ok(Sent {
+                taken: 0,
+                flushed: false,
+            });
+        }
+        io::Write::write_all(&mut tls.writer(), bytes)?;
+        let flushed = Self::drain_session(&mut tls, &self.stream)?;
+        Ok(Sent {
+            taken: bytes.len(),
+            flushed,
+        })
     }
 }
 
@@ -269,21 +297,16 @@ impl Outbox {
         if pending.frames.is_empty()
             && let Some(wire) = self.stream.get()
         {
-            let sent = match wire.drain() {
-                Ok(true) => wire.send(&frame.bytes),
-                Ok(false) => Ok(0),
-                Err(err) => Err(err),
-            };
-            match sent {
-                Ok(n) if n == frame.bytes.len() => {
-                    if wire.tls.is_some() {
-                        // What the socket did not take waits in the session for the writer.
+            match wire.send(&frame.bytes) {
+                Ok(sent) if sent.taken == frame.bytes.len() => {
+                    if !sent.flushed {
+                        // The session holds the rest back: the writer finishes it.
                         drop(pending);
                         self.wake.notify_one();
                     }
                     return Ok(());
                 }
-                Ok(n) => pending.written = n,
+                Ok(sent) => pending.written = sent.taken,
                 Err(_) => {
                     pending.failed = true;
                     drop(pending);
@@ -306,24 +329,23 @@ impl Outbox {
             return Flushed::Failed;
         }
         loop {
-            match wire.drain() {
-                Ok(true) => {}
-                Ok(false) => return Flushed::Blocked,
-                Err(_) => return Flushed::Failed,
-            }
             let written = pending.written;
             let Some(frame) = pending.frames.front() else {
-                return Flushed::Empty;
+                return match wire.drain() {
+                    Ok(true) => Flushed::Empty,
+                    Ok(false) => Flushed::Blocked,
+                    Err(_) => Flushed::Failed,
+                };
             };
             let len = frame.bytes.len();
             match wire.send(&frame.bytes[written..]) {
-                Ok(n) if written + n == len => {
+                Ok(Sent { taken: 0, .. }) => return Flushed::Blocked,
+                Ok(sent) if written + sent.taken == len => {
                     pending.bytes -= len;
                     pending.frames.pop_front();
                     pending.written = 0;
                 }
-                Ok(0) => return Flushed::Blocked,
-                Ok(n) => pending.written += n,
+                Ok(sent) => pending.written += sent.taken,
                 Err(_) => return Flushed::Failed,
             }
         }

@@ -30,7 +30,8 @@ pub use certificates::{
     authority_certificate, client_api_certificate, client_api_client, client_api_server,
 };
 pub use error::TrustError;
-pub use files::{create_private_dir, write_private_file};
+use files::replace_private_file;
+pub use files::write_private_file;
 pub use key::{PublicKey, SecretKey};
 pub use tls::{PeerTls, peer_key};
 
@@ -47,6 +48,11 @@ pub const CLIENT_CERT_FILE: &str = "client-api.crt";
 /// Where a node keeps its key.
 pub fn node_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join(NODE_KEY_FILE)
+}
+
+/// Where a node keeps its client API's certificate chain.
+pub fn client_cert_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(CLIENT_CERT_FILE)
 }
 
 /// Where a node keeps its admission.
@@ -70,18 +76,9 @@ pub fn admit(
     replace_private_file(&admission_path(data_dir), admission.to_text().as_bytes())?;
     if !hosts.is_empty() {
         let chain = client_api_certificate(authority, &key, hosts)?;
-        replace_private_file(&data_dir.join(CLIENT_CERT_FILE), chain.as_bytes())?;
+        replace_private_file(&client_cert_path(data_dir), chain.as_bytes())?;
     }
     Ok(key.public())
-}
-
-fn replace_private_file(path: &Path, bytes: &[u8]) -> Result<(), TrustError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(TrustError::io(path, &err)),
-    }
-    write_private_file(path, bytes)
 }
 
 /// The authority a configuration names: its public key (`ed25519:…`), or the path of a file

@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use agentstore_trust::{Capability, Operation, PublicKey};
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
@@ -23,7 +22,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use agentstore_engine::lock;
+use agentstore_engine::{PhysicalClock, SystemClock, lock};
 
 use super::{Api, ApiError};
 
@@ -32,9 +31,7 @@ use super::{Api, ApiError};
 pub(super) struct Caller(Arc<Capability>);
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemClock.now_ms()
 }
 
 fn unauthenticated(code: &'static str, message: impl std::fmt::Display) -> ApiError {

@@ -894,7 +894,10 @@ impl Listeners {
     }
 }
 
-fn cluster_block(config: &Config) -> Result<&agentstore_core::config::ClusterConfig, StorageError> {
+/// The configuration's `storage.cluster` block, which a node needs.
+pub fn cluster_block(
+    config: &Config,
+) -> Result<&agentstore_core::config::ClusterConfig, StorageError> {
     config.cluster.as_ref().ok_or_else(|| {
         StorageError::InvalidConfig(
             "a node needs a storage.cluster block (client_addr, peer_addr, peers)".into(),
@@ -947,7 +950,7 @@ fn client_tls_config(
     };
     let key = agentstore_trust::SecretKey::load(&agentstore_trust::node_key_path(data_dir))
         .map_err(|e| invalid(&e))?;
-    let path = data_dir.join(agentstore_trust::CLIENT_CERT_FILE);
+    let path = agentstore_trust::client_cert_path(data_dir);
     let chain = std::fs::read_to_string(&path).map_err(|e| {
         invalid(&format!(
             "{}: {e}; write it with `agentstore admit ... --host <name or address clients use>`",
