@@ -305,6 +305,7 @@ mod tests {
                     stamp: Timestamp::zero(node(origin)),
                     version: VersionVector::new(),
                     value: Value::Register(Some(vec![1])),
+                    attestation: None,
                 },
             )],
         }

@@ -15,6 +15,8 @@
 //!           | 5 count:uvarint bytes*                        G-Set: elements increasing
 //!           | 6 count:uvarint (bytes count:uvarint dot*)* vector
 //!                                                           OR-Set: elements, dots increasing
+//!           | 7 bytes                                       signed LWW tombstone: attestation
+//!           | 8 bytes bytes                                 signed LWW value, attestation
 //! gcounter  = vector
 //! dot       = node counter:uvarint>0
 //! node      = len:uvarint(1..=64) node-id bytes
@@ -66,13 +68,26 @@ pub fn encode(record: &Record) -> Vec<u8> {
     put_uvarint(&mut out, u64::from(record.stamp.logical));
     put_node(&mut out, &record.stamp.node);
     put_vector(&mut out, record.version.iter());
-    match &record.value {
-        Value::Register(None) => out.push(0),
-        Value::Register(Some(bytes)) => {
+    debug_assert!(
+        record.attestation.is_none() || matches!(record.value, Value::Register(_)),
+        "only LWW registers carry an attestation"
+    );
+    match (&record.value, &record.attestation) {
+        (Value::Register(None), None) => out.push(0),
+        (Value::Register(Some(bytes)), None) => {
             out.push(1);
             put_bytes(&mut out, bytes);
         }
-        Value::MultiValue(register) => {
+        (Value::Register(None), Some(attestation)) => {
+            out.push(7);
+            put_bytes(&mut out, attestation);
+        }
+        (Value::Register(Some(bytes)), Some(attestation)) => {
+            out.push(8);
+            put_bytes(&mut out, bytes);
+            put_bytes(&mut out, attestation);
+        }
+        (Value::MultiValue(register), _) => {
             out.push(2);
             put_uvarint(&mut out, register.len() as u64);
             for (dot, bytes) in register.entries() {
@@ -81,23 +96,23 @@ pub fn encode(record: &Record) -> Vec<u8> {
             }
             put_vector(&mut out, register.context().iter());
         }
-        Value::GCounter(counter) => {
+        (Value::GCounter(counter), _) => {
             out.push(3);
             put_vector(&mut out, counter.entries());
         }
-        Value::PnCounter(counter) => {
+        (Value::PnCounter(counter), _) => {
             out.push(4);
             put_vector(&mut out, counter.up.entries());
             put_vector(&mut out, counter.down.entries());
         }
-        Value::GSet(set) => {
+        (Value::GSet(set), _) => {
             out.push(5);
             put_uvarint(&mut out, set.len() as u64);
             for element in set.iter() {
                 put_bytes(&mut out, element);
             }
         }
-        Value::OrSet(set) => {
+        (Value::OrSet(set), _) => {
             out.push(6);
             put_uvarint(&mut out, set.len() as u64);
             for (element, dots) in set.entries() {
@@ -313,9 +328,19 @@ impl<'a> Reader<'a> {
             node: self.node()?,
         };
         let version = self.version_vector()?;
+        let mut attestation = None;
         let value = match self.u8()? {
             0 => Value::Register(None),
             1 => Value::Register(Some(self.bytes()?)),
+            7 => {
+                attestation = Some(self.bytes()?);
+                Value::Register(None)
+            }
+            8 => {
+                let value = self.bytes()?;
+                attestation = Some(self.bytes()?);
+                Value::Register(Some(value))
+            }
             2 => {
                 let n = self.count()?;
                 let mut values = BTreeMap::new();
@@ -382,6 +407,7 @@ impl<'a> Reader<'a> {
             stamp,
             version,
             value,
+            attestation,
         })
     }
 }

@@ -22,6 +22,7 @@ pub mod quorum;
 pub mod record;
 pub mod replication;
 pub mod session;
+pub mod signing;
 pub mod version;
 
 pub use crdt::Crdt;

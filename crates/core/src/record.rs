@@ -102,6 +102,10 @@ pub struct Record {
     pub version: VersionVector,
     /// The value.
     pub value: Value,
+    /// The writer's signature over the value, key and time (an `agentstore_trust`
+    /// attestation, opaque here): only on LWW registers of collections that require signed
+    /// writes, where every replica checks it before storing the record (`crate::signing`).
+    pub attestation: Option<Bytes>,
 }
 
 impl Record {
@@ -130,8 +134,8 @@ impl Record {
 impl Crdt for Record {
     /// Joins two states of the same key.
     ///
-    /// - Same kind: LWW registers keep the greater `(stamp, value)`; CRDT values merge and the
-    ///   stamp is the greater of the two.
+    /// - Same kind: LWW registers keep the greater `(stamp, value, attestation)`, whole; CRDT
+    ///   values merge and the stamp is the greater of the two.
     /// - Different kinds (only after a collection changed its conflict strategy): the kind
     ///   later in [`Kind`]'s order wins whole. This ordinal sum keeps the join a semilattice.
     ///
@@ -143,14 +147,16 @@ impl Crdt for Record {
             if theirs > ours {
                 self.value = other.value.clone();
                 self.stamp = other.stamp.clone();
+                self.attestation = other.attestation.clone();
             }
             return;
         }
         match (&mut self.value, &other.value) {
             (Value::Register(a), Value::Register(b)) => {
-                if (&other.stamp, b) > (&self.stamp, &*a) {
+                if (&other.stamp, b, &other.attestation) > (&self.stamp, &*a, &self.attestation) {
                     *a = b.clone();
                     self.stamp = other.stamp.clone();
+                    self.attestation = other.attestation.clone();
                 }
                 return;
             }
@@ -174,6 +180,14 @@ pub enum Mutation {
     Put(Bytes),
     /// Delete an LWW register (write a tombstone).
     Delete,
+    /// Write (`Some`) or delete (`None`) an LWW register with the writer's signature: the
+    /// record keeps the attestation, which replicas check (see `crate::signing`).
+    Signed {
+        /// The value, or `None` to delete.
+        value: Option<Bytes>,
+        /// The writer's attestation over the key, the value and its time.
+        attestation: Bytes,
+    },
     /// Write a multi-value register, replacing the values whose writes are in `context`
     /// (`None`: delete those values).
     PutSibling {
@@ -200,7 +214,7 @@ impl Mutation {
     /// The kind of value this mutation applies to.
     pub fn kind(&self) -> Kind {
         match self {
-            Mutation::Put(_) | Mutation::Delete => Kind::Register,
+            Mutation::Put(_) | Mutation::Delete | Mutation::Signed { .. } => Kind::Register,
             Mutation::PutSibling { .. } => Kind::MultiValue,
             Mutation::GCounterAdd(_) => Kind::GCounter,
             Mutation::PnCounterAdd(_) => Kind::PnCounter,
@@ -265,6 +279,7 @@ pub fn apply(
     match (&mut value, mutation) {
         (Value::Register(v), Mutation::Put(bytes)) => *v = Some(bytes.clone()),
         (Value::Register(v), Mutation::Delete) => *v = None,
+        (Value::Register(v), Mutation::Signed { value, .. }) => *v = value.clone(),
         (Value::MultiValue(register), Mutation::PutSibling { value, context }) => {
             register.write(&node, value.clone(), context);
         }
@@ -286,10 +301,15 @@ pub fn apply(
             value.kind()
         ),
     }
+    let attestation = match mutation {
+        Mutation::Signed { attestation, .. } => Some(attestation.clone()),
+        _ => None,
+    };
     Ok(Record {
         stamp,
         version,
         value,
+        attestation,
     })
 }
 

@@ -31,6 +31,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         bytes().prop_map(Mutation::GSetAdd),
         bytes().prop_map(Mutation::OrSetAdd),
         bytes().prop_map(Mutation::OrSetRemove),
+        (prop::option::of(bytes()), bytes())
+            .prop_map(|(value, attestation)| Mutation::Signed { value, attestation }),
     ]
 }
 
@@ -223,7 +225,27 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
         &mut a,
         13,
     );
+    let signed = apply(
+        None,
+        Mutation::Signed {
+            value: Some(b"signed".to_vec()),
+            attestation: b"an attestation".to_vec(),
+        },
+        &mut a,
+        14,
+    );
+    let signed_delete = apply(
+        Some(&signed),
+        Mutation::Signed {
+            value: None,
+            attestation: b"another".to_vec(),
+        },
+        &mut b,
+        15,
+    );
     vec![
+        ("signed", signed),
+        ("signed-tombstone", signed_delete),
         ("lww", lww),
         ("tombstone", tombstone),
         ("multi-value", siblings),

@@ -31,6 +31,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 
+use crate::attestation::Attestation;
 use crate::{PublicKey, SecretKey, TrustError};
 
 const FORMAT: u8 = 1;
@@ -173,10 +174,101 @@ impl Block {
     }
 }
 
+/// The blocks of a token without its proof: what a token grants, and the key its holder
+/// signs with. A capability carries one with its proof; a signed write carries one with the
+/// proof's signature instead (`Attestation`), so replicas can check what the writer may do
+/// without ever holding its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    blocks: Vec<Block>,
+}
+
+impl Chain {
+    /// Checks every block's signature, the first by `authority`; returns the key the last
+    /// block names (the holder's).
+    pub(crate) fn verify(&self, authority: &PublicKey, what: &'static str) -> Result<PublicKey, TrustError> {
+        let mut signer = *authority;
+        let mut previous: Option<&[u8; 64]> = None;
+        for block in &self.blocks {
+            if !signer.verifies(&block.signed_message(previous), &block.signature) {
+                return Err(TrustError::BadSignature {
+                    what,
+                    signer: format!("a chain from this cluster's authority ({authority})"),
+                });
+            }
+            signer = block.next;
+            previous = Some(&block.signature);
+        }
+        Ok(signer)
+    }
+
+    /// The key the last block names: the one its holder signs with.
+    pub(crate) fn holder(&self) -> PublicKey {
+        self.last().next
+    }
+
+    fn last(&self) -> &Block {
+        self.blocks.last().expect("a chain has a block")
+    }
+
+    /// The last block's signature, which whatever the holder signs covers, so a signature
+    /// cannot move to another chain that names the same key.
+    pub(crate) fn last_signature(&self) -> &[u8; 64] {
+        &self.last().signature
+    }
+
+    pub(crate) fn allows(&self, operation: Operation, prefix: &str, now_ms: u64) -> bool {
+        self.blocks
+            .iter()
+            .all(|block| block.allows(operation, prefix, now_ms))
+    }
+
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(self.blocks.len() as u8);
+        for block in &self.blocks {
+            out.extend_from_slice(&block.unsigned());
+            out.extend_from_slice(&block.signature);
+        }
+    }
+
+    pub(crate) fn decode_from(reader: &mut Reader<'_>) -> Result<Self, TrustError> {
+        let count = usize::from(reader.u8()?);
+        if count == 0 || count > MAX_BLOCKS {
+            return Err(TrustError::malformed(reader.what, format!("{count} blocks")));
+        }
+        let mut blocks = Vec::with_capacity(count);
+        for _ in 0..count {
+            let rights_count = usize::from(reader.u8()?);
+            let mut rights = Vec::with_capacity(rights_count.min(MAX_RIGHTS));
+            for _ in 0..rights_count {
+                let operations = reader.u8()?;
+                let len = usize::from(u16::from_be_bytes(reader.array()?));
+                let prefix = std::str::from_utf8(reader.take(len)?)
+                    .map_err(|_| TrustError::malformed(reader.what, "a prefix is not UTF-8"))?;
+                if operations == 0 || operations & !7 != 0 || len > MAX_PREFIX {
+                    return Err(TrustError::malformed(reader.what, "a malformed right"));
+                }
+                rights.push(Right {
+                    operations,
+                    prefix: prefix.to_owned(),
+                });
+            }
+            check_rights(&rights)?;
+            blocks.push(Block {
+                rights,
+                expires_ms: u64::from_be_bytes(reader.array()?),
+                next: PublicKey::from_bytes(reader.array()?),
+                signature: reader.array()?,
+            });
+        }
+        Ok(Self { blocks })
+    }
+}
+
 /// A capability token (see the module's doc).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Capability {
-    blocks: Vec<Block>,
+    chain: Chain,
     proof: [u8; 32],
 }
 
@@ -184,7 +276,7 @@ impl fmt::Debug for Capability {
     /// The proof is a secret: never shown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Capability")
-            .field("blocks", &self.blocks.len())
+            .field("blocks", &self.chain.blocks.len())
             .field("rights", &self.rights())
             .finish_non_exhaustive()
     }
@@ -220,7 +312,9 @@ impl Capability {
         let (mut block, seed) = Block::unsigned_with_fresh_key(rights, expires_ms)?;
         block.signature = authority.sign(&block.signed_message(None));
         Ok(Self {
-            blocks: vec![block],
+            chain: Chain {
+                blocks: vec![block],
+            },
             proof: seed,
         })
     }
@@ -228,46 +322,31 @@ impl Capability {
     /// A narrower token: this one's rights further limited to `rights` (and, if earlier,
     /// `expires_ms`). Needs nothing but this token.
     pub fn attenuate(&self, rights: Vec<Right>, expires_ms: u64) -> Result<Self, TrustError> {
-        if self.blocks.len() >= MAX_BLOCKS {
+        if self.chain.blocks.len() >= MAX_BLOCKS {
             return Err(TrustError::malformed(
                 "token",
                 format!("at most {MAX_BLOCKS} blocks"),
             ));
         }
-        let holder = Ed25519KeyPair::from_seed_unchecked(&self.proof)
-            .map_err(|e| TrustError::malformed("token", e.to_string()))?;
         let (mut block, seed) = Block::unsigned_with_fresh_key(rights, expires_ms)?;
-        let previous = &self.blocks.last().expect("a token has a block").signature;
-        let signature = holder.sign(&block.signed_message(Some(previous)));
-        block.signature.copy_from_slice(signature.as_ref());
-        let mut blocks = self.blocks.clone();
-        blocks.push(block);
-        Ok(Self {
-            blocks,
-            proof: seed,
-        })
+        let previous = self.chain.last_signature();
+        block.signature = self.sign(&block.signed_message(Some(previous)))?;
+        let mut chain = self.chain.clone();
+        chain.blocks.push(block);
+        Ok(Self { chain, proof: seed })
     }
 
     /// Checks the chain: the first block signed by `authority`, every later one by the key
     /// its predecessor named, and the proof the secret of the last named key.
     pub fn verify(&self, authority: &PublicKey) -> Result<(), TrustError> {
-        let bad = |what: &'static str| TrustError::BadSignature {
-            what,
-            signer: format!("a chain from this cluster's authority ({authority})"),
-        };
-        let mut signer = *authority;
-        let mut previous: Option<&[u8; 64]> = None;
-        for block in &self.blocks {
-            if !signer.verifies(&block.signed_message(previous), &block.signature) {
-                return Err(bad("token"));
-            }
-            signer = block.next;
-            previous = Some(&block.signature);
-        }
+        let holder = self.chain.verify(authority, "token")?;
         let proof = Ed25519KeyPair::from_seed_unchecked(&self.proof)
             .map_err(|e| TrustError::malformed("token", e.to_string()))?;
-        if public_of(&proof) != signer {
-            return Err(bad("token's proof"));
+        if public_of(&proof) != holder {
+            return Err(TrustError::BadSignature {
+                what: "token's proof",
+                signer: format!("a chain from this cluster's authority ({authority})"),
+            });
         }
         Ok(())
     }
@@ -275,14 +354,45 @@ impl Capability {
     /// Whether the token (already verified) allows `operation` on every key starting with
     /// `prefix` at `now_ms`.
     pub fn allows(&self, operation: Operation, prefix: &str, now_ms: u64) -> bool {
-        self.blocks
-            .iter()
-            .all(|block| block.allows(operation, prefix, now_ms))
+        self.chain.allows(operation, prefix, now_ms)
+    }
+
+    /// The key this token's holder signs writes with (the proof's public half): the author
+    /// every replica and reader sees on a write this token signed. An attenuated token signs
+    /// as a new author.
+    pub fn author(&self) -> PublicKey {
+        self.chain.holder()
+    }
+
+    /// Signs a write of `value` (`None`: a delete) to `key` at `signed_at_ms` (milliseconds
+    /// since the Unix epoch), with this token's proof. The attestation carries the token's
+    /// blocks but not its proof.
+    pub fn sign_write(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        signed_at_ms: u64,
+    ) -> Result<Attestation, TrustError> {
+        let message = Attestation::message(&self.chain, key, value, signed_at_ms);
+        Ok(Attestation::new(
+            self.chain.clone(),
+            signed_at_ms,
+            self.sign(&message)?,
+        ))
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<[u8; 64], TrustError> {
+        let holder = Ed25519KeyPair::from_seed_unchecked(&self.proof)
+            .map_err(|e| TrustError::malformed("token", e.to_string()))?;
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(holder.sign(message).as_ref());
+        Ok(signature)
     }
 
     /// When the token stops working (milliseconds since the Unix epoch), if ever.
     pub fn expires_ms(&self) -> Option<u64> {
-        self.blocks
+        self.chain
+            .blocks
             .iter()
             .map(|b| b.expires_ms)
             .filter(|e| *e != 0)
@@ -291,7 +401,8 @@ impl Capability {
 
     /// Each block's rights, first block first.
     pub fn rights(&self) -> Vec<Vec<String>> {
-        self.blocks
+        self.chain
+            .blocks
             .iter()
             .map(|b| b.rights.iter().map(Right::to_string).collect())
             .collect()
@@ -299,11 +410,8 @@ impl Capability {
 
     /// The binary form.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![FORMAT, self.blocks.len() as u8];
-        for block in &self.blocks {
-            out.extend_from_slice(&block.unsigned());
-            out.extend_from_slice(&block.signature);
-        }
+        let mut out = vec![FORMAT];
+        self.chain.encode_into(&mut out);
         out.extend_from_slice(&self.proof);
         out
     }
@@ -311,7 +419,7 @@ impl Capability {
     /// Reads the binary form; refuses trailing bytes. Says nothing of the signatures: see
     /// [`Capability::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Self, TrustError> {
-        let mut reader = Reader(bytes);
+        let mut reader = Reader::new(bytes, "token");
         let format = reader.u8()?;
         if format != FORMAT {
             return Err(TrustError::malformed(
@@ -319,40 +427,10 @@ impl Capability {
                 format!("unknown format {format}"),
             ));
         }
-        let count = usize::from(reader.u8()?);
-        if count == 0 || count > MAX_BLOCKS {
-            return Err(TrustError::malformed("token", format!("{count} blocks")));
-        }
-        let mut blocks = Vec::with_capacity(count);
-        for _ in 0..count {
-            let rights_count = usize::from(reader.u8()?);
-            let mut rights = Vec::with_capacity(rights_count.min(MAX_RIGHTS));
-            for _ in 0..rights_count {
-                let operations = reader.u8()?;
-                let len = usize::from(u16::from_be_bytes(reader.array()?));
-                let prefix = std::str::from_utf8(reader.take(len)?)
-                    .map_err(|_| TrustError::malformed("token", "a prefix is not UTF-8"))?;
-                if operations == 0 || operations & !7 != 0 || len > MAX_PREFIX {
-                    return Err(TrustError::malformed("token", "a malformed right"));
-                }
-                rights.push(Right {
-                    operations,
-                    prefix: prefix.to_owned(),
-                });
-            }
-            check_rights(&rights)?;
-            blocks.push(Block {
-                rights,
-                expires_ms: u64::from_be_bytes(reader.array()?),
-                next: PublicKey::from_bytes(reader.array()?),
-                signature: reader.array()?,
-            });
-        }
+        let chain = Chain::decode_from(&mut reader)?;
         let proof = reader.array()?;
-        if !reader.0.is_empty() {
-            return Err(TrustError::malformed("token", "trailing bytes"));
-        }
-        Ok(Self { blocks, proof })
+        reader.finish()?;
+        Ok(Self { chain, proof })
     }
 
     /// The text form.
@@ -386,24 +464,40 @@ fn check_rights(rights: &[Right]) -> Result<(), TrustError> {
     Ok(())
 }
 
-/// Reads a byte string front to back.
-struct Reader<'a>(&'a [u8]);
+/// Reads a byte string front to back; errors name `what` is being read.
+pub(crate) struct Reader<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { rest: bytes, what }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], TrustError> {
-        if self.0.len() < n {
-            return Err(TrustError::malformed("token", "truncated"));
+        if self.rest.len() < n {
+            return Err(TrustError::malformed(self.what, "truncated"));
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
 
-    fn u8(&mut self) -> Result<u8, TrustError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, TrustError> {
         Ok(self.take(1)?[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], TrustError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], TrustError> {
         Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    /// Refuses trailing bytes.
+    pub(crate) fn finish(self) -> Result<(), TrustError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(TrustError::malformed(self.what, "trailing bytes"))
+        }
     }
 }

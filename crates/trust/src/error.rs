@@ -46,6 +46,12 @@ pub enum TrustError {
         /// What went wrong.
         reason: String,
     },
+    /// A signed write's token did not allow it.
+    #[error("{reason}")]
+    NotAllowed {
+        /// What the token did not allow.
+        reason: String,
+    },
     /// TLS could not be set up with this key.
     #[error("TLS setup: {0}")]
     Tls(String),

@@ -14,9 +14,12 @@
 //! refused, and so is a process the authority never admitted.
 //!
 //! Clients present a [`Capability`]: rights (read, write, admin on key prefixes) and an expiry
-//! granted by the same authority, which any holder can narrow further offline.
+//! granted by the same authority, which any holder can narrow further offline. A client may
+//! also sign a write with its token ([`Capability::sign_write`]); the [`Attestation`] travels
+//! with the record, and every replica checks it against the authority before storing it.
 
 mod admission;
+mod attestation;
 mod capability;
 mod certificates;
 mod error;
@@ -25,6 +28,7 @@ mod key;
 mod tls;
 
 pub use admission::{Admission, MAX_NAME};
+pub use attestation::Attestation;
 pub use capability::{Capability, Operation, Right};
 pub use certificates::{
     authority_certificate, client_api_certificate, client_api_client, client_api_server,

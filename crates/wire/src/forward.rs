@@ -8,6 +8,7 @@
 //!          | 5 zigzag:uvarint              PnCounterAdd
 //!          | 6 bytes | 7 bytes | 8 bytes   GSetAdd, OrSetAdd, OrSetRemove
 //!          | 9 record                      Merge
+//!          | 10 0 bytes | 10 1 bytes bytes Signed: delete / value, then the attestation
 //! outcome  = 1 record                      Written
 //!          | 2 0 | 2 1 record              Read: nothing / a record
 //!          | 3 answered:uvarint needed:uvarint   QuorumFailed
@@ -67,6 +68,17 @@ pub(crate) fn put_mutation(out: &mut Vec<u8>, mutation: &Mutation) {
             out.push(9);
             put_bytes(out, &codec::encode(record));
         }
+        Mutation::Signed { value, attestation } => {
+            out.push(10);
+            match value {
+                None => out.push(0),
+                Some(bytes) => {
+                    out.push(1);
+                    put_bytes(out, bytes);
+                }
+            }
+            put_bytes(out, attestation);
+        }
     }
 }
 
@@ -92,6 +104,15 @@ pub(crate) fn mutation(r: &mut Reader<'_>) -> Result<Mutation, WireError> {
         7 => Mutation::OrSetAdd(r.bytes().map_err(malformed)?),
         8 => Mutation::OrSetRemove(r.bytes().map_err(malformed)?),
         9 => Mutation::Merge(record(r)?),
+        10 => {
+            let value = match r.u8().map_err(malformed)? {
+                0 => None,
+                1 => Some(r.bytes().map_err(malformed)?),
+                _ => return Err(malformed(r.malformed("unknown signed form"))),
+            };
+            let attestation = r.bytes().map_err(malformed)?;
+            Mutation::Signed { value, attestation }
+        }
         _ => return Err(malformed(r.malformed("unknown mutation"))),
     })
 }

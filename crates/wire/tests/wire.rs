@@ -64,6 +64,8 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         bytes().prop_map(Mutation::GSetAdd),
         bytes().prop_map(Mutation::OrSetAdd),
         bytes().prop_map(Mutation::OrSetRemove),
+        (prop::option::of(bytes()), bytes())
+            .prop_map(|(value, attestation)| Mutation::Signed { value, attestation }),
         (bytes(), any::<u32>()).prop_map(|(v, t)| Mutation::Merge(record(v, u64::from(t)))),
     ];
     let outcome = prop_oneof![
