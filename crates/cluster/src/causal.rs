@@ -23,10 +23,9 @@ use std::time::{Duration, Instant};
 
 use agentstore_core::causal::{self, CausalWrite};
 use agentstore_core::replication::Message;
+use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record, VersionVector};
-use agentstore_engine::{
-    DynEngine, EngineError, EngineFuture, NodeClock, PhysicalClock, SystemClock, Write, session,
-};
+use agentstore_engine::{DynEngine, EngineError, EngineFuture, NodeClock, Write, session};
 use agentstore_wire::Envelope;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,6 +36,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::causal_store::{self, Committed, Request, Store, View};
 use crate::metrics::registered;
+use crate::node::now_ms;
+use crate::signatures::SignedCollections;
 use crate::transport::{Incoming, Transport};
 
 /// Causal messages received and not yet handled.
@@ -63,6 +64,8 @@ pub struct CausalConfig {
     pub sync_interval: Duration,
     /// Most remote writes waiting for their dependencies at once.
     pub buffer: usize,
+    /// The check of signed collections (`None`: no collection is signed).
+    pub signatures: Option<Arc<SignedCollections>>,
 }
 
 impl CausalConfig {
@@ -74,6 +77,7 @@ impl CausalConfig {
             session_wait: Duration::from_secs(5),
             sync_interval: Duration::from_millis(100),
             buffer: 65_536,
+            signatures: None,
         }
     }
 }
@@ -192,10 +196,6 @@ impl CausalMetrics {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemClock.now_ms()
-}
-
 impl CausalEngine {
     /// Opens the causal store and starts replicating with the node's members over its
     /// transport.
@@ -204,8 +204,15 @@ impl CausalEngine {
         transport: Transport,
         members: watch::Receiver<Vec<NodeId>>,
     ) -> Result<Self, EngineError> {
-        let (store, applied, committed) =
-            causal_store::open(&config.dir, Arc::clone(&config.clock), config.buffer)?;
+        let (store, applied, committed) = causal_store::open(
+            &config.dir,
+            Arc::clone(&config.clock),
+            config.buffer,
+            config
+                .signatures
+                .clone()
+                .map(|signatures| signatures as Arc<dyn Signatures>),
+        )?;
         let (inbox, incoming) = mpsc::channel(INBOX);
         transport.route_causal(inbox);
         let metrics = CausalMetrics::new();

@@ -19,10 +19,12 @@ use std::thread::JoinHandle;
 use agentstore_core::causal::{CausalWrite, Delivered, Delivery, Offered};
 use agentstore_core::codec::{self, Reader};
 use agentstore_core::crdt::Crdt;
+use agentstore_core::signing::{Signatures, check_record};
 use agentstore_core::{Key, NodeId, Record, VersionVector};
 use agentstore_engine::two_phase::{RECORDS, scan_records};
 use agentstore_engine::{
-    EngineError, NodeClock, Write, decode_stored, group_commit, prepare_batch, redb_file,
+    EngineError, NodeClock, Write, check_signatures, decode_stored, group_commit, prepare_batch,
+    redb_file,
 };
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -109,6 +111,7 @@ pub(crate) fn open(
     dir: &Path,
     clock: Arc<NodeClock>,
     buffer: usize,
+    signatures: Option<Arc<dyn Signatures>>,
 ) -> Result<
     (
         Store,
@@ -146,6 +149,7 @@ pub(crate) fn open(
         buffer,
         applied: applied_tx,
         reports,
+        signatures,
     };
     let writer = std::thread::Builder::new()
         .name("agentstore-causal".into())
@@ -245,6 +249,9 @@ struct Writer {
     buffer: usize,
     applied: watch::Sender<VersionVector>,
     reports: mpsc::UnboundedSender<Committed>,
+    /// The check of signed collections: local writes that fail it are refused; peers'
+    /// records that fail it are neither stored nor passed on.
+    signatures: Option<Arc<dyn Signatures>>,
 }
 
 type Replies = Vec<(
@@ -302,7 +309,15 @@ impl Writer {
                         };
                         let physical_ms = self.clock.physical_ms();
                         let prepared =
-                            prepare_batch(stored, &mut self.clock.lock(), physical_ms, &writes);
+                            check_signatures(self.signatures.as_deref(), &writes, physical_ms)
+                                .and_then(|()| {
+                                    prepare_batch(
+                                        stored,
+                                        &mut self.clock.lock(),
+                                        physical_ms,
+                                        &writes,
+                                    )
+                                });
                         let results = match prepared {
                             Ok(results) => results,
                             Err(err) => {
@@ -390,12 +405,30 @@ impl Writer {
         ready: Vec<Delivered>,
         report: &mut Committed,
     ) -> Result<(), EngineError> {
-        for Delivered { write, waited_ms } in ready {
+        for Delivered {
+            mut write,
+            waited_ms,
+        } in ready
+        {
+            // The write still counts as delivered (its origin's sequence moves on, and what
+            // depends on it can apply), but a record that fails the check of signed
+            // collections is neither stored nor passed on.
+            write
+                .entries
+                .retain(|(key, record)| self.admits(key, record));
             self.merge_entries(records, &write.entries)?;
             log_write(log, &write)?;
             report.waits_ms.push(waited_ms);
         }
         Ok(())
+    }
+
+    /// Whether a peer's record may be stored here (see `agentstore_core::signing`; a
+    /// refusal is counted and logged by the check).
+    fn admits(&self, key: &Key, record: &Record) -> bool {
+        self.signatures
+            .as_deref()
+            .is_none_or(|signatures| check_record(signatures, key, record).is_ok())
     }
 
     /// Joins peers' records into the stored ones.
@@ -405,6 +438,9 @@ impl Writer {
         entries: &[(Key, Record)],
     ) -> Result<(), EngineError> {
         for (key, remote) in entries {
+            if !self.admits(key, remote) {
+                continue;
+            }
             let stored = records.get(key.as_bytes()).map_err(storage)?;
             let merged = match decode_stored(key, stored.as_ref().map(|v| v.value()))? {
                 Some(mut current) => {

@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use agentstore_core::replication::Outcome;
+use agentstore_core::signing::check_mutation;
 use agentstore_core::{Key, Record};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
-use crate::node::{Node, NodeError};
+use crate::node::{Node, NodeError, now_ms};
 
 /// A running node, seen as an engine.
 #[derive(Debug, Clone)]
@@ -105,6 +106,12 @@ impl DynEngine for ClusterEngine {
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
             let write = single_unconditional(writes)?;
+            // Checked here too (the coordinator checks again), so the caller gets the typed
+            // refusal rather than a coordinator's failure.
+            if let Some(signatures) = self.node.signatures() {
+                check_mutation(&**signatures, &write.key, &write.mutation, now_ms())
+                    .map_err(|why| EngineError::signature(&write.key, why))?;
+            }
             match self
                 .node
                 .write(write.key, write.mutation)

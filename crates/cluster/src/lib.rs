@@ -13,6 +13,7 @@ pub mod membership;
 mod metrics;
 mod node;
 mod observe;
+mod signatures;
 mod strong;
 mod transport;
 
@@ -21,5 +22,6 @@ pub use agentstore_trust::PeerTrust;
 pub use causal::{CausalConfig, CausalEngine};
 pub use engine::ClusterEngine;
 pub use node::{MemberStatus, Node, NodeConfig, NodeError, RepairStep, ScanPage, Status};
+pub use signatures::SignedCollections;
 pub use strong::{StrongConfig, StrongEngine};
 pub use transport::{Dropped, Incoming, PeerSecurity, Transport};

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agentstore_core::codec;
 use agentstore_core::crdt::Crdt;
@@ -19,8 +20,11 @@ use agentstore_core::record::Mutation;
 use agentstore_core::replication::{
     Coordinator, Effect, HINT_REQUEST_BIT, Input, Message, Outcome, RequestId,
 };
+use agentstore_core::signing::{check_mutation, check_record};
 use agentstore_core::{Causality, Key, NodeId, Record};
-use agentstore_engine::{Engine, EngineMetrics, Instrumented, LocalEngine};
+use agentstore_engine::{
+    Engine, EngineError, EngineMetrics, Instrumented, LocalEngine, PhysicalClock, SystemClock,
+};
 use agentstore_wire::Envelope;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -30,6 +34,7 @@ use tokio::task::JoinHandle;
 use crate::membership::{Event, Liveness, Membership, Peer};
 use crate::metrics::NodeMetrics;
 use crate::observe::{AcknowledgedWrites, reachable_share};
+use crate::signatures::SignedCollections;
 use crate::transport::{Incoming, PeerSecurity, Transport};
 
 /// Client requests waiting for the loop.
@@ -73,6 +78,9 @@ pub struct NodeConfig {
     /// Longer than a replica may stay down with hints waiting for it: a hint older than the
     /// tombstone, delivered after the collection, would bring the deleted value back.
     pub tombstone_grace: Duration,
+    /// The collections whose writes must be signed, checked before this node stores any of
+    /// their records (`None`: no collection is signed).
+    pub signatures: Option<Arc<SignedCollections>>,
 }
 
 /// Why a call to a node failed.
@@ -225,6 +233,7 @@ pub struct Node {
     task: JoinHandle<()>,
     registry: Registry,
     members: watch::Receiver<Vec<NodeId>>,
+    signatures: Option<Arc<SignedCollections>>,
 }
 
 impl Node {
@@ -241,6 +250,9 @@ impl Node {
             EngineMetrics::register(&mut registry),
         );
         let metrics = NodeMetrics::register(&mut registry);
+        if let Some(signatures) = &config.signatures {
+            signatures.register(&mut registry);
+        }
         let (transport, inbox) = Transport::start(
             config.id.clone(),
             config.security.clone(),
@@ -294,6 +306,7 @@ impl Node {
             next_peer: 0,
         };
         state.rebuild_ring();
+        let signatures = state.config.signatures.clone();
         let task = tokio::spawn(state.run(requests, inbox, done, stopped));
         Self {
             commands,
@@ -302,7 +315,13 @@ impl Node {
             task,
             registry,
             members: members_seen,
+            signatures,
         }
+    }
+
+    /// The check of signed collections this node runs, if any collection is signed.
+    pub fn signatures(&self) -> Option<&Arc<SignedCollections>> {
+        self.signatures.as_ref()
     }
 
     /// The other members (those that hold keys), in id order, as they change.
@@ -513,10 +532,9 @@ fn past_grace_tombstone(record: &Record, horizon: u64) -> bool {
     record.is_tombstone() && record.stamp.wall_ms <= horizon
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// The wall clock in milliseconds since the Unix epoch (the engines' `SystemClock`).
+pub(crate) fn now_ms() -> u64 {
+    SystemClock.now_ms()
 }
 
 impl Loop {
@@ -1039,6 +1057,9 @@ impl Loop {
                 key,
                 record,
             } => {
+                if self.refuses(&key, &record) {
+                    return;
+                }
                 // Off the loop: concurrent merges share the engine's group commits.
                 let (measured, metrics, transport) = (
                     self.measured.clone(),
@@ -1382,6 +1403,15 @@ impl Loop {
     }
 
     /// Executes effects in order; effects that feed the coordinator add their own.
+    /// Whether `record` must not be stored here: a record of a signed collection whose
+    /// signature does not hold (the check counts and logs the refusal).
+    fn refuses(&self, key: &Key, record: &Record) -> bool {
+        self.config
+            .signatures
+            .as_ref()
+            .is_some_and(|signatures| check_record(&**signatures, key, record).is_err())
+    }
+
     async fn execute(&mut self, effects: Vec<Effect>) {
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
@@ -1393,6 +1423,13 @@ impl Loop {
                     key,
                     mutation,
                 } => {
+                    if let Some(signatures) = &self.config.signatures
+                        && let Err(why) = check_mutation(&**signatures, &key, &mutation, now_ms())
+                    {
+                        let result = Err(EngineError::signature(&key, why).to_string());
+                        let _ = self.finished.send(Input::LocalApplied { request, result });
+                        continue;
+                    }
                     let (measured, finished) = (self.measured.clone(), self.finished.clone());
                     tokio::spawn(async move {
                         let result = measured
@@ -1415,6 +1452,9 @@ impl Loop {
                     });
                 }
                 Effect::MergeLocal { key, record } => {
+                    if self.refuses(&key, &record) {
+                        continue;
+                    }
                     let measured = self.measured.clone();
                     let horizon = self.collect_horizon();
                     tokio::spawn(async move {

@@ -11,12 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use agentstore_consensus::{
     Group, GroupConfig, GroupError, GroupStatus, MemberId, ReadLevel, Rpc, RpcError, RpcFuture,
 };
 use agentstore_core::replication::Message;
+use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, lock};
 use agentstore_wire::Envelope;
@@ -26,6 +27,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::metrics::registered;
+use crate::node::now_ms;
+use crate::signatures::SignedCollections;
 use crate::transport::{Incoming, RaftRoute, ServeFuture, Transport};
 
 /// Raft requests served at once.
@@ -39,12 +42,6 @@ struct RaftRpc {
     transport: Transport,
     waiting: Waiting,
     next: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Rpc for RaftRpc {
@@ -112,6 +109,8 @@ pub struct StrongConfig {
     pub voters: BTreeMap<NodeId, SocketAddr>,
     /// How long a strong write or read may take.
     pub request_timeout: Duration,
+    /// The check of signed collections, run by every member on every entry it applies.
+    pub signatures: Option<Arc<SignedCollections>>,
 }
 
 /// The node's member of the Raft group, as an engine for strong collections: writes and
@@ -256,6 +255,9 @@ impl StrongEngine {
             voters,
         );
         group_config.request_timeout = config.request_timeout;
+        group_config.signatures = config
+            .signatures
+            .map(|signatures| signatures as Arc<dyn Signatures>);
         // Requests that arrive while the group starts wait for it.
         let (started, group_of) = watch::channel::<Option<Group>>(None);
         let slots = Arc::new(Semaphore::new(SERVING));

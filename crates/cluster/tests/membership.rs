@@ -50,6 +50,7 @@ async fn start(name: &str, seeds: &[&Member]) -> Member {
         request_timeout: Duration::from_secs(5),
         anti_entropy_interval: Duration::from_millis(100),
         tombstone_grace: Duration::ZERO,
+        signatures: None,
     };
     let node = Node::start(config, engine.clone(), listener);
     Member {

@@ -54,6 +54,7 @@ fn config(
         request_timeout: Duration::from_millis(500),
         anti_entropy_interval: anti_entropy,
         tombstone_grace: Duration::from_secs(3600),
+        signatures: None,
     }
 }
 
@@ -419,6 +420,7 @@ async fn messages_to_an_unreachable_peer_are_counted_as_dropped() {
         request_timeout: Duration::from_millis(200),
         anti_entropy_interval: NO_ANTI_ENTROPY,
         tombstone_grace: Duration::from_secs(3600),
+        signatures: None,
     };
     let node = Node::start(
         config,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::{EngineError, PhysicalClock, SystemClock, Write};
 use openraft::Instant as _;
@@ -65,6 +66,9 @@ pub struct GroupConfig {
     /// depend on it: entries apply in log order and each stamp follows the key's previous
     /// one whatever the clock says, so a skewed proposer only skews the stamps.
     pub clock: Arc<dyn PhysicalClock>,
+    /// The check of signed collections every member runs before applying an entry (`None`:
+    /// no collection is signed).
+    pub signatures: Option<Arc<dyn Signatures>>,
 }
 
 impl GroupConfig {
@@ -86,6 +90,7 @@ impl GroupConfig {
             snapshot_every: 10_000,
             kept_behind_snapshot: 1000,
             clock: Arc::new(SystemClock),
+            signatures: None,
         }
     }
 }
@@ -208,7 +213,9 @@ impl Group {
     pub async fn start(config: GroupConfig, rpc: Arc<dyn Rpc>) -> Result<Self, GroupError> {
         agentstore_engine::redb_file::create_private_dir(&config.dir).map_err(storage)?;
         let log = LogStore::open(&config.dir.join(LOG_FILE), config.id.clone()).map_err(storage)?;
-        let state = StateMachine::open(&config.dir.join(STATE_FILE)).map_err(storage)?;
+        let state = StateMachine::open(&config.dir.join(STATE_FILE))
+            .map_err(storage)?
+            .with_signatures(config.signatures.clone());
         let heartbeat = config.heartbeat.as_millis() as u64;
         let election = config.election_timeout.as_millis() as u64;
         let raft_config = openraft::Config {

@@ -20,11 +20,14 @@ use std::sync::Arc;
 
 use agentstore_core::codec::{self, Reader, put_bytes, put_uvarint};
 use agentstore_core::hlc::HybridClock;
+use agentstore_core::signing::{Signatures, check_record};
 use agentstore_core::{Key, NodeId, Record};
 use agentstore_engine::two_phase::{
     FENCES, RECORDS, RedbParticipant, TXN_LOCKS, TXN_STAGED, check_unlocked,
 };
-use agentstore_engine::{EngineError, check_fences, decode_stored, prepare_batch, redb_file};
+use agentstore_engine::{
+    EngineError, check_fences, check_signatures, decode_stored, prepare_batch, redb_file,
+};
 use futures_util::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -60,6 +63,9 @@ const SNAPSHOT_FORMAT: u8 = 2;
 pub struct StateMachine {
     db: Arc<Database>,
     stamp: NodeId,
+    /// The signed collections' check, run on every entry's writes and every snapshot's
+    /// records, the same on every member (the configuration is the cluster's).
+    signatures: Option<Arc<dyn Signatures>>,
 }
 
 impl Debug for StateMachine {
@@ -114,7 +120,17 @@ impl StateMachine {
         Ok(Self {
             db: Arc::new(db),
             stamp,
+            signatures: None,
         })
+    }
+
+    /// Checks the writes of signed collections before applying them (see
+    /// `agentstore_core::signing`): an entry with a write whose signature does not hold
+    /// applies nothing and answers the refusal, on every member alike, so a leader cannot
+    /// slip a forged record into the group.
+    pub fn with_signatures(mut self, signatures: Option<Arc<dyn Signatures>>) -> Self {
+        self.signatures = signatures;
+        self
     }
 
     /// The applied record of `key`, tombstones included.
@@ -153,11 +169,16 @@ fn storage(err: impl std::fmt::Display) -> EngineError {
 fn apply_command(
     tables: &mut RedbParticipant<'_, '_>,
     stamp: &NodeId,
+    signatures: Option<&dyn Signatures>,
     command: &[u8],
 ) -> Result<Vec<Record>, EngineError> {
     let (at_ms, op) = decode_command(command).map_err(|e| EngineError::Storage {
         detail: format!("a log entry does not decode: {e}"),
     })?;
+    if let Op::Batch(writes) | Op::Prepare { writes, .. } = &op {
+        // The proposal time, not this member's clock: every member decides alike.
+        check_signatures(signatures, writes, at_ms)?;
+    }
     // A clock that starts fresh for every entry: the stamps depend on the stored records and
     // the proposal time only.
     let mut hlc = HybridClock::new(stamp.clone(), u64::MAX);
@@ -379,6 +400,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let db = Arc::clone(&self.db);
         let stamp = self.stamp.clone();
+        let signatures = self.signatures.clone();
         let small = batch.len() <= INLINE_APPLY;
         let apply = move || {
             let mut txn = db.begin_write().map_err(io_error)?;
@@ -405,7 +427,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for entry in &batch {
                     let outcome = match &entry.payload {
                         EntryPayload::Normal(command) => {
-                            apply_command(&mut tables, &stamp, &command.0)
+                            apply_command(&mut tables, &stamp, signatures.as_deref(), &command.0)
                         }
                         EntryPayload::Membership(membership) => {
                             let stored = StoredMembership::new(
@@ -451,7 +473,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         data: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let contents = decode_snapshot(&data)?;
+        let mut contents = decode_snapshot(&data)?;
+        if let Some(signatures) = &self.signatures {
+            // A snapshot from an honest leader holds no record the check refuses.
+            contents
+                .entries
+                .retain(|(key, record)| check_record(&**signatures, key, record).is_ok());
+        }
         let meta = meta.clone();
         let db = Arc::clone(&self.db);
         blocking(move || {
@@ -545,7 +573,12 @@ mod tests {
                 locks: &mut locks,
                 staged: &mut staged,
             };
-            apply_command(&mut tables, &sm.stamp, &encode_command(1, op))
+            apply_command(
+                &mut tables,
+                &sm.stamp,
+                sm.signatures.as_deref(),
+                &encode_command(1, op),
+            )
         };
         txn.commit().unwrap();
         outcome

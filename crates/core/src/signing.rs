@@ -38,6 +38,9 @@ pub trait Signatures: Send + Sync + fmt::Debug {
         value: Option<&[u8]>,
         attestation: &[u8],
     ) -> Result<u64, SignatureRefused>;
+
+    /// Told of every refusal (to count it); the checks below call it.
+    fn refused(&self, _key: &Key, _why: &SignatureRefused) {}
 }
 
 /// Why a write to a signed collection was refused.
@@ -51,7 +54,9 @@ pub enum SignatureRefused {
     #[error("invalid signature: {0}")]
     Invalid(String),
     /// The record was stamped too long before or after it was signed (a replay).
-    #[error("stamped at {stamped_ms} ms but signed at {signed_ms} ms: outside the {WINDOW_MS} ms window")]
+    #[error(
+        "stamped at {stamped_ms} ms but signed at {signed_ms} ms: outside the {WINDOW_MS} ms window"
+    )]
     OutsideWindow {
         /// When the writer signed.
         signed_ms: u64,
@@ -92,6 +97,14 @@ pub fn check_record(
     if !signatures.required(key) {
         return Ok(());
     }
+    record_rule(signatures, key, record).inspect_err(|why| signatures.refused(key, why))
+}
+
+fn record_rule(
+    signatures: &dyn Signatures,
+    key: &Key,
+    record: &Record,
+) -> Result<(), SignatureRefused> {
     let (Value::Register(value), Some(attestation)) = (&record.value, &record.attestation) else {
         return Err(SignatureRefused::Unsigned);
     };
@@ -112,14 +125,14 @@ pub fn check_mutation(
     if !signatures.required(key) {
         return Ok(());
     }
-    match mutation {
-        Mutation::Signed { value, attestation } => {
-            let signed_ms = signatures.verify(key, value.as_deref(), attestation)?;
-            within_window(signed_ms, now_ms)
-        }
-        Mutation::Merge(record) => check_record(signatures, key, record),
+    let checked = match mutation {
+        Mutation::Signed { value, attestation } => signatures
+            .verify(key, value.as_deref(), attestation)
+            .and_then(|signed_ms| within_window(signed_ms, now_ms)),
+        Mutation::Merge(record) => record_rule(signatures, key, record),
         _ => Err(SignatureRefused::Unsigned),
-    }
+    };
+    checked.inspect_err(|why| signatures.refused(key, why))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use agentstore_core::codec;
 use agentstore_core::hlc::HybridClock;
 use agentstore_core::record::{self, Record};
+use agentstore_core::signing::{Signatures, check_mutation};
 
 use crate::clock::NodeClock;
 use crate::error::EngineError;
@@ -64,6 +65,23 @@ pub fn prepare_batch(
         results.push((write.key.clone(), next));
     }
     Ok(results)
+}
+
+/// Refuses a batch with a write that a signed collection may not take at `now_ms` (the time
+/// its stamps are drawn from; see `agentstore_core::signing`). Nothing of the batch applies.
+pub fn check_signatures(
+    signatures: Option<&dyn Signatures>,
+    writes: &[Write],
+    now_ms: u64,
+) -> Result<(), EngineError> {
+    let Some(signatures) = signatures else {
+        return Ok(());
+    };
+    for write in writes {
+        check_mutation(signatures, &write.key, &write.mutation, now_ms)
+            .map_err(|why| EngineError::signature(&write.key, why))?;
+    }
+    Ok(())
 }
 
 /// Refuses a batch fenced by a token older than the highest seen for its lock (`highest`

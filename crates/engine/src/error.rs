@@ -50,6 +50,16 @@ pub enum EngineError {
         /// The kinds involved.
         source: WrongKind,
     },
+    /// A write or record of a collection that requires signed writes was refused: unsigned,
+    /// a signature that does not hold, or stamped outside the window of its signing time.
+    /// Nothing in its batch was written.
+    #[error("`{key}`: {source}")]
+    SignatureRefused {
+        /// The key.
+        key: Key,
+        /// Why.
+        source: agentstore_core::signing::SignatureRefused,
+    },
     /// A conditional write found another version; nothing in its batch was written.
     #[error("`{key}`: {source}")]
     ExpectationFailed {
@@ -206,6 +216,7 @@ impl EngineError {
             EngineError::UnsupportedFormat { .. } => "unsupported_format",
             EngineError::Decode { .. } => "decode",
             EngineError::WrongKind { .. } => "wrong_kind",
+            EngineError::SignatureRefused { .. } => "signature_refused",
             EngineError::ExpectationFailed { .. } => "expectation_failed",
             EngineError::Fenced { .. } => "fenced",
             EngineError::InTransaction { .. } => "in_transaction",
@@ -222,6 +233,14 @@ impl EngineError {
             EngineError::SessionBehind { .. } => "session_behind",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
+        }
+    }
+
+    /// The refusal of a write to `key`'s signed collection.
+    pub fn signature(key: &Key, source: agentstore_core::signing::SignatureRefused) -> Self {
+        EngineError::SignatureRefused {
+            key: key.clone(),
+            source,
         }
     }
 

@@ -33,7 +33,7 @@ use std::future::Future;
 pub use agentstore_core::Key;
 pub use agentstore_core::record::{Expect, Mutation, Record};
 pub use any::{AnyEngine, DynEngine, EngineFuture};
-pub use batch::{check_fences, decode_stored, prepare_batch};
+pub use batch::{check_fences, check_signatures, decode_stored, prepare_batch};
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
 pub use local::{DATA_FILE, Hint, LocalEngine};

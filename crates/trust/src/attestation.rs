@@ -103,10 +103,7 @@ impl Attestation {
         value: Option<&[u8]>,
     ) -> Result<PublicKey, TrustError> {
         let author = self.chain.verify(authority, "attestation's token")?;
-        if !self
-            .chain
-            .allows(Operation::Write, key, self.signed_at_ms)
-        {
+        if !self.chain.allows(Operation::Write, key, self.signed_at_ms) {
             return Err(TrustError::NotAllowed {
                 reason: format!(
                     "the writer's token did not allow write on '{key}' at {} ms",

@@ -186,7 +186,11 @@ pub(crate) struct Chain {
 impl Chain {
     /// Checks every block's signature, the first by `authority`; returns the key the last
     /// block names (the holder's).
-    pub(crate) fn verify(&self, authority: &PublicKey, what: &'static str) -> Result<PublicKey, TrustError> {
+    pub(crate) fn verify(
+        &self,
+        authority: &PublicKey,
+        what: &'static str,
+    ) -> Result<PublicKey, TrustError> {
         let mut signer = *authority;
         let mut previous: Option<&[u8; 64]> = None;
         for block in &self.blocks {
@@ -234,7 +238,10 @@ impl Chain {
     pub(crate) fn decode_from(reader: &mut Reader<'_>) -> Result<Self, TrustError> {
         let count = usize::from(reader.u8()?);
         if count == 0 || count > MAX_BLOCKS {
-            return Err(TrustError::malformed(reader.what, format!("{count} blocks")));
+            return Err(TrustError::malformed(
+                reader.what,
+                format!("{count} blocks"),
+            ));
         }
         let mut blocks = Vec::with_capacity(count);
         for _ in 0..count {

@@ -67,7 +67,9 @@ fn a_write_outside_the_tokens_rights_or_after_its_expiry_is_refused() {
         elsewhere.verify(&authority.public(), "ledger:a", Some(b"x")),
         Err(TrustError::NotAllowed { .. })
     ));
-    let late = token.sign_write("notes:a", Some(b"x"), NOW + 1_000).unwrap();
+    let late = token
+        .sign_write("notes:a", Some(b"x"), NOW + 1_000)
+        .unwrap();
     assert!(matches!(
         late.verify(&authority.public(), "notes:a", Some(b"x")),
         Err(TrustError::NotAllowed { .. })

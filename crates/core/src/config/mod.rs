@@ -124,6 +124,9 @@ pub struct CollectionConfig {
     pub conflict: Option<ConflictStrategy>,
     /// Whether its values are encrypted before they leave the store (`encrypted: true`).
     pub encrypted: bool,
+    /// Whether every write must carry its writer's signature, which every node checks
+    /// (`signed: true`; see `crate::signing`).
+    pub signed: bool,
 }
 
 /// A whole, validated configuration.
@@ -232,6 +235,8 @@ pub struct CollectionPlan {
     pub conflict: ConflictStrategy,
     /// Whether its values are stored encrypted.
     pub encrypted: bool,
+    /// Whether its writes must be signed by their writers.
+    pub signed: bool,
     /// Replication between nodes.
     pub replication: Replication,
     /// What the configuration really delivers.
@@ -280,6 +285,7 @@ impl Config {
             consistency,
             conflict: settings.conflict.unwrap_or(self.default_conflict),
             encrypted: settings.encrypted,
+            signed: settings.signed,
             replication: self.replication,
             guarantee: self.guarantee(backend, consistency),
         }
@@ -454,9 +460,32 @@ impl Config {
                     "collection `{name}` uses supabase but storage.supabase is not set"
                 ));
             }
+            if settings.signed {
+                signed_rule(backend, settings.conflict.unwrap_or(self.default_conflict))
+                    .map_err(|reason| format!("collection `{name}`: {reason}"))?;
+            }
         }
         Ok(())
     }
+}
+
+/// What a signed collection must be: lww registers (a signature covers one writer's value;
+/// a merged counter or set has many writers) on the local backend (the nodes check
+/// signatures; Redis and PostgreSQL would store what they are given).
+pub(crate) fn signed_rule(backend: Backend, conflict: ConflictStrategy) -> Result<(), String> {
+    if conflict != ConflictStrategy::Register {
+        return Err(format!(
+            "only lww collections can be signed: a {conflict} value merges many writers' \
+             changes, which no one writer's signature covers"
+        ));
+    }
+    if backend != Backend::Local {
+        return Err(format!(
+            "only local collections can be signed: the nodes check the signatures, and \
+             {backend} would store whatever it is given"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::locate::{locate, path_at};
 use super::{
     Backend, ClientAuth, ClusterConfig, CollectionConfig, Config, ConfigError, ConflictStrategy,
     IsolationLevel, PeerAuth, RedisConfig, Replication, ReplicationStrategy, SupabaseConfig,
+    signed_rule,
 };
 use crate::key::validate_collection;
 use crate::level::ConsistencyLevel;
@@ -64,6 +65,8 @@ struct Collection {
     conflict: Option<ConflictStrategy>,
     #[serde(default)]
     encrypted: bool,
+    #[serde(default)]
+    signed: bool,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +342,15 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 ),
             ));
         }
+        if collection.signed {
+            check_signed(
+                &config,
+                backend,
+                conflict,
+                &format!("{field}.signed"),
+                source,
+            )?;
+        }
         config.collections.insert(
             name,
             CollectionConfig {
@@ -346,6 +358,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 consistency: collection.consistency,
                 conflict: collection.conflict,
                 encrypted: collection.encrypted,
+                signed: collection.signed,
             },
         );
     }
@@ -373,6 +386,28 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
         }
     }
     Ok(config)
+}
+
+/// A signed collection holds lww registers on the nodes' own engine (the nodes are what
+/// check the signatures), in a cluster with an authority (what the signatures chain to).
+fn check_signed(
+    config: &Config,
+    backend: Backend,
+    conflict: ConflictStrategy,
+    field: &str,
+    source: &Source<'_>,
+) -> Result<(), ConfigError> {
+    if let Err(reason) = signed_rule(backend, conflict) {
+        return Err(source.error(field, reason));
+    }
+    match config.cluster.as_ref().map(|c| &c.peer_auth) {
+        Some(PeerAuth::Authority(_)) => Ok(()),
+        _ => Err(source.error(
+            field,
+            "signatures chain to the cluster's authority: signed collections need \
+             storage.cluster with an `authority`",
+        )),
+    }
 }
 
 fn check_backend_block(

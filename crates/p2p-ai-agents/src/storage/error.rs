@@ -58,6 +58,15 @@ pub enum StorageError {
         /// The key.
         key: String,
     },
+    /// A write to a signed collection through a handle with no token to sign it
+    /// (`Storage::signing_with`).
+    #[error(
+        "collection `{collection}` takes only signed writes: write through `Storage::signing_with(token)` (the CLI: `--sign`)"
+    )]
+    SignatureRequired {
+        /// The collection.
+        collection: String,
+    },
     /// The operation does not fit the collection's conflict strategy.
     #[error(
         "`{key}`: collection `{collection}` holds {strategy} values, which do not support {operation}; \
@@ -152,6 +161,7 @@ impl StorageError {
             StorageError::Serialize { .. } => "serialize",
             StorageError::Deserialize { .. } => "deserialize",
             StorageError::Unsealable { .. } => "unsealable",
+            StorageError::SignatureRequired { .. } => "signature_required",
             StorageError::WrongOperation { .. } => "wrong_operation",
             StorageError::Siblings { .. } => "siblings",
             StorageError::VersionMismatch { .. } => "version_mismatch",

@@ -63,11 +63,14 @@ impl Storage {
         Option<(State, agentstore_core::VersionVector)>,
     )> {
         let call = self.call(lock, None)?;
-        if call.plan.conflict != ConflictStrategy::Register || call.plan.encrypted {
+        if call.plan.conflict != ConflictStrategy::Register
+            || call.plan.encrypted
+            || call.plan.signed
+        {
             return Err(Storage::wrong(
                 &call,
                 "lock",
-                "a lock is a key of an lww collection that is not encrypted",
+                "a lock is a key of an lww collection that is neither encrypted nor signed",
             ));
         }
         let record = call.engine.get(&call.key).await?;

@@ -53,8 +53,9 @@ pub use agentstore_core::config::{
 use agentstore_core::record::{Mutation, Value};
 use agentstore_engine::{
     AnyEngine, DynEngine, Engine, EngineError, EngineMetrics, Expect, Instrumented, NodeClock,
-    Record, Write,
+    PhysicalClock, Record, SystemClock, Write,
 };
+pub use agentstore_trust::{Attestation, Capability, PublicKey, TrustError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
@@ -116,6 +117,50 @@ pub struct Versioned<T> {
     pub value: T,
     /// Its version; pass it to [`Storage::compare_and_set`].
     pub version: Version,
+    /// Its writer's signature, on a signed collection: who wrote it and the attestation any
+    /// holder of the cluster's authority key can check ([`Signed::verify`]).
+    pub signed: Option<Signed>,
+}
+
+/// The writer's signature of a value in a signed collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The writer: the key its token signs with ([`Capability::author`]).
+    pub author: PublicKey,
+    /// When the writer signed (milliseconds since the Unix epoch, by its clock).
+    pub signed_at_ms: u64,
+    /// The signature, with the writer's token chain (never its proof).
+    pub attestation: Attestation,
+    /// The value's bytes as stored, which the attestation signs.
+    stored: Vec<u8>,
+    key: String,
+}
+
+impl Signed {
+    fn of(key: &Key, record: &Record) -> Option<Self> {
+        let (Value::Register(Some(stored)), Some(bytes)) = (&record.value, &record.attestation)
+        else {
+            return None;
+        };
+        let attestation = Attestation::decode(bytes).ok()?;
+        Some(Self {
+            author: attestation.author(),
+            signed_at_ms: attestation.signed_at_ms(),
+            attestation,
+            stored: stored.clone(),
+            key: key.as_str()?.to_owned(),
+        })
+    }
+
+    /// Checks the signature end to end, with nothing but the cluster's authority key: the
+    /// writer's token chains to `authority`, allowed this write when it was signed, and its
+    /// holder signed exactly this key and value. Nodes check this before storing; a reader
+    /// that trusts no node checks it again here.
+    pub fn verify(&self, authority: &PublicKey) -> Result<(), TrustError> {
+        self.attestation
+            .verify(authority, &self.key, Some(&self.stored))
+            .map(|_| ())
+    }
 }
 
 /// The concurrent values of a multi-value key, and the context that replaces them all.
@@ -141,6 +186,8 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub struct Storage {
     inner: Arc<Inner>,
+    /// The token this handle signs writes of signed collections with, if any.
+    signer: Option<Arc<Capability>>,
 }
 
 #[derive(Debug)]
@@ -165,6 +212,9 @@ struct Call<'a> {
     level: ConsistencyLevel,
     /// The collection's sealer, if its values are encrypted.
     sealer: Option<&'a sealing::Sealer>,
+    /// The token that signs this call's writes, if the collection is signed and the handle
+    /// has one.
+    signer: Option<&'a Capability>,
 }
 
 /// Whether a read must see the latest write or may read this node's copy.
@@ -270,6 +320,8 @@ impl Storage {
                             conflict: Some(conflict),
                             // The client encrypts and decrypts: the node stores ciphertext.
                             encrypted: collection["encrypted"].as_bool().unwrap_or(false),
+                            // The client signs (`signing_with`); the nodes check.
+                            signed: collection["signed"].as_bool().unwrap_or(false),
                         },
                     );
                 }
@@ -343,6 +395,7 @@ impl Storage {
                 coordinator,
                 sealer,
             }),
+            signer: None,
         };
         if recover && in_cluster {
             // A cluster's Raft group may not have a leader yet: recover once it has.
@@ -437,6 +490,79 @@ impl Storage {
             engine: &route.engine,
             level,
             sealer: self.sealer_of(plan),
+            signer: self.signer.as_deref().filter(|_| plan.signed),
+        })
+    }
+
+    /// A handle to the same store that signs its writes to signed collections with `token`
+    /// (its holder's key becomes their author; see [`Capability::sign_write`]). Writes to
+    /// signed collections through a handle without a token are refused before they leave.
+    ///
+    /// The token never leaves this process: what travels is each write's attestation. The
+    /// node a client talks to learns the token it authenticates with (`NodeClient::with_token`),
+    /// so authenticate with an attenuated copy (`Capability::attenuate`) and sign with the
+    /// original: then no node can sign as this writer.
+    pub fn signing_with(&self, token: Capability) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            signer: Some(Arc::new(token)),
+        }
+    }
+
+    /// Writes to a signed collection with a signature made elsewhere (by a client that keeps
+    /// its token): the node's HTTP API uses it for writes that carry an
+    /// `agentstore-attestation` header. `value` is the JSON value (`None`: a delete); the
+    /// attestation must sign its compact JSON bytes. Nodes refuse it if the signature does
+    /// not hold.
+    pub async fn write_attested(
+        &self,
+        key: &str,
+        value: Option<&serde_json::Value>,
+        attestation: &Attestation,
+        level: Option<ConsistencyLevel>,
+    ) -> Result<WriteReceipt> {
+        traced("set", key, async move {
+            let call = self.call(key, level)?;
+            if !call.plan.signed {
+                return Err(Self::wrong(
+                    &call,
+                    "a signed write",
+                    "the collection is not signed (signed: true)",
+                ));
+            }
+            let value = value.map(|v| Self::encode(&call, v)).transpose()?;
+            let mutation = Mutation::Signed {
+                value,
+                attestation: attestation.encode(),
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
+    }
+
+    /// The write of an LWW register (`None`: a delete): signed when the collection is.
+    fn lww(call: &Call<'_>, value: Option<Vec<u8>>) -> Result<Mutation> {
+        if !call.plan.signed {
+            return Ok(value.map_or(Mutation::Delete, Mutation::Put));
+        }
+        let Some(signer) = call.signer else {
+            return Err(StorageError::SignatureRequired {
+                collection: call.key.collection().to_owned(),
+            });
+        };
+        let key = call
+            .key
+            .as_str()
+            .ok_or_else(|| StorageError::SignatureRequired {
+                collection: call.key.collection().to_owned(),
+            })?;
+        let attestation = signer
+            .sign_write(key, value.as_deref(), SystemClock.now_ms())
+            .map_err(|e| StorageError::InvalidConfig(format!("the signing token: {e}")))?;
+        Ok(Mutation::Signed {
+            value,
+            attestation: attestation.encode(),
         })
     }
 
@@ -510,7 +636,7 @@ impl Storage {
     fn set_mutation<T: Serialize>(call: &Call<'_>, value: &T) -> Result<Mutation> {
         let bytes = Self::encode(call, value)?;
         Ok(match call.plan.conflict {
-            ConflictStrategy::Register => Mutation::Put(bytes),
+            ConflictStrategy::Register => Self::lww(call, Some(bytes))?,
             // A write without a context does not overwrite what it has not seen: it becomes a
             // sibling. Use `set_with_context` to replace siblings.
             ConflictStrategy::MultiValue => Mutation::PutSibling {
@@ -560,11 +686,11 @@ impl Storage {
                     "compare-and-set needs an lww collection",
                 ));
             }
-            let bytes = Self::encode(&call, &value)?;
+            let mutation = Self::lww(&call, Some(Self::encode(&call, &value)?))?;
             let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
             match call
                 .engine
-                .apply_if(call.key.clone(), Mutation::Put(bytes), expect)
+                .apply_if(call.key.clone(), mutation, expect)
                 .await
             {
                 Ok(record) => Ok(Self::receipt(&call, &record)),
@@ -658,8 +784,13 @@ impl Storage {
                     }
                 },
             };
+            let signed = Signed::of(&call.key, &record);
             let version = Version(record.version);
-            Ok(Some(Versioned { value, version }))
+            Ok(Some(Versioned {
+                value,
+                version,
+                signed,
+            }))
         })
         .await
     }
@@ -687,9 +818,16 @@ impl Storage {
     ) -> Result<WriteReceipt> {
         traced("delete", key, async move {
             let call = self.call(key, level)?;
+            if call.plan.conflict == ConflictStrategy::Register {
+                // A tombstone needs nothing of the current state: no read first.
+                let record = call
+                    .engine
+                    .apply(call.key.clone(), Self::lww(&call, None)?)
+                    .await?;
+                return Ok(Self::receipt(&call, &record));
+            }
             let current = call.engine.get(&call.key).await?;
             let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {
-                (ConflictStrategy::Register, _) => vec![Mutation::Delete],
                 (ConflictStrategy::MultiValue, Some(Value::MultiValue(register))) => {
                     vec![Mutation::PutSibling {
                         value: None,

@@ -3,7 +3,6 @@
 use std::fmt;
 
 use agentstore_core::config::ConflictStrategy;
-use agentstore_core::record::Mutation;
 use agentstore_engine::{Engine, EngineError, Expect, Fence, Record, Write};
 use serde::Serialize;
 
@@ -117,20 +116,18 @@ impl<'s> Transaction<'s> {
                     "compare-and-set needs an lww collection",
                 ));
             }
-            let bytes = Storage::encode(call, &value)?;
+            let mutation = Storage::lww(call, Some(Storage::encode(call, &value)?))?;
             let expect = expected.map_or(Expect::Absent, |v| Expect::Version(v.0.clone()));
-            Ok(Write::expecting(
-                call.key.clone(),
-                Mutation::Put(bytes),
-                expect,
-            ))
+            Ok(Write::expecting(call.key.clone(), mutation, expect))
         })
     }
 
     /// Deletes an `lww` key (a tombstone).
     pub fn delete(&mut self, key: &str) -> &mut Self {
         self.stage(key, |call| match call.plan.conflict {
-            ConflictStrategy::Register => Ok(Write::new(call.key.clone(), Mutation::Delete)),
+            ConflictStrategy::Register => {
+                Ok(Write::new(call.key.clone(), Storage::lww(call, None)?))
+            }
             _ => Err(Storage::wrong(
                 call,
                 "delete",

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use agentstore_cluster::{
     CausalConfig, CausalEngine, ClusterEngine, Node, NodeConfig, PeerSecurity, PeerTrust,
-    StrongConfig, StrongEngine,
+    SignedCollections, StrongConfig, StrongEngine,
 };
 use agentstore_core::config::{ClientAuth, Config, PeerAuth};
 use agentstore_core::{ConsistencyLevel, Key, codec};
@@ -28,7 +28,7 @@ use agentstore_engine::batch_codec::{decode_writes, encode_outcome};
 use agentstore_engine::{Engine, EngineError, Fence, LocalEngine, NodeClock, Write};
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
@@ -36,10 +36,14 @@ use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::{ClusterEngines, Storage, StorageError, Version, default_data_dir};
+use super::{Attestation, ClusterEngines, Storage, StorageError, Version, default_data_dir};
 
 /// The header that carries a session token (see [`super::Session`]) both ways.
 pub const SESSION_HEADER: &str = "agentstore-session";
+
+/// The header that carries a write's attestation (`agentstore-attestation-v1:…`) on a write
+/// to a signed collection, made by a client that keeps its token.
+pub const ATTESTATION_HEADER: &str = "agentstore-attestation";
 
 /// The OpenAPI document of the client API.
 pub const OPENAPI: &str = include_str!("../../../../../docs/openapi.yaml");
@@ -111,22 +115,26 @@ fn engine_error(err: EngineError) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "unsupported", message)
         }
         EngineError::WrongKind { .. } => ApiError::new(StatusCode::CONFLICT, "wrong_kind", message),
+        EngineError::SignatureRefused { .. } => {
+            ApiError::new(StatusCode::FORBIDDEN, "signature_refused", message)
+        }
         EngineError::SessionBehind { waited_ms, .. } => ApiError {
             extra: json!({ "waited_ms": waited_ms }),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "session_behind", message)
         },
         EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
         EngineError::Denied { code, detail, .. } => {
-            let status = if code == "forbidden" {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
             let code = match code.as_str() {
                 "forbidden" => "forbidden",
+                "signature_refused" => "signature_refused",
+                "signature_required" => "signature_required",
                 "invalid_token" => "invalid_token",
                 "token_expired" => "token_expired",
                 _ => "unauthenticated",
+            };
+            let status = match code {
+                "forbidden" | "signature_refused" | "signature_required" => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
             };
             ApiError::new(status, code, detail)
         }
@@ -164,6 +172,9 @@ impl From<StorageError> for ApiError {
             StorageError::LevelUnavailable { .. } => conflict("consistency_unavailable"),
             StorageError::InvalidSession(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_session", message)
+            }
+            StorageError::SignatureRequired { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "signature_required", message)
             }
             StorageError::Engine(err) => engine_error(err),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
@@ -277,7 +288,16 @@ async fn get_key(
                 None => storage.get_versioned::<Json>(&key).await,
             }?;
             let read = read.ok_or_else(|| not_found(&key))?;
-            json!({ "key": key, "value": read.value, "version": read.version.to_string() })
+            let mut body =
+                json!({ "key": key, "value": read.value, "version": read.version.to_string() });
+            if let Some(signed) = &read.signed {
+                body["signed"] = json!({
+                    "author": signed.author.to_string(),
+                    "signed_at_ms": signed.signed_at_ms,
+                    "attestation": signed.attestation.to_text(),
+                });
+            }
+            body
         }
         S::MultiValue => {
             let siblings = storage.get_siblings::<Json>(&key).await?;
@@ -294,14 +314,56 @@ async fn get_key(
     Ok(axum::Json(body).into_response())
 }
 
+/// The attestation a write carries in its header, if any.
+fn attestation_of(headers: &HeaderMap) -> Result<Option<Attestation>, ApiError> {
+    let Some(value) = headers.get(ATTESTATION_HEADER) else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_attestation",
+            format!("the {ATTESTATION_HEADER} header: {reason}"),
+        )
+    };
+    let text = value.to_str().map_err(|_| invalid("not ASCII".into()))?;
+    Attestation::from_text(text)
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// A write that carries its attestation: only `consistency=` applies.
+async fn attested_write(
+    api: &Api,
+    key: &str,
+    value: Option<&Json>,
+    attestation: &Attestation,
+    query: &KeyQuery,
+) -> Answer {
+    if query.if_version.is_some() || query.fence_lock.is_some() || query.context.is_some() {
+        return Err(invalid_query(
+            "a write with an attestation takes only consistency=",
+        ));
+    }
+    let receipt = api
+        .storage
+        .write_attested(key, value, attestation, query.consistency)
+        .await?;
+    Ok(written(key, &receipt.version))
+}
+
 async fn put_key(
     State(api): State<Api>,
     Path(key): Path<String>,
     Query(query): Query<KeyQuery>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Answer {
     let value: Json =
         serde_json::from_slice(&body).map_err(|_| invalid_body("the body must be a JSON value"))?;
+    if let Some(attestation) = attestation_of(&headers)? {
+        return attested_write(&api, &key, Some(&value), &attestation, &query).await;
+    }
     let storage = &api.storage;
     let collection = parse_key(&key)?.collection().to_owned();
     let receipt = if storage.plan(&collection).conflict
@@ -345,7 +407,11 @@ async fn delete_key(
     State(api): State<Api>,
     Path(key): Path<String>,
     Query(query): Query<KeyQuery>,
+    headers: HeaderMap,
 ) -> Answer {
+    if let Some(attestation) = attestation_of(&headers)? {
+        return attested_write(&api, &key, None, &attestation, &query).await;
+    }
     let receipt = match query.consistency {
         Some(level) => api.storage.delete_with_consistency(&key, level).await?,
         None => api.storage.delete(&key).await?,
@@ -720,6 +786,7 @@ async fn status(State(api): State<Api>) -> Answer {
                 "consistency": plan.consistency,
                 "conflict": plan.conflict,
                 "encrypted": plan.encrypted,
+                "signed": plan.signed,
                 "replication": {
                     "strategy": plan.replication.strategy.to_string(),
                     "n": plan.replication.quorum.n,
@@ -742,6 +809,7 @@ async fn status(State(api): State<Api>) -> Answer {
         redis_offset: 0,
     };
     body["causal"] = json!({ "applied": applied.to_string() });
+    body["signed_writes_refused"] = json!(api.node.signatures().map_or(0, |s| s.refused_total()));
     Ok(axum::Json(body).into_response())
 }
 
@@ -997,6 +1065,13 @@ pub async fn run_secured(
             ));
         }
     };
+    // Signed collections need an authority, which the configuration's validation ensures.
+    let signatures = match &security {
+        PeerSecurity::Tls(trust) => {
+            SignedCollections::from_config(&config, *trust.authority()).map(Arc::new)
+        }
+        PeerSecurity::Plaintext => None,
+    };
     let clock = NodeClock::system(config.node_id.clone(), config.max_clock_offset_ms);
     let local = LocalEngine::open(&data_dir, Arc::clone(&clock))?;
     let quorum = config.replication.quorum;
@@ -1016,6 +1091,7 @@ pub async fn run_secured(
         request_timeout: REQUEST_TIMEOUT,
         anti_entropy_interval: Duration::from_secs(1),
         tombstone_grace: TOMBSTONE_GRACE,
+        signatures: signatures.clone(),
     };
     let peer_addr = listeners.peers.local_addr().unwrap_or(cluster.peer_addr);
     let node = Arc::new(Node::start(node_config, local, listeners.peers));
@@ -1028,13 +1104,12 @@ pub async fn run_secured(
         dir: data_dir.clone(),
         voters,
         request_timeout: STRONG_TIMEOUT,
+        signatures: signatures.clone(),
     };
     let strong = StrongEngine::start(strong_config, node.transport().clone()).await?;
-    let causal = CausalEngine::start(
-        CausalConfig::new(data_dir.clone(), clock),
-        node.transport().clone(),
-        node.members(),
-    )?;
+    let mut causal_config = CausalConfig::new(data_dir.clone(), clock);
+    causal_config.signatures = signatures;
+    let causal = CausalEngine::start(causal_config, node.transport().clone(), node.members())?;
     let engines = ClusterEngines {
         leaderless: Arc::new(engine),
         causal: Some(Arc::new(causal.clone())),
