@@ -154,6 +154,29 @@ pub(crate) fn token(command: &TokenCommand, json: bool) -> Result<u8, TrustError
         TokenCommand::Attenuate { token, rights } => {
             Capability::from_text(token)?.attenuate(grants(rights)?, expiry(rights))?
         }
+        TokenCommand::Sign {
+            token,
+            key,
+            value,
+            string,
+            ..
+        } => {
+            // The bytes a node stores for this JSON value: its compact serialization.
+            let bytes = value
+                .as_deref()
+                .map(|v| serde_json::to_vec(&crate::json_arg(v, *string)).expect("JSON"));
+            let attestation = Capability::from_text(token)?.sign_write(
+                key,
+                bytes.as_deref(),
+                SystemClock.now_ms(),
+            )?;
+            if json {
+                println!("{}", json!({ "attestation": attestation.to_text() }));
+            } else {
+                println!("{}", attestation.to_text());
+            }
+            return Ok(exit::OK);
+        }
         TokenCommand::Show {
             token,
             authority_key,
@@ -167,6 +190,7 @@ pub(crate) fn token(command: &TokenCommand, json: bool) -> Result<u8, TrustError
                     "{}",
                     json!({
                         "blocks": token.rights(),
+                        "author": token.author().to_string(),
                         "expires_ms": token.expires_ms(),
                         "verified": verified.as_ref().map(Result::is_ok),
                     })
@@ -179,6 +203,7 @@ pub(crate) fn token(command: &TokenCommand, json: bool) -> Result<u8, TrustError
                     Some(at) => println!("expires at {at} ms since the Unix epoch"),
                     None => println!("never expires"),
                 }
+                println!("signs writes as {}", token.author());
                 match verified {
                     Some(Ok(())) => println!("signed by the authority: yes"),
                     Some(Err(err)) => println!("signed by the authority: NO ({err})"),

@@ -14,6 +14,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agentstore_engine::{PhysicalClock, SystemClock};
+use agentstore_trust::{Capability, Operation, Right};
 use clap::{Args, Parser, Subcommand};
 use p2p_ai_agents::storage::{
     self, Config, ConsistencyLevel, NodeClient, Storage, StorageError, Version, WriteReceipt,
@@ -63,6 +65,10 @@ struct Cli {
     /// nodes of a cluster with an authority require one.
     #[arg(long, global = true, env = "AGENTSTORE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Sign writes to signed collections with --token's key. The node is shown an attenuated
+    /// copy of the token (valid for an hour), so no node holds the key that signs.
+    #[arg(long, global = true)]
+    sign: bool,
     /// Speak HTTPS to the node, trusting the cluster authority's certificate in FILE
     /// (`authority.key.crt`, written by `agentstore authority new`).
     #[arg(long, global = true, env = "AGENTSTORE_CA_CERT", value_name = "FILE")]
@@ -112,6 +118,10 @@ enum Command {
         /// Print every concurrent value and the context that replaces them.
         #[arg(long)]
         siblings: bool,
+        /// Check the value's signature against the cluster authority (its public key, or a
+        /// file holding it, such as `authority.key.pub`); fails unless it holds.
+        #[arg(long, value_name = "AUTHORITY", conflicts_with = "siblings")]
+        verify: Option<String>,
         #[command(flatten)]
         level: LevelArg,
     },
@@ -212,6 +222,24 @@ pub(crate) enum TokenCommand {
         token: String,
         #[command(flatten)]
         rights: Rights,
+    },
+    /// Sign a write with a token, offline: prints the attestation an HTTP client sends in
+    /// the `agentstore-attestation` header of `PUT` (or `DELETE`) `/v1/keys/KEY`, so the
+    /// token itself never reaches a node. VALUE is read as `put` reads it.
+    Sign {
+        /// The token that signs.
+        token: String,
+        /// The key.
+        key: String,
+        /// The value (omit with --delete).
+        #[arg(required_unless_present = "delete")]
+        value: Option<String>,
+        /// Store VALUE as a string even if it parses as JSON.
+        #[arg(long)]
+        string: bool,
+        /// Sign a delete of KEY.
+        #[arg(long, conflicts_with = "value")]
+        delete: bool,
     },
     /// Show what a token grants (and, given --authority-key, whether it verifies).
     Show {
@@ -377,9 +405,36 @@ fn node_client(cli: &Cli, addr: &str) -> Result<NodeClient, StorageError> {
             Some(config)
         }
     };
-    Ok(NodeClient::new(addr)
-        .with_token(cli.token.clone())
-        .with_tls(tls))
+    let token = match signer(cli)? {
+        Some(signing) => Some(presented(&signing)?),
+        None => cli.token.clone(),
+    };
+    Ok(NodeClient::new(addr).with_token(token).with_tls(tls))
+}
+
+/// The token that signs writes, with `--sign`.
+fn signer(cli: &Cli) -> Result<Option<Capability>, StorageError> {
+    match (&cli.token, cli.sign) {
+        (_, false) => Ok(None),
+        (None, true) => Err(StorageError::InvalidConfig(
+            "--sign signs with the token: give --token (or AGENTSTORE_TOKEN)".into(),
+        )),
+        (Some(text), true) => Capability::from_text(text)
+            .map(Some)
+            .map_err(|e| StorageError::InvalidConfig(format!("--token: {e}"))),
+    }
+}
+
+/// What a signing client shows the node: its token narrowed to an hour, whose proof is a new
+/// key, so the node cannot sign as the token's author.
+fn presented(token: &Capability) -> Result<String, StorageError> {
+    let everything = Right::new(&[Operation::Read, Operation::Write, Operation::Admin], "")
+        .expect("a valid right");
+    let hour = SystemClock.now_ms() + 3_600_000;
+    token
+        .attenuate(vec![everything], hour)
+        .map(|t| t.to_text())
+        .map_err(|e| StorageError::InvalidConfig(format!("--token: {e}")))
 }
 
 fn load(cli: &Cli) -> Result<Config, StorageError> {
@@ -394,7 +449,7 @@ fn load(cli: &Cli) -> Result<Config, StorageError> {
 }
 
 /// JSON from the command line: JSON if it parses, else the text as a string.
-fn json_arg(text: &str, force_string: bool) -> Json {
+pub(crate) fn json_arg(text: &str, force_string: bool) -> Json {
     if force_string {
         return Json::String(text.to_owned());
     }
@@ -469,6 +524,10 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         Some(addr) => Storage::connect_client(node_client(&cli, addr)?, load(&cli)?).await?,
         None => Storage::new(load(&cli)?).await?,
     };
+    let storage = match signer(&cli)? {
+        Some(token) => storage.signing_with(token),
+        None => storage,
+    };
     match &cli.command {
         Command::Put {
             key,
@@ -513,7 +572,9 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
                 println!("context={}", siblings.context);
             }
         }
-        Command::Get { key, level, .. } => {
+        Command::Get {
+            key, level, verify, ..
+        } => {
             let read = match level.consistency {
                 Some(level) => {
                     storage
@@ -528,13 +589,36 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
                 }
                 return Ok(exit::NOT_FOUND);
             };
+            if let Some(authority) = verify {
+                let authority = agentstore_trust::authority_from(authority)
+                    .map_err(|e| StorageError::InvalidConfig(format!("--verify: {e}")))?;
+                let Some(signed) = &read.signed else {
+                    eprintln!("error: {key} is not signed");
+                    return Ok(exit::FAILURE);
+                };
+                if let Err(err) = signed.verify(&authority) {
+                    eprintln!("error: the signature of {key} does not hold: {err}");
+                    return Ok(exit::FAILURE);
+                }
+            }
             if cli.json {
-                println!(
-                    "{}",
-                    json!({ "key": key, "value": read.value, "version": read.version.to_string() })
-                );
+                let mut out =
+                    json!({ "key": key, "value": read.value, "version": read.version.to_string() });
+                if let Some(signed) = &read.signed {
+                    out["signed"] = json!({
+                        "author": signed.author.to_string(),
+                        "signed_at_ms": signed.signed_at_ms,
+                        "attestation": signed.attestation.to_text(),
+                        "verified": verify.is_some(),
+                    });
+                }
+                println!("{out}");
             } else {
                 println!("{}", read.value);
+                if let Some(signed) = &read.signed {
+                    let checked = if verify.is_some() { ", verified" } else { "" };
+                    eprintln!("signed by {}{checked}", signed.author);
+                }
             }
         }
         Command::Del { key } => {

@@ -602,3 +602,208 @@ fn an_encrypted_collection_is_ciphertext_on_every_replica() {
     assert_ne!(output.status.code(), Some(0));
     assert!(stderr.contains("AGENTSTORE_ENCRYPTION_KEY"), "{stderr}");
 }
+
+/// Sends `messages` to every node of `nodes` as "mallory": a process the authority admitted,
+/// so its link is trusted, that sends records it forged.
+fn as_an_admitted_node(
+    dir: &std::path::Path,
+    nodes: &[NodeProcess],
+    messages: impl Fn() -> Vec<Message>,
+) {
+    use agentstore_cluster::{PeerSecurity, PeerTrust, Transport};
+    use agentstore_core::NodeId;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (authority, _) =
+            agentstore_trust::SecretKey::load_or_create(&dir.join("authority.key")).unwrap();
+        let trust = PeerTrust::generate(&authority, "mallory").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let names = ["node-a", "node-b", "node-c"].map(|n| NodeId::new(n).unwrap());
+        let peers = names
+            .iter()
+            .zip(nodes)
+            .map(|(id, node)| (id.clone(), ([127, 0, 0, 1], node.peer_port).into()))
+            .collect();
+        let (transport, _inbox) = Transport::start(
+            NodeId::new("mallory").unwrap(),
+            PeerSecurity::Tls(std::sync::Arc::new(trust)),
+            listener,
+            peers,
+            stopped,
+            prometheus_client::metrics::family::Family::default(),
+        );
+        for id in &names {
+            for message in messages() {
+                transport.send(id, Envelope::new(message));
+            }
+        }
+        // Time for the links to open and the frames to go out.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+}
+
+#[test]
+fn a_forged_or_altered_signed_record_is_refused_by_every_replica() {
+    use agentstore_core::causal::CausalWrite;
+    use agentstore_core::record::{self, Mutation};
+    use agentstore_core::{HybridClock, Key, NodeId, VersionVector};
+
+    let dir = tempfile::tempdir().unwrap();
+    let collections = "  collections:\n    posts: { signed: true }\n    feed: { signed: true, consistency: causal }\n    ledger: { signed: true, consistency: strong }\n";
+    let nodes = cluster(dir.path(), collections);
+    let authority = dir.path().join("authority.key");
+    let public = dir.path().join("authority.key.pub");
+    std::fs::write(
+        &public,
+        common::admit(dir.path(), "node-a", &nodes[0].data).to_string(),
+    )
+    .unwrap();
+    let (code, token, stderr) = cli(&[
+        "token",
+        "issue",
+        "--authority",
+        authority.to_str().unwrap(),
+        "--read",
+        "",
+        "--write",
+        "posts:",
+        "--write",
+        "feed:",
+        "--write",
+        "ledger:",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let a = format!("127.0.0.1:{}", nodes[0].client.port());
+
+    // Signed writes at every level, through the CLI; an unsigned one is refused.
+    for key in ["posts:hello", "feed:hello", "ledger:hello"] {
+        let (code, _, stderr) = cli(&["--node", &a, "--token", &token, "--sign", "put", key, "hi"]);
+        assert_eq!(code, 0, "{key}: {stderr}");
+    }
+    let (status, body) = http(nodes[0].client, "PUT", "/v1/keys/posts:plain", "1").unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (403, "signature_required"),
+        "{body}"
+    );
+    // An HTTP client signs offline and sends only the attestation; one made for another
+    // value is refused.
+    let (code, attestation, stderr) = cli(&["token", "sign", &token, "posts:curl", "{\"n\": 1}"]);
+    assert_eq!(code, 0, "{stderr}");
+    let header = ("agentstore-attestation", attestation.as_str());
+    let (status, body) = common::http_header(
+        nodes[1].client,
+        "PUT",
+        "/v1/keys/posts:curl",
+        "{\"n\": 2}",
+        header,
+    )
+    .unwrap();
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (403, "signature_refused"),
+        "{body}"
+    );
+    let (status, body) = common::http_header(
+        nodes[1].client,
+        "PUT",
+        "/v1/keys/posts:curl",
+        "{\"n\": 1}",
+        header,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Mallory, an admitted node, sends every node records it made up: the signed value
+    // altered (and stamped later, so it would win), a record with no signature, and one
+    // signed under another authority; by replication and by causal broadcast.
+    let signer = agentstore_trust::Capability::from_text(&token).unwrap();
+    let stranger = agentstore_trust::Capability::issue(
+        &agentstore_trust::SecretKey::generate(),
+        vec![agentstore_trust::Right::new(&[agentstore_trust::Operation::Write], "").unwrap()],
+        0,
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let made_up =
+        |key: &str, value: &str, signed_value: &str, by: &agentstore_trust::Capability| {
+            let attestation = by
+                .sign_write(key, Some(signed_value.as_bytes()), now)
+                .unwrap()
+                .encode();
+            let mutation = Mutation::Signed {
+                value: Some(value.as_bytes().to_vec()),
+                attestation,
+            };
+            let mut clock = HybridClock::new(NodeId::new("mallory").unwrap(), 60_000);
+            record::apply(None, &mutation, &mut clock, now + 1_000).unwrap()
+        };
+    let messages = || {
+        let mut unsigned = made_up("posts:new", "\"x\"", "\"x\"", &signer);
+        unsigned.attestation = None;
+        let replicate = |key: &str, record| Message::Replicate {
+            request: 0,
+            key: Key::new(key).unwrap(),
+            record,
+        };
+        vec![
+            replicate(
+                "posts:hello",
+                made_up("posts:hello", "\"forged\"", "\"hi\"", &signer),
+            ),
+            replicate("posts:new", unsigned),
+            replicate(
+                "posts:other",
+                made_up("posts:other", "\"x\"", "\"x\"", &stranger),
+            ),
+            Message::CausalWrites {
+                writes: vec![CausalWrite {
+                    origin: NodeId::new("mallory").unwrap(),
+                    seq: 1,
+                    deps: VersionVector::new(),
+                    entries: vec![(
+                        Key::new("feed:hello").unwrap(),
+                        made_up("feed:hello", "\"forged\"", "\"hi\"", &signer),
+                    )],
+                }],
+            },
+        ]
+    };
+    as_an_admitted_node(dir.path(), &nodes, messages);
+
+    for (i, node) in nodes.iter().enumerate() {
+        let name = ["node-a", "node-b", "node-c"][i];
+        let addr = format!("127.0.0.1:{}", node.client.port());
+        eventually("the node counts what it refused", || {
+            let (_, status) = http(node.client, "GET", "/v1/status", "").unwrap();
+            let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+            let refused = status["signed_writes_refused"].as_u64().unwrap_or(0);
+            (refused >= 4)
+                .then_some(())
+                .ok_or(format!("{name} refused {refused}"))
+        });
+        let (_, body) = http(node.client, "GET", "/v1/keys/posts:curl", "").unwrap();
+        let read: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(read["value"]["n"], 1, "{body}");
+        assert_eq!(read["signed"]["author"], signer.author().to_string());
+        for key in ["posts:hello", "feed:hello", "ledger:hello"] {
+            let args = ["--node", &addr, "--json", "get", "--verify"];
+            let (code, out, stderr) = cli(&[&args[..], &[public.to_str().unwrap(), key]].concat());
+            assert_eq!(code, 0, "{key} on {name}: {stderr}");
+            let read: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(read["value"], "hi", "{key} on {name}");
+            assert_eq!(read["signed"]["author"], signer.author().to_string());
+        }
+        for key in ["posts:new", "posts:other"] {
+            let (code, _, _) = cli(&["--node", &addr, "get", key]);
+            assert_eq!(code, 3, "{key} must not exist on {name}");
+        }
+    }
+}

@@ -584,6 +584,94 @@ mod tests {
         outcome
     }
 
+    /// Keys of collection `s` need an attestation `sig:` + the value, signed at 1 ms.
+    #[derive(Debug)]
+    struct Toy;
+
+    impl Signatures for Toy {
+        fn required(&self, key: &Key) -> bool {
+            key.collection() == "s"
+        }
+
+        fn verify(
+            &self,
+            _key: &Key,
+            value: Option<&[u8]>,
+            attestation: &[u8],
+        ) -> Result<u64, agentstore_core::signing::SignatureRefused> {
+            if attestation == [&b"sig:"[..], value.unwrap_or_default()].concat() {
+                Ok(1)
+            } else {
+                Err(agentstore_core::signing::SignatureRefused::Invalid(
+                    "toy".into(),
+                ))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_member_refuses_an_entry_with_a_forged_signed_write_and_a_snapshot_drops_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("a"))
+            .unwrap()
+            .with_signatures(Some(Arc::new(Toy)));
+        let key = Key::new(b"s:k".to_vec()).unwrap();
+        let signed = |value: &str, attestation: &str| {
+            Write::new(
+                key.clone(),
+                Mutation::Signed {
+                    value: Some(value.as_bytes().to_vec()),
+                    attestation: attestation.as_bytes().to_vec(),
+                },
+            )
+        };
+        run(&sm, &Op::Batch(vec![signed("v", "sig:v")])).unwrap();
+        let other = Write::new(
+            Key::new(b"plain:k".to_vec()).unwrap(),
+            Mutation::Put(vec![1]),
+        );
+        for forged in [
+            signed("forged", "sig:v"),
+            Write::new(key.clone(), Mutation::Put(b"unsigned".to_vec())),
+        ] {
+            assert!(matches!(
+                run(&sm, &Op::Batch(vec![other.clone(), forged.clone()])),
+                Err(EngineError::SignatureRefused { .. })
+            ));
+            let prepare = Op::Prepare {
+                txn: "t".into(),
+                writes: vec![forged],
+            };
+            assert!(matches!(
+                run(&sm, &prepare),
+                Err(EngineError::SignatureRefused { .. })
+            ));
+        }
+        let record = sm.get(&key).unwrap().unwrap();
+        assert_eq!(
+            record.value,
+            agentstore_core::record::Value::Register(Some(b"v".to_vec()))
+        );
+        assert_eq!(
+            sm.get(&other.key).unwrap(),
+            None,
+            "nothing of a refused entry applies"
+        );
+
+        // A leader that skips the check cannot pass a forged record on by snapshot either.
+        let lax = StateMachine::open(&dir.path().join("b")).unwrap();
+        run(&lax, &Op::Batch(vec![signed("forged", "sig:v")])).unwrap();
+        let data = encode_snapshot(&lax.db.begin_read().unwrap()).unwrap();
+        let mut member = StateMachine::open(&dir.path().join("c"))
+            .unwrap()
+            .with_signatures(Some(Arc::new(Toy)));
+        member
+            .install_snapshot(&SnapshotMeta::default(), data)
+            .await
+            .unwrap();
+        assert_eq!(member.get(&key).unwrap(), None);
+    }
+
     #[tokio::test]
     async fn a_snapshot_carries_prepared_transactions() {
         let dir = tempfile::tempdir().unwrap();

@@ -63,6 +63,18 @@ pub(crate) fn http_bearer(
     exchange(addr, method, path, body, &header).map(|(status, body, _)| (status, body))
 }
 
+/// An HTTP/1.1 exchange with one extra header (`name: value`): (status, body).
+pub(crate) fn http_header(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    header: (&str, &str),
+) -> std::io::Result<(u16, String)> {
+    let line = format!("{}: {}\r\n", header.0, header.1);
+    exchange(addr, method, path, body, &line).map(|(status, body, _)| (status, body))
+}
+
 fn exchange(
     addr: SocketAddr,
     method: &str,

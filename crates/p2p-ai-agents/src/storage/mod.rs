@@ -345,9 +345,9 @@ impl Storage {
         };
         // The node routes each record to the engine of its collection, so one client serves
         // both; what it can deliver is the node's.
-        let raft = status["raft"]["voters"]
-            .as_array()
-            .is_some_and(|voters| !voters.is_empty());
+        // A node that has a Raft member serves strong collections, even while its group is
+        // still forming (its first writes wait for the leader).
+        let raft = status["raft"].is_object();
         let causal = status["causal"].is_object();
         let remote: Arc<dyn DynEngine> = Arc::new(remote);
         let engines = ClusterEngines {
@@ -523,11 +523,13 @@ impl Storage {
     ) -> Result<WriteReceipt> {
         traced("set", key, async move {
             let call = self.call(key, level)?;
-            if !call.plan.signed {
+            if !call.plan.signed || call.plan.encrypted {
                 return Err(Self::wrong(
                     &call,
-                    "a signed write",
-                    "the collection is not signed (signed: true)",
+                    "a write signed elsewhere",
+                    "it needs a signed collection (signed: true) that is not encrypted: the \
+                     signature of an encrypted value covers its ciphertext, which only a \
+                     client that seals and signs (Storage::signing_with) can make",
                 ));
             }
             let value = value.map(|v| Self::encode(&call, v)).transpose()?;
