@@ -41,8 +41,13 @@ pub(crate) fn print(config: &Config, as_json: bool) {
         } else {
             ""
         };
+        let signed = if plan.signed {
+            "; writes signed by their writers, checked by every node"
+        } else {
+            ""
+        };
         println!(
-            "{:<14} {:<9} {:<9} {:<12} {}{sealed}",
+            "{:<14} {:<9} {:<9} {:<12} {}{sealed}{signed}",
             plan.name,
             plan.backend.to_string(),
             plan.consistency.as_str(),
@@ -59,6 +64,7 @@ fn plan_json(plan: &CollectionPlan) -> Json {
         "consistency": plan.consistency.as_str(),
         "conflict": plan.conflict.as_str(),
         "encrypted": plan.encrypted,
+        "signed": plan.signed,
         "guarantee": {
             "level": plan.guarantee.level.as_str(),
             "summary": plan.guarantee.summary,

@@ -323,3 +323,30 @@ fn redis_read_replicas_are_listed_and_checked() {
     let err = parse("storage:\n  redis:\n    read_replicas: redis://127.0.0.1:6380\n").unwrap_err();
     assert!(err.to_string().contains("read_replicas"), "{err}");
 }
+
+#[test]
+fn a_signed_collection_is_lww_on_the_local_backend_of_a_cluster_with_an_authority() {
+    let with = |collection: &str, cluster: &str| {
+        parse(&format!(
+            "storage:\n  redis:\n    url: redis://127.0.0.1\n  collections:\n    posts: {collection}\n  cluster:\n    client_addr: 127.0.0.1:1\n    peer_addr: 127.0.0.1:2\n    {cluster}\n"
+        ))
+    };
+    let config = with("{ signed: true }", "authority: a.pub").unwrap();
+    assert!(config.plan("posts").signed);
+    assert!(!config.plan("other").signed);
+    for (collection, cluster, says) in [
+        ("{ signed: true, conflict: pn_counter }", "authority: a.pub", "lww"),
+        ("{ signed: true, backend: redis }", "authority: a.pub", "local"),
+        ("{ signed: true }", "insecure: true", "authority"),
+    ] {
+        let err = with(collection, cluster).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.line),
+            ("storage.collections.posts.signed", 5),
+            "{collection}"
+        );
+        assert!(err.message.contains(says), "{}", err.message);
+    }
+    let err = error("storage:\n  collections:\n    posts: { signed: true }\n");
+    assert_eq!(err.field, "storage.collections.posts.signed");
+}
