@@ -207,6 +207,11 @@ impl Connection {
 
     /// Sends a request and reads the whole answer; panics unless it is 200 (or a GET's 404).
     pub(crate) async fn call(&mut self, method: &str, path: &str, body: &str) {
+        self.call_with(method, path, body, "").await;
+    }
+
+    /// [`Connection::call`] with extra header lines (each ending in `\r\n`).
+    pub(crate) async fn call_with(&mut self, method: &str, path: &str, body: &str, headers: &str) {
         let session = match &self.session {
             Some(token) if !token.is_empty() => format!("agentstore-session: {token}\r\n"),
             _ => String::new(),
@@ -216,7 +221,7 @@ impl Connection {
             None => String::new(),
         };
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{session}{bearer}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{session}{bearer}{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
             body.len()
         );

@@ -1,7 +1,9 @@
 //! What trust costs: the same three-node cluster with admitted nodes over mutual TLS and a
 //! capability token checked on every request (the default with an authority), and with
 //! `insecure: true` (plaintext peers, open client API), side by side in one run, for eventual
-//! and strong puts.
+//! and strong puts; and puts to signed collections (each write signed by the client with its
+//! token, its signature checked by every node that stores it) against the same plaintext
+//! puts.
 //!
 //! Both clusters run at once and the workload alternates between them in one-second slices:
 //! the nodes share one disk whose fsync time drifts between minutes, and alternating keeps
@@ -10,6 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentstore_engine::{PhysicalClock, SystemClock};
+use agentstore_trust::Capability;
 use tokio::sync::Mutex;
 
 use crate::cluster::{Connection, Peers, connections, start_cluster_with_token};
@@ -21,21 +25,38 @@ const CLIENTS: usize = 16;
 /// Keys written.
 const KEYS: u64 = 10_000;
 
-/// Puts of 100-byte values to `collection` from every client for `duration`.
+/// Puts of 100-byte values to `collection` from every client for `duration`; with `signer`,
+/// each put carries the client's signature (`agentstore-attestation`), made per request.
 async fn puts(
     connections: &Arc<Vec<Mutex<Connection>>>,
     collection: &'static str,
+    signer: Option<&Arc<Capability>>,
     duration: Duration,
 ) -> Sample {
     let value = format!("\"{}\"", "v".repeat(98));
     let connections = Arc::clone(connections);
+    let signer = signer.cloned();
     load::run(CLIENTS, duration, move |client, i| {
-        let (connections, value) = (Arc::clone(&connections), value.clone());
+        let (connections, value, signer) =
+            (Arc::clone(&connections), value.clone(), signer.clone());
         async move {
             let key = load::key(collection, client, i, KEYS);
+            let header = match &signer {
+                None => String::new(),
+                Some(token) => {
+                    let attestation = token
+                        .sign_write(
+                            key.as_str().expect("UTF-8 keys"),
+                            Some(value.as_bytes()),
+                            SystemClock.now_ms(),
+                        )
+                        .expect("the token signs");
+                    format!("agentstore-attestation: {}\r\n", attestation.to_text())
+                }
+            };
             let mut connection = connections[client].lock().await;
             connection
-                .call("PUT", &format!("/v1/keys/{key}"), &value)
+                .call_with("PUT", &format!("/v1/keys/{key}"), &value, &header)
                 .await;
         }
     })
@@ -49,13 +70,20 @@ pub(crate) fn run(seconds: u64) {
     );
     let replication = "    strategy: async\n    replicas: 3\n    read_quorum: 1\n";
     let collections = "  collections:\n    ledger:\n      consistency: strong\n";
+    // Signed collections need an authority: only the secure cluster has them.
+    let signed = format!(
+        "{collections}    signed: {{ signed: true }}\n    signed_ledger: {{ signed: true, consistency: strong }}\n"
+    );
     let dir = tempfile::tempdir().unwrap();
     let (_secure, secure, token) = start_cluster_with_token(
         &dir.path().join("tls"),
         replication,
-        collections,
+        &signed,
         Peers::AdmittedWithTokens,
     );
+    let signer = token
+        .as_deref()
+        .map(|t| Arc::new(Capability::from_text(t).expect("the benchmark's token")));
     let (_plain, plain, _) = start_cluster_with_token(
         &dir.path().join("plaintext"),
         replication,
@@ -66,17 +94,24 @@ pub(crate) fn run(seconds: u64) {
     runtime.block_on(async {
         let secure = connections(&secure, CLIENTS, token.as_deref()).await;
         let plain = connections(&plain, CLIENTS, None).await;
-        for (name, collection) in [
-            ("eventual put (async, W=1)", "bench"),
-            ("strong put (Raft)", "ledger"),
+        for (name, collection, ours_in, signing) in [
+            ("eventual put (async, W=1)", "bench", "bench", None),
+            ("eventual put, signed", "bench", "signed", signer.as_ref()),
+            ("strong put (Raft)", "ledger", "ledger", None),
+            (
+                "strong put, signed",
+                "ledger",
+                "signed_ledger",
+                signer.as_ref(),
+            ),
         ] {
             // Uncounted warm-up: connections, Raft leadership, the engines' files.
-            puts(&secure, collection, Duration::from_secs(1)).await;
-            puts(&plain, collection, Duration::from_secs(1)).await;
+            puts(&secure, ours_in, signing, Duration::from_secs(1)).await;
+            puts(&plain, collection, None, Duration::from_secs(1)).await;
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for _ in 0..seconds {
-                ours.push(puts(&secure, collection, Duration::from_secs(1)).await);
-                theirs.push(puts(&plain, collection, Duration::from_secs(1)).await);
+                ours.push(puts(&secure, ours_in, signing, Duration::from_secs(1)).await);
+                theirs.push(puts(&plain, collection, None, Duration::from_secs(1)).await);
             }
             rows.push(Row::new(
                 name.to_owned(),
@@ -85,6 +120,8 @@ pub(crate) fn run(seconds: u64) {
             ));
         }
     });
-    println!("agentstore = mutual TLS with admissions + tokens; plaintext = `insecure: true`\n");
+    println!(
+        "agentstore = mutual TLS with admissions + tokens (signed rows: + each write signed by its client and checked by every node that stores it); plaintext = `insecure: true`, unsigned\n"
+    );
     crate::stats::print_table_with("plaintext", &rows);
 }

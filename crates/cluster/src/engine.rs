@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use agentstore_core::replication::Outcome;
-use agentstore_core::signing::check_mutation;
+use agentstore_core::signing::mutation_rule;
 use agentstore_core::{Key, Record};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
@@ -106,19 +106,24 @@ impl DynEngine for ClusterEngine {
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
             let write = single_unconditional(writes)?;
-            // Checked here too (the coordinator checks again), so the caller gets the typed
-            // refusal rather than a coordinator's failure.
-            if let Some(signatures) = self.node.signatures() {
-                check_mutation(&**signatures, &write.key, &write.mutation, now_ms())
-                    .map_err(|why| EngineError::signature(&write.key, why))?;
-            }
             match self
                 .node
-                .write(write.key, write.mutation)
+                .write(write.key.clone(), write.mutation.clone())
                 .await
                 .map_err(stopped)?
             {
                 Outcome::Written { record } => Ok(vec![record]),
+                other @ Outcome::LocalFailure { .. } => {
+                    // The coordinator checks signed writes; its refusal arrives as text, so
+                    // it is told apart here (only on failure: the check costs a signature).
+                    if let Some(signatures) = self.node.signatures()
+                        && let Err(why) =
+                            mutation_rule(&**signatures, &write.key, &write.mutation, now_ms())
+                    {
+                        return Err(EngineError::signature(&write.key, why));
+                    }
+                    Err(failure(other))
+                }
                 other => Err(failure(other)),
             }
         })

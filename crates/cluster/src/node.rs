@@ -537,6 +537,12 @@ pub(crate) fn now_ms() -> u64 {
     SystemClock.now_ms()
 }
 
+/// Whether `record` must not be stored here: a record of a signed collection whose
+/// signature does not hold (the check counts and logs the refusal).
+fn refuses(signatures: Option<&SignedCollections>, key: &Key, record: &Record) -> bool {
+    signatures.is_some_and(|signatures| check_record(signatures, key, record).is_err())
+}
+
 impl Loop {
     async fn run(
         mut self,
@@ -1057,17 +1063,19 @@ impl Loop {
                 key,
                 record,
             } => {
-                if self.refuses(&key, &record) {
-                    return;
-                }
-                // Off the loop: concurrent merges share the engine's group commits.
+                // Off the loop: concurrent merges share the engine's group commits, and
+                // signature checks run in parallel.
                 let (measured, metrics, transport) = (
                     self.measured.clone(),
                     self.metrics.clone(),
                     self.transport.clone(),
                 );
                 let horizon = self.collect_horizon();
+                let signatures = self.config.signatures.clone();
                 tokio::spawn(async move {
+                    if refuses(signatures.as_deref(), &key, &record) {
+                        return;
+                    }
                     let stored = measured.get(&key).await;
                     if let Ok(Some(stored)) = &stored
                         && stored.causality(&record) == Causality::Concurrent
@@ -1403,15 +1411,6 @@ impl Loop {
     }
 
     /// Executes effects in order; effects that feed the coordinator add their own.
-    /// Whether `record` must not be stored here: a record of a signed collection whose
-    /// signature does not hold (the check counts and logs the refusal).
-    fn refuses(&self, key: &Key, record: &Record) -> bool {
-        self.config
-            .signatures
-            .as_ref()
-            .is_some_and(|signatures| check_record(&**signatures, key, record).is_err())
-    }
-
     async fn execute(&mut self, effects: Vec<Effect>) {
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
@@ -1423,15 +1422,17 @@ impl Loop {
                     key,
                     mutation,
                 } => {
-                    if let Some(signatures) = &self.config.signatures
-                        && let Err(why) = check_mutation(&**signatures, &key, &mutation, now_ms())
-                    {
-                        let result = Err(EngineError::signature(&key, why).to_string());
-                        let _ = self.finished.send(Input::LocalApplied { request, result });
-                        continue;
-                    }
                     let (measured, finished) = (self.measured.clone(), self.finished.clone());
+                    let signatures = self.config.signatures.clone();
                     tokio::spawn(async move {
+                        if let Some(signatures) = signatures
+                            && let Err(why) =
+                                check_mutation(&*signatures, &key, &mutation, now_ms())
+                        {
+                            let result = Err(EngineError::signature(&key, why).to_string());
+                            let _ = finished.send(Input::LocalApplied { request, result });
+                            return;
+                        }
                         let result = measured
                             .apply(key, mutation)
                             .await
@@ -1452,12 +1453,13 @@ impl Loop {
                     });
                 }
                 Effect::MergeLocal { key, record } => {
-                    if self.refuses(&key, &record) {
-                        continue;
-                    }
                     let measured = self.measured.clone();
                     let horizon = self.collect_horizon();
+                    let signatures = self.config.signatures.clone();
                     tokio::spawn(async move {
+                        if refuses(signatures.as_deref(), &key, &record) {
+                            return;
+                        }
                         if past_grace_tombstone(&record, horizon)
                             && matches!(measured.get(&key).await, Ok(None))
                         {

@@ -1,8 +1,9 @@
 //! The node's check of signed writes: which collections require them (from the
 //! configuration), the cluster's authority they must chain to, and the count of refusals.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use agentstore_core::config::Config;
 use agentstore_core::signing::{SignatureRefused, Signatures};
@@ -13,6 +14,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+/// Most verified chains remembered.
+const CHAINS: usize = 4096;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Refusal {
     level: &'static str,
@@ -22,6 +30,10 @@ struct Refusal {
 /// The signed collections of a configuration, checked against the cluster's authority.
 pub struct SignedCollections {
     authority: PublicKey,
+    /// Token chains already found to come from the authority (a writer signs many writes
+    /// with one chain): each write then costs one signature check, not one per block.
+    /// Cleared when full.
+    chains: Mutex<HashSet<Vec<u8>>>,
     /// Each signed collection and its level (a label of the refusal count).
     collections: BTreeMap<String, ConsistencyLevel>,
     refused: Family<Refusal, Counter>,
@@ -48,6 +60,7 @@ impl SignedCollections {
             .collect();
         (!collections.is_empty()).then(|| Self {
             authority,
+            chains: Mutex::new(HashSet::new()),
             collections,
             refused: Family::default(),
         })
@@ -103,8 +116,20 @@ impl Signatures for SignedCollections {
             .as_str()
             .ok_or_else(|| invalid(&"a signed key must be UTF-8"))?;
         let attestation = Attestation::decode(attestation).map_err(|e| invalid(&e))?;
+        let chain = attestation.chain_bytes();
+        let known = lock(&self.chains).contains(&chain);
+        if !known {
+            attestation
+                .verify_chain(&self.authority)
+                .map_err(|e| invalid(&e))?;
+            let mut chains = lock(&self.chains);
+            if chains.len() >= CHAINS {
+                chains.clear();
+            }
+            chains.insert(chain);
+        }
         attestation
-            .verify(&self.authority, key_text, value)
+            .verify_write(key_text, value)
             .map_err(|e| invalid(&e))?;
         Ok(attestation.signed_at_ms())
     }

@@ -122,17 +122,27 @@ pub fn check_mutation(
     mutation: &Mutation,
     now_ms: u64,
 ) -> Result<(), SignatureRefused> {
+    mutation_rule(signatures, key, mutation, now_ms).inspect_err(|why| signatures.refused(key, why))
+}
+
+/// [`check_mutation`] without reporting a refusal: for telling, after the fact, why a write
+/// the node already refused (and counted) failed.
+pub fn mutation_rule(
+    signatures: &dyn Signatures,
+    key: &Key,
+    mutation: &Mutation,
+    now_ms: u64,
+) -> Result<(), SignatureRefused> {
     if !signatures.required(key) {
         return Ok(());
     }
-    let checked = match mutation {
+    match mutation {
         Mutation::Signed { value, attestation } => signatures
             .verify(key, value.as_deref(), attestation)
             .and_then(|signed_ms| within_window(signed_ms, now_ms)),
         Mutation::Merge(record) => record_rule(signatures, key, record),
         _ => Err(SignatureRefused::Unsigned),
-    };
-    checked.inspect_err(|why| signatures.refused(key, why))
+    }
 }
 
 #[cfg(test)]

@@ -95,14 +95,29 @@ impl Attestation {
 
     /// Checks that this attestation signs `value` (`None`: a delete) under `key`, by a
     /// writer whose chain from `authority` allowed writing `key` when it signed. Returns the
-    /// author.
+    /// author. The same as [`Attestation::verify_chain`] then
+    /// [`Attestation::verify_write`].
     pub fn verify(
         &self,
         authority: &PublicKey,
         key: &str,
         value: Option<&[u8]>,
     ) -> Result<PublicKey, TrustError> {
-        let author = self.chain.verify(authority, "attestation's token")?;
+        self.verify_chain(authority)?;
+        self.verify_write(key, value)
+    }
+
+    /// Checks only the token chain: every block signed, the first by `authority`. Its
+    /// outcome depends on [`Attestation::chain_bytes`] alone, so a verifier may remember it
+    /// for those bytes (a writer signs many writes with one chain).
+    pub fn verify_chain(&self, authority: &PublicKey) -> Result<PublicKey, TrustError> {
+        self.chain.verify(authority, "attestation's token")
+    }
+
+    /// Checks the write, given a chain already verified: the chain allowed writing `key`
+    /// when the write was signed, and its holder signed exactly this key and value.
+    pub fn verify_write(&self, key: &str, value: Option<&[u8]>) -> Result<PublicKey, TrustError> {
+        let author = self.chain.holder();
         if !self.chain.allows(Operation::Write, key, self.signed_at_ms) {
             return Err(TrustError::NotAllowed {
                 reason: format!(
@@ -119,6 +134,13 @@ impl Attestation {
             });
         }
         Ok(author)
+    }
+
+    /// The chain's bytes: what [`Attestation::verify_chain`] depends on.
+    pub fn chain_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.chain.encode_into(&mut out);
+        out
     }
 
     /// The binary form.

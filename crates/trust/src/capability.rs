@@ -25,6 +25,7 @@
 //! unpadded URL-safe base64 (what `Authorization: Bearer` carries).
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -273,11 +274,21 @@ impl Chain {
 }
 
 /// A capability token (see the module's doc).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Capability {
     chain: Chain,
     proof: [u8; 32],
+    /// The proof's key pair, derived once (deriving it costs as much as a signature).
+    holder: Arc<OnceLock<Option<Ed25519KeyPair>>>,
 }
+
+impl PartialEq for Capability {
+    fn eq(&self, other: &Self) -> bool {
+        self.chain == other.chain && self.proof == other.proof
+    }
+}
+
+impl Eq for Capability {}
 
 impl fmt::Debug for Capability {
     /// The proof is a secret: never shown.
@@ -323,6 +334,7 @@ impl Capability {
                 blocks: vec![block],
             },
             proof: seed,
+            holder: Arc::default(),
         })
     }
 
@@ -340,7 +352,11 @@ impl Capability {
         block.signature = self.sign(&block.signed_message(Some(previous)))?;
         let mut chain = self.chain.clone();
         chain.blocks.push(block);
-        Ok(Self { chain, proof: seed })
+        Ok(Self {
+            chain,
+            proof: seed,
+            holder: Arc::default(),
+        })
     }
 
     /// Checks the chain: the first block signed by `authority`, every later one by the key
@@ -389,8 +405,11 @@ impl Capability {
     }
 
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], TrustError> {
-        let holder = Ed25519KeyPair::from_seed_unchecked(&self.proof)
-            .map_err(|e| TrustError::malformed("token", e.to_string()))?;
+        let holder = self
+            .holder
+            .get_or_init(|| Ed25519KeyPair::from_seed_unchecked(&self.proof).ok())
+            .as_ref()
+            .ok_or_else(|| TrustError::malformed("token", "the proof is not a key"))?;
         let mut signature = [0u8; 64];
         signature.copy_from_slice(holder.sign(message).as_ref());
         Ok(signature)
@@ -437,7 +456,11 @@ impl Capability {
         let chain = Chain::decode_from(&mut reader)?;
         let proof = reader.array()?;
         reader.finish()?;
-        Ok(Self { chain, proof })
+        Ok(Self {
+            chain,
+            proof,
+            holder: Arc::default(),
+        })
     }
 
     /// The text form.

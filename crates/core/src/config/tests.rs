@@ -335,8 +335,16 @@ fn a_signed_collection_is_lww_on_the_local_backend_of_a_cluster_with_an_authorit
     assert!(config.plan("posts").signed);
     assert!(!config.plan("other").signed);
     for (collection, cluster, says) in [
-        ("{ signed: true, conflict: pn_counter }", "authority: a.pub", "lww"),
-        ("{ signed: true, backend: redis }", "authority: a.pub", "local"),
+        (
+            "{ signed: true, conflict: pn_counter }",
+            "authority: a.pub",
+            "lww",
+        ),
+        (
+            "{ signed: true, backend: redis }",
+            "authority: a.pub",
+            "local",
+        ),
         ("{ signed: true }", "insecure: true", "authority"),
     ] {
         let err = with(collection, cluster).unwrap_err();
