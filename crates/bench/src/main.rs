@@ -57,9 +57,10 @@ fn main() {
         "strong" => strong::run(seconds),
         "causal" => causal::run(seconds),
         "trust" => trust::run(seconds),
+        "signatures" => trust::signatures(ops),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust, signatures"
             );
             std::process::exit(2);
         }

@@ -1073,15 +1073,7 @@ impl Loop {
                 let horizon = self.collect_horizon();
                 let signatures = self.config.signatures.clone();
                 tokio::spawn(async move {
-                    if refuses(signatures.as_deref(), &key, &record) {
-                        return;
-                    }
                     let stored = measured.get(&key).await;
-                    if let Ok(Some(stored)) = &stored
-                        && stored.causality(&record) == Causality::Concurrent
-                    {
-                        metrics.conflict(record.value.kind().as_str());
-                    }
                     // A record this replica already holds (a repeated repair, a duplicate)
                     // changes nothing: acknowledge without a commit. Nor does an old tombstone
                     // of a key this replica holds nothing of (see `past_grace_tombstone`).
@@ -1094,6 +1086,16 @@ impl Loop {
                         Ok(None) => past_grace_tombstone(&record, horizon),
                         Err(_) => false,
                     };
+                    // Only a record that would change what is stored needs its signature
+                    // checked (anti-entropy re-sends what replicas already hold).
+                    if !known && refuses(signatures.as_deref(), &key, &record) {
+                        return;
+                    }
+                    if let Ok(Some(stored)) = &stored
+                        && stored.causality(&record) == Causality::Concurrent
+                    {
+                        metrics.conflict(record.value.kind().as_str());
+                    }
                     let merged =
                         known || measured.apply(key, Mutation::Merge(record)).await.is_ok();
                     if merged && request != 0 {
