@@ -605,12 +605,8 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
                 let mut out =
                     json!({ "key": key, "value": read.value, "version": read.version.to_string() });
                 if let Some(signed) = &read.signed {
-                    out["signed"] = json!({
-                        "author": signed.author.to_string(),
-                        "signed_at_ms": signed.signed_at_ms,
-                        "attestation": signed.attestation.to_text(),
-                        "verified": verify.is_some(),
-                    });
+                    out["signed"] = signed.to_json();
+                    out["signed"]["verified"] = json!(verify.is_some());
                 }
                 println!("{out}");
             } else {

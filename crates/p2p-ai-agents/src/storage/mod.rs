@@ -152,6 +152,15 @@ impl Signed {
         })
     }
 
+    /// The JSON the node's API and the CLI show: `author`, `signed_at_ms`, `attestation`.
+    pub fn to_json(&self) -> Json {
+        serde_json::json!({
+            "author": self.author.to_string(),
+            "signed_at_ms": self.signed_at_ms,
+            "attestation": self.attestation.to_text(),
+        })
+    }
+
     /// Checks the signature end to end, with nothing but the cluster's authority key: the
     /// writer's token chains to `authority`, allowed this write when it was signed, and its
     /// holder signed exactly this key and value. Nodes check this before storing; a reader

@@ -291,11 +291,7 @@ async fn get_key(
             let mut body =
                 json!({ "key": key, "value": read.value, "version": read.version.to_string() });
             if let Some(signed) = &read.signed {
-                body["signed"] = json!({
-                    "author": signed.author.to_string(),
-                    "signed_at_ms": signed.signed_at_ms,
-                    "attestation": signed.attestation.to_text(),
-                });
+                body["signed"] = signed.to_json();
             }
             body
         }
