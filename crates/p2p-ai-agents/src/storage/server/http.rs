@@ -4,8 +4,10 @@
 //! axum's own `serve` sets no timer, so a connection that sends a request head slowly (or
 //! never sends another request) stays open forever. Here every connection must deliver each
 //! request head within [`HEAD_DEADLINE`] (hyper's header-read timeout: it also closes a
-//! keep-alive connection idle that long), at most [`CONNECTIONS`] connections are served at
-//! once (more wait in the kernel's backlog), and a shutdown lets requests in progress finish.
+//! keep-alive connection idle that long) and its body within the same time after the head
+//! (`408 request_timeout` otherwise; a body over [`BODY_LIMIT`] is `413 body_too_large`), at
+//! most [`CONNECTIONS`] connections are served at once (more wait in the kernel's backlog),
+//! and a shutdown lets requests in progress finish.
 
 use std::time::Duration;
 
@@ -20,15 +22,68 @@ use tokio::task::JoinSet;
 pub(super) const HEAD_DEADLINE: Duration = Duration::from_secs(30);
 /// Client connections served at once.
 const CONNECTIONS: usize = 4096;
+/// The largest request body (axum's default limit, which its extractors apply too).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// `router`'s routes read their whole request body within `deadline` before their handler
+/// runs. A route layer: layers added after it (the client check) run first, so a request
+/// that will be refused is never buffered.
+pub(super) fn body_deadline<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    deadline: Duration,
+) -> Router<S> {
+    router.route_layer(axum::middleware::from_fn_with_state(deadline, body_within))
+}
+
+/// Reads the whole request body within `deadline` before the handler runs, so a client that
+/// trickles a body (or stops sending it) cannot hold a request open.
+async fn body_within(
+    axum::extract::State(deadline): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Ok(Err(_)) => super::ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a request body has at most {BODY_LIMIT} bytes"),
+        )
+        .into_response(),
+        Err(_) => {
+            let mut answer = super::ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs_f64()
+                ),
+            )
+            .into_response();
+            answer.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            answer
+        }
+    }
+}
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets the requests in progress
-/// finish. A request head must arrive within `head_deadline` ([`HEAD_DEADLINE`] for a node).
+/// finish. A request head must arrive within `deadline` ([`HEAD_DEADLINE`] for a node), and
+/// its body within `deadline` after it.
 pub(super) async fn serve<L: Listener>(
     mut listener: L,
     app: Router,
-    head_deadline: Duration,
+    deadline: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let head_deadline = deadline;
     let slots = std::sync::Arc::new(Semaphore::new(CONNECTIONS));
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -124,6 +179,46 @@ mod tests {
         assert!(
             until_closed(&mut silent).await.is_some(),
             "an idle connection stayed open"
+        );
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_answered_408_and_a_whole_one_is_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = body_deadline(
+            Router::new().route(
+                "/echo",
+                axum::routing::post(|body: axum::body::Bytes| async move { body }),
+            ),
+            Duration::from_millis(300),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, Duration::from_millis(300), async {
+            let _ = stopped.await;
+        }));
+        // A head announcing 10 bytes, then 3 of them, then nothing.
+        let mut trickle = TcpStream::connect(addr).await.unwrap();
+        trickle
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let answer = until_closed(&mut trickle)
+            .await
+            .expect("a stalled body kept its connection past 10 s");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        let mut whole = TcpStream::connect(addr).await.unwrap();
+        whole
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let served = until_closed(&mut whole).await.expect("answered");
+        assert!(
+            served.starts_with("HTTP/1.1 200") && served.ends_with("hello"),
+            "{served}"
         );
         let _ = stop.send(());
         server.await.unwrap();

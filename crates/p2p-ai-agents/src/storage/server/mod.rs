@@ -889,11 +889,12 @@ pub fn paths() -> Vec<&'static str> {
 }
 
 fn router(api: Api) -> Router {
-    routes()
+    let routes = routes()
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| {
             router.route(path, methods)
-        })
+        });
+    http::body_deadline(routes, http::HEAD_DEADLINE)
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             auth::authorize,
