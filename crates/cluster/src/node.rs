@@ -234,6 +234,8 @@ pub struct Node {
     registry: Registry,
     members: watch::Receiver<Vec<NodeId>>,
     signatures: Option<Arc<SignedCollections>>,
+    /// The node's local engine, for its health.
+    local: LocalEngine,
 }
 
 impl Node {
@@ -307,6 +309,7 @@ impl Node {
         };
         state.rebuild_ring();
         let signatures = state.config.signatures.clone();
+        let local = state.engine.clone();
         let task = tokio::spawn(state.run(requests, inbox, done, stopped));
         Self {
             commands,
@@ -316,7 +319,14 @@ impl Node {
             registry,
             members: members_seen,
             signatures,
+            local,
         }
+    }
+
+    /// `Err` with the failure if the last write to this node's data file failed (a full
+    /// disk); `Ok` again once a write succeeds (see `LocalEngine::health`).
+    pub fn local_health(&self) -> Result<(), String> {
+        self.local.health()
     }
 
     /// The check of signed collections this node runs, if any collection is signed.

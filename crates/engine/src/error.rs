@@ -50,6 +50,13 @@ pub enum EngineError {
         /// The kinds involved.
         source: WrongKind,
     },
+    /// The disk is full: the write was not made. The engine recovers by itself once there is
+    /// space again (no restart needed).
+    #[error("the disk is full; nothing was written ({detail})")]
+    DiskFull {
+        /// The underlying error.
+        detail: String,
+    },
     /// A write or record of a collection that requires signed writes was refused: unsigned,
     /// a signature that does not hold, or stamped outside the window of its signing time.
     /// Nothing in its batch was written.
@@ -221,6 +228,7 @@ impl EngineError {
             EngineError::Fenced { .. } => "fenced",
             EngineError::InTransaction { .. } => "in_transaction",
             EngineError::Storage { .. } => "storage",
+            EngineError::DiskFull { .. } => "disk_full",
             EngineError::InvalidSettings { .. } => "invalid_settings",
             EngineError::Unavailable { .. } => "unavailable",
             EngineError::Contention { .. } => "contention",

@@ -126,6 +126,21 @@ impl StorageBackend for WrittenGrowth {
     }
 }
 
+/// A failed write as an engine error: [`EngineError::DiskFull`] when the disk is out of
+/// space, a storage failure otherwise.
+pub(crate) fn write_failure(err: impl Into<redb::Error>) -> crate::EngineError {
+    match err.into() {
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            crate::EngineError::DiskFull {
+                detail: io.to_string(),
+            }
+        }
+        other => crate::EngineError::Storage {
+            detail: other.to_string(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,7 +50,12 @@ impl LocalEngine {
         key: &Key,
         record: &Record,
     ) -> Result<u64, EngineError> {
-        let txn = self.shared.db.begin_write().map_err(EngineError::storage)?;
+        let txn = self
+            .shared
+            .db
+            .get()?
+            .begin_write()
+            .map_err(EngineError::storage)?;
         let id = {
             let mut meta = txn.open_table(META).map_err(EngineError::storage)?;
             let id = meta
@@ -77,7 +82,12 @@ impl LocalEngine {
 
     /// Up to `limit` hints for `node`, oldest first.
     pub fn hints_for(&self, node: &NodeId, limit: usize) -> Result<Vec<Hint>, EngineError> {
-        let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
+        let txn = self
+            .shared
+            .db
+            .get()?
+            .begin_read()
+            .map_err(EngineError::storage)?;
         let hints = match txn.open_table(HINTS) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -118,7 +128,12 @@ impl LocalEngine {
 
     /// Forgets a delivered hint (one fsync; blocks like [`LocalEngine::store_hint`]).
     pub fn remove_hint(&self, node: &NodeId, id: u64) -> Result<(), EngineError> {
-        let txn = self.shared.db.begin_write().map_err(EngineError::storage)?;
+        let txn = self
+            .shared
+            .db
+            .get()?
+            .begin_write()
+            .map_err(EngineError::storage)?;
         {
             let mut hints = txn.open_table(HINTS).map_err(EngineError::storage)?;
             let mut hint_key = prefix(node);

@@ -8,6 +8,7 @@
 //! a redb read transaction is an in-memory snapshot lookup that takes microseconds, cheaper
 //! than a hop to a blocking pool.
 
+mod handle;
 mod hints;
 mod purge;
 mod writer;
@@ -50,7 +51,7 @@ pub struct LocalEngine {
 }
 
 struct Shared {
-    db: Arc<Database>,
+    db: Arc<handle::Handle>,
     path: PathBuf,
     clock: Arc<NodeClock>,
     turn: writer::Turn,
@@ -90,7 +91,7 @@ impl LocalEngine {
         let path = dir.join(DATA_FILE);
         let db = open_database(&path)?;
         check_format(&db, &path)?;
-        let db = Arc::new(db);
+        let db = Arc::new(handle::Handle::new(&path, db));
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let turn = writer::Turn::default();
         let writer = writer::spawn(
@@ -126,6 +127,13 @@ impl LocalEngine {
     /// The data file.
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// `Err` with the failure if the last write to the data file failed (a full disk, an I/O
+    /// error); `Ok` again after a write succeeds. The engine reopens its file after a failed
+    /// write, so it recovers by itself once the cause is gone.
+    pub fn health(&self) -> Result<(), String> {
+        self.shared.db.health()
     }
 }
 
@@ -199,7 +207,12 @@ fn check_format(db: &Database, path: &Path) -> Result<(), EngineError> {
 
 impl Engine for LocalEngine {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
-        let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
+        let txn = self
+            .shared
+            .db
+            .get()?
+            .begin_read()
+            .map_err(EngineError::storage)?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let stored = table.get(key.as_bytes()).map_err(EngineError::storage)?;
         stored
@@ -213,7 +226,12 @@ impl Engine for LocalEngine {
         start_after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<(Key, Record)>, EngineError> {
-        let txn = self.shared.db.begin_read().map_err(EngineError::storage)?;
+        let txn = self
+            .shared
+            .db
+            .get()?
+            .begin_read()
+            .map_err(EngineError::storage)?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
         crate::two_phase::scan_records(&table, prefix, start_after, limit)
     }

@@ -6,6 +6,9 @@ use std::thread::JoinHandle;
 use agentstore_core::codec;
 use agentstore_core::record::Record;
 use redb::{Database, ReadableTable, Table};
+
+use super::handle::Handle;
+use crate::redb_file::write_failure;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DATA, FENCES};
@@ -36,7 +39,7 @@ pub(super) struct Request {
 pub(super) type Turn = Arc<Mutex<()>>;
 
 pub(super) fn spawn(
-    db: Arc<Database>,
+    db: Arc<Handle>,
     clock: Arc<NodeClock>,
     turn: Turn,
     mut requests: mpsc::Receiver<Request>,
@@ -54,21 +57,11 @@ pub(super) fn spawn(
 /// Applies every request of the group in one transaction, commits (fsync), then replies.
 /// A request whose own checks fail gets its error and writes nothing; the others proceed.
 /// If the commit itself fails, every request gets the error: none was acknowledged.
-fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
+fn commit_group(db: &Handle, clock: &NodeClock, group: &mut Vec<Request>) {
     let ops: Vec<&Op> = group.iter().map(|r| &r.op).collect();
-    let outcomes = match apply_group(db, clock, &ops) {
+    let outcomes = match committed(db, clock, &ops) {
         Ok(outcomes) => outcomes,
-        Err(err) => {
-            let detail = err.to_string();
-            group
-                .iter()
-                .map(|_| {
-                    Err(EngineError::Storage {
-                        detail: detail.clone(),
-                    })
-                })
-                .collect()
-        }
+        Err(err) => group.iter().map(|_| Err(each(&err))).collect(),
     };
     for (request, outcome) in group.drain(..).zip(outcomes) {
         // The caller may have gone away (cancelled); its write is committed regardless.
@@ -78,13 +71,36 @@ fn commit_group(db: &Database, clock: &NodeClock, group: &mut Vec<Request>) {
 
 type Outcome = Result<Vec<Record>, EngineError>;
 
+/// A group's failure, as each of its requests gets it.
+fn each(err: &EngineError) -> EngineError {
+    match err {
+        EngineError::DiskFull { detail } => EngineError::DiskFull {
+            detail: detail.clone(),
+        },
+        other => EngineError::Storage {
+            detail: other.to_string(),
+        },
+    }
+}
+
 /// Applies one request on the calling thread (the caller holds the turn).
-pub(super) fn commit_now(db: &Database, clock: &NodeClock, op: &Op) -> Outcome {
-    apply_group(db, clock, &[op])?.pop().unwrap_or_else(|| {
+pub(super) fn commit_now(db: &Handle, clock: &NodeClock, op: &Op) -> Outcome {
+    committed(db, clock, &[op])?.pop().unwrap_or_else(|| {
         Err(EngineError::Internal {
             detail: "a one-batch group returned no outcome".into(),
         })
     })
+}
+
+/// [`apply_group`] on the file's current handle; a failure gives the handle up (see
+/// [`Handle`]), so the next group opens the file again.
+fn committed(db: &Handle, clock: &NodeClock, group: &[&Op]) -> Result<Vec<Outcome>, EngineError> {
+    let outcome = db.get().and_then(|open| apply_group(&open, clock, group));
+    match &outcome {
+        Ok(_) => db.succeeded(),
+        Err(err) => db.failed(err),
+    }
+    outcome
 }
 
 fn apply_group(
@@ -92,7 +108,7 @@ fn apply_group(
     clock: &NodeClock,
     group: &[&Op],
 ) -> Result<Vec<Outcome>, EngineError> {
-    let txn = db.begin_write().map_err(EngineError::storage)?;
+    let txn = db.begin_write().map_err(write_failure)?;
     let mut outcomes = Vec::with_capacity(group.len());
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
@@ -132,7 +148,7 @@ fn apply_group(
                         let bytes = codec::encode(record);
                         table
                             .insert(key.as_bytes(), bytes.as_slice())
-                            .map_err(EngineError::storage)?;
+                            .map_err(write_failure)?;
                     }
                     for fence in accepted {
                         fences
@@ -145,7 +161,7 @@ fn apply_group(
             }
         }
     }
-    txn.commit().map_err(EngineError::storage)?;
+    txn.commit().map_err(write_failure)?;
     Ok(outcomes)
 }
 

@@ -292,6 +292,7 @@ impl NodeClient {
                 needed: count("needed"),
             },
             "unsupported" => EngineError::Unsupported { detail: message },
+            "disk_full" => EngineError::DiskFull { detail: message },
             "membership_refused" => EngineError::InvalidSettings { detail: message },
             "indeterminate" => EngineError::Indeterminate {
                 backend: "node",

@@ -123,6 +123,9 @@ fn engine_error(err: EngineError) -> ApiError {
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "session_behind", message)
         },
         EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
+        EngineError::DiskFull { .. } => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+        }
         EngineError::Denied { code, detail, .. } => {
             let code = match code.as_str() {
                 "forbidden" => "forbidden",
@@ -854,6 +857,20 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
+/// `ok`, or 503 `storage_failing` while the node's last write to its data file failed (a
+/// full disk): the node recovers by itself once the cause is gone.
+async fn healthz(State(api): State<Api>) -> Response {
+    match api.node.local_health() {
+        Ok(()) => "ok".into_response(),
+        Err(failure) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_failing",
+            format!("the last write to this node's data file failed: {failure}"),
+        )
+        .into_response(),
+    }
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
 }
@@ -878,7 +895,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/leave", post(leave)),
         ("/v1/repair", post(repair)),
         ("/v1/openapi.yaml", get(openapi)),
-        ("/healthz", get(|| async { "ok" })),
+        ("/healthz", get(healthz)),
         ("/metrics", get(metrics)),
     ]
 }
