@@ -7,7 +7,7 @@
 //! (u32, big-endian), key, encoded record.
 
 use agentstore_core::{NodeId, codec};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 use super::{LocalEngine, META};
 use crate::batch;
@@ -50,12 +50,7 @@ impl LocalEngine {
         key: &Key,
         record: &Record,
     ) -> Result<u64, EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_write()
-            .map_err(EngineError::storage)?;
+        let txn = self.write_txn()?;
         let id = {
             let mut meta = txn.open_table(META).map_err(EngineError::storage)?;
             let id = meta
@@ -82,12 +77,7 @@ impl LocalEngine {
 
     /// Up to `limit` hints for `node`, oldest first.
     pub fn hints_for(&self, node: &NodeId, limit: usize) -> Result<Vec<Hint>, EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_read()
-            .map_err(EngineError::storage)?;
+        let txn = self.read_txn()?;
         let hints = match txn.open_table(HINTS) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -128,12 +118,7 @@ impl LocalEngine {
 
     /// Forgets a delivered hint (one fsync; blocks like [`LocalEngine::store_hint`]).
     pub fn remove_hint(&self, node: &NodeId, id: u64) -> Result<(), EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_write()
-            .map_err(EngineError::storage)?;
+        let txn = self.write_txn()?;
         {
             let mut hints = txn.open_table(HINTS).map_err(EngineError::storage)?;
             let mut hint_key = prefix(node);

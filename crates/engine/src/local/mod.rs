@@ -129,6 +129,24 @@ impl LocalEngine {
         &self.shared.path
     }
 
+    /// A read transaction on the file's current handle.
+    fn read_txn(&self) -> Result<redb::ReadTransaction, EngineError> {
+        self.shared
+            .db
+            .get()?
+            .begin_read()
+            .map_err(EngineError::storage)
+    }
+
+    /// A write transaction on the file's current handle (outside the writer: hints, purges).
+    fn write_txn(&self) -> Result<redb::WriteTransaction, EngineError> {
+        self.shared
+            .db
+            .get()?
+            .begin_write()
+            .map_err(EngineError::storage)
+    }
+
     /// `Err` with the failure if the last write to the data file failed (a full disk, an I/O
     /// error); `Ok` again after a write succeeds. The engine reopens its file after a failed
     /// write, so it recovers by itself once the cause is gone.
@@ -207,12 +225,7 @@ fn check_format(db: &Database, path: &Path) -> Result<(), EngineError> {
 
 impl Engine for LocalEngine {
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_read()
-            .map_err(EngineError::storage)?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let stored = table.get(key.as_bytes()).map_err(EngineError::storage)?;
         stored
@@ -226,12 +239,7 @@ impl Engine for LocalEngine {
         start_after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<(Key, Record)>, EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_read()
-            .map_err(EngineError::storage)?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(DATA).map_err(EngineError::storage)?;
         crate::two_phase::scan_records(&table, prefix, start_after, limit)
     }

@@ -14,12 +14,7 @@ impl LocalEngine {
     /// A record that changed since `expected` was read stays (the caller looks again later).
     /// Blocks the calling thread for the commit: call it from a blocking context.
     pub fn purge_if_unchanged(&self, key: &Key, expected: &Record) -> Result<bool, EngineError> {
-        let txn = self
-            .shared
-            .db
-            .get()?
-            .begin_write()
-            .map_err(EngineError::storage)?;
+        let txn = self.write_txn()?;
         let purged = {
             let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
             let unchanged = table
