@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use agentstore_core::replication::Outcome;
-use agentstore_core::signing::mutation_rule;
+use agentstore_core::signing::{Signatures, mutation_rule};
 use agentstore_core::{Key, Record};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
@@ -106,24 +106,30 @@ impl DynEngine for ClusterEngine {
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
             let write = single_unconditional(writes)?;
+            // A refusal of a signed write comes back from the coordinator as text; keep what
+            // tells it apart, only for keys of signed collections (a copy of the write).
+            let signed = self
+                .node
+                .signatures()
+                .filter(|signatures| signatures.required(&write.key))
+                .map(|signatures| (Arc::clone(signatures), write.clone()));
             match self
                 .node
-                .write(write.key.clone(), write.mutation.clone())
+                .write(write.key, write.mutation)
                 .await
                 .map_err(stopped)?
             {
                 Outcome::Written { record } => Ok(vec![record]),
-                other @ Outcome::LocalFailure { .. } => {
-                    // The coordinator checks signed writes; its refusal arrives as text, so
-                    // it is told apart here (only on failure: the check costs a signature).
-                    if let Some(signatures) = self.node.signatures()
-                        && let Err(why) =
-                            mutation_rule(&**signatures, &write.key, &write.mutation, now_ms())
-                    {
-                        return Err(EngineError::signature(&write.key, why));
+                other @ Outcome::LocalFailure { .. } => match signed {
+                    // Only on failure: the check costs a signature.
+                    Some((signatures, write)) => {
+                        match mutation_rule(&*signatures, &write.key, &write.mutation, now_ms()) {
+                            Err(why) => Err(EngineError::signature(&write.key, why)),
+                            Ok(()) => Err(failure(other)),
+                        }
                     }
-                    Err(failure(other))
-                }
+                    None => Err(failure(other)),
+                },
                 other => Err(failure(other)),
             }
         })
