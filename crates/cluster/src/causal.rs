@@ -241,6 +241,12 @@ impl CausalEngine {
         self.shared.applied.borrow().clone()
     }
 
+    /// `Err` with the failure if the last write to the causal store failed (a full disk); `Ok`
+    /// again once a write succeeds: the store reopens its file by itself.
+    pub fn health(&self) -> Result<(), String> {
+        self.shared.store.db.health()
+    }
+
     /// The causal metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> String {
         crate::metrics::text(&self.shared.metrics.registry)

@@ -21,6 +21,7 @@ use agentstore_core::codec::{self, Reader};
 use agentstore_core::crdt::Crdt;
 use agentstore_core::signing::{Signatures, check_record};
 use agentstore_core::{Key, NodeId, Record, VersionVector};
+use agentstore_engine::file_handle::FileHandle;
 use agentstore_engine::two_phase::{RECORDS, scan_records};
 use agentstore_engine::{
     EngineError, NodeClock, Write, check_signatures, decode_stored, group_commit, prepare_batch,
@@ -40,6 +41,26 @@ fn storage(err: impl std::fmt::Display) -> EngineError {
     EngineError::Storage {
         detail: format!("causal store: {err}"),
     }
+}
+
+/// A failed write to the file: typed [`EngineError::DiskFull`] when the disk is full.
+fn failure(err: impl Into<redb::Error>) -> EngineError {
+    match redb_file::write_failure(err) {
+        EngineError::DiskFull { detail } => EngineError::DiskFull {
+            detail: format!("causal store: {detail}"),
+        },
+        other => storage(other),
+    }
+}
+
+/// Opens the file (again, after a failed write).
+fn open_file(path: &Path) -> Result<Database, EngineError> {
+    redb_file::create(&Database::builder(), path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => EngineError::Locked {
+            path: path.to_owned(),
+        },
+        other => storage(other),
+    })
 }
 
 fn log_key(origin: &NodeId, seq: u64) -> Vec<u8> {
@@ -89,7 +110,7 @@ pub(crate) struct Committed {
 /// The store: the read side, and the queue to its writer thread.
 #[derive(Debug)]
 pub(crate) struct Store {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<FileHandle>,
     pub(crate) requests: mpsc::Sender<Request>,
     writer: Option<JoinHandle<()>>,
 }
@@ -121,13 +142,8 @@ pub(crate) fn open(
     EngineError,
 > {
     redb_file::create_private_dir(dir).map_err(storage)?;
-    let db =
-        redb_file::create(&Database::builder(), &dir.join(CAUSAL_FILE)).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => EngineError::Locked {
-                path: dir.join(CAUSAL_FILE),
-            },
-            other => storage(other),
-        })?;
+    let path = dir.join(CAUSAL_FILE);
+    let db = open_file(&path)?;
     let txn = db.begin_write().map_err(storage)?;
     {
         txn.open_table(RECORDS).map_err(storage)?;
@@ -136,8 +152,8 @@ pub(crate) fn open(
         txn.open_table(TRIMMED).map_err(storage)?;
     }
     txn.commit().map_err(storage)?;
-    let db = Arc::new(db);
     let applied = read_vector(&db.begin_read().map_err(storage)?, APPLIED)?;
+    let db = Arc::new(FileHandle::new(&path, db, open_file));
     let (applied_tx, applied_rx) = watch::channel(applied.clone());
     let (requests, queue) = mpsc::channel(1024);
     let (reports, committed) = mpsc::unbounded_channel();
@@ -184,8 +200,8 @@ fn read_vector(
 pub(crate) struct View(ReadTransaction);
 
 impl View {
-    pub(crate) fn new(db: &Database) -> Result<Self, EngineError> {
-        Ok(Self(db.begin_read().map_err(storage)?))
+    pub(crate) fn new(db: &FileHandle) -> Result<Self, EngineError> {
+        Ok(Self(db.get()?.begin_read().map_err(storage)?))
     }
 
     /// What this view has applied: the causal past of everything it shows.
@@ -242,7 +258,7 @@ impl View {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<FileHandle>,
     me: NodeId,
     clock: Arc<NodeClock>,
     delivery: Delivery,
@@ -273,14 +289,17 @@ impl Writer {
         let outcome = self.apply_group(group, &mut replies, &mut report);
         if let Err(err) = outcome {
             // Nothing of the group is stored: start again from what is. Remote writes come
-            // again with the peers' next sync; local writers get the error.
+            // again with the peers' next sync; local writers get the error. The file is
+            // opened again for the next group (see `FileHandle`).
             tracing::warn!(error = %err, "causal store commit failed");
+            self.db.failed(&err);
             self.delivery = Delivery::new(before, self.buffer);
             for (reply, _) in replies {
-                let _ = reply.send(Err(storage(&err)));
+                let _ = reply.send(Err(err.for_each_request()));
             }
             return;
         }
+        self.db.succeeded();
         self.applied.send_replace(self.delivery.applied().clone());
         for (reply, result) in replies {
             let _ = reply.send(result);
@@ -295,16 +314,17 @@ impl Writer {
         replies: &mut Replies,
         report: &mut Committed,
     ) -> Result<(), EngineError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let db = self.db.get()?;
+        let txn = db.begin_write().map_err(failure)?;
         {
-            let mut records = txn.open_table(RECORDS).map_err(storage)?;
-            let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut trimmed = txn.open_table(TRIMMED).map_err(storage)?;
+            let mut records = txn.open_table(RECORDS).map_err(failure)?;
+            let mut log = txn.open_table(LOG).map_err(failure)?;
+            let mut trimmed = txn.open_table(TRIMMED).map_err(failure)?;
             for request in group {
                 match request {
                     Request::Local { writes, reply } => {
                         let stored = |key: &Key| {
-                            let bytes = records.get(key.as_bytes()).map_err(storage)?;
+                            let bytes = records.get(key.as_bytes()).map_err(failure)?;
                             decode_stored(key, bytes.as_ref().map(|v| v.value()))
                         };
                         let physical_ms = self.clock.physical_ms();
@@ -335,7 +355,7 @@ impl Writer {
                         for (key, record) in &write.entries {
                             records
                                 .insert(key.as_bytes(), codec::encode(record).as_slice())
-                                .map_err(storage)?;
+                                .map_err(failure)?;
                         }
                         log_write(&mut log, &write)?;
                         report.own.push(write);
@@ -368,7 +388,7 @@ impl Writer {
                         // gets a snapshot from here too.
                         for (origin, counter) in applied.iter() {
                             if counter > trimmed_upto(&trimmed, origin)? {
-                                trimmed.insert(origin.as_str(), counter).map_err(storage)?;
+                                trimmed.insert(origin.as_str(), counter).map_err(failure)?;
                             }
                         }
                         report.snapshots += 1;
@@ -381,18 +401,18 @@ impl Writer {
                             }
                             let (from, to) = (log_key(origin, done + 1), log_key(origin, upto));
                             log.retain_in(from.as_slice()..=to.as_slice(), |_, _| false)
-                                .map_err(storage)?;
-                            trimmed.insert(origin.as_str(), upto).map_err(storage)?;
+                                .map_err(failure)?;
+                            trimmed.insert(origin.as_str(), upto).map_err(failure)?;
                         }
                     }
                 }
             }
-            let mut applied = txn.open_table(APPLIED).map_err(storage)?;
+            let mut applied = txn.open_table(APPLIED).map_err(failure)?;
             for (origin, counter) in self.delivery.applied().iter() {
-                applied.insert(origin.as_str(), counter).map_err(storage)?;
+                applied.insert(origin.as_str(), counter).map_err(failure)?;
             }
         }
-        txn.commit().map_err(storage)?;
+        txn.commit().map_err(failure)?;
         Ok(())
     }
 
@@ -441,7 +461,7 @@ impl Writer {
             if !self.admits(key, remote) {
                 continue;
             }
-            let stored = records.get(key.as_bytes()).map_err(storage)?;
+            let stored = records.get(key.as_bytes()).map_err(failure)?;
             let merged = match decode_stored(key, stored.as_ref().map(|v| v.value()))? {
                 Some(mut current) => {
                     current.merge(remote);
@@ -457,7 +477,7 @@ impl Writer {
             let _ = self.clock.lock().observe(&merged.stamp, physical_ms);
             records
                 .insert(key.as_bytes(), codec::encode(&merged).as_slice())
-                .map_err(storage)?;
+                .map_err(failure)?;
         }
         Ok(())
     }
@@ -473,7 +493,7 @@ fn log_write(
         log_key(&write.origin, write.seq).as_slice(),
         bytes.as_slice(),
     )
-    .map_err(storage)?;
+    .map_err(failure)?;
     Ok(())
 }
 
@@ -481,7 +501,7 @@ fn log_write(
 fn trimmed_upto(trimmed: &redb::Table<'_, &str, u64>, origin: &NodeId) -> Result<u64, EngineError> {
     Ok(trimmed
         .get(origin.as_str())
-        .map_err(storage)?
+        .map_err(failure)?
         .map_or(0, |v| v.value()))
 }
 

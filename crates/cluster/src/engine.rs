@@ -7,12 +7,11 @@
 
 use std::sync::Arc;
 
-use agentstore_core::replication::Outcome;
-use agentstore_core::signing::{Signatures, mutation_rule};
+use agentstore_core::replication::{LocalFailure, Outcome};
 use agentstore_core::{Key, Record};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
-use crate::node::{Node, NodeError, now_ms};
+use crate::node::{Node, NodeError};
 
 /// A running node, seen as an engine.
 #[derive(Debug, Clone)]
@@ -42,14 +41,18 @@ fn stopped(err: NodeError) -> EngineError {
     }
 }
 
-/// The engine error of an outcome that is not the answer asked for.
-fn failure(outcome: Outcome) -> EngineError {
+/// The engine error of an outcome for `key` that is not the answer asked for.
+fn failure(key: &Key, outcome: Outcome) -> EngineError {
     match outcome {
         Outcome::QuorumFailed { answered, needed } => EngineError::QuorumFailed {
             acknowledged: answered,
             needed,
         },
-        Outcome::LocalFailure { detail } => EngineError::Storage { detail },
+        Outcome::LocalFailure { failure } => match failure {
+            LocalFailure::DiskFull(detail) => EngineError::DiskFull { detail },
+            LocalFailure::SignatureRefused(why) => EngineError::signature(key, why),
+            LocalFailure::Storage(detail) => EngineError::Storage { detail },
+        },
         other => EngineError::Internal {
             detail: format!("unexpected outcome {other:?}"),
         },
@@ -69,7 +72,7 @@ impl DynEngine for ClusterEngine {
                     backend: "cluster",
                     detail: format!("{answered} of the {needed} replicas needed answered in time"),
                 }),
-                other => Err(failure(other)),
+                other => Err(failure(key, other)),
             }
         })
     }
@@ -106,13 +109,7 @@ impl DynEngine for ClusterEngine {
     fn commit(&self, writes: Vec<Write>) -> EngineFuture<'_, Vec<Record>> {
         Box::pin(async move {
             let write = single_unconditional(writes)?;
-            // A refusal of a signed write comes back from the coordinator as text; keep what
-            // tells it apart, only for keys of signed collections (a copy of the write).
-            let signed = self
-                .node
-                .signatures()
-                .filter(|signatures| signatures.required(&write.key))
-                .map(|signatures| (Arc::clone(signatures), write.clone()));
+            let key = write.key.clone();
             match self
                 .node
                 .write(write.key, write.mutation)
@@ -120,17 +117,7 @@ impl DynEngine for ClusterEngine {
                 .map_err(stopped)?
             {
                 Outcome::Written { record } => Ok(vec![record]),
-                other @ Outcome::LocalFailure { .. } => match signed {
-                    // Only on failure: the check costs a signature.
-                    Some((signatures, write)) => {
-                        match mutation_rule(&*signatures, &write.key, &write.mutation, now_ms()) {
-                            Err(why) => Err(EngineError::signature(&write.key, why)),
-                            Ok(()) => Err(failure(other)),
-                        }
-                    }
-                    None => Err(failure(other)),
-                },
-                other => Err(failure(other)),
+                other => Err(failure(&key, other)),
             }
         })
     }

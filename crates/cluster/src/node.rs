@@ -18,7 +18,7 @@ use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::Mutation;
 use agentstore_core::replication::{
-    Coordinator, Effect, HINT_REQUEST_BIT, Input, Message, Outcome, RequestId,
+    Coordinator, Effect, HINT_REQUEST_BIT, Input, LocalFailure, Message, Outcome, RequestId,
 };
 use agentstore_core::signing::{check_mutation, check_record};
 use agentstore_core::{Causality, Key, NodeId, Record};
@@ -1441,14 +1441,11 @@ impl Loop {
                             && let Err(why) =
                                 check_mutation(&*signatures, &key, &mutation, now_ms())
                         {
-                            let result = Err(EngineError::signature(&key, why).to_string());
+                            let result = Err(LocalFailure::SignatureRefused(why));
                             let _ = finished.send(Input::LocalApplied { request, result });
                             return;
                         }
-                        let result = measured
-                            .apply(key, mutation)
-                            .await
-                            .map_err(|e| e.to_string());
+                        let result = measured.apply(key, mutation).await.map_err(local_failure);
                         let _ = finished.send(Input::LocalApplied { request, result });
                     });
                 }
@@ -1542,5 +1539,15 @@ impl Loop {
                 },
             }
         }
+    }
+}
+
+/// The local engine's failure as the coordinator passes it on: what a caller must tell apart
+/// (a full disk, a refused signature) stays typed, on forwarded writes too.
+fn local_failure(err: EngineError) -> LocalFailure {
+    match err {
+        EngineError::DiskFull { detail } => LocalFailure::DiskFull(detail),
+        EngineError::SignatureRefused { source, .. } => LocalFailure::SignatureRefused(source),
+        other => LocalFailure::Storage(other.to_string()),
     }
 }

@@ -230,6 +230,8 @@ fn group_error(err: GroupError) -> EngineError {
         GroupError::Refused(refused) => refused,
         GroupError::Storage { detail } => EngineError::Storage { detail },
         GroupError::Membership { detail } => EngineError::InvalidSettings { detail },
+        // A full disk stays typed: `DiskFull`.
+        GroupError::Down(failure) => failure,
     }
 }
 
@@ -294,6 +296,12 @@ impl StrongEngine {
     /// The Raft member.
     pub fn group(&self) -> &Group {
         &self.group
+    }
+
+    /// `Err` with the failure if the last write to the Raft log or state machine failed (a
+    /// full disk); `Ok` again once a write succeeds: the member starts again by itself.
+    pub fn health(&self) -> Result<(), String> {
+        self.group.health().map_err(|e| e.to_string())
     }
 
     /// The Raft metrics in the OpenMetrics text format.

@@ -8,6 +8,7 @@
 
 pub mod command;
 mod group;
+mod health;
 mod log_store;
 mod network;
 mod state_machine;

@@ -37,6 +37,8 @@ use openraft::{OptionalSend, RaftLogReader};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::group::LOG_FILE;
+use crate::health::{Health, redb_io};
 use crate::types::{Entry, LogId, MemberId, TypeConfig, Vote, persist, restore};
 
 /// Entries by index.
@@ -137,8 +139,13 @@ impl Write {
     }
 
     /// Reports the outcome to whoever waits for this write.
-    fn complete(self, result: &Result<(), String>, pending: &Pending) {
-        let result = || result.clone().map_err(io_error);
+    fn complete(self, result: &Result<(), Failure>, pending: &Pending) {
+        let result = || {
+            result
+                .as_ref()
+                .map(|&()| ())
+                .map_err(|(kind, detail)| io::Error::new(*kind, detail.clone()))
+        };
         match self {
             Write::Append { entries, callback } => {
                 if result().is_ok() {
@@ -166,9 +173,14 @@ fn write_loop(
     pending: Pending,
     queued: Arc<AtomicUsize>,
     failed: Arc<AtomicBool>,
+    health: Arc<Health>,
 ) {
     while let Some(group) = group_commit::next_group(&mut writes) {
         let result = commit_unless_failed(&db, &group, &failed);
+        match &result {
+            Ok(()) => health.succeeded(),
+            Err((kind, detail)) => health.failed(LOG_FILE, &io::Error::new(*kind, detail.clone())),
+        }
         let done = group.len();
         for write in group {
             write.complete(&result, &pending);
@@ -177,13 +189,26 @@ fn write_loop(
     }
 }
 
+/// A failed commit: the kind of its I/O error (a full disk stays `StorageFull`) and its text.
+type Failure = (io::ErrorKind, String);
+
 /// Commits `group` as one fsynced transaction, unless an earlier commit failed; a failure
 /// stops every later write.
-fn commit_unless_failed(db: &Database, group: &[Write], failed: &AtomicBool) -> Result<(), String> {
+fn commit_unless_failed(
+    db: &Database,
+    group: &[Write],
+    failed: &AtomicBool,
+) -> Result<(), Failure> {
     if failed.load(Ordering::Acquire) {
-        return Err("an earlier write to the Raft log failed".to_owned());
+        return Err((
+            io::ErrorKind::Other,
+            "an earlier write to the Raft log failed".to_owned(),
+        ));
     }
-    let result = commit(db, group).map_err(|e| e.to_string());
+    let result = commit(db, group).map_err(|e| {
+        let e = redb_io(e);
+        (e.kind(), e.to_string())
+    });
     if result.is_err() {
         failed.store(true, Ordering::Release);
     }
@@ -215,6 +240,15 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl LogStore {
     /// Opens (creating if needed) the log of `member` at `path`.
     pub fn open(path: &Path, member: MemberId) -> io::Result<Self> {
+        Self::open_watched(path, member, Arc::default())
+    }
+
+    /// [`LogStore::open`], reporting the outcome of every commit to `health`.
+    pub(crate) fn open_watched(
+        path: &Path,
+        member: MemberId,
+        health: Arc<Health>,
+    ) -> io::Result<Self> {
         let db = redb_file::create(&Database::builder(), path).map_err(io_error)?;
         let txn = db.begin_write().map_err(io_error)?;
         txn.open_table(LOG).map_err(io_error)?;
@@ -234,7 +268,7 @@ impl LogStore {
                     Arc::clone(&queued),
                     Arc::clone(&failed),
                 );
-                move || write_loop(db, queue, pending, queued, failed)
+                move || write_loop(db, queue, pending, queued, failed, health)
             })?;
         Ok(Self {
             inner: Arc::new(Inner {

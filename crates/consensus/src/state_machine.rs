@@ -37,6 +37,7 @@ use redb::{
 };
 
 use crate::command::{Op, decode_command, encode_outcome};
+use crate::health::{Health, redb_io};
 use crate::log_store::{blocking, io_error};
 use crate::types::{
     Applied, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, persist, restore,
@@ -66,6 +67,8 @@ pub struct StateMachine {
     /// The signed collections' check, run on every entry's writes and every snapshot's
     /// records, the same on every member (the configuration is the cluster's).
     signatures: Option<Arc<dyn Signatures>>,
+    /// Where a failed write is reported.
+    health: Arc<Health>,
 }
 
 impl Debug for StateMachine {
@@ -78,7 +81,7 @@ fn meta<T: for<'de> serde::Deserialize<'de>>(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     name: &str,
 ) -> io::Result<Option<T>> {
-    let value = table.get(name).map_err(io_error)?;
+    let value = table.get(name).map_err(redb_io)?;
     value.map(|v| restore(v.value())).transpose()
 }
 
@@ -108,20 +111,35 @@ const INLINE_APPLY: usize = 8;
 impl StateMachine {
     /// Opens (creating if needed) the state machine at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = redb_file::create(&Database::builder(), path).map_err(io_error)?;
-        let txn = db.begin_write().map_err(io_error)?;
-        txn.open_table(RECORDS).map_err(io_error)?;
-        txn.open_table(FENCES).map_err(io_error)?;
-        txn.open_table(TXN_LOCKS).map_err(io_error)?;
-        txn.open_table(TXN_STAGED).map_err(io_error)?;
+        let db = redb_file::create(&Database::builder(), path).map_err(redb_io)?;
+        let txn = db.begin_write().map_err(redb_io)?;
+        txn.open_table(RECORDS).map_err(redb_io)?;
+        txn.open_table(FENCES).map_err(redb_io)?;
+        txn.open_table(TXN_LOCKS).map_err(redb_io)?;
+        txn.open_table(TXN_STAGED).map_err(redb_io)?;
         move_snapshot_out_of_meta(&txn)?;
-        txn.commit().map_err(io_error)?;
+        txn.commit().map_err(redb_io)?;
         let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
         Ok(Self {
             db: Arc::new(db),
             stamp,
             signatures: None,
+            health: Arc::default(),
         })
+    }
+
+    /// Reports failed writes to `health`.
+    pub(crate) fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// `result` of a write, reported to the member's health when it failed.
+    fn watched<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(err) = &result {
+            self.health.failed(crate::group::STATE_FILE, err);
+        }
+        result
     }
 
     /// Checks the writes of signed collections before applying them (see
@@ -153,8 +171,8 @@ impl StateMachine {
 
     /// The last applied log id.
     pub fn applied(&self) -> io::Result<Option<LogId>> {
-        let txn = self.db.begin_read().map_err(io_error)?;
-        let table = txn.open_table(META).map_err(io_error)?;
+        let txn = self.db.begin_read().map_err(redb_io)?;
+        let table = txn.open_table(META).map_err(redb_io)?;
         Ok(meta::<Option<LogId>>(&table, "applied")?.flatten())
     }
 }
@@ -215,18 +233,18 @@ fn apply_command(
 /// Snapshot bytes: format, then the records (wire's entry list), then the fences, then the
 /// keys locked by prepared transactions and their staged writes.
 fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
-    let records = txn.open_table(RECORDS).map_err(io_error)?;
+    let records = txn.open_table(RECORDS).map_err(redb_io)?;
     let mut entries = Vec::new();
-    for item in records.iter().map_err(io_error)? {
-        let (key, value) = item.map_err(io_error)?;
+    for item in records.iter().map_err(redb_io)? {
+        let (key, value) = item.map_err(redb_io)?;
         entries.push(decode_record(key.value(), value.value()).map_err(io_error)?);
     }
     let mut out = vec![SNAPSHOT_FORMAT];
     put_bytes(&mut out, &agentstore_wire::encode_entries(&entries));
-    let fences = txn.open_table(FENCES).map_err(io_error)?;
+    let fences = txn.open_table(FENCES).map_err(redb_io)?;
     let mut listed = Vec::new();
-    for item in fences.iter().map_err(io_error)? {
-        let (lock, token) = item.map_err(io_error)?;
+    for item in fences.iter().map_err(redb_io)? {
+        let (lock, token) = item.map_err(redb_io)?;
         listed.push((lock.value().to_owned(), token.value()));
     }
     put_uvarint(&mut out, listed.len() as u64);
@@ -234,16 +252,16 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
         put_bytes(&mut out, lock.as_bytes());
         put_uvarint(&mut out, token);
     }
-    let locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
+    let locks = txn.open_table(TXN_LOCKS).map_err(redb_io)?;
     let mut held = Vec::new();
-    for item in locks.iter().map_err(io_error)? {
-        let (key, txn) = item.map_err(io_error)?;
+    for item in locks.iter().map_err(redb_io)? {
+        let (key, txn) = item.map_err(redb_io)?;
         held.push((key.value().to_vec(), txn.value().as_bytes().to_vec()));
     }
-    let staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
+    let staged = txn.open_table(TXN_STAGED).map_err(redb_io)?;
     let mut kept = Vec::new();
-    for item in staged.iter().map_err(io_error)? {
-        let (txn, writes) = item.map_err(io_error)?;
+    for item in staged.iter().map_err(redb_io)? {
+        let (txn, writes) = item.map_err(redb_io)?;
         kept.push((txn.value().as_bytes().to_vec(), writes.value().to_vec()));
     }
     for pairs in [held, kept] {
@@ -258,21 +276,21 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
 
 /// Records `meta` and `data` as the current snapshot (what a lagging follower is sent).
 fn keep_snapshot(txn: &WriteTransaction, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-    let mut table = txn.open_table(SNAPSHOT).map_err(io_error)?;
+    let mut table = txn.open_table(SNAPSHOT).map_err(redb_io)?;
     table
         .insert("meta", persist(meta)?.as_slice())
-        .map_err(io_error)?;
-    table.insert("data", data).map_err(io_error)?;
+        .map_err(redb_io)?;
+    table.insert("data", data).map_err(redb_io)?;
     Ok(())
 }
 
 /// Moves a snapshot kept in `META` (the layout of earlier files) to [`SNAPSHOT`].
 fn move_snapshot_out_of_meta(txn: &WriteTransaction) -> io::Result<()> {
-    let mut meta = txn.open_table(META).map_err(io_error)?;
-    let mut snapshot = txn.open_table(SNAPSHOT).map_err(io_error)?;
+    let mut meta = txn.open_table(META).map_err(redb_io)?;
+    let mut snapshot = txn.open_table(SNAPSHOT).map_err(redb_io)?;
     for (old, new) in [("snapshot_meta", "meta"), ("snapshot_data", "data")] {
-        if let Some(value) = meta.remove(old).map_err(io_error)? {
-            snapshot.insert(new, value.value()).map_err(io_error)?;
+        if let Some(value) = meta.remove(old).map_err(redb_io)? {
+            snapshot.insert(new, value.value()).map_err(redb_io)?;
         }
     }
     Ok(())
@@ -344,11 +362,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let db = Arc::clone(&self.db);
-        blocking(move || {
+        let built = blocking(move || {
             // One read transaction for the data and its meta, so they describe the same state.
             let (meta, data) = {
-                let txn = db.begin_read().map_err(io_error)?;
-                let table = txn.open_table(META).map_err(io_error)?;
+                let txn = db.begin_read().map_err(redb_io)?;
+                let table = txn.open_table(META).map_err(redb_io)?;
                 let applied = meta::<Option<LogId>>(&table, "applied")?.flatten();
                 let membership =
                     meta::<StoredMembership>(&table, "membership")?.unwrap_or_default();
@@ -361,15 +379,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     data,
                 )
             };
-            let txn = db.begin_write().map_err(io_error)?;
+            let txn = db.begin_write().map_err(redb_io)?;
             keep_snapshot(&txn, &meta, &data)?;
-            txn.commit().map_err(io_error)?;
+            txn.commit().map_err(redb_io)?;
             Ok(Snapshot {
                 meta,
                 snapshot: data,
             })
         })
-        .await
+        .await;
+        self.watched(built)
     }
 }
 
@@ -378,8 +397,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        let txn = self.db.begin_read().map_err(io_error)?;
-        let table = txn.open_table(META).map_err(io_error)?;
+        let txn = self.db.begin_read().map_err(redb_io)?;
+        let table = txn.open_table(META).map_err(redb_io)?;
         let applied = meta::<Option<LogId>>(&table, "applied")?.flatten();
         let membership = meta::<StoredMembership>(&table, "membership")?.unwrap_or_default();
         Ok((applied, membership))
@@ -403,26 +422,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let signatures = self.signatures.clone();
         let small = batch.len() <= INLINE_APPLY;
         let apply = move || {
-            let mut txn = db.begin_write().map_err(io_error)?;
+            let mut txn = db.begin_write().map_err(redb_io)?;
             // Not fsynced: every entry applied here is in the log, durable on a majority, and
             // a member that restarts behind (its last applies lost) re-applies them from the
             // log, once each (the applied id moves with the effects). A snapshot's commit is
             // fsynced, and makes every earlier apply durable with it, before the log it covers
             // can be purged. This keeps one fsync (the log's) on a write's path instead of two.
-            txn.set_durability(Durability::None).map_err(io_error)?;
+            txn.set_durability(Durability::None).map_err(redb_io)?;
             let mut outcomes = Vec::with_capacity(batch.len());
             {
-                let mut records = txn.open_table(RECORDS).map_err(io_error)?;
-                let mut fences = txn.open_table(FENCES).map_err(io_error)?;
-                let mut locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
-                let mut staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
+                let mut records = txn.open_table(RECORDS).map_err(redb_io)?;
+                let mut fences = txn.open_table(FENCES).map_err(redb_io)?;
+                let mut locks = txn.open_table(TXN_LOCKS).map_err(redb_io)?;
+                let mut staged = txn.open_table(TXN_STAGED).map_err(redb_io)?;
                 let mut tables = RedbParticipant {
                     records: &mut records,
                     fences: &mut fences,
                     locks: &mut locks,
                     staged: &mut staged,
                 };
-                let mut meta = txn.open_table(META).map_err(io_error)?;
+                let mut meta = txn.open_table(META).map_err(redb_io)?;
                 let mut applied = None;
                 for entry in &batch {
                     let outcome = match &entry.payload {
@@ -435,7 +454,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 membership.clone(),
                             );
                             meta.insert("membership", persist(&stored)?.as_slice())
-                                .map_err(io_error)?;
+                                .map_err(redb_io)?;
                             Ok(Vec::new())
                         }
                         EntryPayload::Blank => Ok(Vec::new()),
@@ -444,18 +463,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     applied = Some(entry.log_id.clone());
                 }
                 meta.insert("applied", persist(&applied)?.as_slice())
-                    .map_err(io_error)?;
+                    .map_err(redb_io)?;
             }
-            txn.commit().map_err(io_error)?;
+            txn.commit().map_err(redb_io)?;
             Ok(outcomes)
         };
         // A few entries apply in well under a millisecond without an fsync: run them here
         // rather than pay two thread hand-offs on every strong write's path.
-        let outcomes = if small {
-            apply()?
+        let outcomes = self.watched(if small {
+            apply()
         } else {
-            blocking(apply).await?
-        };
+            blocking(apply).await
+        })?;
         for (responder, outcome) in responders.into_iter().zip(outcomes) {
             if let Some(responder) = responder {
                 responder.send(outcome);
@@ -482,63 +501,64 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let meta = meta.clone();
         let db = Arc::clone(&self.db);
-        blocking(move || {
-            let txn = db.begin_write().map_err(io_error)?;
+        let installed = blocking(move || {
+            let txn = db.begin_write().map_err(redb_io)?;
             {
-                let mut records = txn.open_table(RECORDS).map_err(io_error)?;
-                records.retain(|_, _| false).map_err(io_error)?;
+                let mut records = txn.open_table(RECORDS).map_err(redb_io)?;
+                records.retain(|_, _| false).map_err(redb_io)?;
                 for (key, record) in &contents.entries {
                     records
                         .insert(key.as_bytes(), codec::encode(record).as_slice())
-                        .map_err(io_error)?;
+                        .map_err(redb_io)?;
                 }
-                let mut fences = txn.open_table(FENCES).map_err(io_error)?;
-                fences.retain(|_, _| false).map_err(io_error)?;
+                let mut fences = txn.open_table(FENCES).map_err(redb_io)?;
+                fences.retain(|_, _| false).map_err(redb_io)?;
                 for (lock, token) in &contents.fences {
-                    fences.insert(lock.as_str(), *token).map_err(io_error)?;
+                    fences.insert(lock.as_str(), *token).map_err(redb_io)?;
                 }
                 let utf8 = |bytes: &[u8]| {
                     String::from_utf8(bytes.to_vec()).map_err(|_| {
                         io::Error::new(io::ErrorKind::InvalidData, "a transaction id is not UTF-8")
                     })
                 };
-                let mut locks = txn.open_table(TXN_LOCKS).map_err(io_error)?;
-                locks.retain(|_, _| false).map_err(io_error)?;
+                let mut locks = txn.open_table(TXN_LOCKS).map_err(redb_io)?;
+                locks.retain(|_, _| false).map_err(redb_io)?;
                 for (key, holder) in &contents.locks {
                     locks
                         .insert(key.as_slice(), utf8(holder)?.as_str())
-                        .map_err(io_error)?;
+                        .map_err(redb_io)?;
                 }
-                let mut staged = txn.open_table(TXN_STAGED).map_err(io_error)?;
-                staged.retain(|_, _| false).map_err(io_error)?;
+                let mut staged = txn.open_table(TXN_STAGED).map_err(redb_io)?;
+                staged.retain(|_, _| false).map_err(redb_io)?;
                 for (holder, writes) in &contents.staged {
                     staged
                         .insert(utf8(holder)?.as_str(), writes.as_slice())
-                        .map_err(io_error)?;
+                        .map_err(redb_io)?;
                 }
-                let mut table = txn.open_table(META).map_err(io_error)?;
+                let mut table = txn.open_table(META).map_err(redb_io)?;
                 table
                     .insert("applied", persist(&meta.last_log_id)?.as_slice())
-                    .map_err(io_error)?;
+                    .map_err(redb_io)?;
                 table
                     .insert("membership", persist(&meta.last_membership)?.as_slice())
-                    .map_err(io_error)?;
+                    .map_err(redb_io)?;
             }
             keep_snapshot(&txn, &meta, &data)?;
-            txn.commit().map_err(io_error)
+            txn.commit().map_err(redb_io)
         })
-        .await
+        .await;
+        self.watched(installed)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let txn = self.db.begin_read().map_err(io_error)?;
-        let table = txn.open_table(SNAPSHOT).map_err(io_error)?;
+        let txn = self.db.begin_read().map_err(redb_io)?;
+        let table = txn.open_table(SNAPSHOT).map_err(redb_io)?;
         let Some(meta) = meta::<SnapshotMeta>(&table, "meta")? else {
             return Ok(None);
         };
         let data = table
             .get("data")
-            .map_err(io_error)?
+            .map_err(redb_io)?
             .map(|v| v.value().to_vec())
             .unwrap_or_default();
         Ok(Some(Snapshot {

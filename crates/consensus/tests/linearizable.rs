@@ -278,6 +278,7 @@ async fn run(seed: u64) -> Run {
             .iter()
             .map(|n| (id(n), rng.below(4001) as i64 - 2000))
             .collect(),
+        ..Settings::default()
     };
     let cluster = Cluster::with(&NAMES, settings).await;
     cluster.leader().await;

@@ -24,6 +24,7 @@ use crate::crdt::Crdt;
 use crate::key::Key;
 use crate::node::NodeId;
 use crate::record::{Mutation, Record};
+use crate::signing::SignatureRefused;
 
 /// Identifies one client request at its coordinator.
 pub type RequestId = u64;
@@ -211,7 +212,7 @@ pub enum Input {
         /// The request.
         request: RequestId,
         /// The resulting record, or why it failed.
-        result: Result<Record, String>,
+        result: Result<Record, LocalFailure>,
     },
     /// A client reads.
     Read {
@@ -324,8 +325,28 @@ pub enum Outcome {
     /// The local engine failed.
     LocalFailure {
         /// Why.
-        detail: String,
+        failure: LocalFailure,
     },
+}
+
+/// Why the local engine did not apply a write, as far as a caller must tell it apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalFailure {
+    /// The disk is full: nothing was written; it may work once there is space.
+    DiskFull(String),
+    /// A signed collection's rule refused the write (see [`crate::signing`]).
+    SignatureRefused(SignatureRefused),
+    /// Any other failure of the engine.
+    Storage(String),
+}
+
+impl std::fmt::Display for LocalFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DiskFull(detail) | Self::Storage(detail) => f.write_str(detail),
+            Self::SignatureRefused(why) => write!(f, "{why}"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -495,7 +516,7 @@ impl Coordinator {
     fn local_applied(
         &mut self,
         request: RequestId,
-        result: Result<Record, String>,
+        result: Result<Record, LocalFailure>,
         effects: &mut Vec<Effect>,
     ) {
         let Some(Pending::Write {
@@ -509,11 +530,11 @@ impl Coordinator {
             return;
         };
         match result {
-            Err(detail) => {
+            Err(failure) => {
                 self.pending.remove(&request);
                 effects.push(Effect::Reply {
                     request,
-                    outcome: Outcome::LocalFailure { detail },
+                    outcome: Outcome::LocalFailure { failure },
                 });
             }
             Ok(applied) => {

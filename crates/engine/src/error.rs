@@ -257,4 +257,17 @@ impl EngineError {
             detail: err.to_string(),
         }
     }
+
+    /// The failure of a group commit as each request of the group gets it: a full disk stays
+    /// [`EngineError::DiskFull`], anything else becomes a storage failure with its text.
+    pub fn for_each_request(&self) -> Self {
+        match self {
+            EngineError::DiskFull { detail } => EngineError::DiskFull {
+                detail: detail.clone(),
+            },
+            other => EngineError::Storage {
+                detail: other.to_string(),
+            },
+        }
+    }
 }

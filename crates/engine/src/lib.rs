@@ -15,6 +15,7 @@ pub mod batch_codec;
 mod clock;
 pub mod conformance;
 mod error;
+pub mod file_handle;
 pub mod group_commit;
 mod local;
 mod metrics;

@@ -128,7 +128,7 @@ impl StorageBackend for WrittenGrowth {
 
 /// A failed write as an engine error: [`EngineError::DiskFull`] when the disk is out of
 /// space, a storage failure otherwise.
-pub(crate) fn write_failure(err: impl Into<redb::Error>) -> crate::EngineError {
+pub fn write_failure(err: impl Into<redb::Error>) -> crate::EngineError {
     match err.into() {
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
             crate::EngineError::DiskFull {

@@ -281,3 +281,57 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0"))
 }
+
+/// A small tmpfs mounted at a directory (for full-disk tests), unmounted when dropped.
+#[derive(Debug)]
+pub struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `mib` MiB at `dir`. `None` where mounting is not allowed (not root),
+    /// and the test should be skipped, unless `AGENTSTORE_REQUIRE_NETNS` is set (`.ci/run` sets
+    /// it when it runs as root), where it panics instead: the test must run there.
+    pub fn mount(dir: &std::path::Path, mib: u32) -> Option<Self> {
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var_os("AGENTSTORE_REQUIRE_NETNS").is_none(),
+                "this test must run here: mounting a tmpfs failed"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        Some(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Fills what is left of the disk with one file (`filler`); returns its path. Removing it
+    /// gives the space back.
+    pub fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).expect("create the filler file");
+        let chunk = vec![7u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        for _ in 0..64 {
+            if file.write_all(&[7u8; 512]).is_err() {
+                break;
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}

@@ -20,7 +20,7 @@ use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::placement::Ring;
 use agentstore_core::record::{self, Mutation, Record, Value};
 use agentstore_core::replication::{
-    Coordinator, Effect, HINT_REQUEST_BIT, Input, Message, Outcome, RequestId,
+    Coordinator, Effect, HINT_REQUEST_BIT, Input, LocalFailure, Message, Outcome, RequestId,
 };
 use agentstore_core::{HybridClock, Key, NodeId, codec};
 use agentstore_wire as wire;
@@ -251,7 +251,7 @@ impl Sim {
                     node,
                     Input::LocalApplied {
                         request,
-                        result: result.map_err(|e| e.to_string()),
+                        result: result.map_err(|e| LocalFailure::Storage(e.to_string())),
                     },
                 );
             }

@@ -13,12 +13,18 @@
 //!          | 2 0 | 2 1 record              Read: nothing / a record
 //!          | 3 answered:uvarint needed:uvarint   QuorumFailed
 //!          | 4 count:uvarint node*         NotAReplica
-//!          | 5 bytes                       LocalFailure (UTF-8)
+//!          | 5 bytes                       LocalFailure: storage (UTF-8)
+//!          | 6 bytes                       LocalFailure: disk full (UTF-8)
+//!          | 7 refusal                     LocalFailure: a signature refused
+//! refusal  = 0                             Unsigned
+//!          | 1 bytes                       Invalid (UTF-8)
+//!          | 2 signed:uvarint stamped:uvarint   OutsideWindow (ms)
 //! ```
 
 use agentstore_core::codec::{self, Reader, put_bytes, put_node, put_uvarint, put_version};
 use agentstore_core::record::Mutation;
-use agentstore_core::replication::Outcome;
+use agentstore_core::replication::{LocalFailure, Outcome};
+use agentstore_core::signing::SignatureRefused;
 
 use crate::{WireError, malformed, record};
 
@@ -142,11 +148,41 @@ pub(crate) fn put_outcome(out: &mut Vec<u8>, outcome: &Outcome) {
                 put_node(out, node);
             }
         }
-        Outcome::LocalFailure { detail } => {
-            out.push(5);
-            put_bytes(out, detail.as_bytes());
-        }
+        Outcome::LocalFailure { failure } => match failure {
+            LocalFailure::Storage(detail) => {
+                out.push(5);
+                put_bytes(out, detail.as_bytes());
+            }
+            LocalFailure::DiskFull(detail) => {
+                out.push(6);
+                put_bytes(out, detail.as_bytes());
+            }
+            LocalFailure::SignatureRefused(why) => {
+                out.push(7);
+                match why {
+                    SignatureRefused::Unsigned => out.push(0),
+                    SignatureRefused::Invalid(detail) => {
+                        out.push(1);
+                        put_bytes(out, detail.as_bytes());
+                    }
+                    SignatureRefused::OutsideWindow {
+                        signed_ms,
+                        stamped_ms,
+                    } => {
+                        out.push(2);
+                        put_uvarint(out, *signed_ms);
+                        put_uvarint(out, *stamped_ms);
+                    }
+                }
+            }
+        },
     }
+}
+
+/// A failure's text.
+fn text(r: &mut Reader<'_>) -> Result<String, WireError> {
+    String::from_utf8(r.bytes().map_err(malformed)?)
+        .map_err(|_| malformed(r.malformed("failure detail is not UTF-8")))
 }
 
 fn count(r: &mut Reader<'_>) -> Result<usize, WireError> {
@@ -180,8 +216,21 @@ pub(crate) fn outcome(r: &mut Reader<'_>) -> Result<Outcome, WireError> {
             Outcome::NotAReplica { replicas }
         }
         5 => Outcome::LocalFailure {
-            detail: String::from_utf8(r.bytes().map_err(malformed)?)
-                .map_err(|_| malformed(r.malformed("failure detail is not UTF-8")))?,
+            failure: LocalFailure::Storage(text(r)?),
+        },
+        6 => Outcome::LocalFailure {
+            failure: LocalFailure::DiskFull(text(r)?),
+        },
+        7 => Outcome::LocalFailure {
+            failure: LocalFailure::SignatureRefused(match r.u8().map_err(malformed)? {
+                0 => SignatureRefused::Unsigned,
+                1 => SignatureRefused::Invalid(text(r)?),
+                2 => SignatureRefused::OutsideWindow {
+                    signed_ms: r.uvarint().map_err(malformed)?,
+                    stamped_ms: r.uvarint().map_err(malformed)?,
+                },
+                _ => return Err(malformed(r.malformed("unknown signature refusal"))),
+            }),
         },
         _ => return Err(malformed(r.malformed("unknown outcome"))),
     })

@@ -2,7 +2,8 @@
 //! without a panic.
 
 use agentstore_core::record::{self, Mutation};
-use agentstore_core::replication::{Message, Outcome};
+use agentstore_core::replication::{LocalFailure, Message, Outcome};
+use agentstore_core::signing::SignatureRefused;
 use agentstore_core::{HybridClock, Key, NodeId};
 use agentstore_wire::{Envelope, FrameDecoder, MAX_FRAME, WireError, decode, encode, encode_frame};
 use proptest::prelude::*;
@@ -79,7 +80,20 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             .prop_map(|(answered, needed)| Outcome::QuorumFailed { answered, needed }),
         prop::collection::vec(node.clone(), 0..5)
             .prop_map(|replicas| Outcome::NotAReplica { replicas }),
-        ".{0,20}".prop_map(|detail| Outcome::LocalFailure { detail }),
+        prop_oneof![
+            ".{0,20}".prop_map(LocalFailure::Storage),
+            ".{0,20}".prop_map(LocalFailure::DiskFull),
+            Just(LocalFailure::SignatureRefused(SignatureRefused::Unsigned)),
+            ".{0,20}"
+                .prop_map(|why| LocalFailure::SignatureRefused(SignatureRefused::Invalid(why))),
+            (any::<u64>(), any::<u64>()).prop_map(|(signed_ms, stamped_ms)| {
+                LocalFailure::SignatureRefused(SignatureRefused::OutsideWindow {
+                    signed_ms,
+                    stamped_ms,
+                })
+            }),
+        ]
+        .prop_map(|failure| Outcome::LocalFailure { failure }),
     ];
     let membership = prop_oneof![
         (key.clone(), mutation).prop_map(|(key, mutation)| Message::Forward {

@@ -189,6 +189,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Clock offset of each member, in ms (members not named run on the real clock).
     pub skew_ms: BTreeMap<MemberId, i64>,
+    /// Where a member's files go (members not named: under the system's temporary dir).
+    pub parent_dir: BTreeMap<MemberId, std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -198,6 +200,7 @@ impl Default for Settings {
             kept_behind_snapshot: 0,
             request_timeout: Duration::from_secs(5),
             skew_ms: BTreeMap::new(),
+            parent_dir: BTreeMap::new(),
         }
     }
 }
@@ -228,7 +231,11 @@ impl Cluster {
             settings,
         };
         for name in names {
-            cluster.dirs.insert(id(name), tempfile::tempdir().unwrap());
+            let dir = match cluster.settings.parent_dir.get(&id(name)) {
+                Some(parent) => tempfile::tempdir_in(parent),
+                None => tempfile::tempdir(),
+            };
+            cluster.dirs.insert(id(name), dir.unwrap());
         }
         for name in names {
             cluster.start(name).await;

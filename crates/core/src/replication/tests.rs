@@ -173,7 +173,7 @@ fn a_local_failure_is_answered_at_once() {
     let effects = c.step(
         Input::LocalApplied {
             request: 1,
-            result: Err("disk full".into()),
+            result: Err(LocalFailure::DiskFull("disk full".into())),
         },
         1,
     );
@@ -182,7 +182,7 @@ fn a_local_failure_is_answered_at_once() {
         [Effect::Reply {
             request: 1,
             outcome: Outcome::LocalFailure {
-                detail: "disk full".into()
+                failure: LocalFailure::DiskFull("disk full".into())
             }
         }]
     );

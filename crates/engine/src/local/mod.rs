@@ -8,7 +8,6 @@
 //! a redb read transaction is an in-memory snapshot lookup that takes microseconds, cheaper
 //! than a hop to a blocking pool.
 
-mod handle;
 mod hints;
 mod purge;
 mod writer;
@@ -29,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
+use crate::file_handle::FileHandle;
 use crate::{Engine, Key, Record, Write};
 
 /// Name of the data file inside the data directory.
@@ -51,7 +51,7 @@ pub struct LocalEngine {
 }
 
 struct Shared {
-    db: Arc<handle::Handle>,
+    db: Arc<FileHandle>,
     path: PathBuf,
     clock: Arc<NodeClock>,
     turn: writer::Turn,
@@ -91,7 +91,7 @@ impl LocalEngine {
         let path = dir.join(DATA_FILE);
         let db = open_database(&path)?;
         check_format(&db, &path)?;
-        let db = Arc::new(handle::Handle::new(&path, db));
+        let db = Arc::new(FileHandle::new(&path, db, open_database));
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let turn = writer::Turn::default();
         let writer = writer::spawn(

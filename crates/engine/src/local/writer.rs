@@ -7,7 +7,7 @@ use agentstore_core::codec;
 use agentstore_core::record::Record;
 use redb::{Database, ReadableTable, Table};
 
-use super::handle::Handle;
+use crate::file_handle::FileHandle as Handle;
 use crate::redb_file::write_failure;
 use tokio::sync::{mpsc, oneshot};
 
@@ -61,7 +61,7 @@ fn commit_group(db: &Handle, clock: &NodeClock, group: &mut Vec<Request>) {
     let ops: Vec<&Op> = group.iter().map(|r| &r.op).collect();
     let outcomes = match committed(db, clock, &ops) {
         Ok(outcomes) => outcomes,
-        Err(err) => group.iter().map(|_| Err(each(&err))).collect(),
+        Err(err) => group.iter().map(|_| Err(err.for_each_request())).collect(),
     };
     for (request, outcome) in group.drain(..).zip(outcomes) {
         // The caller may have gone away (cancelled); its write is committed regardless.
@@ -70,18 +70,6 @@ fn commit_group(db: &Handle, clock: &NodeClock, group: &mut Vec<Request>) {
 }
 
 type Outcome = Result<Vec<Record>, EngineError>;
-
-/// A group's failure, as each of its requests gets it.
-fn each(err: &EngineError) -> EngineError {
-    match err {
-        EngineError::DiskFull { detail } => EngineError::DiskFull {
-            detail: detail.clone(),
-        },
-        other => EngineError::Storage {
-            detail: other.to_string(),
-        },
-    }
-}
 
 /// Applies one request on the calling thread (the caller holds the turn).
 pub(super) fn commit_now(db: &Handle, clock: &NodeClock, op: &Op) -> Outcome {

@@ -857,15 +857,23 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
-/// `ok`, or 503 `storage_failing` while the node's last write to its data file failed (a
-/// full disk): the node recovers by itself once the cause is gone.
+/// `ok`, or 503 `storage_failing` while the node's last write to one of its files failed (a
+/// full disk): the data file, the causal store or the Raft files. Each recovers by itself once
+/// the cause is gone.
 async fn healthz(State(api): State<Api>) -> Response {
-    match api.node.local_health() {
-        Ok(()) => "ok".into_response(),
-        Err(failure) => ApiError::new(
+    let failing = [
+        ("data file", api.node.local_health()),
+        ("causal store", api.causal.health()),
+        ("Raft log and state machine", api.strong.health()),
+    ]
+    .into_iter()
+    .find_map(|(file, health)| health.err().map(|failure| (file, failure)));
+    match failing {
+        None => "ok".into_response(),
+        Some((file, failure)) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "storage_failing",
-            format!("the last write to this node's data file failed: {failure}"),
+            format!("the last write to this node's {file} failed: {failure}"),
         )
         .into_response(),
     }

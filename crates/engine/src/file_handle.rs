@@ -1,10 +1,10 @@
-//! The data file's open handle, replaced after a failed write.
+//! A redb file's open handle, replaced after a failed write.
 //!
 //! After one I/O error redb answers `PreviousIo` to every call on that `Database`, reads
 //! included, until it is reopened: a disk that filled up and then got space back would keep
 //! failing until a restart. So a failed write gives up the handle (once the reads in progress
 //! let go of it), and the next call opens the file again, which fails as long as the disk is
-//! still full and works once it is not. The failure is kept for [`Handle::health`] until a
+//! still full and works once it is not. The failure is kept for [`FileHandle::health`] until a
 //! write succeeds.
 
 use std::path::{Path, PathBuf};
@@ -18,23 +18,38 @@ use crate::error::EngineError;
 /// How long a failed write waits for reads in progress to release the old handle.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
-pub(super) struct Handle {
+/// How a file is opened again after a failed write gave its handle up.
+pub type Reopen = fn(&Path) -> Result<Database, EngineError>;
+
+/// A redb file's handle, given up after a failed write and reopened on the next call.
+pub struct FileHandle {
     path: PathBuf,
+    reopen: Reopen,
     slot: RwLock<Option<Arc<Database>>>,
     failure: Mutex<Option<String>>,
 }
 
-impl Handle {
-    pub(super) fn new(path: &Path, db: Database) -> Self {
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileHandle")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileHandle {
+    /// `db`, open at `path`; `reopen` opens it again after a failed write.
+    pub fn new(path: &Path, db: Database, reopen: Reopen) -> Self {
         Self {
             path: path.to_owned(),
+            reopen,
             slot: RwLock::new(Some(Arc::new(db))),
             failure: Mutex::new(None),
         }
     }
 
     /// The open database, opening the file again if a failed write gave the handle up.
-    pub(super) fn get(&self) -> Result<Arc<Database>, EngineError> {
+    pub fn get(&self) -> Result<Arc<Database>, EngineError> {
         if let Some(db) = &*self.slot.read().unwrap_or_else(PoisonError::into_inner) {
             return Ok(Arc::clone(db));
         }
@@ -42,14 +57,14 @@ impl Handle {
         if let Some(db) = &*slot {
             return Ok(Arc::clone(db));
         }
-        let db = Arc::new(super::open_database(&self.path)?);
+        let db = Arc::new((self.reopen)(&self.path)?);
         *slot = Some(Arc::clone(&db));
         Ok(db)
     }
 
     /// A write failed with `err` (the caller holds no clone of the handle any more): keep the
-    /// failure for [`Handle::health`], and give the handle up so the next call reopens it.
-    pub(super) fn failed(&self, err: &EngineError) {
+    /// failure for [`FileHandle::health`], and give the handle up so the next call reopens it.
+    pub fn failed(&self, err: &EngineError) {
         *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
         let mut slot = self.slot.write().unwrap_or_else(PoisonError::into_inner);
         let Some(mut db) = slot.take() else { return };
@@ -72,7 +87,7 @@ impl Handle {
     }
 
     /// A write succeeded: the engine is healthy again.
-    pub(super) fn succeeded(&self) {
+    pub fn succeeded(&self) {
         let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
         if failure.is_some() {
             *failure = None;
@@ -80,7 +95,7 @@ impl Handle {
     }
 
     /// `Err` with the last write's failure if the last write failed.
-    pub(super) fn health(&self) -> Result<(), String> {
+    pub fn health(&self) -> Result<(), String> {
         match &*self.failure.lock().unwrap_or_else(PoisonError::into_inner) {
             None => Ok(()),
             Some(failure) => Err(failure.clone()),
