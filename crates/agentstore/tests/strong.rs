@@ -605,3 +605,118 @@ fn a_node_joins_the_raft_group_from_the_cli_and_an_original_voter_leaves() {
     ]);
     assert!(!ok && out.contains("not a learner"), "{out}");
 }
+
+/// How one survivor's writes went after a fault: the gap from the fault to its first
+/// acknowledged write, the longest any of its requests took, and the codes of the answers
+/// before the first acknowledgement.
+#[derive(Debug)]
+struct Failover {
+    gap: Duration,
+    longest: Duration,
+    codes: Vec<String>,
+}
+
+/// Puts through `node` one after another from `fault_at` until one is acknowledged.
+fn first_acknowledged(node: &NodeProcess, fault_at: Instant, name: &str) -> Failover {
+    let mut longest = Duration::ZERO;
+    let mut codes = Vec::new();
+    for i in 0.. {
+        let started = Instant::now();
+        let (code, body) = http(
+            node.client,
+            "PUT",
+            &format!("/v1/keys/agent:failover:{name}:{i}"),
+            r#""x""#,
+        )
+        .unwrap_or((0, String::new()));
+        longest = longest.max(started.elapsed());
+        if code == 200 {
+            break;
+        }
+        let error: Json = serde_json::from_str(&body).unwrap_or_default();
+        codes.push(error["error"]["code"].as_str().unwrap_or("none").to_owned());
+        assert!(
+            fault_at.elapsed() < Duration::from_secs(30),
+            "{name}: no write acknowledged 30 s after the fault: {codes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Failover {
+        gap: fault_at.elapsed(),
+        longest,
+        codes,
+    }
+}
+
+/// Kill the leader, then pause another: writes sent to every surviving node go to the leader
+/// elected meanwhile. Each is answered within its deadline (5 s for strong requests, plus a
+/// second for the exchange), none is `indeterminate`, and the gap from the fault to each
+/// survivor's first acknowledged write is printed.
+#[test]
+fn writes_through_every_survivor_reach_the_new_leader_after_a_kill_and_a_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
+    for fault in ["-KILL", "-STOP"] {
+        let old = leader(&nodes);
+        for node in &nodes {
+            let (code, body) = add(node);
+            assert_eq!(code, 200, "{body}");
+        }
+        let pid = nodes[old].child.as_ref().unwrap().id().to_string();
+        let fault_at = Instant::now();
+        if fault == "-KILL" {
+            nodes[old].signal(fault);
+        } else {
+            std::process::Command::new("kill")
+                .args([fault, &pid])
+                .status()
+                .unwrap();
+        }
+        let survivors: Vec<&NodeProcess> =
+            (0..3).filter(|i| *i != old).map(|i| &nodes[i]).collect();
+        let outcomes: Vec<(String, Failover)> = std::thread::scope(|scope| {
+            let running: Vec<_> = survivors
+                .iter()
+                .map(|node| {
+                    let name = node
+                        .config
+                        .file_stem()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    scope.spawn(move || {
+                        let outcome = first_acknowledged(node, fault_at, &name);
+                        (name, outcome)
+                    })
+                })
+                .collect();
+            running.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for (name, outcome) in &outcomes {
+            eprintln!(
+                "{fault} leader: first write acknowledged through {name} {} ms after the fault (longest request {} ms; before it: {:?})",
+                outcome.gap.as_millis(),
+                outcome.longest.as_millis(),
+                outcome.codes
+            );
+            assert!(
+                outcome.longest < Duration::from_secs(6),
+                "{name}: a request outlived its deadline: {outcome:?}"
+            );
+            assert!(
+                !outcome.codes.iter().any(|c| c == "indeterminate"),
+                "{name}: {outcome:?}"
+            );
+        }
+        match fault {
+            "-KILL" => nodes[old].start(),
+            _ => {
+                std::process::Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status()
+                    .unwrap();
+            }
+        }
+        leader(&nodes);
+    }
+}

@@ -2,11 +2,14 @@
 //! sees of openraft.
 //!
 //! Writes are proposed by the leader: a member that is not the leader forwards the command to
-//! the leader it knows of and waits for its answer. A proposal refused before it entered the
-//! log (no leader, not the leader) is retried until the request times out; one that may have
-//! entered the log and then got no answer (a forward that timed out, an entry discarded by a
-//! leader change) is reported as [`GroupError::Indeterminate`], never retried, so nothing
-//! applies twice. Linearizable reads are served by the leader after a read-index round
+//! the leader it knows of and waits for its answer. Every proposal is numbered in the
+//! proposing member's session (`crate::sessions`), and the state machine applies a number
+//! once, so a proposal whose answer was lost (a leader killed or paused, a forward that timed
+//! out, an entry discarded by a leader change) is sent again, to the new leader once there is
+//! one, until the request's deadline. Each attempt is bounded (twice the election timeout), so
+//! a dead leader costs one attempt, not the whole deadline. [`GroupError::Indeterminate`]
+//! comes only when the deadline passes after an answer was lost: the write may have
+//! applied. Linearizable reads are served by the leader after a read-index round
 //! (openraft's `ReadPolicy::ReadIndex`: a heartbeat quorum confirms leadership; no clock
 //! assumption); stale reads read the local state machine.
 
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant};
 use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::{EngineError, PhysicalClock, SystemClock, Write};
+use futures_util::future::{self, Either};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -30,6 +34,7 @@ use crate::log_store::LogStore;
 use crate::network::{
     MembershipChange, Network, Refusal, Reply, Request, Rpc, RpcError, ask, decode, encode,
 };
+use crate::sessions::encode_proposal;
 use crate::state_machine::StateMachine;
 use crate::types::{Applied, Command, MemberId, Snapshot, TypeConfig};
 
@@ -175,11 +180,17 @@ pub enum ReadLevel {
     Stale,
 }
 
-/// Whether a call may change the state if it reaches the leader (a lost answer to it is
-/// indeterminate) or only reads (a lost answer is retried).
+/// What sending a call again may do, which decides what a lost answer means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Effect {
+    /// It may change the state and a copy would change it again: a lost answer is
+    /// indeterminate at once (membership changes).
     MayApply,
+    /// A numbered proposal (see `sessions`): a copy applies nothing more, so a lost answer is
+    /// sent again, to the next leader if need be; indeterminate only if the deadline comes
+    /// after an answer was lost.
+    Once,
+    /// It only reads: a lost answer is sent again.
     ReadOnly,
 }
 
@@ -199,6 +210,12 @@ struct Inner {
     health: Arc<Health>,
     /// Set by [`Group::shutdown`]: a stopped member stays stopped.
     stopping: AtomicBool,
+    /// This member's proposal session: its id and when it started.
+    session: Vec<u8>,
+    /// The numbers of the proposals in flight, and the next one.
+    proposals: std::sync::Mutex<Proposals>,
+    /// How long one attempt (here or at the leader) may take before it is sent again.
+    attempt: Duration,
     rpc: Arc<dyn Rpc>,
     timeout: Duration,
     leader_changes: Arc<AtomicU64>,
@@ -210,6 +227,27 @@ struct Inner {
 struct Member {
     raft: Raft<TypeConfig, StateMachine>,
     state: StateMachine,
+}
+
+/// The proposals a member has in flight.
+#[derive(Debug, Default)]
+struct Proposals {
+    next: u64,
+    waiting: BTreeSet<u64>,
+}
+
+/// A proposal's place among those in flight, given up when it is answered (or dropped).
+struct InFlight<'a> {
+    inner: &'a Inner,
+    seq: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        agentstore_engine::lock(&self.inner.proposals)
+            .waiting
+            .remove(&self.seq);
+    }
 }
 
 /// How often a member stopped by a failed write tries to start again.
@@ -245,6 +283,16 @@ impl Group {
                 config: config.clone(),
                 health,
                 stopping: AtomicBool::new(false),
+                session: format!(
+                    "{}/{}",
+                    config.id.0,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                )
+                .into_bytes(),
+                proposals: std::sync::Mutex::default(),
+                attempt: (config.election_timeout * 2).max(Duration::from_millis(200)),
                 rpc,
                 timeout: config.request_timeout,
                 clock: Arc::clone(&config.clock),
@@ -347,13 +395,34 @@ impl Group {
         .await
     }
 
-    /// Proposes `op` and waits until it is applied; returns what applying it answered.
+    /// Proposes `op` and waits until it is applied; returns what applying it answered. The
+    /// proposal is numbered in this member's session, so it is sent again (to the next leader,
+    /// if the one asked is gone) until the deadline without ever applying twice.
     async fn propose(&self, op: Op) -> Result<Vec<Record>, GroupError> {
-        let command = Command(encode_command(self.inner.clock.now_ms(), &op));
+        let (in_flight, low) = {
+            let mut proposals = agentstore_engine::lock(&self.inner.proposals);
+            let seq = proposals.next;
+            proposals.next += 1;
+            proposals.waiting.insert(seq);
+            let low = proposals.waiting.first().copied().unwrap_or(seq);
+            (
+                InFlight {
+                    inner: &self.inner,
+                    seq,
+                },
+                low,
+            )
+        };
+        let command = Command(encode_proposal(
+            &self.inner.session,
+            in_flight.seq,
+            low,
+            &encode_command(self.inner.clock.now_ms(), &op),
+        ));
         let request = Request::Propose(command.clone());
         let applied = self
             .at_leader(
-                Effect::MayApply,
+                Effect::Once,
                 || self.propose_here(command.clone()),
                 &request,
                 |reply| match reply {
@@ -430,8 +499,10 @@ impl Group {
 
     /// Serves a call here if this member leads, or sends `request` to the leader it knows of
     /// and takes the answer out of its reply (`from_reply`; `None` for a reply of another
-    /// type). Refusals that applied nothing are retried until the request times out; a lost
-    /// answer to something that [`Effect::MayApply`] is indeterminate and never retried.
+    /// type). Each attempt has [`Inner::attempt`] at most, so a leader that died or stopped
+    /// answering costs one attempt, and the next goes to the leader elected since. Refusals
+    /// that applied nothing are retried until the request times out; a lost answer is retried
+    /// or not as `effect` says.
     async fn at_leader<T, Here, Fut>(
         &self,
         effect: Effect,
@@ -443,27 +514,38 @@ impl Group {
         Here: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Refusal>>,
     {
-        let lost = |detail: String| match effect {
-            Effect::MayApply => Refusal::Indeterminate(detail),
-            Effect::ReadOnly => Refusal::Failed(detail),
-        };
         let deadline = Instant::now() + self.inner.timeout;
         let mut backoff = Duration::from_millis(20);
+        // An answer was lost: the write may have applied.
+        let mut maybe_applied = false;
         loop {
             // A member stopped by a failed write knows no leader; it says why at once.
             self.member()?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let limit = remaining.min(self.inner.attempt);
+            // The leader this attempt went to (this member, unless it forwards).
+            let mut asked = self.inner.id.clone();
+            let leader_before = self
+                .member()?
+                .raft
+                .server_metrics()
+                .borrow_watched()
+                .current_leader
+                .clone();
             let attempt = async {
                 match here().await {
                     Err(Refusal::NotLeader {
                         leader: Some((leader, addr)),
                     }) if leader != self.inner.id => {
-                        let timeout = self.inner.timeout;
-                        match ask(&*self.inner.rpc, &leader, &addr, request, timeout).await {
+                        asked = leader.clone();
+                        match ask(&*self.inner.rpc, &leader, &addr, request, limit).await {
                             Ok(reply) => from_reply(reply).unwrap_or_else(|| {
                                 Err(Refusal::Failed("a reply of the wrong type".into()))
                             }),
                             // Delivered or not: the leader may have acted on it.
-                            Err(err @ RpcError::Timeout { .. }) => Err(lost(err.to_string())),
+                            Err(err @ RpcError::Timeout { .. }) => {
+                                Err(Refusal::Indeterminate(err.to_string()))
+                            }
                             Err(RpcError::Unreachable(_)) => {
                                 Err(Refusal::NotLeader { leader: None })
                             }
@@ -472,20 +554,40 @@ impl Group {
                     other => other,
                 }
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = tokio::time::timeout(remaining, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(lost(format!(
-                        "no answer within {} ms",
-                        self.inner.timeout.as_millis()
-                    )))
-                });
+            // An election while the answer is awaited means the leader asked is gone: the
+            // attempt ends there, and the next goes to the new leader.
+            let elected = self.leader_other_than(leader_before.as_ref(), limit);
+            let outcome = match future::select(
+                std::pin::pin!(tokio::time::timeout(limit, attempt)),
+                std::pin::pin!(elected),
+            )
+            .await
+            {
+                Either::Left((Ok(outcome), _)) => outcome,
+                Either::Right((true, _)) => Err(Refusal::Indeterminate(
+                    "a new leader was elected while the answer was awaited".into(),
+                )),
+                Either::Left((Err(_), _)) | Either::Right((false, _)) => Err(
+                    Refusal::Indeterminate(format!("no answer within {} ms", limit.as_millis())),
+                ),
+            };
+            if let Err(Refusal::Indeterminate(_) | Refusal::NotLeader { leader: None }) = &outcome {
+                // The leader asked is gone or silent: the next attempt waits for the member to
+                // learn of another one (an election), not to ask the same one again.
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                self.leader_other_than(Some(&asked), remaining.min(self.inner.attempt))
+                    .await;
+            }
             let detail = match outcome {
                 Ok(value) => return Ok(value),
-                Err(Refusal::Indeterminate(detail)) => {
-                    return Err(GroupError::Indeterminate { detail });
-                }
+                Err(Refusal::Indeterminate(detail)) => match effect {
+                    Effect::MayApply => return Err(GroupError::Indeterminate { detail }),
+                    Effect::Once => {
+                        maybe_applied = true;
+                        detail
+                    }
+                    Effect::ReadOnly => detail,
+                },
                 Err(Refusal::NotLeader { leader }) => match leader {
                     Some((id, _)) => format!("{id} was the leader and no longer is"),
                     None => "no leader known".to_string(),
@@ -493,14 +595,40 @@ impl Group {
                 Err(Refusal::Failed(detail)) => detail,
             };
             if Instant::now() + backoff >= deadline {
-                return Err(GroupError::NoLeader {
-                    timeout_ms: self.inner.timeout.as_millis() as u64,
-                    detail,
+                return Err(if maybe_applied {
+                    GroupError::Indeterminate { detail }
+                } else {
+                    GroupError::NoLeader {
+                        timeout_ms: self.inner.timeout.as_millis() as u64,
+                        detail,
+                    }
                 });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// Waits, `limit` at most, until this member knows of a leader other than `leader`;
+    /// whether it does.
+    async fn leader_other_than(&self, leader: Option<&MemberId>, limit: Duration) -> bool {
+        let Ok(member) = self.member() else {
+            return false;
+        };
+        let mut metrics = member.raft.server_metrics();
+        let elected = async {
+            loop {
+                let known = metrics.borrow_watched().current_leader.clone();
+                if known.is_some() && known.as_ref() != leader {
+                    return true;
+                }
+                if metrics.changed().await.is_err() {
+                    // The member stopped: no leader will be known here.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(limit, elected).await.unwrap_or(false)
     }
 
     /// Proposes `command` if this member leads.
@@ -518,7 +646,7 @@ impl Group {
                 )))
             }
             // Anything else (a storage failure, a stopping member) may come after the entry
-            // was appended: retrying could apply it twice.
+            // was appended: the write may have applied (a numbered proposal is sent again).
             Err(err) => Err(Refusal::Indeterminate(err.to_string())),
         }
     }

@@ -11,6 +11,7 @@ mod group;
 mod health;
 mod log_store;
 mod network;
+pub mod sessions;
 mod state_machine;
 mod types;
 

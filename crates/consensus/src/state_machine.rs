@@ -39,6 +39,7 @@ use redb::{
 use crate::command::{Op, decode_command, encode_outcome};
 use crate::health::{Health, redb_io};
 use crate::log_store::{blocking, io_error};
+use crate::sessions::{OUTCOMES, SESSIONS, Sessions, decode_proposal};
 use crate::types::{
     Applied, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, persist, restore,
 };
@@ -56,8 +57,9 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// `snapshot_data`; [`StateMachine::open`] moves it.
 const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
 
-/// The snapshot format this build writes (it reads 1, without two-phase locks, too).
-const SNAPSHOT_FORMAT: u8 = 2;
+/// The snapshot format this build writes (it reads 1, without two-phase locks, and 2, without
+/// sessions, too).
+const SNAPSHOT_FORMAT: u8 = 3;
 
 /// The state machine of one node. Cheap to clone; clones share the file.
 #[derive(Clone)]
@@ -117,6 +119,8 @@ impl StateMachine {
         txn.open_table(FENCES).map_err(redb_io)?;
         txn.open_table(TXN_LOCKS).map_err(redb_io)?;
         txn.open_table(TXN_STAGED).map_err(redb_io)?;
+        txn.open_table(SESSIONS).map_err(redb_io)?;
+        txn.open_table(OUTCOMES).map_err(redb_io)?;
         move_snapshot_out_of_meta(&txn)?;
         txn.commit().map_err(redb_io)?;
         let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
@@ -264,7 +268,16 @@ fn encode_snapshot(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
         let (txn, writes) = item.map_err(redb_io)?;
         kept.push((txn.value().as_bytes().to_vec(), writes.value().to_vec()));
     }
-    for pairs in [held, kept] {
+    let [sessions, outcomes] = [SESSIONS, OUTCOMES].map(|table| -> io::Result<Pairs> {
+        let table = txn.open_table(table).map_err(redb_io)?;
+        let mut pairs = Vec::new();
+        for item in table.iter().map_err(redb_io)? {
+            let (a, b) = item.map_err(redb_io)?;
+            pairs.push((a.value().to_vec(), b.value().to_vec()));
+        }
+        Ok(pairs)
+    });
+    for pairs in [held, kept, sessions?, outcomes?] {
         put_uvarint(&mut out, pairs.len() as u64);
         for (a, b) in pairs {
             put_bytes(&mut out, &a);
@@ -296,13 +309,15 @@ fn move_snapshot_out_of_meta(txn: &WriteTransaction) -> io::Result<()> {
     Ok(())
 }
 
-/// What a snapshot holds: records, fences, two-phase locks (key, txn) and staged writes
-/// (txn, writes).
+/// What a snapshot holds: records, fences, two-phase locks (key, txn), staged writes
+/// (txn, writes), and the proposal sessions' rows and kept outcomes (`sessions`).
 struct SnapshotContents {
     entries: Vec<(Key, Record)>,
     fences: Vec<(String, u64)>,
     locks: Pairs,
     staged: Pairs,
+    sessions: Pairs,
+    outcomes: Pairs,
 }
 
 /// Byte-string pairs, as a snapshot lists the two-phase tables.
@@ -347,11 +362,18 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<SnapshotContents> {
         } else {
             (Vec::new(), Vec::new())
         };
+        let (sessions, outcomes) = if format >= 3 {
+            (pairs(r)?, pairs(r)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(SnapshotContents {
             entries,
             fences,
             locks,
             staged,
+            sessions,
+            outcomes,
         })
     };
     decode(&mut r).map_err(invalid)
@@ -441,13 +463,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     locks: &mut locks,
                     staged: &mut staged,
                 };
+                let mut outcomes_kept = txn.open_table(OUTCOMES).map_err(redb_io)?;
+                let mut session_rows = txn.open_table(SESSIONS).map_err(redb_io)?;
+                let mut sessions = Sessions {
+                    outcomes: &mut outcomes_kept,
+                    sessions: &mut session_rows,
+                };
                 let mut meta = txn.open_table(META).map_err(redb_io)?;
                 let mut applied = None;
                 for entry in &batch {
+                    let mut run = |command: &[u8]| {
+                        encode_outcome(&apply_command(
+                            &mut tables,
+                            &stamp,
+                            signatures.as_deref(),
+                            command,
+                        ))
+                    };
+                    let index = entry.log_id.index;
                     let outcome = match &entry.payload {
-                        EntryPayload::Normal(command) => {
-                            apply_command(&mut tables, &stamp, signatures.as_deref(), &command.0)
-                        }
+                        EntryPayload::Normal(command) => match decode_proposal(&command.0) {
+                            None => run(&command.0),
+                            Some(Ok(proposal)) => {
+                                sessions.apply(index, &proposal, run).map_err(io_error)?
+                            }
+                            Some(Err(e)) => encode_outcome(&Err(EngineError::Storage {
+                                detail: format!("a log entry does not decode: {e}"),
+                            })),
+                        },
                         EntryPayload::Membership(membership) => {
                             let stored = StoredMembership::new(
                                 Some(entry.log_id.clone()),
@@ -455,11 +498,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             );
                             meta.insert("membership", persist(&stored)?.as_slice())
                                 .map_err(redb_io)?;
-                            Ok(Vec::new())
+                            encode_outcome(&Ok(Vec::new()))
                         }
-                        EntryPayload::Blank => Ok(Vec::new()),
+                        EntryPayload::Blank => encode_outcome(&Ok(Vec::new())),
                     };
-                    outcomes.push(Applied(encode_outcome(&outcome)));
+                    sessions.sweep(index).map_err(io_error)?;
+                    outcomes.push(Applied(outcome));
                     applied = Some(entry.log_id.clone());
                 }
                 meta.insert("applied", persist(&applied)?.as_slice())
@@ -534,6 +578,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     staged
                         .insert(utf8(holder)?.as_str(), writes.as_slice())
                         .map_err(redb_io)?;
+                }
+                for (definition, pairs) in [
+                    (SESSIONS, &contents.sessions),
+                    (OUTCOMES, &contents.outcomes),
+                ] {
+                    let mut table = txn.open_table(definition).map_err(redb_io)?;
+                    table.retain(|_, _| false).map_err(redb_io)?;
+                    for (a, b) in pairs {
+                        table.insert(a.as_slice(), b.as_slice()).map_err(redb_io)?;
+                    }
                 }
                 let mut table = txn.open_table(META).map_err(redb_io)?;
                 table

@@ -400,3 +400,55 @@ async fn two_phase_steps_go_through_the_log_and_survive_a_snapshot() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_while_the_leader_is_paused_go_to_the_next_leader_and_apply_once() {
+    let cluster = Cluster::new(&["a", "b", "c"], 10_000).await;
+    let leader = cluster.leader().await;
+    let add = |name: &str| {
+        let group = cluster.group(name);
+        async move {
+            group
+                .write(vec![Write::new(
+                    key("bank:total"),
+                    Mutation::PnCounterAdd(1),
+                )])
+                .await
+        }
+    };
+    let total = |name: &str| {
+        let group = cluster.group(name);
+        async move {
+            match group
+                .read(&key("bank:total"), ReadLevel::Linearizable)
+                .await
+                .unwrap()
+                .map(|r| r.value)
+            {
+                Some(Value::PnCounter(counter)) => counter.value(),
+                other => panic!("not a counter: {other:?}"),
+            }
+        }
+    };
+    add(&leader).await.unwrap();
+    let followers: Vec<String> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .map(str::to_owned)
+        .collect();
+    // The leader stops answering (a paused process: what is sent to it waits in its socket
+    // and arrives when it resumes). Writes through both followers are answered, not
+    // indeterminate: they go to the leader elected meanwhile.
+    cluster.board.pause(&id(&leader));
+    let (first, second) = tokio::join!(add(&followers[0]), add(&followers[1]));
+    first.unwrap();
+    second.unwrap();
+    // The old leader resumes and reads the proposals it was sent while paused: they apply
+    // nothing more.
+    cluster.board.resume(&id(&leader));
+    cluster.leader().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in ["a", "b", "c"] {
+        assert_eq!(total(name).await, 3, "read through {name}");
+    }
+}
