@@ -475,3 +475,175 @@ async fn status_repair_and_http_errors() {
     assert_eq!((status, code(&body).as_str()), (400, "invalid_key"));
     stop(nodes).await;
 }
+
+/// `consistency=`, `stale=`, `if_version=`, fences and `context=` on every conflict strategy:
+/// each is honoured, or refused with a typed error; none is silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_strategy_honours_or_refuses_each_query_parameter() {
+    let nodes = cluster().await;
+    let a = nodes[0].client;
+    let answer = |(status, body): (u16, String)| -> (u16, String, Json) {
+        let json: Json = serde_json::from_str(&body).unwrap_or_default();
+        let code = json["error"]["code"].as_str().unwrap_or("").to_owned();
+        (status, code, json)
+    };
+    let call = |method: &'static str, path: String, body: &'static str| async move {
+        answer(http(a, method, &path, body).await)
+    };
+    let refused = |(status, code, json): (u16, String, Json), expected: (u16, &str)| {
+        assert_eq!((status, code.as_str()), expected, "{json}");
+    };
+
+    // consistency= stronger than the collection delivers: refused, whatever the strategy.
+    for (method, path, body) in [
+        ("GET", "/v1/keys/metrics:hits", ""),
+        ("GET", "/v1/keys/peers:online", ""),
+        ("GET", "/v1/keys/docs:plan", ""),
+        ("POST", "/v1/counters/metrics:hits", r#"{"delta":1}"#),
+        ("POST", "/v1/sets/peers:online", r#"{"add":"n1"}"#),
+        ("PUT", "/v1/keys/docs:plan", r#""v1""#),
+        ("DELETE", "/v1/keys/docs:plan", ""),
+        ("DELETE", "/v1/keys/peers:online", ""),
+    ] {
+        let path = format!("{path}?consistency=strong");
+        refused(
+            call(method, path, body).await,
+            (409, "consistency_unavailable"),
+        );
+    }
+    // At the collection's own level: honoured.
+    let (status, _, json) = call(
+        "POST",
+        "/v1/counters/metrics:hits?consistency=eventual".into(),
+        r#"{"delta":2}"#,
+    )
+    .await;
+    assert_eq!((status, json["value"].as_i64()), (200, Some(2)), "{json}");
+    let (status, _, json) = call(
+        "GET",
+        "/v1/keys/metrics:hits?consistency=eventual".into(),
+        "",
+    )
+    .await;
+    assert_eq!((status, json["value"].as_i64()), (200, Some(2)), "{json}");
+
+    // Parameters a strategy has no meaning for: refused.
+    for (method, path, body) in [
+        ("GET", "/v1/keys/metrics:hits?stale=true", ""),
+        ("GET", "/v1/keys/docs:plan?stale=true", ""),
+        ("GET", "/v1/keys/notes:a?if_version=absent", ""),
+        ("GET", "/v1/keys/notes:a?fence_lock=l&fence_token=1", ""),
+        (
+            "POST",
+            "/v1/counters/metrics:hits?if_version=absent",
+            r#"{"delta":1}"#,
+        ),
+        (
+            "POST",
+            "/v1/sets/peers:online?fence_lock=l&fence_token=1",
+            r#"{"add":"n1"}"#,
+        ),
+        ("PUT", "/v1/keys/docs:plan?if_version=absent", r#""v1""#),
+        (
+            "PUT",
+            "/v1/keys/docs:plan?fence_lock=l&fence_token=1",
+            r#""v1""#,
+        ),
+        ("PUT", "/v1/keys/notes:a?context=", r#""v1""#),
+        ("PUT", "/v1/keys/notes:a?stale=true", r#""v1""#),
+        ("DELETE", "/v1/keys/peers:online?if_version=absent", ""),
+        ("DELETE", "/v1/keys/notes:a?if_version=absent", ""),
+    ] {
+        refused(
+            call(method, path.into(), body).await,
+            (400, "invalid_query"),
+        );
+    }
+
+    // An eventual cluster collection cannot make conditions and fences hold: typed refusal.
+    refused(
+        call(
+            "PUT",
+            "/v1/keys/notes:a?if_version=absent".into(),
+            r#""v1""#,
+        )
+        .await,
+        (409, "unsupported"),
+    );
+    refused(
+        call(
+            "DELETE",
+            "/v1/keys/notes:a?fence_lock=l&fence_token=1".into(),
+            "",
+        )
+        .await,
+        (409, "unsupported"),
+    );
+    // if_version= with a fence on a strong lww key: both honoured.
+    let (status, _, first) = call("PUT", "/v1/keys/agent:a".into(), r#""v1""#).await;
+    assert_eq!(status, 200, "{first}");
+    let version = first["version"].as_str().unwrap().to_owned();
+    refused(
+        call(
+            "PUT",
+            "/v1/keys/agent:a?if_version=absent&fence_lock=agent:lock&fence_token=5".into(),
+            r#""v2""#,
+        )
+        .await,
+        (409, "version_mismatch"),
+    );
+    let (status, _, second) = call(
+        "PUT",
+        format!("/v1/keys/agent:a?if_version={version}&fence_lock=agent:lock&fence_token=5"),
+        r#""v2""#,
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    refused(
+        call(
+            "PUT",
+            "/v1/keys/agent:a?fence_lock=agent:lock&fence_token=4".into(),
+            r#""stale holder""#,
+        )
+        .await,
+        (409, "fenced"),
+    );
+    // A conditional delete: refused at an old version, done at the current one.
+    refused(
+        call(
+            "DELETE",
+            format!("/v1/keys/agent:a?if_version={version}"),
+            "",
+        )
+        .await,
+        (409, "version_mismatch"),
+    );
+    let current = second["version"].as_str().unwrap();
+    let (status, _, json) = call(
+        "DELETE",
+        format!("/v1/keys/agent:a?if_version={current}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{json}");
+    refused(
+        call("GET", "/v1/keys/agent:a".into(), "").await,
+        (404, "not_found"),
+    );
+
+    // A multi-value delete with a context drops only the values the context covers.
+    call("PUT", "/v1/keys/docs:plan".into(), r#""seen""#).await;
+    let (_, _, read) = call("GET", "/v1/keys/docs:plan".into(), "").await;
+    let context = read["context"].as_str().unwrap().to_owned();
+    call("PUT", "/v1/keys/docs:plan".into(), r#""concurrent""#).await;
+    let (status, _, json) = call(
+        "DELETE",
+        format!("/v1/keys/docs:plan?context={context}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{json}");
+    let (_, _, read) = call("GET", "/v1/keys/docs:plan".into(), "").await;
+    assert_eq!(read["siblings"], json!(["concurrent"]), "{read}");
+    stop(nodes).await;
+}

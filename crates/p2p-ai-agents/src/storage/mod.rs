@@ -197,6 +197,8 @@ pub struct Storage {
     inner: Arc<Inner>,
     /// The token this handle signs writes of signed collections with, if any.
     signer: Option<Arc<Capability>>,
+    /// The level every call of this handle asks for at least (see [`Storage::at_level`]).
+    level: Option<ConsistencyLevel>,
 }
 
 #[derive(Debug)]
@@ -405,6 +407,7 @@ impl Storage {
                 sealer,
             }),
             signer: None,
+            level: None,
         };
         if recover && in_cluster {
             // A cluster's Raft group may not have a leader yet: recover once it has.
@@ -484,6 +487,7 @@ impl Storage {
         })?;
         let route = self.inner.routes.get(parsed.collection());
         let plan = &route.plan;
+        let requested = requested.max(self.level);
         let level = requested.map_or(plan.consistency, |r| r.max(plan.consistency));
         if level > plan.guarantee.level {
             return Err(StorageError::LevelUnavailable {
@@ -515,6 +519,19 @@ impl Storage {
         Self {
             inner: Arc::clone(&self.inner),
             signer: Some(Arc::new(token)),
+            level: self.level,
+        }
+    }
+
+    /// A handle to the same store whose every call (reads, writes, counters, sets,
+    /// transactions) asks for at least `level`: served at the stronger of it and the
+    /// collection's level, or refused with [`StorageError::LevelUnavailable`] where the
+    /// collection's configuration cannot deliver it. Never weaker than the collection's level.
+    pub fn at_level(&self, level: ConsistencyLevel) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            signer: self.signer.clone(),
+            level: Some(level.max(self.level.unwrap_or(level))),
         }
     }
 
@@ -988,6 +1005,29 @@ impl Storage {
                 _ => Version::default(),
             };
             Ok(Siblings { values, context })
+        })
+        .await
+    }
+
+    /// Deletes the values of a multi-value key that `context` (from
+    /// [`Storage::get_siblings`]) covers; a value written concurrently, which the context has
+    /// not seen, stays.
+    pub async fn delete_with_context(&self, key: &str, context: &Version) -> Result<WriteReceipt> {
+        traced("delete_with_context", key, async move {
+            let call = self.call(key, None)?;
+            if call.plan.conflict != ConflictStrategy::MultiValue {
+                return Err(Self::wrong(
+                    &call,
+                    "delete_with_context",
+                    "contexts apply to multi_value collections",
+                ));
+            }
+            let mutation = Mutation::PutSibling {
+                value: None,
+                context: context.0.clone(),
+            };
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
         })
         .await
     }

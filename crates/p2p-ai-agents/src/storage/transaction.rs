@@ -136,6 +136,26 @@ impl<'s> Transaction<'s> {
         })
     }
 
+    /// Deletes an `lww` key only if it is at `expected`; otherwise the whole transaction fails
+    /// with [`StorageError::VersionMismatch`].
+    pub fn compare_and_delete(&mut self, key: &str, expected: &Version) -> &mut Self {
+        self.stage(key, |call| {
+            if call.plan.conflict != ConflictStrategy::Register {
+                return Err(Storage::wrong(
+                    call,
+                    "compare_and_delete",
+                    "compare-and-delete needs an lww collection",
+                ));
+            }
+            let mutation = Storage::lww(call, None)?;
+            Ok(Write::expecting(
+                call.key.clone(),
+                mutation,
+                Expect::Version(expected.0.clone()),
+            ))
+        })
+    }
+
     /// Adds `delta` to a counter (see [`Storage::counter_add`]).
     pub fn counter_add(&mut self, key: &str, delta: i64) -> &mut Self {
         self.stage(key, |call| {

@@ -191,7 +191,7 @@ fn invalid_body(what: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", what)
 }
 
-fn invalid_query(what: &str) -> ApiError {
+fn invalid_query(what: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", what)
 }
 
@@ -251,6 +251,50 @@ fn fence(lock: &Option<String>, token: Option<u64>) -> Result<Option<Fence>, Api
     }
 }
 
+impl KeyQuery {
+    /// The store at the level `consistency=` asks for (at least the collection's).
+    fn storage(&self, api: &Api) -> Storage {
+        match self.consistency {
+            Some(level) => api.storage.at_level(level),
+            None => api.storage.clone(),
+        }
+    }
+
+    /// Refuses the parameters in `given` (name, whether it was given) that `what` does not
+    /// take, with the reason.
+    fn refuse(given: &[(&str, bool)], what: &str) -> Result<(), ApiError> {
+        let refused: Vec<&str> = given
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(name, _)| *name)
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(invalid_query(format!(
+            "{} not taken by {what}",
+            refused
+                .iter()
+                .map(|name| format!("{name}="))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// Refuses the write parameters (a read takes `consistency=` and `stale=` only).
+    fn read_only(&self, what: &str) -> Result<(), ApiError> {
+        Self::refuse(
+            &[
+                ("if_version", self.if_version.is_some()),
+                ("fence_lock", self.fence_lock.is_some()),
+                ("fence_token", self.fence_token.is_some()),
+                ("context", self.context.is_some()),
+            ],
+            what,
+        )
+    }
+}
+
 fn context(query: &KeyQuery) -> Result<Option<Version>, ApiError> {
     query
         .context
@@ -273,8 +317,15 @@ async fn get_key(
 ) -> Answer {
     use agentstore_core::config::ConflictStrategy as S;
     let collection = parse_key(&key)?.collection().to_owned();
-    let storage = &api.storage;
-    let body = match storage.plan(&collection).conflict {
+    query.read_only("a read")?;
+    let strategy = api.storage.plan(&collection).conflict;
+    if strategy != S::Register && query.stale == Some(true) {
+        return Err(invalid_query(format!(
+            "stale=true reads lww values; `{collection}` is {strategy}"
+        )));
+    }
+    let storage = &query.storage(&api);
+    let body = match strategy {
         S::Register => {
             let read = match query.consistency {
                 Some(_) if query.stale == Some(true) => {
@@ -339,7 +390,12 @@ async fn attested_write(
     attestation: &Attestation,
     query: &KeyQuery,
 ) -> Answer {
-    if query.if_version.is_some() || query.fence_lock.is_some() || query.context.is_some() {
+    if query.if_version.is_some()
+        || query.fence_lock.is_some()
+        || query.fence_token.is_some()
+        || query.context.is_some()
+        || query.stale.is_some()
+    {
         return Err(invalid_query(
             "a write with an attestation takes only consistency=",
         ));
@@ -358,48 +414,60 @@ async fn put_key(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Answer {
+    use agentstore_core::config::ConflictStrategy as S;
     let value: Json =
         serde_json::from_slice(&body).map_err(|_| invalid_body("the body must be a JSON value"))?;
     if let Some(attestation) = attestation_of(&headers)? {
         return attested_write(&api, &key, Some(&value), &attestation, &query).await;
     }
-    let storage = &api.storage;
+    KeyQuery::refuse(&[("stale", query.stale.is_some())], "a write")?;
+    let storage = query.storage(&api);
     let collection = parse_key(&key)?.collection().to_owned();
-    let receipt = if storage.plan(&collection).conflict
-        == agentstore_core::config::ConflictStrategy::MultiValue
-    {
+    let fence = fence(&query.fence_lock, query.fence_token)?;
+    let receipt = if storage.plan(&collection).conflict == S::MultiValue {
+        KeyQuery::refuse(
+            &[
+                ("if_version", query.if_version.is_some()),
+                ("fence_lock", fence.is_some()),
+            ],
+            "a multi_value write (it replaces the values its context= names; compare-and-set \
+             and fences need an lww collection)",
+        )?;
         // A multi-value write replaces the siblings its context names; no context adds one.
         let context = context(&query)?.unwrap_or_default();
         storage.set_with_context(&key, value, &context).await?
-    } else if let Some(fence) = fence(&query.fence_lock, query.fence_token)? {
-        if query.consistency.is_some() || query.if_version.is_some() {
-            return Err(invalid_query(
-                "a fenced write takes no consistency= or if_version= (use POST /v1/transactions)",
-            ));
-        }
-        let mut write = storage.transaction();
-        write.set(&key, value).with_fence(fence);
-        let mut receipts = write.commit().await?;
-        receipts.pop().ok_or_else(|| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no receipt")
-        })?
-    } else if let Some(expected) = &query.if_version {
-        if query.consistency.is_some() {
-            return Err(invalid_query(
-                "if_version= writes at the collection's level; drop consistency=",
-            ));
-        }
-        let expected = parse_version(expected)?;
-        storage
-            .compare_and_set(&key, value, expected.as_ref())
-            .await?
     } else {
-        match query.consistency {
-            Some(level) => storage.set_with_consistency(&key, value, level).await?,
-            None => storage.set(&key, value).await?,
+        KeyQuery::refuse(
+            &[("context", query.context.is_some())],
+            "a write to an lww collection (contexts are for multi_value ones)",
+        )?;
+        let expected = query.if_version.as_deref().map(parse_version).transpose()?;
+        match (fence, expected) {
+            (None, None) => storage.set(&key, value).await?,
+            (None, Some(expected)) => {
+                storage
+                    .compare_and_set(&key, value, expected.as_ref())
+                    .await?
+            }
+            (Some(fence), expected) => {
+                let mut write = storage.transaction();
+                match &expected {
+                    Some(expected) => write.compare_and_set(&key, value, expected.as_ref()),
+                    None => write.set(&key, value),
+                }
+                .with_fence(fence);
+                only_receipt(write.commit().await?)?
+            }
         }
     };
     Ok(written(&key, &receipt.version))
+}
+
+/// The receipt of a one-write transaction.
+fn only_receipt(mut receipts: Vec<super::WriteReceipt>) -> Result<super::WriteReceipt, ApiError> {
+    receipts
+        .pop()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no receipt"))
 }
 
 async fn delete_key(
@@ -408,38 +476,104 @@ async fn delete_key(
     Query(query): Query<KeyQuery>,
     headers: HeaderMap,
 ) -> Answer {
+    use agentstore_core::config::ConflictStrategy as S;
     if let Some(attestation) = attestation_of(&headers)? {
         return attested_write(&api, &key, None, &attestation, &query).await;
     }
-    let receipt = match query.consistency {
-        Some(level) => api.storage.delete_with_consistency(&key, level).await?,
-        None => api.storage.delete(&key).await?,
+    KeyQuery::refuse(&[("stale", query.stale.is_some())], "a delete")?;
+    let storage = query.storage(&api);
+    let collection = parse_key(&key)?.collection().to_owned();
+    let fence = fence(&query.fence_lock, query.fence_token)?;
+    let expected = query.if_version.as_deref().map(parse_version).transpose()?;
+    let receipt = match storage.plan(&collection).conflict {
+        S::Register => {
+            KeyQuery::refuse(
+                &[("context", query.context.is_some())],
+                "a delete in an lww collection (contexts are for multi_value ones)",
+            )?;
+            match (fence, expected) {
+                (None, None) => storage.delete(&key).await?,
+                (fence, expected) => {
+                    let mut delete = storage.transaction();
+                    match &expected {
+                        Some(Some(expected)) => delete.compare_and_delete(&key, expected),
+                        Some(None) => {
+                            return Err(invalid_query(
+                                "if_version=absent cannot delete: the key has no value",
+                            ));
+                        }
+                        None => delete.delete(&key),
+                    };
+                    if let Some(fence) = fence {
+                        delete.with_fence(fence);
+                    }
+                    only_receipt(delete.commit().await?)?
+                }
+            }
+        }
+        S::MultiValue => {
+            KeyQuery::refuse(
+                &[
+                    ("if_version", expected.is_some()),
+                    ("fence_lock", fence.is_some()),
+                ],
+                "a multi_value delete (it drops the values its context= names, or all it has \
+                 seen)",
+            )?;
+            match context(&query)? {
+                Some(context) => storage.delete_with_context(&key, &context).await?,
+                None => storage.delete(&key).await?,
+            }
+        }
+        _ => {
+            KeyQuery::refuse(
+                &[
+                    ("if_version", expected.is_some()),
+                    ("fence_lock", fence.is_some()),
+                    ("context", query.context.is_some()),
+                ],
+                "a delete of a counter or set (conditions, fences and contexts need an lww or \
+                 multi_value collection)",
+            )?;
+            storage.delete(&key).await?
+        }
     };
     Ok(written(&key, &receipt.version))
+}
+
+/// Refuses what a counter or set change does not take (it takes `consistency=` only).
+fn only_consistency(query: &KeyQuery, what: &str) -> Result<(), ApiError> {
+    query.read_only(what)?;
+    KeyQuery::refuse(&[("stale", query.stale.is_some())], what)
 }
 
 async fn add_counter(
     State(api): State<Api>,
     Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
     body: axum::body::Bytes,
 ) -> Answer {
+    only_consistency(&query, "a counter change")?;
     let delta = serde_json::from_slice::<Json>(&body)
         .ok()
         .and_then(|b| b.get("delta").and_then(Json::as_i64))
         .ok_or_else(|| invalid_body("the body must be {\"delta\": <integer>}"))?;
-    let value = api.storage.counter_add(&key, delta).await?;
+    let value = query.storage(&api).counter_add(&key, delta).await?;
     Ok(axum::Json(json!({ "key": key, "value": value })).into_response())
 }
 
 async fn change_set(
     State(api): State<Api>,
     Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
     body: axum::body::Bytes,
 ) -> Answer {
+    only_consistency(&query, "a set change")?;
+    let storage = query.storage(&api);
     let change: Json = serde_json::from_slice(&body).unwrap_or_default();
     let receipt = match (change.get("add"), change.get("remove")) {
-        (Some(member), None) => api.storage.set_add(&key, member).await?,
-        (None, Some(member)) => api.storage.set_remove(&key, member).await?,
+        (Some(member), None) => storage.set_add(&key, member).await?,
+        (None, Some(member)) => storage.set_remove(&key, member).await?,
         _ => {
             return Err(invalid_body(
                 "the body must be {\"add\": <value>} or {\"remove\": <value>}",
