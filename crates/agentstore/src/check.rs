@@ -4,15 +4,16 @@ use p2p_ai_agents::storage::{CollectionPlan, Config};
 use serde_json::{Value as Json, json};
 
 pub(crate) fn print(config: &Config, as_json: bool) {
-    let default = config.plan("(default)");
-    let mut plans = vec![default];
-    plans.extend(config.plans());
+    // What this file's node serves: in a cluster, the cluster's guarantees.
+    let mut plans = vec![config.node_plan("(default)")];
+    plans.extend(config.collections.keys().map(|name| config.node_plan(name)));
     let quorum = config.replication.quorum;
     let quorum_guarantee = config.quorum_guarantee();
     if as_json {
         let collections: Vec<Json> = plans.iter().map(plan_json).collect();
         let out = json!({
             "node_id": config.node_id.as_str(),
+            "cluster": config.cluster.is_some(),
             "replication": {
                 "strategy": config.replication.strategy.to_string(),
                 "replicas": quorum.n, "write_quorum": quorum.w, "read_quorum": quorum.r,
@@ -29,7 +30,13 @@ pub(crate) fn print(config: &Config, as_json: bool) {
         "replication between nodes: {} {} -> {}",
         config.replication.strategy, quorum, quorum_guarantee
     );
-    println!("  (applies to cluster nodes; an embedded store is a single node)");
+    if config.cluster.is_some() {
+        println!("  (a cluster node: the guarantees below are the cluster's)");
+    } else {
+        println!(
+            "  (applies to cluster nodes; this file configures an embedded store, a single node)"
+        );
+    }
     println!();
     println!(
         "{:<14} {:<9} {:<9} {:<12} guarantee",

@@ -224,6 +224,46 @@ fn config_check_reports_what_each_collection_really_gets() {
 }
 
 #[test]
+fn config_check_on_a_cluster_file_shows_the_clusters_guarantees() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = agentstore(
+        dir.path(),
+        &[
+            "--json",
+            "config",
+            "check",
+            &repo_file("examples/cluster/node-a.yaml"),
+        ],
+    );
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    let parsed: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
+    assert_eq!(parsed["cluster"], true);
+    let level = |name: &str| -> (String, String) {
+        let plan = parsed["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["collection"] == name)
+            .unwrap_or_else(|| panic!("{name} in {parsed}"));
+        let guarantee = &plan["guarantee"];
+        (
+            guarantee["level"].as_str().unwrap().to_owned(),
+            guarantee["summary"].as_str().unwrap().to_owned(),
+        )
+    };
+    // Not the embedded engine's "one ACID engine on one node": what the cluster delivers.
+    let (eventual, summary) = level("metrics");
+    assert_eq!(eventual, "eventual");
+    assert!(summary.contains("leaderless replication"), "{summary}");
+    let (causal, summary) = level("tasks");
+    assert_eq!(causal, "causal");
+    assert!(summary.contains("causal"), "{summary}");
+    let (strong, summary) = level("accounts");
+    assert_eq!(strong, "strong");
+    assert!(summary.contains("Raft"), "{summary}");
+}
+
+#[test]
 fn an_invalid_config_exits_4_naming_file_line_column_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");

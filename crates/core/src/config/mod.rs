@@ -291,6 +291,22 @@ impl Config {
         }
     }
 
+    /// Settings and guarantee of `collection` as the node this file configures serves it:
+    /// [`Config::plan`] for an embedded store; in a cluster (`storage.cluster`), `local`
+    /// collections get the cluster's guarantee for their level: leaderless replication
+    /// (eventual), causal broadcast (causal) or the Raft group (strong).
+    pub fn node_plan(&self, collection: &str) -> CollectionPlan {
+        let mut plan = self.plan(collection);
+        if self.cluster.is_some() && plan.backend == Backend::Local {
+            plan.guarantee = match plan.consistency {
+                ConsistencyLevel::Eventual => self.cluster_guarantee(),
+                ConsistencyLevel::Causal => self.causal_guarantee(),
+                ConsistencyLevel::Strong => self.raft_guarantee(),
+            };
+        }
+        plan
+    }
+
     /// Plans of every named collection, in name order.
     pub fn plans(&self) -> Vec<CollectionPlan> {
         self.collections
