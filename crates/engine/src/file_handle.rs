@@ -19,7 +19,7 @@ use crate::error::EngineError;
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// How a file is opened again after a failed write gave its handle up.
-pub type Reopen = fn(&Path) -> Result<Database, EngineError>;
+pub type Reopen = Arc<dyn Fn(&Path) -> Result<Database, EngineError> + Send + Sync>;
 
 /// A redb file's handle, given up after a failed write and reopened on the next call.
 pub struct FileHandle {
@@ -39,10 +39,14 @@ impl std::fmt::Debug for FileHandle {
 
 impl FileHandle {
     /// `db`, open at `path`; `reopen` opens it again after a failed write.
-    pub fn new(path: &Path, db: Database, reopen: Reopen) -> Self {
+    pub fn new(
+        path: &Path,
+        db: Database,
+        reopen: impl Fn(&Path) -> Result<Database, EngineError> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             path: path.to_owned(),
-            reopen,
+            reopen: Arc::new(reopen),
             slot: RwLock::new(Some(Arc::new(db))),
             failure: Mutex::new(None),
         }

@@ -335,3 +335,140 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg(&self.dir).status();
     }
 }
+
+/// A disk held in memory that loses, when it crashes, everything written since the last sync,
+/// as a machine's page cache does when it loses power. It crashes once a seeded number of
+/// writes (and syncs) has reached it: from then on every call fails, as for a process that
+/// died, and what it holds is what was synced before.
+#[derive(Debug, Clone)]
+pub struct LossyDisk(std::sync::Arc<std::sync::Mutex<Image>>);
+
+#[derive(Debug)]
+struct Image {
+    /// What survives a crash.
+    synced: Vec<u8>,
+    /// What the program sees: `synced` plus the writes not synced yet.
+    cached: Vec<u8>,
+    /// Writes and syncs until the crash (`None`: it does not crash).
+    until_crash: Option<u64>,
+    crashed: bool,
+}
+
+impl LossyDisk {
+    /// An empty disk that crashes at its `crash_after`-th write or sync (`None`: never).
+    pub fn new(crash_after: Option<u64>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Image {
+            synced: Vec::new(),
+            cached: Vec::new(),
+            until_crash: crash_after,
+            crashed: false,
+        })))
+    }
+
+    fn image(&self) -> std::sync::MutexGuard<'_, Image> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether it has crashed.
+    pub fn crashed(&self) -> bool {
+        self.image().crashed
+    }
+
+    /// Crashes now (if it has not yet): what was not synced is lost.
+    pub fn crash_now(&self) {
+        let mut image = self.image();
+        if !image.crashed {
+            image.crashed = true;
+            image.cached = image.synced.clone();
+        }
+    }
+
+    /// Restarts the machine after a crash: the disk holds what was synced, takes calls again
+    /// and does not crash again.
+    pub fn restart(&self) {
+        let mut image = self.image();
+        image.cached = image.synced.clone();
+        image.crashed = false;
+        image.until_crash = None;
+    }
+
+    /// A redb storage backend on this disk.
+    pub fn backend(&self) -> LossyBackend {
+        LossyBackend(self.clone())
+    }
+}
+
+/// redb's view of a [`LossyDisk`].
+#[derive(Debug)]
+pub struct LossyBackend(LossyDisk);
+
+impl Image {
+    /// Counts a write or sync toward the crash; `Err` once crashed.
+    fn step(&mut self) -> std::io::Result<()> {
+        if let Some(left) = self.until_crash.as_mut() {
+            if *left == 0 {
+                self.crashed = true;
+                self.cached = self.synced.clone();
+            } else {
+                *left -= 1;
+            }
+        }
+        self.alive()
+    }
+
+    fn alive(&self) -> std::io::Result<()> {
+        if self.crashed {
+            return Err(std::io::Error::other("the machine crashed"));
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for LossyBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        let image = self.0.image();
+        image.alive()?;
+        Ok(image.cached.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let image = self.0.image();
+        image.alive()?;
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let bytes = image.cached.get(start..start + out.len()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end")
+        })?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut image = self.0.image();
+        image.step()?;
+        image
+            .cached
+            .resize(usize::try_from(len).map_err(std::io::Error::other)?, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        let mut image = self.0.image();
+        image.step()?;
+        image.synced = image.cached.clone();
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut image = self.0.image();
+        image.step()?;
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let end = start + data.len();
+        if image.cached.len() < end {
+            image.cached.resize(end, 0);
+        }
+        image.cached[start..end].copy_from_slice(data);
+        Ok(())
+    }
+}

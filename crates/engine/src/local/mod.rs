@@ -90,8 +90,39 @@ impl LocalEngine {
         })?;
         let path = dir.join(DATA_FILE);
         let db = open_database(&path)?;
+        Self::start(path, db, open_database, clock)
+    }
+
+    /// Opens (creating if needed) the engine on `disk`, a disk that loses what was not
+    /// synced when it crashes (for crash tests).
+    #[cfg(feature = "testkit")]
+    pub fn open_on(
+        disk: &crate::testkit::LossyDisk,
+        clock: Arc<NodeClock>,
+    ) -> Result<Self, EngineError> {
+        let path = PathBuf::from("lossy-disk");
+        let open = {
+            let disk = disk.clone();
+            move |_: &Path| {
+                Database::builder()
+                    .create_with_backend(disk.backend())
+                    .map_err(EngineError::storage)
+            }
+        };
+        let db = open(&path)?;
+        Self::start(path, db, open, clock)
+    }
+
+    /// Starts the engine on `db`, open at `path`; `reopen` opens it again after a failed
+    /// write.
+    fn start(
+        path: PathBuf,
+        db: Database,
+        reopen: impl Fn(&Path) -> Result<Database, EngineError> + Send + Sync + 'static,
+        clock: Arc<NodeClock>,
+    ) -> Result<Self, EngineError> {
         check_format(&db, &path)?;
-        let db = Arc::new(FileHandle::new(&path, db, open_database));
+        let db = Arc::new(FileHandle::new(&path, db, reopen));
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let turn = writer::Turn::default();
         let writer = writer::spawn(
