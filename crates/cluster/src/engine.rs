@@ -51,6 +51,10 @@ fn failure(key: &Key, outcome: Outcome) -> EngineError {
         Outcome::LocalFailure { failure } => match failure {
             LocalFailure::DiskFull(detail) => EngineError::DiskFull { detail },
             LocalFailure::SignatureRefused(why) => EngineError::signature(key, why),
+            LocalFailure::WrongKind(source) => EngineError::WrongKind {
+                key: key.clone(),
+                source,
+            },
             LocalFailure::Storage(detail) => EngineError::Storage { detail },
         },
         other => EngineError::Internal {

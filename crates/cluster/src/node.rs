@@ -1548,6 +1548,7 @@ fn local_failure(err: EngineError) -> LocalFailure {
     match err {
         EngineError::DiskFull { detail } => LocalFailure::DiskFull(detail),
         EngineError::SignatureRefused { source, .. } => LocalFailure::SignatureRefused(source),
+        EngineError::WrongKind { source, .. } => LocalFailure::WrongKind(source),
         other => LocalFailure::Storage(other.to_string()),
     }
 }

@@ -59,6 +59,27 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in the order of their codes.
+    const ALL: [Kind; 6] = [
+        Kind::Register,
+        Kind::MultiValue,
+        Kind::GCounter,
+        Kind::PnCounter,
+        Kind::GSet,
+        Kind::OrSet,
+    ];
+
+    /// The kind's one-byte code in encoded refusals (stable: persisted and sent between
+    /// nodes).
+    pub fn code(self) -> u8 {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
+
+    /// The kind of a [`Kind::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
     /// The conflict-strategy name of this kind, as written in configuration files.
     pub fn as_str(self) -> &'static str {
         match self {

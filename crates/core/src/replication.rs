@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::crdt::Crdt;
 use crate::key::Key;
 use crate::node::NodeId;
-use crate::record::{Mutation, Record};
+use crate::record::{Mutation, Record, WrongKind};
 use crate::signing::SignatureRefused;
 
 /// Identifies one client request at its coordinator.
@@ -336,6 +336,8 @@ pub enum LocalFailure {
     DiskFull(String),
     /// A signed collection's rule refused the write (see [`crate::signing`]).
     SignatureRefused(SignatureRefused),
+    /// The key holds another kind of value than the mutation needs.
+    WrongKind(WrongKind),
     /// Any other failure of the engine.
     Storage(String),
 }
@@ -345,6 +347,7 @@ impl std::fmt::Display for LocalFailure {
         match self {
             Self::DiskFull(detail) | Self::Storage(detail) => f.write_str(detail),
             Self::SignatureRefused(why) => write!(f, "{why}"),
+            Self::WrongKind(wrong) => write!(f, "{wrong}"),
         }
     }
 }

@@ -144,8 +144,8 @@ pub fn encode_outcome(outcome: &Result<Vec<Record>, EngineError>) -> Vec<u8> {
         Err(EngineError::WrongKind { key, source }) => {
             out.push(3);
             put_bytes(&mut out, key.as_bytes());
-            out.push(kind_code(source.stored));
-            out.push(kind_code(source.requested));
+            out.push(source.stored.code());
+            out.push(source.requested.code());
         }
         Err(EngineError::InTransaction { key, txn }) => {
             out.push(5);
@@ -195,8 +195,8 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Result<Vec<Record>, EngineError>, 
         }),
         3 => {
             let key = Key::new(r.slice()?)?;
-            let stored = kind(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
-            let requested = kind(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
+            let stored = Kind::from_code(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
+            let requested = Kind::from_code(r.u8()?).ok_or_else(|| r.malformed("kind"))?;
             Err(EngineError::WrongKind {
                 key,
                 source: WrongKind { stored, requested },
@@ -240,21 +240,4 @@ fn expect(r: &mut Reader<'_>) -> Result<Option<Expect>, BatchCodecError> {
 fn utf8(r: &mut Reader<'_>) -> Result<String, BatchCodecError> {
     let bytes = r.slice()?;
     String::from_utf8(bytes.to_vec()).map_err(|_| r.malformed("text is not UTF-8").into())
-}
-
-const KINDS: [Kind; 6] = [
-    Kind::Register,
-    Kind::MultiValue,
-    Kind::GCounter,
-    Kind::PnCounter,
-    Kind::GSet,
-    Kind::OrSet,
-];
-
-fn kind_code(kind: Kind) -> u8 {
-    KINDS.iter().position(|k| *k == kind).unwrap_or(0) as u8
-}
-
-fn kind(code: u8) -> Option<Kind> {
-    KINDS.get(usize::from(code)).copied()
 }

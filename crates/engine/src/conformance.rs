@@ -662,3 +662,55 @@ pub async fn a_prepare_whose_condition_fails_locks_nothing<E: Engine + Clone>(
     );
     engine.resolve(&first, true).await.unwrap();
 }
+
+/// For engines without a single point that orders writes (leaderless replication, causal
+/// broadcast): a conditional write and a fenced write are refused with
+/// [`EngineError::Unsupported`], and write nothing.
+pub async fn conditions_and_fences_are_refused_typed<E: Engine + Clone>(engine: &E, ns: &str) {
+    let k = key(ns, "a");
+    let refused = [
+        (
+            "a conditional write",
+            Write::expecting(k.clone(), Mutation::Put(b"x".to_vec()), Expect::Absent),
+        ),
+        (
+            "a fenced write",
+            Write::new(k.clone(), Mutation::Put(b"x".to_vec())).fenced(Fence {
+                lock: format!("{ns}:lock"),
+                token: 1,
+            }),
+        ),
+    ];
+    for (what, write) in refused {
+        match engine.commit(vec![write]).await {
+            Err(EngineError::Unsupported { .. }) => {}
+            other => panic!("{what} must be refused as unsupported: {other:?}"),
+        }
+    }
+    assert_eq!(
+        engine.get(&k).await.unwrap(),
+        None,
+        "a refused write wrote nothing"
+    );
+}
+
+/// For engines that replicate each key on its own (leaderless replication): a batch of
+/// writes to several keys is refused with [`EngineError::Unsupported`] and writes nothing.
+pub async fn multi_key_batches_are_refused_typed<E: Engine + Clone>(engine: &E, ns: &str) {
+    let (a, b) = (key(ns, "a"), key(ns, "b"));
+    let batch = vec![
+        Write::new(a.clone(), Mutation::Put(b"x".to_vec())),
+        Write::new(b.clone(), Mutation::Put(b"y".to_vec())),
+    ];
+    match engine.commit(batch).await {
+        Err(EngineError::Unsupported { .. }) => {}
+        other => panic!("a multi-key batch must be refused as unsupported: {other:?}"),
+    }
+    for k in [&a, &b] {
+        assert_eq!(
+            engine.get(k).await.unwrap(),
+            None,
+            "a refused batch wrote nothing"
+        );
+    }
+}

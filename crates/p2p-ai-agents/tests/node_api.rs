@@ -4,20 +4,13 @@
 //! delivers, and status, repair and scan see the whole cluster.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use agentstore_engine::EngineError;
-use p2p_ai_agents::storage::server::{self, Listeners, OPENAPI};
+use p2p_ai_agents::storage::server::{self, OPENAPI};
 use p2p_ai_agents::storage::{
     Config, ConsistencyLevel, NodeClient, Session, Storage, StorageError,
 };
 use serde_json::{Value as Json, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-/// The authority that admits this test's nodes.
-static AUTHORITY: std::sync::LazyLock<agentstore_trust::SecretKey> =
-    std::sync::LazyLock::new(agentstore_trust::SecretKey::generate);
 
 const COLLECTIONS: &str = "  collections:
     metrics:
@@ -32,86 +25,12 @@ const COLLECTIONS: &str = "  collections:
       consistency: causal
 ";
 
-struct TestNode {
-    client: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
+mod common;
+
+use common::{TestNode, cluster_with, stop};
 
 async fn cluster() -> Vec<TestNode> {
-    let names = ["node-a", "node-b", "node-c"];
-    let mut peers = Vec::new();
-    let mut clients = Vec::new();
-    for _ in names {
-        peers.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-        clients.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let peer_addrs: Vec<SocketAddr> = peers.iter().map(|l| l.local_addr().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for (i, (peer, client)) in peers.into_iter().zip(clients).enumerate() {
-        let dir = tempfile::tempdir().unwrap();
-        let client_addr = client.local_addr().unwrap();
-        let seeds: String = (0..names.len())
-            .filter(|j| *j != i)
-            .map(|j| format!("      {}: {}\n", names[j], peer_addrs[j]))
-            .collect();
-        agentstore_trust::admit(&AUTHORITY, names[i], dir.path(), &[]).unwrap();
-        let yaml = format!(
-            "storage:\n  node_id: {}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{COLLECTIONS}  cluster:\n    client_addr: {client_addr}\n    peer_addr: {}\n    authority: {}\n    clients: open\n    peers:\n{seeds}",
-            names[i],
-            dir.path().display(),
-            peer_addrs[i],
-            AUTHORITY.public()
-        );
-        let config = Config::from_yaml(&yaml, "test.yaml").unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = Listeners {
-            clients: client,
-            peers: peer,
-        };
-        let task = tokio::spawn(async move {
-            server::run(config, listeners, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        nodes.push(TestNode {
-            client: client_addr,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        });
-    }
-    // Every node sees the three members alive.
-    for node in &nodes {
-        let client = NodeClient::new(&node.client.to_string());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(status) = client.status().await {
-                let alive = status["members"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|m| m["liveness"] == "alive")
-                    .count();
-                if alive == 3 {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "the cluster never formed");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    nodes
-}
-
-async fn stop(nodes: Vec<TestNode>) {
-    for mut node in nodes {
-        let _ = node.stop.take().unwrap().send(());
-        node.task.await.unwrap();
-    }
+    cluster_with(COLLECTIONS).await
 }
 
 /// A minimal HTTP/1.1 exchange: (status, body).
@@ -529,8 +448,11 @@ async fn every_strategy_honours_or_refuses_each_query_parameter() {
 
     // Parameters a strategy has no meaning for: refused.
     for (method, path, body) in [
-        ("GET", "/v1/keys/metrics:hits?stale=true", ""),
-        ("GET", "/v1/keys/docs:plan?stale=true", ""),
+        (
+            "GET",
+            "/v1/keys/metrics:hits?stale=true&consistency=eventual",
+            "",
+        ),
         ("GET", "/v1/keys/notes:a?if_version=absent", ""),
         ("GET", "/v1/keys/notes:a?fence_lock=l&fence_token=1", ""),
         (

@@ -16,13 +16,14 @@
 //!          | 5 bytes                       LocalFailure: storage (UTF-8)
 //!          | 6 bytes                       LocalFailure: disk full (UTF-8)
 //!          | 7 refusal                     LocalFailure: a signature refused
+//!          | 8 stored:u8 requested:u8      LocalFailure: a value of another kind (`Kind::code`)
 //! refusal  = 0                             Unsigned
 //!          | 1 bytes                       Invalid (UTF-8)
 //!          | 2 signed:uvarint stamped:uvarint   OutsideWindow (ms)
 //! ```
 
 use agentstore_core::codec::{self, Reader, put_bytes, put_node, put_uvarint, put_version};
-use agentstore_core::record::Mutation;
+use agentstore_core::record::{Kind, Mutation, WrongKind};
 use agentstore_core::replication::{LocalFailure, Outcome};
 use agentstore_core::signing::SignatureRefused;
 
@@ -157,6 +158,11 @@ pub(crate) fn put_outcome(out: &mut Vec<u8>, outcome: &Outcome) {
                 out.push(6);
                 put_bytes(out, detail.as_bytes());
             }
+            LocalFailure::WrongKind(wrong) => {
+                out.push(8);
+                out.push(wrong.stored.code());
+                out.push(wrong.requested.code());
+            }
             LocalFailure::SignatureRefused(why) => {
                 out.push(7);
                 match why {
@@ -232,6 +238,17 @@ pub(crate) fn outcome(r: &mut Reader<'_>) -> Result<Outcome, WireError> {
                 _ => return Err(malformed(r.malformed("unknown signature refusal"))),
             }),
         },
+        8 => {
+            let mut kind = || {
+                r.u8().map_err(malformed).and_then(|code| {
+                    Kind::from_code(code).ok_or_else(|| malformed(r.malformed("kind")))
+                })
+            };
+            let (stored, requested) = (kind()?, kind()?);
+            Outcome::LocalFailure {
+                failure: LocalFailure::WrongKind(WrongKind { stored, requested }),
+            }
+        }
         _ => return Err(malformed(r.malformed("unknown outcome"))),
     })
 }

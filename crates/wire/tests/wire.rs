@@ -84,6 +84,12 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             ".{0,20}".prop_map(LocalFailure::Storage),
             ".{0,20}".prop_map(LocalFailure::DiskFull),
             Just(LocalFailure::SignatureRefused(SignatureRefused::Unsigned)),
+            (0u8..6, 0u8..6).prop_map(|(stored, requested)| {
+                LocalFailure::WrongKind(record::WrongKind {
+                    stored: record::Kind::from_code(stored).unwrap(),
+                    requested: record::Kind::from_code(requested).unwrap(),
+                })
+            }),
             ".{0,20}"
                 .prop_map(|why| LocalFailure::SignatureRefused(SignatureRefused::Invalid(why))),
             (any::<u64>(), any::<u64>()).prop_map(|(signed_ms, stamped_ms)| {

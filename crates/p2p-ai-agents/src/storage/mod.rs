@@ -199,6 +199,8 @@ pub struct Storage {
     signer: Option<Arc<Capability>>,
     /// The level every call of this handle asks for at least (see [`Storage::at_level`]).
     level: Option<ConsistencyLevel>,
+    /// How fresh this handle's reads must be (see [`Storage::reading_stale`]).
+    freshness: Freshness,
 }
 
 #[derive(Debug)]
@@ -408,6 +410,7 @@ impl Storage {
             }),
             signer: None,
             level: None,
+            freshness: Freshness::Latest,
         };
         if recover && in_cluster {
             // A cluster's Raft group may not have a leader yet: recover once it has.
@@ -520,7 +523,26 @@ impl Storage {
             inner: Arc::clone(&self.inner),
             signer: Some(Arc::new(token)),
             level: self.level,
+            freshness: self.freshness,
         }
+    }
+
+    /// A handle to the same store whose reads (values, counters, sets, siblings) are this
+    /// node's copy, as [`Storage::get_stale`] reads a value: on a strong collection in a
+    /// cluster, a follower read without a round trip to the leader. Writes are unchanged.
+    pub fn reading_stale(&self) -> Self {
+        Self {
+            freshness: Freshness::Stale,
+            ..self.clone()
+        }
+    }
+
+    /// The record of the call's key, as fresh as this handle reads.
+    async fn read_record(&self, call: &Call<'_>) -> Result<Option<Record>> {
+        Ok(match self.freshness {
+            Freshness::Latest => call.engine.get(&call.key).await?,
+            Freshness::Stale => call.engine.get_stale(&call.key).await?,
+        })
     }
 
     /// A handle to the same store whose every call (reads, writes, counters, sets,
@@ -532,6 +554,7 @@ impl Storage {
             inner: Arc::clone(&self.inner),
             signer: self.signer.clone(),
             level: Some(level.max(self.level.unwrap_or(level))),
+            freshness: self.freshness,
         }
     }
 
@@ -785,8 +808,8 @@ impl Storage {
         traced("get", key, async move {
             let call = self.call(key, level)?;
             let record = match freshness {
-                Freshness::Latest => call.engine.get(&call.key).await?,
                 Freshness::Stale => call.engine.get_stale(&call.key).await?,
+                Freshness::Latest => self.read_record(&call).await?,
             };
             let decode_error = |source| StorageError::Deserialize {
                 key: call.key.to_string(),
@@ -922,7 +945,7 @@ impl Storage {
             ) {
                 return Err(Self::wrong(&call, "counter", counter_hint(&call)));
             }
-            let record = call.engine.get(&call.key).await?;
+            let record = self.read_record(&call).await?;
             Ok(record.and_then(|r| counter_value(&r.value)).unwrap_or(0))
         })
         .await
@@ -985,7 +1008,7 @@ impl Storage {
     pub async fn get_siblings<T: DeserializeOwned>(&self, key: &str) -> Result<Siblings<T>> {
         traced("get_siblings", key, async move {
             let call = self.call(key, None)?;
-            let record = call.engine.get(&call.key).await?;
+            let record = self.read_record(&call).await?;
             let decode_error = |source| StorageError::Deserialize {
                 key: call.key.to_string(),
                 source,

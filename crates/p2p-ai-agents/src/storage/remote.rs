@@ -365,25 +365,23 @@ impl DynEngine for NodeClient {
         Box::pin(async move {
             let single =
                 matches!(writes.as_slice(), [w] if w.expect.is_none() && w.fence.is_none());
-            if !single {
+            let (status, answer) = if single {
+                let write = single_unconditional(writes)?;
+                let path = format!("/v1/records/{}", encode(write.key.as_bytes()));
+                let body = agentstore_wire::encode_mutation(&write.mutation);
+                self.call(Method::POST, &path, body).await?
+            } else {
                 // Batches and conditions: the node applies them atomically, on one engine.
                 let body = encode_writes(&writes);
-                let (status, answer) = self.call(Method::POST, "/v1/records", body).await?;
-                if status != StatusCode::OK {
-                    return Err(Self::refused(status, &answer));
-                }
-                return decode_outcome(&answer).map_err(|e| EngineError::Storage {
-                    detail: format!("the node sent an invalid batch outcome: {e}"),
-                })?;
-            }
-            let write = single_unconditional(writes)?;
-            let path = format!("/v1/records/{}", encode(write.key.as_bytes()));
-            let body = agentstore_wire::encode_mutation(&write.mutation);
-            let (status, answer) = self.call(Method::POST, &path, body).await?;
+                self.call(Method::POST, "/v1/records", body).await?
+            };
             if status != StatusCode::OK {
                 return Err(Self::refused(status, &answer));
             }
-            Ok(vec![Self::record(&write.key, &answer)?])
+            // Both answer the outcome, typed refusals included.
+            decode_outcome(&answer).map_err(|e| EngineError::Storage {
+                detail: format!("the node sent an invalid outcome: {e}"),
+            })?
         })
     }
 }

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use agentstore_trust::{Capability, Operation, PublicKey};
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
@@ -113,14 +114,25 @@ fn needs(
     path: &str,
     method: &Method,
     request: &Request,
-    params: &RawPathParams,
+    params: &Result<RawPathParams, RawPathParamsRejection>,
 ) -> Option<(Operation, String)> {
-    let param = |name: &str| {
-        params
+    let param = |name: &str| match params {
+        Ok(params) => params
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.to_owned())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        // A key that is not UTF-8 (routes take bytes): judged by its longest UTF-8 prefix,
+        // which a token must cover, so it covers the whole key too.
+        Err(_) => {
+            let last = request.uri().path().rsplit('/').next().unwrap_or("");
+            let bytes = super::percent_decode(last).unwrap_or_default();
+            let valid = match std::str::from_utf8(&bytes) {
+                Ok(text) => text.len(),
+                Err(err) => err.valid_up_to(),
+            };
+            String::from_utf8_lossy(&bytes[..valid]).into_owned()
+        }
     };
     let read_or_write = if method == Method::GET {
         Operation::Read
@@ -153,7 +165,7 @@ fn needs(
 pub(super) async fn authorize(
     State(api): State<Api>,
     matched: Option<MatchedPath>,
-    params: RawPathParams,
+    params: Result<RawPathParams, RawPathParamsRejection>,
     mut request: Request,
     next: Next,
 ) -> Response {

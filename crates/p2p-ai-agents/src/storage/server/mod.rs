@@ -319,20 +319,18 @@ async fn get_key(
     let collection = parse_key(&key)?.collection().to_owned();
     query.read_only("a read")?;
     let strategy = api.storage.plan(&collection).conflict;
-    if strategy != S::Register && query.stale == Some(true) {
-        return Err(invalid_query(format!(
-            "stale=true reads lww values; `{collection}` is {strategy}"
-        )));
+    if query.stale == Some(true) && query.consistency.is_some() {
+        return Err(invalid_query(
+            "stale=true asks for less than any consistency=",
+        ));
     }
-    let storage = &query.storage(&api);
+    let storage = &match query.stale {
+        Some(true) => api.storage.reading_stale(),
+        _ => query.storage(&api),
+    };
     let body = match strategy {
         S::Register => {
             let read = match query.consistency {
-                Some(_) if query.stale == Some(true) => {
-                    return Err(invalid_query(
-                        "stale=true asks for less than any consistency=",
-                    ));
-                }
                 None if query.stale == Some(true) => storage.get_stale::<Json>(&key).await,
                 Some(level) => {
                     storage
@@ -621,8 +619,50 @@ fn octets(bytes: Vec<u8>) -> Response {
         .into_response()
 }
 
-async fn get_record(State(api): State<Api>, Path(key): Path<String>) -> Answer {
-    let key = parse_key(&key)?;
+/// The key of a `/v1/records/{key}` call as bytes: keys are bytes, and a percent-encoded key
+/// that is not UTF-8 is still a key (axum's `Path<String>` would refuse it).
+struct RawKey(Key);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RawKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let invalid = |why: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_key", why);
+        let encoded = parts
+            .uri
+            .path()
+            .rsplit_once('/')
+            .map(|(_, last)| last)
+            .ok_or_else(|| invalid("no key in the path"))?;
+        let bytes = percent_decode(encoded).ok_or_else(|| invalid("a malformed %-escape"))?;
+        Key::new(bytes)
+            .map(RawKey)
+            .map_err(|e| invalid(&e.to_string()))
+    }
+}
+
+/// `%XX`-escaped bytes, decoded; `None` for a malformed escape.
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+async fn get_record(State(api): State<Api>, RawKey(key): RawKey) -> Answer {
     let engine = api.storage.engine_of(key.collection());
     match engine.get(&key).await.map_err(engine_error)? {
         Some(record) => Ok(octets(codec::encode(&record))),
@@ -632,22 +672,33 @@ async fn get_record(State(api): State<Api>, Path(key): Path<String>) -> Answer {
 
 async fn apply_record(
     State(api): State<Api>,
-    Path(key): Path<String>,
+    RawKey(key): RawKey,
     body: axum::body::Bytes,
 ) -> Answer {
-    let key = parse_key(&key)?;
     let mutation = agentstore_wire::decode_mutation(&body)
         .map_err(|e| invalid_body(&format!("not an encoded mutation: {e}")))?;
-    let mut records = api
+    let committed = api
         .storage
         .engine_of(key.collection())
         .commit(vec![Write::new(key, mutation)])
-        .await
-        .map_err(engine_error)?;
-    let record = records
-        .pop()
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no record"))?;
-    Ok(octets(codec::encode(&record)))
+        .await;
+    outcome(committed.map_err(StorageError::Engine))
+}
+
+/// The answer to [`super::NodeClient`]'s writes: the outcome in `batch_codec`'s encoding, a
+/// refusal that encoding types (a failed condition or fence, a value of another kind, a key
+/// in a transaction) included, so it arrives typed; any other failure is an error answer.
+fn outcome(committed: Result<Vec<agentstore_engine::Record>, StorageError>) -> Answer {
+    match committed {
+        Err(StorageError::Engine(
+            err @ (EngineError::ExpectationFailed { .. }
+            | EngineError::Fenced { .. }
+            | EngineError::WrongKind { .. }
+            | EngineError::InTransaction { .. }),
+        )) => Ok(octets(encode_outcome(&Err(err)))),
+        Err(err) => Err(err.into()),
+        Ok(records) => Ok(octets(encode_outcome(&Ok(records)))),
+    }
 }
 
 /// Applies a batch of writes atomically (compare-and-set and fences included), for
@@ -663,16 +714,7 @@ async fn apply_batch(
     let writes =
         decode_writes(&body).map_err(|e| invalid_body(&format!("not an encoded batch: {e}")))?;
     auth::may_write(caller.as_deref(), writes.iter().map(|w| w.key.to_string()))?;
-    match api.storage.commit_writes(writes).await {
-        Err(StorageError::Engine(
-            err @ (EngineError::ExpectationFailed { .. }
-            | EngineError::Fenced { .. }
-            | EngineError::WrongKind { .. }
-            | EngineError::InTransaction { .. }),
-        )) => Ok(octets(encode_outcome(&Err(err)))),
-        Err(err) => Err(err.into()),
-        Ok(records) => Ok(octets(encode_outcome(&Ok(records)))),
-    }
+    outcome(api.storage.commit_writes(writes).await)
 }
 
 #[derive(Debug, Deserialize)]
