@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 
-use p2p_ai_agents::storage::{NodeClient, StorageError};
+use p2p_ai_agents::storage::{NodeClient, NodeStatus, StorageError};
 use serde_json::Value as Json;
 
 use crate::{Command, RaftCommand, exit};
@@ -18,7 +18,7 @@ pub(crate) async fn run(
         Command::Status => {
             let status = client.status().await?;
             if json {
-                println!("{status}");
+                println!("{}", serde_json::to_value(&status).unwrap_or_default());
             } else {
                 print_status(&status);
             }
@@ -53,19 +53,11 @@ async fn raft(client: &NodeClient, change: &RaftCommand) -> Result<String, Stora
             "{id} ({peer_addr}) is a learner; `agentstore status` shows it catching up"
         ));
     }
-    let status = client.status().await?;
-    let listed = |field: &str| -> Vec<String> {
-        status["raft"][field]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect()
-    };
-    let mut voters = listed("voters");
+    let raft = client.status().await?.raft;
+    let mut voters = raft.voters;
     match change {
         RaftCommand::Promote { id } => {
-            if !listed("learners").contains(id) && !voters.contains(id) {
+            if !raft.learners.contains(id) && !voters.contains(id) {
                 return Err(StorageError::InvalidConfig(format!(
                     "{id} is not a learner of the group; add it first with `agentstore raft add-learner`"
                 )));
@@ -91,94 +83,77 @@ async fn raft(client: &NodeClient, change: &RaftCommand) -> Result<String, Stora
     }
 }
 
-fn text(value: &Json) -> String {
-    match value {
-        Json::String(s) => s.clone(),
-        Json::Null => "-".into(),
-        other => other.to_string(),
+/// An optional field as the status prints it.
+fn shown(value: Option<impl ToString>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// A list as the status prints it.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        "-".to_owned()
+    } else {
+        names.join(", ")
     }
 }
 
-fn print_status(status: &Json) {
+fn print_status(status: &NodeStatus) {
     println!(
         "node {}: N={} W={} R={}, {} request(s) in flight",
-        text(&status["node"]),
-        status["replicas"],
-        status["write_quorum"],
-        status["read_quorum"],
-        status["in_flight"]
+        status.node, status.replicas, status.write_quorum, status.read_quorum, status.in_flight
     );
     println!("\nmembers:");
     println!(
         "  {:<16} {:<8} {:>7}  {:<22} client",
         "id", "liveness", "share", "peer"
     );
-    for member in status["members"].as_array().into_iter().flatten() {
+    for member in &status.members {
         println!(
             "  {:<16} {:<8} {:>6.1}%  {:<22} {}",
-            text(&member["id"]),
-            text(&member["liveness"]),
-            member["share"].as_f64().unwrap_or(0.0) * 100.0,
-            text(&member["peer_addr"]),
-            text(&member["client_addr"]),
+            member.id,
+            member.liveness,
+            member.share * 100.0,
+            shown(member.peer_addr),
+            shown(member.client_addr),
         );
     }
     println!("  (a share is the part of the keys a member replicates; the shares add up to N)");
-    let raft = &status["raft"];
-    if raft.is_object() {
-        let index = |v: &Json| {
-            v.as_u64()
-                .map_or_else(|| "-".to_string(), |i| i.to_string())
-        };
-        let names = |v: &Json| {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let names = |v: &Json| match names(v) {
-            listed if listed.is_empty() => "-".to_string(),
-            listed => listed,
-        };
-        println!(
-            "\nraft (strong collections): {} in term {}, leader {}; log {}, committed {}, applied {}, snapshot {}",
-            text(&raft["state"]),
-            raft["term"],
-            text(&raft["leader"]),
-            index(&raft["last_log"]),
-            index(&raft["committed"]),
-            index(&raft["applied"]),
-            index(&raft["snapshot"]),
-        );
-        println!(
-            "  voters: {}; learners: {}",
-            names(&raft["voters"]),
-            names(&raft["learners"])
-        );
+    let raft = &status.raft;
+    println!(
+        "\nraft (strong collections): {} in term {}, leader {}; log {}, committed {}, applied {}, snapshot {}",
+        raft.state,
+        raft.term,
+        shown(raft.leader.as_ref()),
+        shown(raft.last_log),
+        shown(raft.committed),
+        shown(raft.applied),
+        shown(raft.snapshot),
+    );
+    println!(
+        "  voters: {}; learners: {}",
+        listed(&raft.voters),
+        listed(&raft.learners)
+    );
+    if let Some(failure) = &raft.failure {
+        println!("  failing: {failure}");
     }
     println!("\ncollections:");
-    for c in status["collections"].as_array().into_iter().flatten() {
-        let r = &c["replication"];
+    for c in &status.collections {
+        let r = &c.replication;
         println!(
             "  {}: backend {}, level {}, conflict {}, replication {} N={} W={} R={}",
-            text(&c["name"]),
-            text(&c["backend"]),
-            text(&c["consistency"]),
-            text(&c["conflict"]),
-            text(&r["strategy"]),
-            r["n"],
-            r["w"],
-            r["r"]
+            c.name,
+            c.backend,
+            c.consistency.as_str(),
+            c.conflict.as_str(),
+            r.strategy,
+            r.n,
+            r.w,
+            r.r
         );
-        let g = &c["guarantee"];
-        println!(
-            "    delivers {}: {}",
-            text(&g["level"]),
-            text(&g["summary"])
-        );
-        if let Some(caveat) = g["caveat"].as_str() {
+        let g = &c.guarantee;
+        println!("    delivers {}: {}", g.level.as_str(), g.summary);
+        if let Some(caveat) = &g.caveat {
             println!("    caveat: {caveat}");
         }
     }
@@ -210,7 +185,7 @@ async fn repair(client: &NodeClient, json: bool) -> Result<(), StorageError> {
                 "\r[{}{}] {done}/{total} {}: {outcome}\x1b[K",
                 "#".repeat(filled),
                 ".".repeat(30 - filled),
-                text(&step["member"]),
+                step["member"].as_str().unwrap_or("-"),
             );
             let _ = std::io::stderr().flush();
         })

@@ -91,6 +91,17 @@ pub enum Liveness {
     Dead,
 }
 
+impl Liveness {
+    /// `alive`, `suspect` or `dead`, as the status shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Suspect => "suspect",
+            Liveness::Dead => "dead",
+        }
+    }
+}
+
 /// What the node loop must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

@@ -337,30 +337,26 @@ async fn status_repair_and_http_errors() {
     let a = nodes[0].client;
     let client = NodeClient::new(&a.to_string());
     let status = client.status().await.unwrap();
-    assert_eq!(status["node"], "node-a");
-    let shares: f64 = status["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["share"].as_f64().unwrap())
-        .sum();
+    assert_eq!(status.node, "node-a");
+    let shares: f64 = status.members.iter().map(|m| m.share).sum();
     assert!(
         (shares - 3.0).abs() < 1e-6,
         "the shares add up to N: {shares}"
     );
-    let agent = status["collections"]
-        .as_array()
-        .unwrap()
+    let agent = status
+        .collections
         .iter()
-        .find(|c| c["name"] == "agent")
+        .find(|c| c.name == "agent")
         .unwrap();
-    assert_eq!(agent["consistency"], "strong");
-    assert_eq!(agent["guarantee"]["level"], "strong", "{agent}");
-    assert_eq!(
-        status["raft"]["voters"].as_array().unwrap().len(),
-        3,
-        "{status}"
-    );
+    assert_eq!(agent.consistency, ConsistencyLevel::Strong);
+    assert_eq!(agent.guarantee.level, ConsistencyLevel::Strong, "{agent:?}");
+    assert_eq!(status.raft.voters.len(), 3, "{status:?}");
+    // The JSON the node serves is the same struct: what `GET /v1/status` answers reads back.
+    let (code, body) = http(a, "GET", "/v1/status", "").await;
+    assert_eq!(code, 200);
+    let served: p2p_ai_agents::storage::NodeStatus = serde_json::from_str(&body).unwrap();
+    assert_eq!(served.node, status.node);
+    assert_eq!(served.collections, status.collections);
 
     let mut steps = Vec::new();
     client.repair(|step| steps.push(step)).await.unwrap();

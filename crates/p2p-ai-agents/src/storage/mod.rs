@@ -33,8 +33,17 @@ mod lease;
 mod remote;
 mod routes;
 mod sealing;
+#[cfg(feature = "node")]
 pub mod server;
+
+/// The header that carries a session token (see [`Session`]) both ways.
+pub const SESSION_HEADER: &str = "agentstore-session";
+
+/// The header that carries a write's attestation (`agentstore-attestation-v1:…`) on a write
+/// to a signed collection, made by a client that keeps its token.
+pub const ATTESTATION_HEADER: &str = "agentstore-attestation";
 mod session;
+pub mod status;
 mod transaction;
 mod two_phase;
 mod values;
@@ -67,6 +76,7 @@ pub use self::routes::ClusterEngines;
 use self::routes::Routes;
 pub use self::sealing::{KEY_ENV as ENCRYPTION_KEY_ENV, KEY_FILE_ENV as ENCRYPTION_KEY_FILE_ENV};
 pub use self::session::Session;
+pub use self::status::NodeStatus;
 pub use self::transaction::Transaction;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
@@ -306,67 +316,49 @@ impl Storage {
     pub async fn connect_client(remote: NodeClient, mut config: Config) -> Result<Self> {
         let node = remote.addr().to_owned();
         let status = remote.status().await?;
-        let invalid = |what: &str| {
-            StorageError::InvalidConfig(format!("the node at {node} sent an invalid {what}"))
-        };
-        for collection in status["collections"].as_array().into_iter().flatten() {
-            if collection["backend"] != "local" {
-                continue;
-            }
-            let consistency: ConsistencyLevel =
-                serde_json::from_value(collection["consistency"].clone())
-                    .map_err(|_| invalid("collection level"))?;
-            let conflict: ConflictStrategy = serde_json::from_value(collection["conflict"].clone())
-                .map_err(|_| invalid("conflict strategy"))?;
-            match collection["name"].as_str() {
-                Some("(default)") if config.default_backend == Backend::Local => {
+        for collection in status.collections.iter().filter(|c| c.backend == "local") {
+            let (consistency, conflict) = (collection.consistency, collection.conflict);
+            if collection.name == "(default)" {
+                if config.default_backend == Backend::Local {
                     config.default_consistency = consistency;
                     config.default_conflict = conflict;
                 }
-                Some("(default)") => {}
-                Some(name) => {
-                    config.collections.insert(
-                        name.to_owned(),
-                        agentstore_core::config::CollectionConfig {
-                            backend: Some(Backend::Local),
-                            consistency: Some(consistency),
-                            conflict: Some(conflict),
-                            // The client encrypts and decrypts: the node stores ciphertext.
-                            encrypted: collection["encrypted"].as_bool().unwrap_or(false),
-                            // The client signs (`signing_with`); the nodes check.
-                            signed: collection["signed"].as_bool().unwrap_or(false),
-                        },
-                    );
-                }
-                None => return Err(invalid("collection")),
+                continue;
             }
+            config.collections.insert(
+                collection.name.clone(),
+                agentstore_core::config::CollectionConfig {
+                    backend: Some(Backend::Local),
+                    consistency: Some(consistency),
+                    conflict: Some(conflict),
+                    // The client encrypts and decrypts: the node stores ciphertext.
+                    encrypted: collection.encrypted,
+                    // The client signs (`signing_with`); the nodes check.
+                    signed: collection.signed,
+                },
+            );
         }
-        let number = |field: &str| {
-            status[field]
-                .as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .ok_or_else(|| {
-                    StorageError::InvalidConfig(format!(
-                        "the node at {node} sent a status without `{field}`"
-                    ))
-                })
+        let number = |field: &str, value: usize| {
+            u8::try_from(value).map_err(|_| {
+                StorageError::InvalidConfig(format!(
+                    "the node at {node} sent a status with `{field}` {value}"
+                ))
+            })
         };
         config.replication.quorum = agentstore_core::quorum::QuorumSpec {
-            n: number("replicas")?,
-            w: number("write_quorum")?,
-            r: number("read_quorum")?,
+            n: number("replicas", status.replicas)?,
+            w: number("write_quorum", status.write_quorum)?,
+            r: number("read_quorum", status.read_quorum)?,
         };
         // The node routes each record to the engine of its collection, so one client serves
-        // both; what it can deliver is the node's.
-        // A node that has a Raft member serves strong collections, even while its group is
-        // still forming (its first writes wait for the leader).
-        let raft = status["raft"].is_object();
-        let causal = status["causal"].is_object();
+        // both; what it can deliver is the node's: every node has a Raft member (which serves
+        // strong collections even while its group is still forming: its first writes wait for
+        // the leader) and a causal broadcast.
         let remote: Arc<dyn DynEngine> = Arc::new(remote);
         let engines = ClusterEngines {
             leaderless: Arc::clone(&remote),
-            causal: causal.then(|| Arc::clone(&remote)),
-            strong: raft.then(|| Arc::clone(&remote)),
+            causal: Some(Arc::clone(&remote)),
+            strong: Some(Arc::clone(&remote)),
         };
         Self::with_cluster_engines(config, engines).await
     }
@@ -457,6 +449,7 @@ impl Storage {
 
     /// The engine that serves `collection`: the node's record endpoints use it, so a key has
     /// one path whichever API reaches it.
+    #[cfg(feature = "node")]
     pub(crate) fn engine_of(&self, collection: &str) -> &Instrumented<AnyEngine> {
         &self.inner.routes.get(collection).engine
     }

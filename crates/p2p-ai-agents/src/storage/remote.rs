@@ -159,7 +159,7 @@ impl NodeClient {
         // The call's session travels to the node, and comes back grown by what it saw there.
         let session = agentstore_engine::session::current();
         if let Some(token) = session.as_ref().filter(|t| !t.is_empty()) {
-            request = request.header(super::server::SESSION_HEADER, token.to_string());
+            request = request.header(super::SESSION_HEADER, token.to_string());
         }
         let request =
             request
@@ -173,7 +173,7 @@ impl NodeClient {
             && let Some(Ok(Ok(seen))) =
                 response
                     .headers()
-                    .get(super::server::SESSION_HEADER)
+                    .get(super::SESSION_HEADER)
                     .map(|v| {
                         v.to_str()
                             .map(str::parse::<agentstore_engine::session::SessionToken>)
@@ -195,7 +195,7 @@ impl NodeClient {
     }
 
     /// The node's `/v1/status` (see `docs/openapi.yaml`).
-    pub async fn status(&self) -> Result<serde_json::Value, EngineError> {
+    pub async fn status(&self) -> Result<super::NodeStatus, EngineError> {
         let (status, body) = self.call(Method::GET, "/v1/status", Vec::new()).await?;
         if status != StatusCode::OK {
             return Err(Self::refused(status, &body));

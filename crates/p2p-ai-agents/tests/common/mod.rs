@@ -75,11 +75,10 @@ pub(crate) async fn cluster_with(settings: &str) -> Vec<TestNode> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(status) = client.status().await {
-                let alive = status["members"]
-                    .as_array()
-                    .unwrap()
+                let alive = status
+                    .members
                     .iter()
-                    .filter(|m| m["liveness"] == "alive")
+                    .filter(|m| m.liveness == "alive")
                     .count();
                 if alive == 3 {
                     break;

@@ -38,12 +38,7 @@ use tokio::sync::Notify;
 
 use super::{Attestation, ClusterEngines, Storage, StorageError, Version, default_data_dir};
 
-/// The header that carries a session token (see [`super::Session`]) both ways.
-pub const SESSION_HEADER: &str = "agentstore-session";
-
-/// The header that carries a write's attestation (`agentstore-attestation-v1:…`) on a write
-/// to a signed collection, made by a client that keeps its token.
-pub const ATTESTATION_HEADER: &str = "agentstore-attestation";
+pub use super::{ATTESTATION_HEADER, SESSION_HEADER};
 
 /// The OpenAPI document of the client API.
 pub const OPENAPI: &str = include_str!("../../../../../docs/openapi.yaml");
@@ -943,6 +938,10 @@ async fn scan_records(State(api): State<Api>, Query(query): Query<RecordScanQuer
 }
 
 async fn status(State(api): State<Api>) -> Answer {
+    use super::status::{
+        CausalStatus, CollectionStatus, GuaranteeStatus, MemberStatus, RaftStatus,
+        ReplicationStatus,
+    };
     let node = api
         .node
         .status()
@@ -951,41 +950,79 @@ async fn status(State(api): State<Api>) -> Answer {
     let config = api.storage.config();
     let mut names: Vec<String> = config.collections.keys().cloned().collect();
     names.push(String::new());
-    let collections: Vec<Json> = names
+    let collections = names
         .iter()
         .map(|name| {
             let plan = api.storage.plan(name);
-            json!({
-                "name": if name.is_empty() { "(default)" } else { name },
-                "backend": plan.backend.to_string(),
-                "consistency": plan.consistency,
-                "conflict": plan.conflict,
-                "encrypted": plan.encrypted,
-                "signed": plan.signed,
-                "replication": {
-                    "strategy": plan.replication.strategy.to_string(),
-                    "n": plan.replication.quorum.n,
-                    "w": plan.replication.quorum.w,
-                    "r": plan.replication.quorum.r,
+            CollectionStatus {
+                name: if name.is_empty() {
+                    "(default)".into()
+                } else {
+                    name.clone()
                 },
-                "guarantee": {
-                    "level": plan.guarantee.level,
-                    "summary": plan.guarantee.summary,
-                    "caveat": plan.guarantee.caveat,
+                backend: plan.backend.to_string(),
+                consistency: plan.consistency,
+                conflict: plan.conflict,
+                encrypted: plan.encrypted,
+                signed: plan.signed,
+                replication: ReplicationStatus {
+                    strategy: plan.replication.strategy.to_string(),
+                    n: plan.replication.quorum.n,
+                    w: plan.replication.quorum.w,
+                    r: plan.replication.quorum.r,
                 },
-            })
+                guarantee: GuaranteeStatus {
+                    level: plan.guarantee.level,
+                    summary: plan.guarantee.summary,
+                    caveat: plan.guarantee.caveat,
+                },
+            }
         })
         .collect();
-    let mut body = serde_json::to_value(&node).unwrap_or_default();
-    body["collections"] = Json::Array(collections);
-    body["raft"] = serde_json::to_value(api.strong.group().status()).unwrap_or_default();
+    let group = api.strong.group().status();
     let applied = agentstore_engine::session::SessionToken {
         causal: api.causal.applied(),
         redis_offset: 0,
     };
-    body["causal"] = json!({ "applied": applied.to_string() });
-    body["signed_writes_refused"] = json!(api.node.signatures().map_or(0, |s| s.refused_total()));
-    Ok(axum::Json(body).into_response())
+    let status = super::NodeStatus {
+        node: node.node.to_string(),
+        members: node
+            .members
+            .into_iter()
+            .map(|m| MemberStatus {
+                id: m.id.to_string(),
+                peer_addr: m.peer_addr,
+                client_addr: m.client_addr,
+                liveness: m.liveness.as_str().to_owned(),
+                share: m.share,
+            })
+            .collect(),
+        replicas: node.replicas,
+        write_quorum: node.write_quorum,
+        read_quorum: node.read_quorum,
+        in_flight: node.in_flight,
+        collections,
+        raft: RaftStatus {
+            id: group.id,
+            state: group.state.to_owned(),
+            term: group.term,
+            leader: group.leader,
+            last_log: group.last_log,
+            committed: group.committed,
+            applied: group.applied,
+            snapshot: group.snapshot,
+            voters: group.voters,
+            learners: group.learners,
+            quorum_ack_ms: group.quorum_ack_ms,
+            leader_changes: group.leader_changes,
+            failure: group.failure,
+        },
+        causal: CausalStatus {
+            applied: applied.to_string(),
+        },
+        signed_writes_refused: api.node.signatures().map_or(0, |s| s.refused_total()),
+    };
+    Ok(axum::Json(status).into_response())
 }
 
 async fn repair(State(api): State<Api>) -> Answer {
