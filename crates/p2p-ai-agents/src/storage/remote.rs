@@ -170,14 +170,10 @@ impl NodeClient {
         let response = sender.send_request(request).await.map_err(unavailable)?;
         let status = response.status();
         if session.is_some()
-            && let Some(Ok(Ok(seen))) =
-                response
-                    .headers()
-                    .get(super::SESSION_HEADER)
-                    .map(|v| {
-                        v.to_str()
-                            .map(str::parse::<agentstore_engine::session::SessionToken>)
-                    })
+            && let Some(Ok(Ok(seen))) = response.headers().get(super::SESSION_HEADER).map(|v| {
+                v.to_str()
+                    .map(str::parse::<agentstore_engine::session::SessionToken>)
+            })
         {
             agentstore_engine::session::observe(|token| token.merge(&seen));
         }
