@@ -73,6 +73,16 @@ struct Cli {
     /// (`authority.key.crt`, written by `agentstore authority new`).
     #[arg(long, global = true, env = "AGENTSTORE_CA_CERT", value_name = "FILE")]
     ca_cert: Option<PathBuf>,
+    /// With --node: give up on a request after MS milliseconds (a paused or unreachable node
+    /// fails the command instead of hanging it; a write may then have applied).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTSTORE_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 15_000
+    )]
+    timeout_ms: u64,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -409,7 +419,10 @@ fn node_client(cli: &Cli, addr: &str) -> Result<NodeClient, StorageError> {
         Some(signing) => Some(presented(&signing)?),
         None => cli.token.clone(),
     };
-    Ok(NodeClient::new(addr).with_token(token).with_tls(tls))
+    Ok(NodeClient::new(addr)
+        .with_token(token)
+        .with_tls(tls)
+        .with_timeout(std::time::Duration::from_millis(cli.timeout_ms)))
 }
 
 /// The token that signs writes, with `--sign`.

@@ -192,3 +192,72 @@ fn the_cli_talks_to_nodes_status_repair_and_leave() {
     assert_eq!(nodes[0].signal("-TERM"), Some(0));
     assert_eq!(nodes[1].signal("-TERM"), Some(0));
 }
+
+/// Runs the CLI, killing it if it has not ended within `limit`; returns (ended by itself,
+/// exit code, stderr).
+fn cli_within(args: &[&str], limit: Duration) -> (bool, i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(args)
+        .env_remove("AGENTSTORE_DATA_DIR")
+        .env_remove("AGENTSTORE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let ended = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    (
+        ended,
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_gives_up_on_a_paused_node_after_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), COLLECTIONS);
+    let addr = nodes[0].client.to_string();
+    let pid = nodes[0].child.as_ref().unwrap().id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let limit = Duration::from_secs(20);
+    let (ended, code, stderr) = cli_within(
+        &["--node", &addr, "--timeout-ms", "500", "get", "notes:x"],
+        limit,
+    );
+    assert!(ended, "a read hung on a paused node");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("no answer from"), "{stderr}");
+    let (ended, code, stderr) = cli_within(
+        &[
+            "--node",
+            &addr,
+            "--timeout-ms",
+            "500",
+            "put",
+            "notes:x",
+            "1",
+        ],
+        limit,
+    );
+    assert!(ended, "a write hung on a paused node");
+    assert_ne!(code, 0);
+    // The client asks the node for its collections' settings first: nothing was sent.
+    assert!(stderr.contains("no answer from"), "{stderr}");
+    // Resumed, it answers again: the key was never written (exit code 3, not found).
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let (ended, code, stderr) = cli_within(&["--node", &addr, "get", "notes:x"], limit);
+    assert!(ended, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
+    nodes[0].signal("-TERM");
+}

@@ -7,6 +7,7 @@
 //! that fails is dropped and the call reports [`EngineError::Unavailable`].
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::batch_codec::{decode_outcome, encode_writes};
@@ -31,6 +32,8 @@ pub struct NodeClient {
     token: Option<String>,
     /// TLS settings when the node's client API speaks HTTPS.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// How long a request may take, connecting included (see [`NodeClient::with_timeout`]).
+    timeout: Duration,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
@@ -68,6 +71,10 @@ async fn handshake(
 }
 
 impl NodeClient {
+    /// How long a request may take by default: above every deadline a node keeps itself (5 s
+    /// for a strong write, 5 s for a session to catch up), so a live node answers first.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
     /// A client of the node serving clients at `addr` (`host:port`; an `http://` prefix is
     /// accepted).
     pub fn new(addr: &str) -> Self {
@@ -79,8 +86,17 @@ impl NodeClient {
             addr: addr.to_owned(),
             token: None,
             tls: None,
+            timeout: Self::DEFAULT_TIMEOUT,
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same client, giving each request at most `timeout` (connecting included). A node
+    /// that does not answer in time (paused, overloaded, behind a partition) fails the call:
+    /// [`EngineError::Unavailable`] for a read or a request that never reached it, and
+    /// [`EngineError::Indeterminate`] for a write that was sent, which may have applied.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
     }
 
     /// The same client, speaking HTTPS with these settings (see
@@ -141,14 +157,39 @@ impl NodeClient {
         handshake(stream).await
     }
 
-    /// Sends one request; returns the status and the whole body.
+    /// Sends one request; returns the status and the whole body. Bounded by the client's
+    /// timeout (see [`NodeClient::with_timeout`]).
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), EngineError> {
-        let mut sender = self.connection().await?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let late = |what: &str| format!("{what} {} within {:?}", self.addr, self.timeout);
+        let sender = tokio::time::timeout_at(deadline, self.connection())
+            .await
+            .map_err(|_| unavailable(late("no connection to")))??;
+        let reads = method == Method::GET;
+        match tokio::time::timeout_at(deadline, self.exchange(sender, method, path, body)).await {
+            Ok(answer) => answer,
+            Err(_) if reads => Err(unavailable(late("no answer from"))),
+            // Sent: the node may have applied it.
+            Err(_) => Err(EngineError::Indeterminate {
+                backend: "node",
+                detail: late("no answer from"),
+            }),
+        }
+    }
+
+    /// One request on `sender`; returns the status and the whole body.
+    async fn exchange(
+        &self,
+        mut sender: SendRequest<Full<Bytes>>,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), EngineError> {
         let mut request = self.authorized(
             Request::builder()
                 .method(method)
