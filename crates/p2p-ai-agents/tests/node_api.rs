@@ -388,6 +388,24 @@ async fn status_repair_and_http_errors() {
     assert_eq!((status, code(&body).as_str()), (409, "wrong_operation"));
     let (status, body) = http(a, "GET", "/v1/keys/:no-collection", "").await;
     assert_eq!((status, code(&body).as_str()), (400, "invalid_key"));
+    // What axum answers by itself comes with the same JSON body.
+    for (method, path, expected) in [
+        ("GET", "/v1/no-such-route", (404, "not_found")),
+        ("DELETE", "/v1/status", (405, "method_not_allowed")),
+        ("GET", "/v1/scan/notes?limit=many", (400, "invalid_query")),
+        (
+            "GET",
+            "/v1/keys/notes:x?no_such_parameter=1",
+            (400, "invalid_query"),
+        ),
+    ] {
+        let (status, body) = http(a, method, path, "").await;
+        assert_eq!(
+            (status, code(&body).as_str()),
+            expected,
+            "{method} {path}: {body}"
+        );
+    }
     stop(nodes).await;
 }
 

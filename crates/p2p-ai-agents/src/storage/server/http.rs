@@ -35,6 +35,47 @@ pub(super) fn body_deadline<S: Clone + Send + Sync + 'static>(
     router.route_layer(axum::middleware::from_fn_with_state(deadline, body_within))
 }
 
+/// Gives every error answer the API's JSON error body. The handlers answer JSON already;
+/// what does not is axum's own answers: an unknown route (404), a method a route does not
+/// serve (405) and a path or query that does not parse (400), which come as plain text or
+/// empty.
+pub(super) async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", format!("no route {path}")),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!("{path} does not serve {method}"),
+        ),
+        StatusCode::BAD_REQUEST if text.contains("query string") => ("invalid_query", text),
+        StatusCode::BAD_REQUEST => ("invalid_request", text),
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", text),
+        _ if status.is_server_error() => ("internal", text),
+        _ => ("invalid_request", text),
+    };
+    super::ApiError::new(status, code, message).into_response()
+}
+
 /// Reads the whole request body within `deadline` before the handler runs, so a client that
 /// trickles a body (or stops sending it) cannot hold a request open.
 async fn body_within(

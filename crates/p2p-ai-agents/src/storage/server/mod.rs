@@ -1138,6 +1138,7 @@ fn router(api: Api) -> Router {
             auth::authorize,
         ))
         .layer(axum::middleware::from_fn(in_session))
+        .layer(axum::middleware::from_fn(http::json_errors))
         .with_state(api)
 }
 
