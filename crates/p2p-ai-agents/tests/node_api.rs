@@ -33,6 +33,44 @@ async fn cluster() -> Vec<TestNode> {
     cluster_with(COLLECTIONS).await
 }
 
+/// `/metrics` is one valid exposition in the Prometheus text format: each family described
+/// once, with all its samples after its description; and `promtool check metrics` accepts it
+/// where promtool is installed.
+fn exposition_is_valid(metrics: &str) {
+    let mut described = std::collections::BTreeSet::new();
+    let mut family = String::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family = rest.split_whitespace().next().unwrap().to_owned();
+            assert!(described.insert(family.clone()), "{family} described twice");
+        } else if !line.starts_with('#') && !line.is_empty() {
+            assert!(
+                line.starts_with(&family),
+                "{line} outside its family {family}"
+            );
+        }
+    }
+    if let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write as _;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "promtool check metrics: {said}");
+    }
+}
+
 /// A minimal HTTP/1.1 exchange: (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,6 +185,7 @@ async fn a_session_follows_its_client_from_node_to_node() {
     ));
     // The node counts the wait and the timeout.
     let (_, metrics) = http(nodes[2].client, "GET", "/metrics", "").await;
+    exposition_is_valid(&metrics);
     let value = |name: &str| {
         metrics
             .lines()

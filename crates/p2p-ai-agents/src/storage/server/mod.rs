@@ -1060,14 +1060,75 @@ async fn leave(State(api): State<Api>) -> Answer {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    // Both registries end with `# EOF`; the combined text keeps only the last one.
-    let without_eof = |text: String| text.trim_end().trim_end_matches("# EOF").to_owned();
-    let text = without_eof(api.node.metrics_text())
-        + &without_eof(api.strong.metrics_text())
-        + &without_eof(api.causal.metrics_text())
-        + &api.storage.metrics_text();
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    let text = merge_exposition(&[
+        api.node.metrics_text(),
+        api.strong.metrics_text(),
+        api.causal.metrics_text(),
+        api.storage.metrics_text(),
+    ]);
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+/// Several registries' OpenMetrics texts as one exposition in the Prometheus text format
+/// (0.0.4), which every scraper and `promtool check metrics` read: a family that more than one
+/// registry has (the node's engine and the store's engines both measure `agentstore_engine_*`,
+/// by backend) is described once with every registry's samples; a counter is described under
+/// its sample name (`…_total`), as that format wants; OpenMetrics' `# UNIT` and `# EOF` go.
+pub(crate) fn merge_exposition(texts: &[String]) -> String {
+    // Families in order of first appearance: name, then its description and its samples.
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for text in texts {
+        let mut current: Option<usize> = None;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let Some(rest) = line.strip_prefix("# ") else {
+                if let Some(at) = current {
+                    families[at].2.push(line.to_owned());
+                }
+                continue;
+            };
+            let mut words = rest.splitn(3, ' ');
+            let (kind, name, tail) = (
+                words.next().unwrap_or(""),
+                words.next().unwrap_or(""),
+                words.next().unwrap_or(""),
+            );
+            if !matches!(kind, "HELP" | "TYPE") {
+                continue;
+            }
+            let at = match families.iter().position(|(n, _, _)| n == name) {
+                Some(at) => at,
+                None => {
+                    families.push((name.to_owned(), Vec::new(), Vec::new()));
+                    families.len() - 1
+                }
+            };
+            // Registries describe a shared family alike: once is enough.
+            let described = format!("{kind} {tail}");
+            if !families[at].1.contains(&described) {
+                families[at].1.push(described);
+            }
+            current = Some(at);
+        }
+    }
+    let mut out = String::new();
+    for (name, description, samples) in families {
+        let counter = description.iter().any(|d| d == "TYPE counter");
+        let name = if counter && !name.ends_with("_total") {
+            format!("{name}_total")
+        } else {
+            name
+        };
+        for described in &description {
+            let (kind, tail) = described.split_once(' ').unwrap_or((described, ""));
+            out.push_str(&format!("# {kind} {name} {tail}\n"));
+        }
+        for sample in &samples {
+            out.push_str(sample);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `ok`, or 503 `storage_failing` while the node's last write to one of its files failed (a
