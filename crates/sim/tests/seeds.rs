@@ -1,4 +1,4 @@
-//! 200 seeds of the simulator, every invariant checked. A failing seed prints itself; replay
+//! 1,000 seeds of the simulator, every invariant checked. A failing seed prints itself; replay
 //! one with `SIM_SEED=<seed> cargo test -p agentstore-sim --test seeds`.
 
 use agentstore_sim::{Settings, check, run};
@@ -7,7 +7,7 @@ use agentstore_sim::{Settings, check, run};
 fn every_seed_converges_and_loses_no_acknowledged_write() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
-        Err(_) => (0..200).collect(),
+        Err(_) => (0..1000).collect(),
     };
     let mut totals = (0usize, 0usize, 0usize, 0usize);
     for seed in seeds {
