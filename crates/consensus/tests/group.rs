@@ -11,6 +11,16 @@ use agentstore_engine::{EngineError, Fence, Write};
 
 mod common;
 
+/// Adds 1 to the counter `bank:total` through `group`.
+async fn increment(group: Group) -> Result<Vec<agentstore_core::Record>, GroupError> {
+    group
+        .write(vec![Write::new(
+            key("bank:total"),
+            Mutation::PnCounterAdd(1),
+        )])
+        .await
+}
+
 use common::{Cluster, MemRpc, id, key, put, value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,17 +155,7 @@ async fn batches_are_atomic_and_conditions_and_fences_are_checked_in_the_log() {
 async fn concurrent_increments_are_exact_across_a_leader_loss_and_a_restart() {
     let cluster = Cluster::new(&["a", "b", "c"], 10_000).await;
     let leader = cluster.leader().await;
-    let add = |name: &str| {
-        let group = cluster.group(name);
-        async move {
-            group
-                .write(vec![Write::new(
-                    key("bank:total"),
-                    Mutation::PnCounterAdd(1),
-                )])
-                .await
-        }
-    };
+    let add = |name: &str| increment(cluster.group(name));
     let mut acknowledged = 0i64;
     for name in ["a", "b", "c", "a", "b", "c"] {
         add(name).await.unwrap();
@@ -405,17 +405,7 @@ async fn two_phase_steps_go_through_the_log_and_survive_a_snapshot() {
 async fn writes_sent_while_the_leader_is_paused_go_to_the_next_leader_and_apply_once() {
     let cluster = Cluster::new(&["a", "b", "c"], 10_000).await;
     let leader = cluster.leader().await;
-    let add = |name: &str| {
-        let group = cluster.group(name);
-        async move {
-            group
-                .write(vec![Write::new(
-                    key("bank:total"),
-                    Mutation::PnCounterAdd(1),
-                )])
-                .await
-        }
-    };
+    let add = |name: &str| increment(cluster.group(name));
     let total = |name: &str| {
         let group = cluster.group(name);
         async move {

@@ -19,31 +19,70 @@ use agentstore_core::{Causality, Crdt, HybridClock, NodeId, VersionVector};
 
 use crate::{Engine, EngineError, Expect, Fence, Key, Mutation, Write};
 
-/// Generates one `#[tokio::test]` per check. `$make` is an async fn returning the engine and
-/// a guard kept alive for the test (a temporary directory, a server handle, ...).
+/// Generates the conformance tests.
+///
+/// - `conformance_tests!(make)`: one `#[tokio::test]` per check of the sets every engine with
+///   one point that orders writes passes (`every`, `batches`, `conditions`); `make` is an
+///   async fn returning the engine and a guard kept alive for the test (a temporary
+///   directory, a server handle, ...).
+/// - `conformance_tests!(two_phase: make)`: the two-phase participant checks.
+/// - `conformance_tests!(in_one test_name, make, [set, ...])`: one test that runs every check
+///   of the sets on one engine (for engines that are costly to start, such as a cluster),
+///   each in a fresh collection, and fails naming every check that failed. The sets:
+///   `every`, `batches` (multi-key batches apply atomically), `conditions` (compare-and-set
+///   and fences hold), `refuses_conditions` and `refuses_batches` (for engines that cannot
+///   make those hold: they are refused as `Unsupported`), `two_phase`.
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:path) => {
-        $crate::conformance_tests!(@each $make;
+        $crate::conformance_tests!(@list every, @each $make;);
+        $crate::conformance_tests!(@list batches, @each $make;);
+        $crate::conformance_tests!(@list conditions, @each $make;);
+    };
+    (two_phase: $make:path) => {
+        $crate::conformance_tests!(@list two_phase, @each $make;);
+    };
+    (in_one $test:ident, $make:path, [$($set:ident),* $(,)?]) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let (engine, _guard) = $make().await;
+            let mut failed: Vec<&str> = Vec::new();
+            $( $crate::conformance_tests!(@list $set, @run engine, failed;); )*
+            assert!(failed.is_empty(), "failed checks: {failed:?}");
+        }
+    };
+    (@list every, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)*
             missing_key_reads_as_none,
             binary_and_unicode_keys_and_values_round_trip,
             delete_leaves_a_tombstone,
             scan_returns_a_prefix_in_key_order_with_paging,
-            compare_and_set_checks_the_version,
-            a_failed_expectation_writes_nothing_of_its_batch,
-            a_batch_sees_its_own_writes,
             concurrent_counter_increments_are_exact,
             concurrent_lww_writers_keep_the_newest_stamp,
             multi_value_keeps_siblings_until_a_context_write,
             sets_add_and_remove,
             a_mutation_of_the_wrong_kind_is_refused,
-            merging_a_remote_state_joins_it,
+            merging_a_remote_state_joins_it
+        );
+    };
+    (@list batches, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)* a_batch_sees_its_own_writes);
+    };
+    (@list conditions, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)*
+            compare_and_set_checks_the_version,
+            a_failed_expectation_writes_nothing_of_its_batch,
             a_write_with_an_older_fencing_token_is_rejected
         );
     };
-    // The two-phase participant checks, for the engines that take part in two-phase commit.
-    (two_phase: $make:path) => {
-        $crate::conformance_tests!(@each $make;
+    (@list refuses_conditions, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)* conditions_and_fences_are_refused_typed);
+    };
+    (@list refuses_batches, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)* multi_key_batches_are_refused_typed);
+    };
+    (@list two_phase, $($then:tt)*) => {
+        $crate::conformance_tests!($($then)*
             a_prepared_transaction_locks_its_keys_until_it_commits,
             an_aborted_transaction_leaves_nothing_and_unlocks,
             a_prepare_whose_condition_fails_locks_nothing
@@ -55,6 +94,20 @@ macro_rules! conformance_tests {
             async fn $check() {
                 let (engine, _guard) = $make().await;
                 $crate::conformance::$check(&engine, &$crate::conformance::namespace()).await;
+            }
+        )*
+    };
+    (@run $engine:ident, $failed:ident; $($check:ident),*) => {
+        $(
+            let engine = $engine.clone();
+            let ns = $crate::conformance::namespace();
+            // A failed check panics on its own task: the others still run.
+            let outcome = tokio::spawn(async move {
+                $crate::conformance::$check(&engine, &ns).await;
+            })
+            .await;
+            if outcome.is_err() {
+                $failed.push(stringify!($check));
             }
         )*
     };
