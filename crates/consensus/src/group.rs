@@ -75,6 +75,8 @@ pub struct GroupConfig {
     /// The check of signed collections every member runs before applying an entry (`None`:
     /// no collection is signed).
     pub signatures: Option<Arc<dyn Signatures>>,
+    /// Where the log and state machine files are opened: the file system, or a test's disk.
+    pub files: agentstore_engine::redb_file::Opener,
 }
 
 impl GroupConfig {
@@ -97,6 +99,7 @@ impl GroupConfig {
             kept_behind_snapshot: 1000,
             clock: Arc::new(SystemClock),
             signatures: None,
+            files: agentstore_engine::redb_file::files(),
         }
     }
 }
@@ -895,9 +898,10 @@ impl Member {
             &config.dir.join(LOG_FILE),
             config.id.clone(),
             Arc::clone(health),
+            &config.files,
         )
         .map_err(storage)?;
-        let state = StateMachine::open(&config.dir.join(STATE_FILE))
+        let state = StateMachine::open_with(&config.dir.join(STATE_FILE), &config.files)
             .map_err(storage)?
             .with_signatures(config.signatures.clone())
             .with_health(Arc::clone(health));

@@ -240,16 +240,17 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl LogStore {
     /// Opens (creating if needed) the log of `member` at `path`.
     pub fn open(path: &Path, member: MemberId) -> io::Result<Self> {
-        Self::open_watched(path, member, Arc::default())
+        Self::open_watched(path, member, Arc::default(), &redb_file::files())
     }
 
-    /// [`LogStore::open`], reporting the outcome of every commit to `health`.
+    /// [`LogStore::open`] through `files`, reporting the outcome of every commit to `health`.
     pub(crate) fn open_watched(
         path: &Path,
         member: MemberId,
         health: Arc<Health>,
+        files: &redb_file::Opener,
     ) -> io::Result<Self> {
-        let db = redb_file::create(&Database::builder(), path).map_err(io_error)?;
+        let db = files.open(&Database::builder(), path).map_err(io_error)?;
         let txn = db.begin_write().map_err(io_error)?;
         txn.open_table(LOG).map_err(io_error)?;
         txn.open_table(STATE).map_err(io_error)?;

@@ -113,7 +113,12 @@ const INLINE_APPLY: usize = 8;
 impl StateMachine {
     /// Opens (creating if needed) the state machine at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = redb_file::create(&Database::builder(), path).map_err(redb_io)?;
+        Self::open_with(path, &redb_file::files())
+    }
+
+    /// [`StateMachine::open`] through `files`.
+    pub fn open_with(path: &Path, files: &redb_file::Opener) -> io::Result<Self> {
+        let db = files.open(&Database::builder(), path).map_err(redb_io)?;
         let txn = db.begin_write().map_err(redb_io)?;
         txn.open_table(RECORDS).map_err(redb_io)?;
         txn.open_table(FENCES).map_err(redb_io)?;

@@ -33,6 +33,38 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Opens (creating if needed) the redb database at a path, as a builder sets it up: [`create`]
+/// on the file system, or another store of files (a test's disk that loses its page cache).
+#[derive(Clone)]
+pub struct Opener(
+    std::sync::Arc<dyn Fn(&Builder, &Path) -> Result<Database, DatabaseError> + Send + Sync>,
+);
+
+impl Opener {
+    /// An opener that opens with `open`.
+    pub fn new(
+        open: impl Fn(&Builder, &Path) -> Result<Database, DatabaseError> + Send + Sync + 'static,
+    ) -> Self {
+        Self(std::sync::Arc::new(open))
+    }
+
+    /// Opens (creating if needed) the database at `path`, as `builder` sets it up.
+    pub fn open(&self, builder: &Builder, path: &Path) -> Result<Database, DatabaseError> {
+        (self.0)(builder, path)
+    }
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opener")
+    }
+}
+
+/// The [`Opener`] of the file system: [`create`].
+pub fn files() -> Opener {
+    Opener::new(create)
+}
+
 /// Opens (creating if needed, with mode 0600) the redb database at `path`, as `builder` sets
 /// it up, on a file whose growth is written out.
 pub fn create(builder: &Builder, path: &Path) -> Result<Database, DatabaseError> {

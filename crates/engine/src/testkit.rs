@@ -336,36 +336,41 @@ impl Drop for SmallDisk {
     }
 }
 
-/// A disk held in memory that loses, when it crashes, everything written since the last sync,
-/// as a machine's page cache does when it loses power. It crashes once a seeded number of
-/// writes (and syncs) has reached it: from then on every call fails, as for a process that
-/// died, and what it holds is what was synced before.
+/// A disk held in memory that loses, when the machine crashes, everything written since the
+/// last sync of each of its files, as a machine's page cache does when it loses power. It
+/// crashes once a seeded number of writes (and syncs, to any of its files) has reached it:
+/// from then on every call fails, as for a process that died, and each file holds what was
+/// synced before.
 #[derive(Debug, Clone)]
-pub struct LossyDisk(std::sync::Arc<std::sync::Mutex<Image>>);
+pub struct LossyDisk(std::sync::Arc<std::sync::Mutex<Machine>>);
 
 #[derive(Debug)]
-struct Image {
-    /// What survives a crash.
-    synced: Vec<u8>,
-    /// What the program sees: `synced` plus the writes not synced yet.
-    cached: Vec<u8>,
+struct Machine {
+    files: std::collections::BTreeMap<std::path::PathBuf, Image>,
     /// Writes and syncs until the crash (`None`: it does not crash).
     until_crash: Option<u64>,
     crashed: bool,
 }
 
+#[derive(Debug, Default)]
+struct Image {
+    /// What survives a crash.
+    synced: Vec<u8>,
+    /// What the program sees: `synced` plus the writes not synced yet.
+    cached: Vec<u8>,
+}
+
 impl LossyDisk {
     /// An empty disk that crashes at its `crash_after`-th write or sync (`None`: never).
     pub fn new(crash_after: Option<u64>) -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(Image {
-            synced: Vec::new(),
-            cached: Vec::new(),
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Machine {
+            files: std::collections::BTreeMap::new(),
             until_crash: crash_after,
             crashed: false,
         })))
     }
 
-    fn image(&self) -> std::sync::MutexGuard<'_, Image> {
+    fn machine(&self) -> std::sync::MutexGuard<'_, Machine> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -373,102 +378,139 @@ impl LossyDisk {
 
     /// Whether it has crashed.
     pub fn crashed(&self) -> bool {
-        self.image().crashed
+        self.machine().crashed
     }
 
     /// Crashes now (if it has not yet): what was not synced is lost.
     pub fn crash_now(&self) {
-        let mut image = self.image();
-        if !image.crashed {
-            image.crashed = true;
-            image.cached = image.synced.clone();
+        self.machine().crash();
+    }
+
+    /// Restarts the machine after a crash: each file holds what was synced, takes calls again
+    /// and does not crash again.
+    pub fn restart(&self) {
+        let mut machine = self.machine();
+        machine.crash();
+        machine.crashed = false;
+        machine.until_crash = None;
+    }
+
+    /// A redb storage backend on this disk's one unnamed file.
+    pub fn backend(&self) -> LossyBackend {
+        self.file(std::path::Path::new(""))
+    }
+
+    /// A redb storage backend on this disk's file at `path`.
+    pub fn file(&self, path: &std::path::Path) -> LossyBackend {
+        LossyBackend {
+            disk: self.clone(),
+            path: path.to_owned(),
         }
     }
 
-    /// Restarts the machine after a crash: the disk holds what was synced, takes calls again
-    /// and does not crash again.
-    pub fn restart(&self) {
-        let mut image = self.image();
-        image.cached = image.synced.clone();
-        image.crashed = false;
-        image.until_crash = None;
-    }
-
-    /// A redb storage backend on this disk.
-    pub fn backend(&self) -> LossyBackend {
-        LossyBackend(self.clone())
+    /// Opens redb databases on this disk's files, in place of the file system's
+    /// (see [`crate::redb_file::Opener`]).
+    pub fn opener(&self) -> crate::redb_file::Opener {
+        let disk = self.clone();
+        crate::redb_file::Opener::new(move |builder: &redb::Builder, path: &std::path::Path| {
+            builder.create_with_backend(disk.file(path))
+        })
     }
 }
 
-/// redb's view of a [`LossyDisk`].
+/// redb's view of one file of a [`LossyDisk`].
 #[derive(Debug)]
-pub struct LossyBackend(LossyDisk);
+pub struct LossyBackend {
+    disk: LossyDisk,
+    path: std::path::PathBuf,
+}
 
-impl Image {
-    /// Counts a write or sync toward the crash; `Err` once crashed.
-    fn step(&mut self) -> std::io::Result<()> {
+impl Machine {
+    fn crash(&mut self) {
+        if !self.crashed {
+            self.crashed = true;
+            for image in self.files.values_mut() {
+                image.cached = image.synced.clone();
+            }
+        }
+    }
+
+    /// Counts a write or sync toward the crash; then the file at `path`, unless crashed.
+    fn step(&mut self, path: &std::path::Path) -> std::io::Result<&mut Image> {
         if let Some(left) = self.until_crash.as_mut() {
             if *left == 0 {
-                self.crashed = true;
-                self.cached = self.synced.clone();
+                self.crash();
             } else {
                 *left -= 1;
             }
         }
-        self.alive()
+        self.image(path)
     }
 
-    fn alive(&self) -> std::io::Result<()> {
+    fn image(&mut self, path: &std::path::Path) -> std::io::Result<&mut Image> {
         if self.crashed {
             return Err(std::io::Error::other("the machine crashed"));
         }
-        Ok(())
+        Ok(self.files.entry(path.to_owned()).or_default())
+    }
+}
+
+impl LossyBackend {
+    fn with<T>(
+        &self,
+        write: bool,
+        then: impl FnOnce(&mut Image) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let mut machine = self.disk.machine();
+        let image = if write {
+            machine.step(&self.path)?
+        } else {
+            machine.image(&self.path)?
+        };
+        then(image)
     }
 }
 
 impl redb::StorageBackend for LossyBackend {
     fn len(&self) -> std::io::Result<u64> {
-        let image = self.0.image();
-        image.alive()?;
-        Ok(image.cached.len() as u64)
+        self.with(false, |image| Ok(image.cached.len() as u64))
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let image = self.0.image();
-        image.alive()?;
-        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
-        let bytes = image.cached.get(start..start + out.len()).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end")
-        })?;
-        out.copy_from_slice(bytes);
-        Ok(())
+        self.with(false, |image| {
+            let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+            let bytes = image.cached.get(start..start + out.len()).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end")
+            })?;
+            out.copy_from_slice(bytes);
+            Ok(())
+        })
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let mut image = self.0.image();
-        image.step()?;
-        image
-            .cached
-            .resize(usize::try_from(len).map_err(std::io::Error::other)?, 0);
-        Ok(())
+        self.with(true, |image| {
+            let len = usize::try_from(len).map_err(std::io::Error::other)?;
+            image.cached.resize(len, 0);
+            Ok(())
+        })
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
-        let mut image = self.0.image();
-        image.step()?;
-        image.synced = image.cached.clone();
-        Ok(())
+        self.with(true, |image| {
+            image.synced = image.cached.clone();
+            Ok(())
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut image = self.0.image();
-        image.step()?;
-        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
-        let end = start + data.len();
-        if image.cached.len() < end {
-            image.cached.resize(end, 0);
-        }
-        image.cached[start..end].copy_from_slice(data);
-        Ok(())
+        self.with(true, |image| {
+            let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+            let end = start + data.len();
+            if image.cached.len() < end {
+                image.cached.resize(end, 0);
+            }
+            image.cached[start..end].copy_from_slice(data);
+            Ok(())
+        })
     }
 }
