@@ -36,9 +36,10 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// Opens (creating if needed) the redb database at a path, as a builder sets it up: [`create`]
 /// on the file system, or another store of files (a test's disk that loses its page cache).
 #[derive(Clone)]
-pub struct Opener(
-    std::sync::Arc<dyn Fn(&Builder, &Path) -> Result<Database, DatabaseError> + Send + Sync>,
-);
+pub struct Opener(std::sync::Arc<OpenFn>);
+
+/// What an [`Opener`] calls.
+type OpenFn = dyn Fn(&Builder, &Path) -> Result<Database, DatabaseError> + Send + Sync;
 
 impl Opener {
     /// An opener that opens with `open`.
