@@ -66,6 +66,8 @@ pub struct CausalConfig {
     pub buffer: usize,
     /// The check of signed collections (`None`: no collection is signed).
     pub signatures: Option<Arc<SignedCollections>>,
+    /// Where the causal store's file is opened: the file system, or a test's disk.
+    pub files: agentstore_engine::redb_file::Opener,
 }
 
 impl CausalConfig {
@@ -78,6 +80,7 @@ impl CausalConfig {
             sync_interval: Duration::from_millis(100),
             buffer: 65_536,
             signatures: None,
+            files: agentstore_engine::redb_file::files(),
         }
     }
 }
@@ -206,6 +209,7 @@ impl CausalEngine {
     ) -> Result<Self, EngineError> {
         let (store, applied, committed) = causal_store::open(
             &config.dir,
+            &config.files,
             Arc::clone(&config.clock),
             config.buffer,
             config

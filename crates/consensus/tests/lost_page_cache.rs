@@ -15,7 +15,7 @@ use agentstore_consensus::{Group, GroupConfig, ReadLevel};
 use agentstore_core::Key;
 use agentstore_core::record::{Mutation, Value};
 use agentstore_engine::Write;
-use agentstore_engine::testkit::LossyDisk;
+use agentstore_engine::testkit::{LossyDisk, Seeded};
 
 mod common;
 
@@ -25,19 +25,6 @@ use common::{MemRpc, Switchboard, id};
 const SEEDS: u64 = 24;
 /// Writes per seed.
 const OPERATIONS: u64 = 60;
-
-/// splitmix64, so a seed means the same workload and crash point everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expected {
@@ -83,7 +70,7 @@ async fn stop(group: Group) {
 }
 
 async fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = Seeded::new(seed);
     let disk = LossyDisk::new(Some(rng.below(OPERATIONS * 12)));
     let dir = tempfile::tempdir().unwrap();
     let mut acked: BTreeMap<Key, Expected> = BTreeMap::new();

@@ -78,7 +78,36 @@ pub fn create(builder: &Builder, path: &Path) -> Result<Database, DatabaseError>
         .open(path)?;
     let filler = file.try_clone()?;
     let inner = FileBackend::new(file)?;
-    builder.create_with_backend(WrittenGrowth { inner, filler })
+    let backend = WrittenGrowth { inner, filler };
+    if restart_interrupted_creation(&backend)? {
+        tracing::warn!(path = %path.display(), "the file's creation was interrupted (nothing was ever committed to it): creating it again");
+    }
+    builder.create_with_backend(backend)
+}
+
+/// redb writes a new file's magic number last, once the rest is on disk, so a file whose
+/// creation a crash interrupted starts with zeros where the magic goes, and redb refuses to
+/// open it ("not a redb database") although no transaction can have committed to it. Such a
+/// file is emptied, so it is created again; whether that happened.
+pub fn restart_interrupted_creation(backend: &impl StorageBackend) -> IoResult<bool> {
+    // redb's magic number is its file's first 9 bytes.
+    const MAGIC: usize = 9;
+    let len = backend.len()?;
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut start = [0xFFu8; MAGIC];
+    if len >= MAGIC as u64 {
+        backend.read(0, &mut start)?;
+    } else {
+        start = [0; MAGIC];
+    }
+    if start != [0; MAGIC] {
+        return Ok(false);
+    }
+    backend.set_len(0)?;
+    backend.sync_data()?;
+    Ok(true)
 }
 
 /// redb's file backend, except that growing the file writes zeros over the new region.

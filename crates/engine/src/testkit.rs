@@ -413,7 +413,9 @@ impl LossyDisk {
     pub fn opener(&self) -> crate::redb_file::Opener {
         let disk = self.clone();
         crate::redb_file::Opener::new(move |builder: &redb::Builder, path: &std::path::Path| {
-            builder.create_with_backend(disk.file(path))
+            let file = disk.file(path);
+            crate::redb_file::restart_interrupted_creation(&file)?;
+            builder.create_with_backend(file)
         })
     }
 }
@@ -512,5 +514,26 @@ impl redb::StorageBackend for LossyBackend {
             image.cached[start..end].copy_from_slice(data);
             Ok(())
         })
+    }
+}
+
+/// A small seeded generator (splitmix64), so a seed means the same run everywhere: a failing
+/// seed of a fault test replays.
+#[derive(Debug, Clone)]
+pub struct Seeded(u64);
+
+impl Seeded {
+    /// The generator of `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
     }
 }

@@ -12,30 +12,13 @@ use std::sync::Arc;
 
 use agentstore_core::NodeId;
 use agentstore_core::record::Value;
-use agentstore_engine::testkit::LossyDisk;
+use agentstore_engine::testkit::{LossyDisk, Seeded};
 use agentstore_engine::{Engine, Key, LocalEngine, Mutation, NodeClock};
 
 /// Seeds per run (and `AGENTSTORE_SEED` runs one).
 const SEEDS: u64 = 64;
 /// Operations per seed.
 const OPERATIONS: u64 = 150;
-
-/// splitmix64: a small, well-mixed generator, so a seed means the same run everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What a key holds, as the acknowledged writes say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +37,7 @@ fn observed(value: Option<Value>) -> Option<Expected> {
 }
 
 async fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = Seeded::new(seed);
     // The crash comes somewhere in the workload's disk writes (about eight per operation),
     // or, for some seeds, only after it.
     let disk = LossyDisk::new(Some(rng.below(OPERATIONS * 9)));
@@ -154,4 +137,26 @@ async fn no_acknowledged_write_is_lost_when_the_page_cache_is() {
         "replay one with AGENTSTORE_SEED=<seed>:\n{}",
         failed.join("\n")
     );
+}
+
+/// A crash while the data file is first created (at each of its first writes) leaves a file
+/// the restarted engine opens: nothing was committed to it, so it is created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_the_file_is_created_leaves_one_that_opens() {
+    for crash_at in 0..24 {
+        let disk = LossyDisk::new(Some(crash_at));
+        let clock = NodeClock::system(NodeId::new("n1").unwrap(), 500);
+        let first = LocalEngine::open_on(&disk, Arc::clone(&clock));
+        let created = first.is_ok() && !disk.crashed();
+        drop(first);
+        disk.crash_now();
+        disk.restart();
+        let engine = LocalEngine::open_on(&disk, clock)
+            .unwrap_or_else(|e| panic!("crash at write {crash_at}: the engine does not open: {e}"));
+        let key: Key = "k:after".parse().unwrap();
+        engine
+            .apply(key.clone(), Mutation::Put(b"v".to_vec()))
+            .await
+            .unwrap_or_else(|e| panic!("crash at write {crash_at} (created: {created}): {e}"));
+    }
 }

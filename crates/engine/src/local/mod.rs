@@ -101,13 +101,11 @@ impl LocalEngine {
         clock: Arc<NodeClock>,
     ) -> Result<Self, EngineError> {
         let path = PathBuf::from("lossy-disk");
-        let open = {
-            let disk = disk.clone();
-            move |_: &Path| {
-                Database::builder()
-                    .create_with_backend(disk.backend())
-                    .map_err(EngineError::storage)
-            }
+        let files = disk.opener();
+        let open = move |path: &Path| {
+            files
+                .open(&Database::builder(), path)
+                .map_err(EngineError::storage)
         };
         let db = open(&path)?;
         Self::start(path, db, open, clock)
