@@ -58,7 +58,8 @@ struct Cli {
     #[arg(short, long, global = true, env = "AGENTSTORE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Talk to the cluster node serving clients at ADDR (`host:port`) instead of opening an
-    /// embedded store: its `local` collections live in the cluster.
+    /// embedded store: its `local` collections live in the cluster. Several nodes
+    /// (`host:port,host:port`): the first that answers, then the next if it goes away.
     #[arg(short, long, global = true, env = "AGENTSTORE_NODE")]
     node: Option<String>,
     /// The capability token to present to the node (`agentstore token issue` prints one);

@@ -622,3 +622,28 @@ async fn every_strategy_honours_or_refuses_each_query_parameter() {
     assert_eq!(read["siblings"], json!(["concurrent"]), "{read}");
     stop(nodes).await;
 }
+
+/// A client given several nodes talks to the first it can reach, and moves on when the one it
+/// talks to is gone: reads and writes go on through the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_several_nodes_moves_on_when_one_is_gone() {
+    let mut nodes = cluster().await;
+    let nothing = agentstore_engine::testkit::free_port();
+    let (b, c) = (nodes[1].client, nodes[2].client);
+    // Nothing listens at the first address: the client goes to the second.
+    let client = NodeClient::new(&format!("127.0.0.1:{nothing},{b},{c}"));
+    assert_eq!(client.status().await.unwrap().node, "node-b");
+    assert_eq!(client.addr(), b.to_string());
+    let storage = Storage::connect_client(client, Config::default())
+        .await
+        .unwrap();
+    storage.set("notes:failover", "before").await.unwrap();
+    // The node it talks to stops: the next call goes to node-c.
+    nodes[1].stop().await;
+    let read: Option<String> = storage.get("notes:failover").await.unwrap();
+    assert_eq!(read.as_deref(), Some("before"));
+    storage.set("notes:failover", "after").await.unwrap();
+    let read: Option<String> = storage.get("notes:failover").await.unwrap();
+    assert_eq!(read.as_deref(), Some("after"));
+    stop(nodes).await;
+}

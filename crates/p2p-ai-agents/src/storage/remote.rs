@@ -22,19 +22,23 @@ use tokio::net::TcpStream;
 /// At most this many idle connections are kept.
 const IDLE: usize = 16;
 
-/// An HTTP client of one node: its record endpoints (as an engine) and its administration
-/// (status, repair, leave).
+/// An HTTP client of a node: its record endpoints (as an engine) and its administration
+/// (status, repair, leave). Given several nodes' addresses, it talks to one and moves to the
+/// next when that one cannot be reached.
 #[derive(Debug)]
 pub struct NodeClient {
-    /// `host:port` of the node's client API.
-    addr: String,
+    /// `host:port` of each node's client API it may use, in order of preference.
+    addrs: Vec<String>,
+    /// The one it talks to now (an index into `addrs`).
+    current: std::sync::atomic::AtomicUsize,
     /// The capability token sent with every request (`Authorization: Bearer`), if any.
     token: Option<String>,
     /// TLS settings when the node's client API speaks HTTPS.
     tls: Option<Arc<rustls::ClientConfig>>,
     /// How long a request may take, connecting included (see [`NodeClient::with_timeout`]).
     timeout: Duration,
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// Idle connections, with the index of the node each goes to.
+    idle: Mutex<Vec<(usize, SendRequest<Full<Bytes>>)>>,
 }
 
 fn unavailable(detail: impl std::fmt::Display) -> EngineError {
@@ -76,14 +80,29 @@ impl NodeClient {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
     /// A client of the node serving clients at `addr` (`host:port`; an `http://` prefix is
-    /// accepted).
+    /// accepted), or of the first of several nodes, `host:port,host:port,…`: when the node it
+    /// talks to cannot be reached, a request goes to the next (a read also when the node
+    /// stops answering; a write that was sent is not sent again, see
+    /// [`NodeClient::with_timeout`]).
     pub fn new(addr: &str) -> Self {
-        let addr = addr
-            .trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .trim_end_matches('/');
+        let addrs: Vec<String> = addr
+            .split(',')
+            .map(|addr| {
+                addr.trim()
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    .to_owned()
+            })
+            .filter(|addr| !addr.is_empty())
+            .collect();
         Self {
-            addr: addr.to_owned(),
+            addrs: if addrs.is_empty() {
+                vec![String::new()]
+            } else {
+                addrs
+            },
+            current: std::sync::atomic::AtomicUsize::new(0),
             token: None,
             tls: None,
             timeout: Self::DEFAULT_TIMEOUT,
@@ -105,9 +124,14 @@ impl NodeClient {
         Self { tls, ..self }
     }
 
-    /// The `host:port` it talks to.
+    /// The `host:port` it talks to now.
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.addrs[self.now()]
+    }
+
+    /// The index of the node it talks to now.
+    fn now(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.addrs.len()
     }
 
     /// The same client, presenting `token` (a capability token's text form) with every
@@ -123,29 +147,52 @@ impl NodeClient {
         }
     }
 
-    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+    /// A connection to the node it talks to now (an idle one if there is one), or to the next
+    /// one that can be reached, which it then talks to; with the index of that node.
+    async fn connection(&self) -> Result<(usize, SendRequest<Full<Bytes>>), EngineError> {
+        let now = self.now();
         loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match idle {
-                Some(mut sender) => {
+                Some((node, mut sender)) if node == now => {
                     if sender.ready().await.is_ok() {
-                        return Ok(sender);
+                        return Ok((node, sender));
                     }
                 }
+                // A connection to a node it moved away from: dropped.
+                Some(_) => {}
                 None => break,
             }
         }
-        let stream = TcpStream::connect(&self.addr)
+        let mut failures = Vec::new();
+        for step in 0..self.addrs.len() {
+            let node = (now + step) % self.addrs.len();
+            match self.connect(&self.addrs[node]).await {
+                Ok(sender) => {
+                    if node != now {
+                        self.current
+                            .store(node, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Ok((node, sender));
+                }
+                Err(err) => failures.push(err.to_string()),
+            }
+        }
+        Err(unavailable(failures.join("; ")))
+    }
+
+    /// A new connection to the node at `addr`.
+    async fn connect(&self, addr: &str) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+        let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| unavailable(format!("cannot connect to {}: {e}", self.addr)))?;
+            .map_err(|e| unavailable(format!("cannot connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let Some(tls) = &self.tls else {
             return handshake(stream).await;
         };
-        let host = self
-            .addr
+        let host = addr
             .rsplit_once(':')
-            .map_or(self.addr.as_str(), |(host, _)| host)
+            .map_or(addr, |(host, _)| host)
             .trim_start_matches('[')
             .trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
@@ -153,8 +200,18 @@ impl NodeClient {
         let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
             .connect(name, stream)
             .await
-            .map_err(|e| unavailable(format!("TLS with {}: {e}", self.addr)))?;
+            .map_err(|e| unavailable(format!("TLS with {addr}: {e}")))?;
         handshake(stream).await
+    }
+
+    /// After `node` failed a request it was sent: the next request goes to the next node.
+    fn move_past(&self, node: usize) {
+        let _ = self.current.compare_exchange(
+            node,
+            (node + 1) % self.addrs.len(),
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Sends one request; returns the status and the whole body. Bounded by the client's
@@ -163,22 +220,44 @@ impl NodeClient {
         &self,
         method: Method,
         path: &str,
-        body: Vec<u8>,
+        mut body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), EngineError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let late = |what: &str| format!("{what} {} within {:?}", self.addr, self.timeout);
-        let sender = tokio::time::timeout_at(deadline, self.connection())
-            .await
-            .map_err(|_| unavailable(late("no connection to")))??;
+        let late = |what: &str, addr: &str| format!("{what} {addr} within {:?}", self.timeout);
         let reads = method == Method::GET;
-        match tokio::time::timeout_at(deadline, self.exchange(sender, method, path, body)).await {
-            Ok(answer) => answer,
-            Err(_) if reads => Err(unavailable(late("no answer from"))),
-            // Sent: the node may have applied it.
-            Err(_) => Err(EngineError::Indeterminate {
-                backend: "node",
-                detail: late("no answer from"),
-            }),
+        // A read goes to the next node when one fails it (each node once at most); a write
+        // that was sent is never sent again.
+        let mut tries = if reads { self.addrs.len() } else { 1 };
+        loop {
+            tries -= 1;
+            let (node, sender) = tokio::time::timeout_at(deadline, self.connection())
+                .await
+                .map_err(|_| unavailable(late("no connection to", self.addr())))??;
+            let addr = &self.addrs[node];
+            // The last try takes the body; earlier ones (reads: no body) copy it.
+            let payload = if tries == 0 {
+                std::mem::take(&mut body)
+            } else {
+                body.clone()
+            };
+            let exchange = self.exchange(sender, node, method.clone(), path, payload);
+            let failed = match tokio::time::timeout_at(deadline, exchange).await {
+                Ok(Err(err @ EngineError::Unavailable { .. })) => err,
+                Ok(answer) => return answer,
+                Err(_) if reads => unavailable(late("no answer from", addr)),
+                // Sent: the node may have applied it.
+                Err(_) => {
+                    self.move_past(node);
+                    return Err(EngineError::Indeterminate {
+                        backend: "node",
+                        detail: late("no answer from", addr),
+                    });
+                }
+            };
+            self.move_past(node);
+            if tries == 0 || tokio::time::Instant::now() >= deadline {
+                return Err(failed);
+            }
         }
     }
 
@@ -186,6 +265,7 @@ impl NodeClient {
     async fn exchange(
         &self,
         mut sender: SendRequest<Full<Bytes>>,
+        node: usize,
         method: Method,
         path: &str,
         body: Vec<u8>,
@@ -194,7 +274,7 @@ impl NodeClient {
             Request::builder()
                 .method(method)
                 .uri(path)
-                .header(hyper::header::HOST, &self.addr)
+                .header(hyper::header::HOST, &self.addrs[node])
                 .header(hyper::header::CONTENT_TYPE, "application/octet-stream"),
         );
         // The call's session travels to the node, and comes back grown by what it saw there.
@@ -226,7 +306,7 @@ impl NodeClient {
             .to_bytes();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < IDLE {
-            idle.push(sender);
+            idle.push((node, sender));
         }
         Ok((status, body))
     }
@@ -278,13 +358,13 @@ impl NodeClient {
         &self,
         mut on_step: impl FnMut(serde_json::Value),
     ) -> Result<(), EngineError> {
-        let mut sender = self.connection().await?;
+        let (node, mut sender) = self.connection().await?;
         let request = self
             .authorized(
                 Request::builder()
                     .method(Method::POST)
                     .uri("/v1/repair")
-                    .header(hyper::header::HOST, &self.addr),
+                    .header(hyper::header::HOST, &self.addrs[node]),
             )
             .body(Full::new(Bytes::new()))
             .map_err(|e| EngineError::Internal {

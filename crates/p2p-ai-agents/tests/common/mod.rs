@@ -91,9 +91,18 @@ pub(crate) async fn cluster_with(settings: &str) -> Vec<TestNode> {
     nodes
 }
 
+impl TestNode {
+    /// Stops this node (its server and its member of the cluster).
+    pub(crate) async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+            (&mut self.task).await.unwrap();
+        }
+    }
+}
+
 pub(crate) async fn stop(nodes: Vec<TestNode>) {
     for mut node in nodes {
-        let _ = node.stop.take().unwrap().send(());
-        node.task.await.unwrap();
+        node.stop().await;
     }
 }
