@@ -172,7 +172,34 @@ impl NodeMetrics {
             "Messages to peers lost before sending (a full queue, or an unreachable peer), by message type",
             metrics.dropped.clone(),
         );
+        metrics.start_at_zero();
         metrics
+    }
+
+    /// Creates the counters (and the lag histogram) whose labels are known in advance, at
+    /// zero: a scraper sees them from the start (a rate over one is 0, not missing).
+    fn start_at_zero(&self) {
+        for op in ["write", "read", "forwarded_write"] {
+            for outcome in ["ok", "quorum_failed", "not_a_replica", "local_failure"] {
+                let _ = self.requests.get_or_create(&Request { op, outcome });
+            }
+        }
+        for kind in agentstore_core::record::Kind::ALL {
+            let _ = self.conflicts.get_or_create(&Strategy {
+                strategy: kind.as_str(),
+            });
+        }
+        let _ = self.violations.get_or_create(&Violation {
+            guarantee: "read_your_writes",
+        });
+        // Counters only: a ratio gauge at 0 would say no quorum was reachable.
+        for op in ["write", "read"] {
+            let _ = self.quorum_reachable_seconds.get_or_create(&Quorum { op });
+        }
+        let _ = self.replication_lag.get_or_create(&Lag {
+            backend: "cluster",
+            level: "eventual",
+        });
     }
 
     pub(crate) fn request(&self, op: &'static str, outcome: &Outcome) {

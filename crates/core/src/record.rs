@@ -60,7 +60,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order of their codes.
-    const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Register,
         Kind::MultiValue,
         Kind::GCounter,

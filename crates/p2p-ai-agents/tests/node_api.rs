@@ -375,6 +375,16 @@ async fn status_repair_and_http_errors() {
     let nodes = cluster().await;
     let a = nodes[0].client;
     let client = NodeClient::new(&a.to_string());
+    // Counters whose labels are known exist from the start, at zero.
+    let (_, metrics) = http(a, "GET", "/metrics", "").await;
+    exposition_is_valid(&metrics);
+    for series in [
+        r#"agentstore_node_conflicts_total{strategy="or_set"} 0"#,
+        r#"agentstore_consistency_violations_total{guarantee="read_your_writes"} 0"#,
+        r#"agentstore_node_requests_total{op="forwarded_write",outcome="quorum_failed"} 0"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
     let status = client.status().await.unwrap();
     assert_eq!(status.node, "node-a");
     let shares: f64 = status.members.iter().map(|m| m.share).sum();
