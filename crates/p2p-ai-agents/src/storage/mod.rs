@@ -595,12 +595,14 @@ impl Storage {
                 collection: call.key.collection().to_owned(),
             });
         };
-        let key = call
-            .key
-            .as_str()
-            .ok_or_else(|| StorageError::SignatureRequired {
-                collection: call.key.collection().to_owned(),
-            })?;
+        // A signature covers the key as text: a signed collection's keys are UTF-8.
+        let key = call.key.as_str().ok_or_else(|| {
+            Self::wrong(
+                call,
+                "a signed write",
+                "the keys of a signed collection must be UTF-8 text",
+            )
+        })?;
         let attestation = signer
             .sign_write(key, value.as_deref(), SystemClock.now_ms())
             .map_err(|e| StorageError::InvalidConfig(format!("the signing token: {e}")))?;
