@@ -520,17 +520,16 @@ fn final_entries(results: &[(Key, Record)]) -> Vec<(Key, Record)> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use agentstore_core::record::{Mutation, Value};
-    use agentstore_engine::testkit::{LossyDisk, Seeded};
+    use agentstore_engine::testkit::{
+        CrashModel, Expected, LossyDisk, Seeded, assert_no_failed_seed, seeds,
+    };
 
     use super::*;
 
-    /// Local writes until the machine loses power at a seeded point (its disk keeps only what
-    /// was synced), then a restart: every acknowledged write is there, the one in flight
-    /// whole or not at all, and the store agrees with itself: its applied vector counts this
-    /// node's writes exactly as its log holds them.
+    /// Local writes (puts, deletes, counter additions) until the machine loses power at a
+    /// seeded point (its disk keeps only what was synced), then a restart: every acknowledged
+    /// write is there, the one in flight whole or not at all, and the store agrees with
+    /// itself: its applied vector counts this node's writes exactly as its log holds them.
     async fn run(seed: u64) -> Result<(), String> {
         const OPERATIONS: u64 = 60;
         let mut rng = Seeded::new(seed);
@@ -538,28 +537,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let me = NodeId::new("n1").unwrap();
         let clock = NodeClock::system(me.clone(), 500);
-        let mut acked: BTreeMap<Key, Option<Vec<u8>>> = BTreeMap::new();
-        let mut in_doubt = None;
+        let mut model = CrashModel::default();
         if let Ok((store, _applied, _reports)) =
             open(dir.path(), &disk.opener(), Arc::clone(&clock), 1024, None)
         {
             for i in 0..OPERATIONS {
-                let key: Key = format!("t:{}", rng.below(12)).parse().unwrap();
-                let (mutation, after) = if rng.below(5) == 0 {
-                    (Mutation::Delete, None)
-                } else {
-                    let value = format!("{i}").into_bytes();
-                    (Mutation::Put(value.clone()), Some(value))
-                };
+                let (key, mutation, after) = model.next_write(&mut rng, i, 12, 3);
                 let (reply, answer) = oneshot::channel();
                 let writes = vec![Write::new(key.clone(), mutation)];
                 let sent = store.requests.send(Request::Local { writes, reply }).await;
                 match (sent, answer.await) {
-                    (Ok(()), Ok(Ok(_))) => {
-                        acked.insert(key, after);
-                    }
+                    (Ok(()), Ok(Ok(_))) => model.acknowledged(key, after),
                     _ if disk.crashed() => {
-                        in_doubt = Some((key, after));
+                        model.in_doubt(key, after);
                         break;
                     }
                     (_, answer) => return Err(format!("write {i} failed: {answer:?}")),
@@ -571,26 +561,9 @@ mod tests {
         let (store, _applied, _reports) = open(dir.path(), &disk.opener(), clock, 1024, None)
             .map_err(|e| format!("the store does not open after the restart: {e}"))?;
         let view = View::new(&store.db).map_err(|e| e.to_string())?;
-        let keys: Vec<&Key> = acked
-            .keys()
-            .chain(in_doubt.iter().map(|(k, _)| k))
-            .collect();
-        for key in keys {
-            let found = match view.get(key).map_err(|e| e.to_string())?.map(|r| r.value) {
-                None | Some(Value::Register(None)) => None,
-                Some(Value::Register(bytes)) => bytes,
-                Some(other) => return Err(format!("{key}: {other:?}")),
-            };
-            let acknowledged = acked.get(key).cloned().flatten();
-            let doubtful = in_doubt
-                .as_ref()
-                .filter(|(k, _)| k == key)
-                .map(|(_, v)| v.clone());
-            if found != acknowledged && doubtful.as_ref() != Some(&found) {
-                return Err(format!(
-                    "{key}: acknowledged {acknowledged:?} (in doubt {doubtful:?}), found {found:?}"
-                ));
-            }
+        for key in model.keys() {
+            let record = view.get(&key).map_err(|e| e.to_string())?;
+            model.check(&key, Expected::of(record.as_ref().map(|r| &r.value)))?;
         }
         // Nothing applied is forgotten, nothing is counted that was not applied.
         let counted = view.applied().map_err(|e| e.to_string())?.get(&me);
@@ -608,20 +581,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_acknowledged_causal_write_is_lost_when_the_page_cache_is() {
-        let seeds: Vec<u64> = match std::env::var("AGENTSTORE_SEED") {
-            Ok(seed) => vec![seed.parse().expect("AGENTSTORE_SEED is a number")],
-            Err(_) => (0..48).collect(),
-        };
         let mut failed = Vec::new();
-        for seed in seeds {
+        for seed in seeds(48) {
             if let Err(why) = run(seed).await {
                 failed.push(format!("seed {seed}: {why}"));
             }
         }
-        assert!(
-            failed.is_empty(),
-            "replay one with AGENTSTORE_SEED=<seed>:\n{}",
-            failed.join("\n")
-        );
+        assert_no_failed_seed(&failed);
     }
 }

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentstore_consensus::{Group, GroupConfig, ReadLevel};
-use agentstore_core::Key;
-use agentstore_core::record::{Mutation, Value};
 use agentstore_engine::Write;
-use agentstore_engine::testkit::{LossyDisk, Seeded};
+use agentstore_engine::testkit::{
+    CrashModel, Expected, LossyDisk, Seeded, assert_no_failed_seed, seeds,
+};
 
 mod common;
 
@@ -25,12 +25,6 @@ use common::{MemRpc, Switchboard, id};
 const SEEDS: u64 = 24;
 /// Writes per seed.
 const OPERATIONS: u64 = 60;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Expected {
-    Value(Option<Vec<u8>>),
-    Counter(i64),
-}
 
 /// Starts the one member on `disk`; waits until it leads (`None` if it does not within 10 s,
 /// as when the disk crashed under it).
@@ -73,38 +67,14 @@ async fn run(seed: u64) -> Result<(), String> {
     let mut rng = Seeded::new(seed);
     let disk = LossyDisk::new(Some(rng.below(OPERATIONS * 12)));
     let dir = tempfile::tempdir().unwrap();
-    let mut acked: BTreeMap<Key, Expected> = BTreeMap::new();
-    let mut in_doubt: Option<(Key, Expected)> = None;
+    let mut model = CrashModel::default();
     if let Some(group) = start(dir.path(), &disk).await {
         for i in 0..OPERATIONS {
-            let key: Key = format!("k:{}", rng.below(12)).parse().unwrap();
-            let counter: Key = format!("c:{}", rng.below(3)).parse().unwrap();
-            let (key, mutation, after) = match rng.below(10) {
-                0..=5 => {
-                    let value = format!("{i}").into_bytes();
-                    (
-                        key,
-                        Mutation::Put(value.clone()),
-                        Expected::Value(Some(value)),
-                    )
-                }
-                6 => (key, Mutation::Delete, Expected::Value(None)),
-                _ => {
-                    let delta = rng.below(9) as i64 - 4;
-                    let before = match acked.get(&counter) {
-                        Some(Expected::Counter(total)) => *total,
-                        _ => 0,
-                    };
-                    let after = Expected::Counter(before + delta);
-                    (counter, Mutation::PnCounterAdd(delta), after)
-                }
-            };
+            let (key, mutation, after) = model.next_write(&mut rng, i, 12, 3);
             match group.write(vec![Write::new(key.clone(), mutation)]).await {
-                Ok(_) => {
-                    acked.insert(key, after);
-                }
+                Ok(_) => model.acknowledged(key, after),
                 Err(_) if disk.crashed() => {
-                    in_doubt = Some((key, after));
+                    model.in_doubt(key, after);
                     break;
                 }
                 Err(err) => return Err(format!("write {i} failed before the crash: {err}")),
@@ -117,60 +87,27 @@ async fn run(seed: u64) -> Result<(), String> {
     let group = start(dir.path(), &disk)
         .await
         .ok_or("the member does not lead again after the restart")?;
-    let keys: Vec<Key> = acked
-        .keys()
-        .chain(in_doubt.iter().map(|(key, _)| key))
-        .cloned()
-        .collect();
-    let mut failure = None;
-    for key in keys {
-        let found = match group.read(&key, ReadLevel::Linearizable).await {
-            Ok(record) => match record.map(|r| r.value) {
-                None | Some(Value::Register(None)) => None,
-                Some(Value::Register(bytes)) => Some(Expected::Value(bytes)),
-                Some(Value::PnCounter(counter)) => Some(Expected::Counter(counter.value())),
-                Some(other) => Some(Expected::Value(Some(format!("{other:?}").into_bytes()))),
-            },
-            Err(err) => {
-                failure = Some(format!("{key}: {err}"));
-                break;
-            }
+    let mut checked = Ok(());
+    for key in model.keys() {
+        checked = match group.read(&key, ReadLevel::Linearizable).await {
+            Ok(record) => model.check(&key, Expected::of(record.as_ref().map(|r| &r.value))),
+            Err(err) => Err(format!("{key}: {err}")),
         };
-        let normal = |expected: Option<Expected>| match expected {
-            Some(Expected::Value(None)) => None,
-            other => other,
-        };
-        let acknowledged = normal(acked.get(&key).cloned());
-        let doubtful = in_doubt
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, after)| normal(Some(after.clone())));
-        if found != acknowledged && doubtful.as_ref() != Some(&found) {
-            failure = Some(format!(
-                "{key}: acknowledged {acknowledged:?} (in doubt: {doubtful:?}), found {found:?}"
-            ));
+        if checked.is_err() {
             break;
         }
     }
     stop(group).await;
-    failure.map_or(Ok(()), Err)
+    checked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_strong_write_is_lost_when_the_page_cache_is() {
-    let seeds: Vec<u64> = match std::env::var("AGENTSTORE_SEED") {
-        Ok(seed) => vec![seed.parse().expect("AGENTSTORE_SEED is a number")],
-        Err(_) => (0..SEEDS).collect(),
-    };
     let mut failed = Vec::new();
-    for seed in seeds {
+    for seed in seeds(SEEDS) {
         if let Err(why) = run(seed).await {
             failed.push(format!("seed {seed}: {why}"));
         }
     }
-    assert!(
-        failed.is_empty(),
-        "replay one with AGENTSTORE_SEED=<seed>:\n{}",
-        failed.join("\n")
-    );
+    assert_no_failed_seed(&failed);
 }

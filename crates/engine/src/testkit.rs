@@ -537,3 +537,137 @@ impl Seeded {
         (z ^ (z >> 31)) % n
     }
 }
+
+/// The runs of a seeded fault test: `AGENTSTORE_SEED` alone when it is set (to replay one),
+/// else seeds `0..count`.
+pub fn seeds(count: u64) -> Vec<u64> {
+    match std::env::var("AGENTSTORE_SEED") {
+        Ok(seed) => vec![seed.parse().expect("AGENTSTORE_SEED is a number")],
+        Err(_) => (0..count).collect(),
+    }
+}
+
+/// Fails listing every failed seed and how to replay one, if any failed.
+pub fn assert_no_failed_seed(failed: &[String]) {
+    assert!(
+        failed.is_empty(),
+        "replay one with AGENTSTORE_SEED=<seed>:\n{}",
+        failed.join("\n")
+    );
+}
+
+/// What a crash test expects of its writes: a workload of puts, deletes and counter
+/// additions, the state the acknowledged ones make, and the one write in flight at the crash,
+/// which may or may not have applied (whole).
+#[derive(Debug, Default)]
+pub struct CrashModel {
+    acknowledged: std::collections::BTreeMap<crate::Key, Expected>,
+    in_doubt: Option<(crate::Key, Expected)>,
+}
+
+/// What a key should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expected {
+    /// A register's value (`None`: deleted or never written).
+    Value(Option<Vec<u8>>),
+    /// A PN-counter's total.
+    Counter(i64),
+}
+
+impl Expected {
+    /// What a stored value reads as (`None`: nothing, or a tombstone).
+    pub fn of(value: Option<&agentstore_core::record::Value>) -> Option<Self> {
+        use agentstore_core::record::Value;
+        match value {
+            None | Some(Value::Register(None)) => None,
+            Some(Value::Register(bytes)) => Some(Self::Value(bytes.clone())),
+            Some(Value::PnCounter(counter)) => Some(Self::Counter(counter.value())),
+            Some(other) => Some(Self::Value(Some(format!("{other:?}").into_bytes()))),
+        }
+    }
+
+    /// As a read shows it: a deleted value reads as nothing.
+    fn read(expected: Option<Self>) -> Option<Self> {
+        match expected {
+            Some(Self::Value(None)) => None,
+            other => other,
+        }
+    }
+}
+
+impl CrashModel {
+    /// The `i`-th write: a put (60 %) or a delete (10 %) of one of `keys` registers (`k:…`),
+    /// or an addition to one of `counters` PN-counters (`c:…`, 30 %; `counters` 0: puts
+    /// instead); with the state it leaves if it applies.
+    pub fn next_write(
+        &self,
+        rng: &mut Seeded,
+        i: u64,
+        keys: u64,
+        counters: u64,
+    ) -> (crate::Key, crate::Mutation, Expected) {
+        use crate::Mutation;
+        let key: crate::Key = format!("k:{}", rng.below(keys)).parse().expect("a key");
+        match rng.below(10) {
+            6 => (key, Mutation::Delete, Expected::Value(None)),
+            7..=9 if counters > 0 => {
+                let counter: crate::Key =
+                    format!("c:{}", rng.below(counters)).parse().expect("a key");
+                let delta = rng.below(9) as i64 - 4;
+                let before = match self.acknowledged.get(&counter) {
+                    Some(Expected::Counter(total)) => *total,
+                    _ => 0,
+                };
+                (
+                    counter,
+                    Mutation::PnCounterAdd(delta),
+                    Expected::Counter(before + delta),
+                )
+            }
+            _ => {
+                let value = format!("{i}").into_bytes();
+                (
+                    key,
+                    Mutation::Put(value.clone()),
+                    Expected::Value(Some(value)),
+                )
+            }
+        }
+    }
+
+    /// The write to `key` was acknowledged: it must survive.
+    pub fn acknowledged(&mut self, key: crate::Key, after: Expected) {
+        self.acknowledged.insert(key, after);
+    }
+
+    /// The write to `key` was in flight at the crash: it may have applied.
+    pub fn in_doubt(&mut self, key: crate::Key, after: Expected) {
+        self.in_doubt = Some((key, after));
+    }
+
+    /// Every key written.
+    pub fn keys(&self) -> Vec<crate::Key> {
+        self.acknowledged
+            .keys()
+            .chain(self.in_doubt.iter().map(|(key, _)| key))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `found` (what `key` reads as after the restart) is what the acknowledged
+    /// writes made, or what the write in doubt made.
+    pub fn check(&self, key: &crate::Key, found: Option<Expected>) -> Result<(), String> {
+        let acknowledged = Expected::read(self.acknowledged.get(key).cloned());
+        let doubtful = self
+            .in_doubt
+            .as_ref()
+            .filter(|(k, _)| k == key)
+            .map(|(_, after)| Expected::read(Some(after.clone())));
+        if found == acknowledged || doubtful.as_ref() == Some(&found) {
+            return Ok(());
+        }
+        Err(format!(
+            "{key}: acknowledged {acknowledged:?} (in doubt: {doubtful:?}), found {found:?}"
+        ))
+    }
+}
