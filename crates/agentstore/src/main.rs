@@ -87,6 +87,10 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// How logs (on stderr; `RUST_LOG` sets how much) are written: `text` (colours only at
+    /// a terminal) or `json` (one object per line, for log collectors).
+    #[arg(long, global = true, env = "AGENTSTORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +104,15 @@ struct LevelArg {
 
 fn parse_level(s: &str) -> Result<ConsistencyLevel, String> {
     s.parse::<ConsistencyLevel>().map_err(|e| e.to_string())
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +209,12 @@ enum Command {
         /// certificate, signed by the authority, that the API serves with `client_tls: true`.
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
+    },
+    /// Print the completion script of a shell (`agentstore completions bash >
+    /// /etc/bash_completion.d/agentstore`; zsh, fish, elvish and powershell too).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -356,13 +375,20 @@ fn main() -> ExitCode {
             });
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line, for log collectors.
+        LogFormat::Json => logs.json().init(),
+        // Colours only for a person at a terminal, never in a file or a pipe.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     // A node serves many clients at once; one-shot commands need a single thread.
     let runtime = if matches!(cli.command, Command::Node) {
         tokio::runtime::Builder::new_multi_thread()
@@ -488,6 +514,15 @@ fn print_receipt(cli: &Cli, key: &str, receipt: &WriteReceipt) {
 }
 
 async fn run(cli: Cli) -> Result<u8, StorageError> {
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        use std::io::Write as _;
+        // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "agentstore", &mut script);
+        let _ = std::io::stdout().write_all(&script);
+        return Ok(exit::OK);
+    }
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         let Some(path) = file.as_ref().or(cli.config.as_ref()) else {
             eprintln!("error: config check needs a FILE (or --config)");
@@ -498,7 +533,7 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         return Ok(exit::OK);
     }
     if let Command::Node = &cli.command {
-        return node::run(load(&cli)?).await;
+        return node::run(load(&cli)?, cli.log_format == LogFormat::Json).await;
     }
     let trust_failed = |err: agentstore_trust::TrustError| {
         eprintln!("error: {err}");
@@ -677,6 +712,7 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         | Command::Authority(_)
         | Command::Token(_)
         | Command::Admit { .. }
+        | Command::Completions { .. }
         | Command::Node
         | Command::Status
         | Command::Repair

@@ -20,7 +20,22 @@ async fn stop_signal() {
     }
 }
 
-pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
+/// Tells the operator (on stderr) what the node does: a line of text, or with JSON logs a JSON
+/// line of the logs' shape, so a log collector reads every line.
+fn announce(json_logs: bool, message: String) {
+    if json_logs {
+        let line = serde_json::json!({
+            "level": "INFO",
+            "fields": { "message": message },
+            "target": "agentstore::node",
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
+pub(crate) async fn run(config: Config, json_logs: bool) -> Result<u8, StorageError> {
     let cluster = server::cluster_block(&config)?.clone();
     // A node holds a connection per peer and per client: the soft limit on open files is
     // often 1024; raise it to the hard limit.
@@ -37,19 +52,22 @@ pub(crate) async fn run(config: Config) -> Result<u8, StorageError> {
             PeerSecurity::Tls(trust) => format!("mutual TLS as {}", trust.key()),
             PeerSecurity::Plaintext => "PLAINTEXT, UNAUTHENTICATED".to_owned(),
         };
-        eprintln!(
-            "node {} ready: clients on {scheme}://{}, peers on {} ({peers}; {} N={} W={} R={})",
-            config.node_id,
-            cluster.client_addr,
-            cluster.peer_addr,
-            config.replication.strategy,
-            quorum.n,
-            quorum.w,
-            quorum.r
+        announce(
+            json_logs,
+            format!(
+                "node {} ready: clients on {scheme}://{}, peers on {} ({peers}; {} N={} W={} R={})",
+                config.node_id,
+                cluster.client_addr,
+                cluster.peer_addr,
+                config.replication.strategy,
+                quorum.n,
+                quorum.w,
+                quorum.r
+            ),
         );
     }
     let id = config.node_id.clone();
     server::run_secured(config, listeners, security, stop_signal()).await?;
-    eprintln!("node {id} stopped");
+    announce(json_logs, format!("node {id} stopped"));
     Ok(0)
 }

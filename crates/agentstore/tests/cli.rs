@@ -325,3 +325,26 @@ fn usage_errors_exit_2() {
     assert_eq!(agentstore(dir.path(), &["put", ":b", "1"]).code, 2);
     assert_eq!(agentstore(dir.path(), &["--help"]).code, 0);
 }
+
+#[test]
+fn completions_are_valid_scripts_that_know_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let bash = agentstore(dir.path(), &["completions", "bash"]);
+    assert_eq!(bash.code, 0, "{}", bash.stderr);
+    for word in ["put", "status", "--node", "--timeout-ms"] {
+        assert!(bash.stdout.contains(word), "{word} in the bash completions");
+    }
+    let script = dir.path().join("agentstore.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let parsed = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(parsed.success(), "bash -n rejects the script");
+    for shell in ["zsh", "fish"] {
+        let run = agentstore(dir.path(), &["completions", shell]);
+        assert_eq!(run.code, 0, "{shell}: {}", run.stderr);
+        assert!(run.stdout.contains("agentstore"), "{shell}");
+    }
+}

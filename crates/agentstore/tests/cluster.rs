@@ -261,3 +261,37 @@ fn the_cli_gives_up_on_a_paused_node_after_its_timeout() {
     assert_eq!(code, 3, "{stderr}");
     nodes[0].signal("-TERM");
 }
+
+/// `AGENTSTORE_LOG_FORMAT=json`: a node logs one JSON object per line; without a terminal,
+/// text logs carry no colour codes either.
+#[test]
+fn node_logs_are_json_lines_on_request_and_never_coloured_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = common::nodes(dir.path(), COLLECTIONS);
+    nodes[0]
+        .env
+        .push(("AGENTSTORE_LOG_FORMAT".into(), "json".into()));
+    for node in &mut nodes {
+        node.start();
+    }
+    for node in &mut nodes {
+        assert_eq!(node.signal("-TERM"), Some(0));
+    }
+    let json = std::fs::read_to_string(&nodes[0].log).unwrap();
+    let lines: Vec<&str> = json.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "the node logged nothing");
+    for line in &lines {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["fields"].is_object(),
+            "{line}"
+        );
+    }
+    let text = std::fs::read_to_string(&nodes[1].log).unwrap();
+    assert!(!text.is_empty(), "the node logged nothing");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text}"
+    );
+}
