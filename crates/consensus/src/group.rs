@@ -654,14 +654,11 @@ impl Group {
         }
     }
 
-    /// Confirms this member leads (read index) and waits until it has applied that far.
-    async fn linearize_here(&self) -> Result<(), Refusal> {
-        match self
-            .member_here()?
-            .raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-        {
+    /// Confirms `member` leads (read index) and waits until it has applied that far; the
+    /// caller reads from the same member's state machine (a member started again after a
+    /// failed write may be behind, and has confirmed nothing).
+    async fn linearize_here(member: &Member) -> Result<(), Refusal> {
+        match member.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => {
                 Err(Refusal::NotLeader {
@@ -673,8 +670,9 @@ impl Group {
     }
 
     async fn read_here(&self, key: &Key) -> Result<Option<Record>, Refusal> {
-        self.linearize_here().await?;
-        self.member_here()?
+        let member = self.member_here()?;
+        Self::linearize_here(&member).await?;
+        member
             .state
             .get(key)
             .map_err(|e| Refusal::Failed(e.to_string()))
@@ -686,8 +684,9 @@ impl Group {
         start_after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<(Key, Record)>, Refusal> {
-        self.linearize_here().await?;
-        self.member_here()?
+        let member = self.member_here()?;
+        Self::linearize_here(&member).await?;
+        member
             .state
             .scan(prefix, start_after, limit)
             .map_err(|e| Refusal::Failed(e.to_string()))
