@@ -135,12 +135,22 @@ impl NodeProcess {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: on two loaded cores a node's start (keys, TLS, its Raft member) can take
+        // seconds; a node that exits fails at once, with its log.
+        let deadline = Instant::now() + Duration::from_secs(40);
         while !matches!(http(self.client, "GET", "/healthz", ""), Ok((200, _))) {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             assert!(
-                Instant::now() < deadline,
-                "node on {} never became ready",
-                self.client
+                exited.is_none() && Instant::now() < deadline,
+                "node on {} never became ready ({}); its log ends with:\n{}",
+                self.client,
+                exited.map_or("still running".to_owned(), |status| format!(
+                    "it exited: {status}"
+                )),
+                self.log_tail(20)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
