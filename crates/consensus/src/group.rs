@@ -206,8 +206,9 @@ pub struct Group {
 #[derive(Debug)]
 struct Inner {
     id: MemberId,
-    /// The running member; `None` while a failed write keeps it stopped.
-    member: RwLock<Option<Member>>,
+    /// The running member; `None` while a failed write keeps it stopped. Shared: every call
+    /// takes it, so a clone is one reference count.
+    member: RwLock<Option<Arc<Member>>>,
     /// How the member was started, to start it again.
     config: GroupConfig,
     health: Arc<Health>,
@@ -226,7 +227,7 @@ struct Inner {
 }
 
 /// openraft's member and the state machine it applies to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Member {
     raft: Raft<TypeConfig, StateMachine>,
     state: StateMachine,
@@ -282,7 +283,7 @@ impl Group {
         let group = Self {
             inner: Arc::new(Inner {
                 id: config.id.clone(),
-                member: RwLock::new(Some(member)),
+                member: RwLock::new(Some(Arc::new(member))),
                 config: config.clone(),
                 health,
                 stopping: AtomicBool::new(false),
@@ -310,7 +311,7 @@ impl Group {
     }
 
     /// The running member, or why there is none.
-    fn member(&self) -> Result<Member, GroupError> {
+    fn member(&self) -> Result<Arc<Member>, GroupError> {
         let member = self
             .inner
             .member
@@ -336,9 +337,10 @@ impl Group {
     /// Initializes the group once every other configured voter says it is in no group yet.
     async fn bootstrap(self, voters: BTreeMap<MemberId, String>) {
         loop {
-            let Ok(Member { raft, .. }) = self.member() else {
+            let Ok(member) = self.member() else {
                 return;
             };
+            let raft = &member.raft;
             match raft.is_initialized().await {
                 Ok(false) => {}
                 _ => return,
@@ -522,12 +524,11 @@ impl Group {
         // An answer was lost: the write may have applied.
         let mut maybe_applied = false;
         loop {
-            // A member stopped by a failed write knows no leader; it says why at once.
-            self.member()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let limit = remaining.min(self.inner.attempt);
             // The leader this attempt went to (this member, unless it forwards).
             let mut asked = self.inner.id.clone();
+            // A member stopped by a failed write knows no leader; it says why at once.
             let leader_before = self
                 .member()?
                 .raft
@@ -694,10 +695,11 @@ impl Group {
 
     /// Serves a request another member sent; returns the reply's bytes.
     pub async fn serve(&self, request: &[u8]) -> Vec<u8> {
-        let Ok(Member { raft, .. }) = self.member() else {
+        let Ok(member) = self.member() else {
             // Stopped after a failed write: the sender hears nothing, as from a crashed node.
             return Vec::new();
         };
+        let raft = &member.raft;
         let request = match decode::<Request>(request) {
             Ok(request) => request,
             // The sender cannot be answered in a form it reads; it times out.
@@ -843,7 +845,8 @@ impl Group {
 
     /// Makes `change` if this member leads; `Ok(Err(why))` if the leader refuses it.
     async fn change_here(&self, change: MembershipChange) -> Result<Result<(), String>, Refusal> {
-        let Member { raft, .. } = self.member_here()?;
+        let member = self.member_here()?;
+        let raft = &member.raft;
         let result = match change {
             MembershipChange::AddLearner { id, addr } => raft
                 .add_learner(id, BasicNode::new(addr), false)
@@ -878,7 +881,7 @@ impl Group {
 
     /// The running member, for a call served here; without one the caller hears "no leader"
     /// (nothing was applied).
-    fn member_here(&self) -> Result<Member, Refusal> {
+    fn member_here(&self) -> Result<Arc<Member>, Refusal> {
         self.member()
             .map_err(|_| Refusal::NotLeader { leader: None })
     }
@@ -999,7 +1002,8 @@ async fn supervise(inner: Weak<Inner>) {
             .await;
             match started {
                 Ok(member) => {
-                    *group.member.write().unwrap_or_else(PoisonError::into_inner) = Some(member);
+                    *group.member.write().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Arc::new(member));
                     tracing::info!("the Raft member started again");
                     break;
                 }

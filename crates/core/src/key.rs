@@ -184,3 +184,40 @@ mod tests {
         assert_eq!(key.collection(), "notes");
     }
 }
+
+/// `%XX`-escaped text as the bytes it stands for (URL paths and queries). A `%` not followed
+/// by two hex digits stays as it is.
+pub fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod percent_tests {
+    use super::percent_decode;
+
+    #[test]
+    fn escapes_decode_to_bytes_and_a_stray_percent_stays() {
+        assert_eq!(percent_decode("a%3Ab%00%FF"), b"a:b\x00\xff");
+        assert_eq!(percent_decode("100%"), b"100%");
+        assert_eq!(percent_decode("%zz%4"), b"%zz%4");
+    }
+}

@@ -6,6 +6,7 @@
 //! counters exactly as an embedded store does. Connections are kept and reused; a connection
 //! that fails is dropped and the call reports [`EngineError::Unavailable`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ pub struct NodeClient {
     /// `host:port` of each node's client API it may use, in order of preference.
     addrs: Vec<String>,
     /// The one it talks to now (an index into `addrs`).
-    current: std::sync::atomic::AtomicUsize,
+    current: AtomicUsize,
     /// The capability token sent with every request (`Authorization: Bearer`), if any.
     token: Option<String>,
     /// TLS settings when the node's client API speaks HTTPS.
@@ -102,7 +103,7 @@ impl NodeClient {
             } else {
                 addrs
             },
-            current: std::sync::atomic::AtomicUsize::new(0),
+            current: AtomicUsize::new(0),
             token: None,
             tls: None,
             timeout: Self::DEFAULT_TIMEOUT,
@@ -131,7 +132,7 @@ impl NodeClient {
 
     /// The index of the node it talks to now.
     fn now(&self) -> usize {
-        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.addrs.len()
+        self.current.load(Ordering::Relaxed) % self.addrs.len()
     }
 
     /// The same client, presenting `token` (a capability token's text form) with every
@@ -170,8 +171,7 @@ impl NodeClient {
             match self.connect(&self.addrs[node]).await {
                 Ok(sender) => {
                     if node != now {
-                        self.current
-                            .store(node, std::sync::atomic::Ordering::Relaxed);
+                        self.current.store(node, Ordering::Relaxed);
                     }
                     return Ok((node, sender));
                 }
@@ -209,8 +209,8 @@ impl NodeClient {
         let _ = self.current.compare_exchange(
             node,
             (node + 1) % self.addrs.len(),
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
         );
     }
 

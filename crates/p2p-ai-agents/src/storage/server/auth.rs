@@ -126,7 +126,7 @@ fn needs(
         // which a token must cover, so it covers the whole key too.
         Err(_) => {
             let last = request.uri().path().rsplit('/').next().unwrap_or("");
-            let bytes = super::percent_decode(last).unwrap_or_default();
+            let bytes = agentstore_core::key::percent_decode(last);
             let valid = match std::str::from_utf8(&bytes) {
                 Ok(text) => text.len(),
                 Err(err) => err.valid_up_to(),

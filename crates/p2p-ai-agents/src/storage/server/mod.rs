@@ -632,29 +632,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RawKey {
             .rsplit_once('/')
             .map(|(_, last)| last)
             .ok_or_else(|| invalid("no key in the path"))?;
-        let bytes = percent_decode(encoded).ok_or_else(|| invalid("a malformed %-escape"))?;
-        Key::new(bytes)
+        Key::new(agentstore_core::key::percent_decode(encoded))
             .map(RawKey)
             .map_err(|e| invalid(&e.to_string()))
     }
-}
-
-/// `%XX`-escaped bytes, decoded; `None` for a malformed escape.
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 async fn get_record(State(api): State<Api>, RawKey(key): RawKey) -> Answer {
