@@ -12,7 +12,6 @@ mod engine;
 pub mod membership;
 mod metrics;
 mod node;
-mod observe;
 mod signatures;
 mod strong;
 mod transport;

@@ -79,28 +79,7 @@ impl Identity for Peer {
     }
 }
 
-/// Whether a member answers, as this node sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Liveness {
-    /// Answers probes.
-    Alive,
-    /// Missed probes; declared dead unless it refutes in time.
-    Suspect,
-    /// Declared dead (or never heard from: a seed not yet reached).
-    Dead,
-}
-
-impl Liveness {
-    /// `alive`, `suspect` or `dead`, as the status shows it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Liveness::Alive => "alive",
-            Liveness::Suspect => "suspect",
-            Liveness::Dead => "dead",
-        }
-    }
-}
+pub use agentstore_core::node_state::Liveness;
 
 /// What the node loop must do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,6 +17,7 @@ pub mod key;
 pub mod level;
 pub mod merkle;
 pub mod node;
+pub mod node_state;
 pub mod placement;
 pub mod quorum;
 pub mod record;

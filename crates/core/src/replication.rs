@@ -29,11 +29,6 @@ use crate::signing::SignatureRefused;
 /// Identifies one client request at its coordinator.
 pub type RequestId = u64;
 
-/// Request ids with this bit set belong to hint deliveries (hinted handoff), not to a client
-/// request: their `Replicated` acknowledgements go to the runtime's hint store, never to the
-/// coordinator. Coordinators number client requests below it.
-pub const HINT_REQUEST_BIT: RequestId = 1 << 63;
-
 /// What replicas send each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -403,6 +398,11 @@ impl Coordinator {
     /// Requests still in flight (waiting for a quorum, or for late replicas).
     pub fn in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether `request` is still in flight.
+    pub fn is_pending(&self, request: RequestId) -> bool {
+        self.pending.contains_key(&request)
     }
 
     /// Feeds one input at time `now_ms`; returns what to do, in order.

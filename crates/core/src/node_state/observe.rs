@@ -3,21 +3,22 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use agentstore_core::placement::Ring;
-use agentstore_core::{Key, NodeId, VersionVector};
+use crate::placement::Ring;
+use crate::{Key, NodeId, VersionVector};
 
 /// The versions of the last writes this node acknowledged, per key (at most `capacity` keys,
 /// the oldest forgotten first): a later read through this node that does not include one of
 /// them missed a write its client was told was done.
 #[derive(Debug)]
-pub(crate) struct AcknowledgedWrites {
+pub struct AcknowledgedWrites {
     versions: BTreeMap<Key, VersionVector>,
     order: VecDeque<Key>,
     capacity: usize,
 }
 
 impl AcknowledgedWrites {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Remembers the writes of at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
         Self {
             versions: BTreeMap::new(),
             order: VecDeque::new(),
@@ -26,9 +27,9 @@ impl AcknowledgedWrites {
     }
 
     /// A write to `key` was acknowledged at `version`.
-    pub(crate) fn acknowledged(&mut self, key: &Key, version: &VersionVector) {
+    pub fn acknowledged(&mut self, key: &Key, version: &VersionVector) {
         match self.versions.get_mut(key) {
-            Some(known) => agentstore_core::Crdt::merge(known, version),
+            Some(known) => crate::Crdt::merge(known, version),
             None => {
                 if self.order.len() == self.capacity
                     && let Some(oldest) = self.order.pop_front()
@@ -42,7 +43,7 @@ impl AcknowledgedWrites {
     }
 
     /// Whether a read of `key` that returned `read` (None: nothing) missed an acknowledged write.
-    pub(crate) fn missed(&self, key: &Key, read: Option<&VersionVector>) -> bool {
+    pub fn missed(&self, key: &Key, read: Option<&VersionVector>) -> bool {
         match (self.versions.get(key), read) {
             (None, _) => false,
             (Some(_), None) => true,
@@ -53,7 +54,7 @@ impl AcknowledgedWrites {
 
 /// The share of `samples` keys whose replicas (N = `replicas`) include at least `quorum`
 /// members in `alive` (the quorum is capped at the replicas a key has).
-pub(crate) fn reachable_share(
+pub fn reachable_share(
     ring: &Ring,
     alive: &BTreeSet<NodeId>,
     replicas: usize,
