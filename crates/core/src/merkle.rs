@@ -91,14 +91,27 @@ impl MerkleTree {
 
     /// The hashes of one level: level 0 is the root, level `depth` the leaves.
     pub fn level(&self, level: u8) -> Vec<u64> {
-        let mut nodes: Vec<u64> = self.leaves.iter().map(|&sum| combine(sum, 0)).collect();
-        for _ in level.min(self.depth)..self.depth {
-            nodes = nodes
+        self.levels().swap_remove(level.min(self.depth) as usize)
+    }
+
+    /// The hashes of every level, root first, each computed once from the one below.
+    fn levels(&self) -> Vec<Vec<u64>> {
+        let mut levels = vec![
+            self.leaves
+                .iter()
+                .map(|&sum| combine(sum, 0))
+                .collect::<Vec<u64>>(),
+        ];
+        while levels.last().is_some_and(|level| level.len() > 1) {
+            let below = levels.last().expect("a level");
+            let above = below
                 .chunks(2)
                 .map(|pair| combine(pair[0], pair[1]))
                 .collect();
+            levels.push(above);
         }
-        nodes
+        levels.reverse();
+        levels
     }
 
     /// The root hash: equal roots mean (with overwhelming likelihood) equal contents.
@@ -112,9 +125,13 @@ impl MerkleTree {
         if self.depth != other.depth {
             return (0..self.leaves.len().max(other.leaves.len())).collect();
         }
+        if self.leaves == other.leaves {
+            return Vec::new();
+        }
+        let (ours, theirs) = (self.levels(), other.levels());
         let mut differing = vec![0usize];
         for level in 0..=self.depth {
-            let (ours, theirs) = (self.level(level), other.level(level));
+            let (ours, theirs) = (&ours[level as usize], &theirs[level as usize]);
             differing.retain(|&i| ours[i] != theirs[i]);
             if level < self.depth {
                 differing = differing.iter().flat_map(|&i| [2 * i, 2 * i + 1]).collect();

@@ -24,6 +24,8 @@ pub const DEFAULT_VNODES: u16 = 128;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ring {
     points: Vec<(u64, NodeId)>,
+    /// The nodes the points belong to.
+    members: BTreeSet<NodeId>,
     vnodes: u16,
 }
 
@@ -32,11 +34,18 @@ impl Ring {
     pub fn new(nodes: impl IntoIterator<Item = NodeId>, vnodes: u16) -> Self {
         let mut ring = Self {
             points: Vec::new(),
+            members: BTreeSet::new(),
             vnodes: vnodes.max(1),
         };
         for node in nodes {
-            ring.add(&node);
+            if !ring.members.contains(&node) {
+                let positions: Vec<u64> = ring.positions(&node).collect();
+                ring.points
+                    .extend(positions.into_iter().map(|p| (p, node.clone())));
+                ring.members.insert(node);
+            }
         }
+        ring.points.sort();
         ring
     }
 
@@ -53,6 +62,7 @@ impl Ring {
         let positions: Vec<u64> = self.positions(node).collect();
         self.points
             .extend(positions.into_iter().map(|p| (p, node.clone())));
+        self.members.insert(node.clone());
         // Ties (two points at one position) break by node id, so every node orders them alike.
         self.points.sort();
     }
@@ -60,16 +70,17 @@ impl Ring {
     /// Removes a node.
     pub fn remove(&mut self, node: &NodeId) {
         self.points.retain(|(_, n)| n != node);
+        self.members.remove(node);
     }
 
     /// Whether `node` is on the ring.
     pub fn contains(&self, node: &NodeId) -> bool {
-        self.points.iter().any(|(_, n)| n == node)
+        self.members.contains(node)
     }
 
     /// The nodes on the ring, in id order.
-    pub fn nodes(&self) -> BTreeSet<NodeId> {
-        self.points.iter().map(|(_, n)| n.clone()).collect()
+    pub fn nodes(&self) -> &BTreeSet<NodeId> {
+        &self.members
     }
 
     /// The first `n` distinct nodes clockwise from `key` (fewer if the ring has fewer nodes).

@@ -98,6 +98,13 @@ pub enum Message {
     },
     /// The sender leaves the cluster for good: take it out of placement.
     Leaving,
+    /// These nodes left the cluster for good: take them out of placement. Members pass on
+    /// the departures they know with every anti-entropy round, so a member that missed a
+    /// node's own `Leaving` (down or cut off while it left) still learns of it.
+    Departed {
+        /// The nodes that left.
+        nodes: Vec<NodeId>,
+    },
     /// Send your records of keys starting with `prefix`, after `after`, at most `limit`.
     Scan {
         /// The coordinator's request.
@@ -177,6 +184,7 @@ impl Message {
             | Message::Buckets { .. }
             | Message::Gossip { .. }
             | Message::Leaving
+            | Message::Departed { .. }
             | Message::CausalWrites { .. }
             | Message::CausalHave { .. }
             | Message::CausalSnapshot { .. } => 0,
@@ -503,6 +511,7 @@ impl Coordinator {
                 | Message::Forwarded { .. }
                 | Message::Gossip { .. }
                 | Message::Leaving
+                | Message::Departed { .. }
                 | Message::Scan { .. }
                 | Message::Scanned { .. }
                 | Message::Raft { .. }

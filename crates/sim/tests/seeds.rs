@@ -9,23 +9,24 @@ fn every_seed_converges_and_loses_no_acknowledged_write() {
         Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
         Err(_) => (0..1000).collect(),
     };
-    let mut totals = (0usize, 0usize, 0usize, 0usize);
+    let mut totals = (0usize, 0usize, 0usize, 0usize, 0usize);
     for seed in seeds {
         let report = run(seed, Settings::for_seed(seed));
         match check(&report) {
             Ok(observed) => {
                 totals.0 += observed.superseded_writes;
                 totals.1 += observed.indeterminate;
-                totals.2 += report.faults.0 + report.faults.1 + report.faults.2 + report.faults.3;
+                totals.2 += report.faults.total();
                 totals.3 += observed.overwritten;
+                totals.4 += observed.collected;
             }
             Err(violation) => panic!("{}\nreplay with SIM_SEED={seed}", violation.0),
         }
     }
     println!(
         "acknowledged LWW writes superseded by concurrent writes: {}; overwritten by later writes: {}; \
-         indeterminate operations: {}; faults injected: {}",
-        totals.0, totals.3, totals.1, totals.2
+         indeterminate operations: {}; faults injected: {}; deleted keys collected: {}",
+        totals.0, totals.3, totals.1, totals.2, totals.4
     );
 }
 

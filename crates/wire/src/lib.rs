@@ -23,9 +23,11 @@
 //!          | 15 count:uvarint write*      CausalWrites (`agentstore_core::causal::CausalWrite`)
 //!          | 16 vector                    CausalHave
 //!          | 17 id:uvarint index:uvarint total:uvarint vector entries   CausalSnapshot
+//!          | 18 count:uvarint node*       Departed
 //! entries  = count:uvarint (key record)*  (keys strictly increasing)
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
+//! node     = len:uvarint bytes            (a valid node id)
 //! ```
 //!
 //! The request id and deadline travel in the envelope, so a receiver can drop work whose
@@ -110,6 +112,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Forwarded { .. } => "forwarded",
         Message::Gossip { .. } => "gossip",
         Message::Leaving => "leaving",
+        Message::Departed { .. } => "departed",
         Message::Scan { .. } => "scan",
         Message::Scanned { .. } => "scanned",
         Message::Raft { .. } => "raft",
@@ -172,6 +175,13 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             put_bytes(&mut out, data);
         }
         Message::Leaving => out.push(10),
+        Message::Departed { nodes } => {
+            out.push(18);
+            put_uvarint(&mut out, nodes.len() as u64);
+            for node in nodes {
+                codec::put_node(&mut out, node);
+            }
+        }
         Message::Scan {
             prefix,
             after,
@@ -447,6 +457,16 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
                 applied: r.version_vector().map_err(malformed)?,
                 entries: entries(&mut r)?,
             }
+        }
+        18 => {
+            let count = r.uvarint().map_err(malformed)?;
+            // A node id takes at least two bytes: never allocate more than the input holds.
+            let mut nodes =
+                Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(r.remaining() / 2));
+            for _ in 0..count {
+                nodes.push(r.node().map_err(malformed)?);
+            }
+            Message::Departed { nodes }
         }
         _ => return Err(malformed(r.malformed("unknown message type"))),
     };

@@ -115,6 +115,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         bytes().prop_map(|data| Message::Raft { request: 0, data }),
         bytes().prop_map(|data| Message::RaftReply { request: 0, data }),
         Just(Message::Leaving),
+        prop::collection::vec(node.clone(), 0..4).prop_map(|nodes| Message::Departed { nodes }),
         context
             .clone()
             .prop_map(|applied| Message::CausalHave { applied }),

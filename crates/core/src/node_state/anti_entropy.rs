@@ -188,8 +188,18 @@ impl NodeState {
             .collect()
     }
 
-    /// Sends `peer` the leaves of the tree of what we share.
+    /// Sends `peer` the leaves of the tree of what we share, after the departures we know
+    /// (placement must agree before trees can).
     fn compare_with(&mut self, peer: &NodeId, placed: &[Placed], effects: &mut Vec<Effect>) {
+        if !self.departed.is_empty() {
+            effects.push(Effect::Send {
+                to: peer.clone(),
+                message: Message::Departed {
+                    nodes: self.departed.iter().cloned().collect(),
+                },
+                deadline_ms: 0,
+            });
+        }
         let depth = self.settings.tree_depth;
         let tree = tree(depth, &self.shared_in(placed, peer));
         effects.push(Effect::Send {

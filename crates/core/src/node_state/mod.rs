@@ -481,6 +481,9 @@ pub struct NodeState {
     round_loading: bool,
     /// The time of the last [`Input::Tick`].
     last_tick_ms: u64,
+    /// The replicas of the sample keys quorum reachability is measured on, under the current
+    /// placement (computed when first needed: sampling the ring costs hundreds of lookups).
+    samples: Option<Vec<Vec<NodeId>>>,
 }
 
 impl NodeState {
@@ -510,6 +513,7 @@ impl NodeState {
             observed_ms: now_ms,
             round_loading: false,
             last_tick_ms: now_ms,
+            samples: None,
             settings,
         };
         state.rebuild_ring(&mut Vec::new());
@@ -747,12 +751,8 @@ impl NodeState {
                 limit: limit.min(1000) as usize,
             }),
             Message::Scanned { request, entries } => self.scanned(&from, request, entries, effects),
-            Message::Leaving => {
-                self.departed.insert(from.clone());
-                if self.members.remove(&from).is_some() {
-                    self.rebuild_ring(effects);
-                }
-            }
+            Message::Leaving => self.departed([from], effects),
+            Message::Departed { nodes } => self.departed(nodes, effects),
             Message::TreeLeaves { depth, leaves } => {
                 if depth == self.settings.tree_depth {
                     effects.push(Effect::LoadRecords {
@@ -910,6 +910,21 @@ impl NodeState {
         }
     }
 
+    /// These nodes left the cluster for good: they leave placement, and the failure detector
+    /// no longer makes them members.
+    fn departed(&mut self, nodes: impl IntoIterator<Item = NodeId>, effects: &mut Vec<Effect>) {
+        let mut changed = false;
+        for node in nodes {
+            if node != self.settings.id {
+                changed |= self.members.remove(&node).is_some();
+                self.departed.insert(node);
+            }
+        }
+        if changed {
+            self.rebuild_ring(effects);
+        }
+    }
+
     /// Placement over the members; a leaving node places nothing on itself.
     fn rebuild_ring(&mut self, effects: &mut Vec<Effect>) {
         let mut nodes: Vec<NodeId> = self.members.keys().cloned().collect();
@@ -917,6 +932,7 @@ impl NodeState {
             nodes.push(self.settings.id.clone());
         }
         self.ring = Ring::new(nodes, self.settings.vnodes);
+        self.samples = None;
         effects.push(Effect::Placement {
             others: self.members.keys().cloned().collect(),
         });
@@ -953,12 +969,12 @@ impl NodeState {
             .map(|(id, _)| id.clone())
             .collect();
         alive.insert(self.settings.id.clone());
-        let n = self.settings.replicas;
-        let share = |quorum| observe::reachable_share(&self.ring, &alive, n, quorum, 256);
-        let (write, read) = (
-            share(self.settings.write_quorum),
-            share(self.settings.read_quorum),
-        );
+        let (ring, n) = (&self.ring, self.settings.replicas);
+        let samples = self
+            .samples
+            .get_or_insert_with(|| observe::sample_replicas(ring, n, 256));
+        let write = observe::reachable_among(samples, &alive, self.settings.write_quorum);
+        let read = observe::reachable_among(samples, &alive, self.settings.read_quorum);
         effects.push(Effect::Observe(Observation::QuorumReachable {
             write,
             read,
@@ -983,14 +999,20 @@ impl NodeState {
         if let Some(both) = self.members.keys().find(|m| self.departed.contains(*m)) {
             return Err(format!("{both} is both a member and departed"));
         }
-        let mut placed: BTreeSet<NodeId> = self.members.keys().cloned().collect();
-        if self.places_on_itself() {
-            placed.insert(me.clone());
-        }
-        if self.ring.nodes() != placed {
+        let ring = self.ring.nodes();
+        let placed = self.members.len() + usize::from(self.places_on_itself());
+        let misplaced = ring.len() != placed
+            || ring.contains(me) != self.places_on_itself()
+            || self.members.keys().any(|m| !ring.contains(m));
+        if misplaced {
             return Err(format!(
-                "placement is over {:?}, the members are {placed:?}",
-                self.ring.nodes()
+                "placement is over {ring:?}, the other members are {:?} and this node {}",
+                self.members.keys().collect::<Vec<_>>(),
+                if self.places_on_itself() {
+                    "holds keys"
+                } else {
+                    "leaves"
+                }
             ));
         }
         if let Some((id, _)) = self.jobs.range(self.next_request..).next() {

@@ -52,8 +52,31 @@ impl AcknowledgedWrites {
     }
 }
 
+/// The replicas (N = `replicas`) of `samples` sample keys: what [`reachable_among`] counts.
+pub fn sample_replicas(ring: &Ring, replicas: usize, samples: usize) -> Vec<Vec<NodeId>> {
+    (0..samples)
+        .map(|i| ring.replicas(format!("sample:{i}").as_bytes(), replicas))
+        .collect()
+}
+
+/// The share of the sample keys whose replicas include at least `quorum` members in `alive`
+/// (the quorum is capped at the replicas a key has).
+pub fn reachable_among(samples: &[Vec<NodeId>], alive: &BTreeSet<NodeId>, quorum: usize) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let reachable = samples
+        .iter()
+        .filter(|set| {
+            let needed = quorum.min(set.len()).max(1);
+            set.iter().filter(|n| alive.contains(n)).count() >= needed
+        })
+        .count();
+    reachable as f64 / samples.len() as f64
+}
+
 /// The share of `samples` keys whose replicas (N = `replicas`) include at least `quorum`
-/// members in `alive` (the quorum is capped at the replicas a key has).
+/// members in `alive`.
 pub fn reachable_share(
     ring: &Ring,
     alive: &BTreeSet<NodeId>,
@@ -61,17 +84,7 @@ pub fn reachable_share(
     quorum: usize,
     samples: usize,
 ) -> f64 {
-    if samples == 0 {
-        return 0.0;
-    }
-    let reachable = (0..samples)
-        .filter(|i| {
-            let set = ring.replicas(format!("sample:{i}").as_bytes(), replicas);
-            let needed = quorum.min(set.len()).max(1);
-            set.iter().filter(|n| alive.contains(n)).count() >= needed
-        })
-        .count();
-    reachable as f64 / samples as f64
+    reachable_among(&sample_replicas(ring, replicas, samples), alive, quorum)
 }
 
 #[cfg(test)]
