@@ -20,7 +20,7 @@ fn record(value: &str, wall_ms: u64) -> Record {
             node: id("a"),
         },
         version: [(id("a"), 1)].into_iter().collect::<VersionVector>(),
-        value: Value::Register(Some(value.as_bytes().to_vec().into())),
+        value: Value::Register(Some(value.as_bytes().to_vec())),
         attestation: None,
     }
 }
@@ -138,7 +138,7 @@ fn a_write_this_node_does_not_replicate_is_forwarded_and_its_answer_relayed() {
         caller: 9,
         call: Call::Write {
             key: k.clone(),
-            mutation: Mutation::Put(b"v".to_vec().into()),
+            mutation: Mutation::Put(b"v".to_vec()),
         },
     };
     let effects = step(&mut state, call, 100);
