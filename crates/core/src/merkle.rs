@@ -64,6 +64,20 @@ impl MerkleTree {
         &self.leaves
     }
 
+    /// The same entries in a tree of `depth` levels (at most this tree's): each of its buckets
+    /// sums the buckets of this one it covers, since a key's bucket is the top bits of one
+    /// hash at every depth.
+    pub fn coarsen(&self, depth: u8) -> Self {
+        let depth = depth.min(self.depth);
+        let width = 1usize << (self.depth - depth);
+        let leaves = self
+            .leaves
+            .chunks(width)
+            .map(|chunk| chunk.iter().fold(0u64, |sum, leaf| sum.wrapping_add(*leaf)))
+            .collect();
+        Self { depth, leaves }
+    }
+
     /// The tree's depth.
     pub fn depth(&self) -> u8 {
         self.depth

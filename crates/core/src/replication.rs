@@ -67,6 +67,18 @@ pub enum Message {
         /// The leaves.
         leaves: Vec<u64>,
     },
+    /// Anti-entropy, the second level: for each bucket of the sender's `TreeLeaves` found
+    /// different, the leaves of that bucket's subtree (the tree `depth` deep, whose first
+    /// `coarse` levels the `TreeLeaves` covered): only the sub-buckets that still differ are
+    /// exchanged, so what crosses the network follows the divergence, not the data.
+    SubLeaves {
+        /// The fine tree's depth.
+        depth: u8,
+        /// The depth of the `TreeLeaves` it refines.
+        coarse: u8,
+        /// Each differing coarse bucket, with its `2^(depth - coarse)` fine leaves.
+        buckets: Vec<(u32, Vec<u64>)>,
+    },
     /// Anti-entropy: the buckets found different; send your records in them.
     Buckets {
         /// The tree's depth.
@@ -181,6 +193,7 @@ impl Message {
             | Message::Raft { request, .. }
             | Message::RaftReply { request, .. } => *request,
             Message::TreeLeaves { .. }
+            | Message::SubLeaves { .. }
             | Message::Buckets { .. }
             | Message::Gossip { .. }
             | Message::Leaving
@@ -506,6 +519,7 @@ impl Coordinator {
                 Message::Replicate { .. }
                 | Message::Read { .. }
                 | Message::TreeLeaves { .. }
+                | Message::SubLeaves { .. }
                 | Message::Buckets { .. }
                 | Message::Forward { .. }
                 | Message::Forwarded { .. }

@@ -555,6 +555,7 @@ impl Sim {
         let anti_entropy = matches!(
             message,
             Message::TreeLeaves { .. }
+                | Message::SubLeaves { .. }
                 | Message::Buckets { .. }
                 | Message::Replicate { request: 0, .. }
         );

@@ -24,6 +24,8 @@
 //!          | 16 vector                    CausalHave
 //!          | 17 id:uvarint index:uvarint total:uvarint vector entries   CausalSnapshot
 //!          | 18 count:uvarint node*       Departed
+//!          | 19 depth:u8 coarse:u8 count:uvarint (bucket:uvarint leaf:u64le*)*   SubLeaves
+//!                                         (2^(depth-coarse) leaves per bucket < 2^coarse)
 //! entries  = count:uvarint (key record)*  (keys strictly increasing)
 //! key      = len:uvarint bytes            (a valid agentstore key)
 //! record   = len:uvarint bytes            (agentstore_core::codec, format byte first)
@@ -107,6 +109,7 @@ pub fn message_name(message: &Message) -> &'static str {
         Message::Read { .. } => "read",
         Message::ReadReply { .. } => "read_reply",
         Message::TreeLeaves { .. } => "tree_leaves",
+        Message::SubLeaves { .. } => "sub_leaves",
         Message::Buckets { .. } => "buckets",
         Message::Forward { .. } => "forward",
         Message::Forwarded { .. } => "forwarded",
@@ -152,6 +155,20 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             put_uvarint(&mut out, leaves.len() as u64);
             for leaf in leaves {
                 out.extend_from_slice(&leaf.to_le_bytes());
+            }
+        }
+        Message::SubLeaves {
+            depth,
+            coarse,
+            buckets,
+        } => {
+            out.extend_from_slice(&[19, *depth, *coarse]);
+            put_uvarint(&mut out, buckets.len() as u64);
+            for (bucket, leaves) in buckets {
+                put_uvarint(&mut out, u64::from(*bucket));
+                for leaf in leaves {
+                    out.extend_from_slice(&leaf.to_le_bytes());
+                }
             }
         }
         Message::Buckets { depth, buckets } => {
@@ -456,6 +473,38 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
                 total,
                 applied: r.version_vector().map_err(malformed)?,
                 entries: entries(&mut r)?,
+            }
+        }
+        19 => {
+            let (depth, coarse) = (r.u8().map_err(malformed)?, r.u8().map_err(malformed)?);
+            if depth > agentstore_core::merkle::MAX_DEPTH || coarse > depth {
+                return Err(malformed(r.malformed("sub-leaves of an impossible tree")));
+            }
+            let width = 1usize << (depth - coarse);
+            let count = r.uvarint().map_err(malformed)?;
+            if count > 1 << coarse || count as usize > r.remaining() / (8 * width + 1) {
+                return Err(malformed(r.malformed("more sub-leaf buckets than sent")));
+            }
+            let mut buckets = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let bucket = r.uvarint().map_err(malformed)?;
+                if bucket >= 1 << coarse {
+                    return Err(malformed(r.malformed("bucket outside the tree")));
+                }
+                let mut leaves = Vec::with_capacity(width);
+                for _ in 0..width {
+                    let mut word = [0u8; 8];
+                    for byte in &mut word {
+                        *byte = r.u8().map_err(malformed)?;
+                    }
+                    leaves.push(u64::from_le_bytes(word));
+                }
+                buckets.push((bucket as u32, leaves));
+            }
+            Message::SubLeaves {
+                depth,
+                coarse,
+                buckets,
             }
         }
         18 => {

@@ -37,6 +37,16 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         }),
         (0u8..5).prop_flat_map(|depth| prop::collection::vec(any::<u64>(), 1usize << depth)
             .prop_map(move |leaves| Message::TreeLeaves { depth, leaves })),
+        (0u8..4, 0u8..3).prop_flat_map(|(coarse, extra)| {
+            let leaves = prop::collection::vec(any::<u64>(), 1usize << extra);
+            prop::collection::btree_map(0u32..(1 << coarse), leaves, 0..3).prop_map(move |b| {
+                Message::SubLeaves {
+                    depth: coarse + extra,
+                    coarse,
+                    buckets: b.into_iter().collect(),
+                }
+            })
+        }),
         (0u8..5).prop_flat_map(
             |depth| prop::collection::btree_set(0u32..(1 << depth), 0..4).prop_map(move |b| {
                 Message::Buckets {

@@ -1,7 +1,10 @@
-//! Merkle-tree anti-entropy: every interval this node sends the next peer the leaves of a
-//! tree over the records both replicate; the peer answers with its records in the buckets
-//! that differ and the list of those buckets, for which this node sends its own. A repair does
-//! the same with every member in turn, now, and reports each.
+//! Merkle-tree anti-entropy, in two levels. Every interval this node (A) sends the next peer
+//! (B) the 64 bucket sums of a tree over the records both replicate. B answers with the
+//! subtree leaves (64 each) of the buckets that differ; A finds the sub-buckets (of 4,096)
+//! that differ, sends its records in them, and names them, for which B sends its own. What
+//! crosses the network is one fixed-size message plus a part proportional to the divergence;
+//! records are sent only from sub-buckets that differ. A repair does the same with every
+//! member in turn, now, and reports each.
 //!
 //! Each round starts from one load of the local records ([`RecordsJob`]), which also serves
 //! handoff and tombstone collection ([`super::upkeep`]).
@@ -38,6 +41,13 @@ pub enum RecordsJob {
         /// Its leaves.
         leaves: Vec<u64>,
     },
+    /// `from` answered this node's leaves with the subtrees of the buckets that differ.
+    CompareSubLeaves {
+        /// The peer.
+        from: NodeId,
+        /// Each differing bucket and its fine leaves.
+        buckets: Vec<(u32, Vec<u64>)>,
+    },
     /// `to` asked for this node's records in `buckets`.
     SendBuckets {
         /// The peer.
@@ -58,7 +68,7 @@ pub struct RepairStep {
     pub total: usize,
     /// Whether it answered in time.
     pub answered: bool,
-    /// Buckets whose records differed and were exchanged.
+    /// Sub-buckets (of 4,096) whose records differed and were exchanged.
     pub buckets_differing: usize,
 }
 
@@ -153,23 +163,55 @@ impl NodeState {
                 }
             }
             RecordsJob::CompareTrees { from, leaves } => {
-                let depth = self.settings.tree_depth;
-                let Some(theirs) = MerkleTree::from_leaves(depth, leaves) else {
+                let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
+                let Some(theirs) = MerkleTree::from_leaves(coarse, leaves) else {
                     return;
                 };
-                let ours = tree(depth, &self.shared_in(&placed, &from));
-                let buckets: BTreeSet<usize> = ours.diff(&theirs).into_iter().collect();
-                self.send_buckets(&from, &buckets, &placed, effects);
+                let ours = tree(fine, &self.shared_in(&placed, &from));
+                let width = 1usize << (fine - coarse);
+                let buckets = ours
+                    .coarsen(coarse)
+                    .diff(&theirs)
+                    .into_iter()
+                    .map(|b| (b as u32, ours.leaves()[b * width..(b + 1) * width].to_vec()))
+                    .collect();
                 // Always answered, even with no bucket: the comparison is complete (a repair
                 // waits for it).
                 effects.push(Effect::Send {
                     to: from,
-                    message: Message::Buckets {
-                        depth,
-                        buckets: buckets.into_iter().map(|b| b as u32).collect(),
+                    message: Message::SubLeaves {
+                        depth: fine,
+                        coarse,
+                        buckets,
                     },
                     deadline_ms: 0,
                 });
+            }
+            RecordsJob::CompareSubLeaves { from, buckets } => {
+                let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
+                let ours = tree(fine, &self.shared_in(&placed, &from));
+                let width = 1usize << (fine - coarse);
+                let mut differing = BTreeSet::new();
+                for (bucket, theirs) in buckets {
+                    let first = bucket as usize * width;
+                    for (i, leaf) in theirs.iter().enumerate() {
+                        if ours.leaves().get(first + i) != Some(leaf) {
+                            differing.insert(first + i);
+                        }
+                    }
+                }
+                self.repair_answered(&from, differing.len(), effects);
+                self.send_buckets(&from, &differing, &placed, effects);
+                if !differing.is_empty() {
+                    effects.push(Effect::Send {
+                        to: from,
+                        message: Message::Buckets {
+                            depth: fine,
+                            buckets: differing.into_iter().map(|b| b as u32).collect(),
+                        },
+                        deadline_ms: 0,
+                    });
+                }
             }
             RecordsJob::SendBuckets { to, buckets } => {
                 self.send_buckets(&to, &buckets, &placed, effects)
@@ -201,7 +243,7 @@ impl NodeState {
             });
         }
         let depth = self.settings.tree_depth;
-        let tree = tree(depth, &self.shared_in(placed, peer));
+        let tree = tree(self.settings.fine_depth, &self.shared_in(placed, peer)).coarsen(depth);
         effects.push(Effect::Send {
             to: peer.clone(),
             message: Message::TreeLeaves {
@@ -223,7 +265,7 @@ impl NodeState {
         if buckets.is_empty() {
             return;
         }
-        let probe = MerkleTree::new(self.settings.tree_depth);
+        let probe = MerkleTree::new(self.settings.fine_depth);
         for (key, record) in self.shared_in(placed, peer) {
             if buckets.contains(&probe.bucket(key.as_bytes())) {
                 effects.push(Effect::Observe(Observation::Repaired));
@@ -237,24 +279,6 @@ impl NodeState {
                     deadline_ms: 0,
                 });
             }
-        }
-    }
-
-    /// The peer answered our leaves with the buckets that differ: send ours in them.
-    pub(super) fn buckets_asked(
-        &mut self,
-        from: NodeId,
-        buckets: Vec<u32>,
-        _now_ms: u64,
-        effects: &mut Vec<Effect>,
-    ) {
-        let differing = buckets.len();
-        let buckets: BTreeSet<usize> = buckets.into_iter().map(|b| b as usize).collect();
-        self.repair_answered(&from, differing, effects);
-        if !buckets.is_empty() {
-            effects.push(Effect::LoadRecords {
-                job: RecordsJob::SendBuckets { to: from, buckets },
-            });
         }
     }
 

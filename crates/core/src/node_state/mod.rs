@@ -86,8 +86,12 @@ pub struct Settings {
     pub leave_timeout_ms: u64,
     /// Virtual nodes per member on the placement ring.
     pub vnodes: u16,
-    /// Depth of the anti-entropy trees (`2^depth` buckets).
+    /// Depth of the first level of anti-entropy comparison (`2^depth` buckets, their sums
+    /// sent whole every round).
     pub tree_depth: u8,
+    /// Depth of the second level: only the subtrees of buckets that differ are sent, so only
+    /// the records of the sub-buckets that differ cross the network.
+    pub fine_depth: u8,
 }
 
 impl Settings {
@@ -107,6 +111,7 @@ impl Settings {
             leave_timeout_ms: 60_000,
             vnodes: 64,
             tree_depth: 6,
+            fine_depth: 12,
         }
     }
 }
@@ -760,9 +765,27 @@ impl NodeState {
                     });
                 }
             }
+            Message::SubLeaves {
+                depth,
+                coarse,
+                buckets,
+            } => {
+                let width = 1usize << self.settings.fine_depth.saturating_sub(coarse);
+                let fits = depth == self.settings.fine_depth
+                    && coarse == self.settings.tree_depth
+                    && buckets.iter().all(|(_, leaves)| leaves.len() == width);
+                if fits {
+                    effects.push(Effect::LoadRecords {
+                        job: RecordsJob::CompareSubLeaves { from, buckets },
+                    });
+                }
+            }
             Message::Buckets { depth, buckets } => {
-                if depth == self.settings.tree_depth {
-                    self.buckets_asked(from, buckets, now_ms, effects);
+                if depth == self.settings.fine_depth && !buckets.is_empty() {
+                    let buckets = buckets.into_iter().map(|b| b as usize).collect();
+                    effects.push(Effect::LoadRecords {
+                        job: RecordsJob::SendBuckets { to: from, buckets },
+                    });
                 }
             }
             Message::ReadReply { request, record } => match self.jobs.get(&request) {
