@@ -15,6 +15,7 @@
 //! Everything random comes from one seed, so a failing seed replays exactly.
 
 pub mod causal;
+pub mod convergence;
 mod rng;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -245,13 +246,26 @@ pub(crate) struct Sim {
     faults: Faults,
     /// Nodes whose leave timed out, to ask again.
     leave_again: Vec<usize>,
-    /// Bytes of anti-entropy messages sent (tree leaves, bucket lists, repaired records).
-    pub(crate) anti_entropy_bytes: u64,
+    /// Bytes of anti-entropy messages sent: the fixed part of every comparison (bucket sums,
+    /// an empty answer), and the rest (sub-leaves, bucket lists, repaired records).
+    pub(crate) anti_entropy_bytes: [u64; 2],
+    /// Adjusts every node's settings after [`node_settings`].
+    tune: fn(&mut node_state::Settings),
 }
 
 impl Sim {
     pub(crate) fn new(seed: u64, settings: Settings) -> Self {
+        Self::tuned(seed, settings, |_| {})
+    }
+
+    /// A simulation whose nodes' settings `tune` adjusts.
+    pub(crate) fn tuned(
+        seed: u64,
+        settings: Settings,
+        tune: fn(&mut node_state::Settings),
+    ) -> Self {
         let mut sim = Self {
+            tune,
             rng: Rng::new(seed),
             now_ms: 1_000_000,
             nodes: Vec::new(),
@@ -269,7 +283,7 @@ impl Sim {
             invalid: None,
             faults: Faults::default(),
             leave_again: Vec::new(),
-            anti_entropy_bytes: 0,
+            anti_entropy_bytes: [0; 2],
         };
         for _ in 0..sim.settings.nodes {
             sim.add_node();
@@ -292,7 +306,8 @@ impl Sim {
         let max = self.settings.max_skew_ms;
         let skew_ms = self.rng.below(2 * max + 1) as i64 - max as i64;
         let seeds: Vec<NodeId> = self.members();
-        let settings = node_settings(id.clone(), &self.settings);
+        let mut settings = node_settings(id.clone(), &self.settings);
+        (self.tune)(&mut settings);
         let now = self.now_ms.saturating_add_signed(skew_ms);
         self.nodes.push(Node {
             state: NodeState::new(settings, seeds, now),
@@ -552,18 +567,20 @@ impl Sim {
         } else {
             1
         };
-        let anti_entropy = matches!(
-            message,
-            Message::TreeLeaves { .. }
-                | Message::SubLeaves { .. }
-                | Message::Buckets { .. }
-                | Message::Replicate { request: 0, .. }
-        );
+        // Each comparison's sums, and its answer when nothing differs, have a fixed size.
+        let anti_entropy = match &message {
+            Message::TreeLeaves { .. } => Some(0),
+            Message::SubLeaves { buckets, .. } if buckets.is_empty() => Some(0),
+            Message::SubLeaves { .. }
+            | Message::Buckets { .. }
+            | Message::Replicate { request: 0, .. } => Some(1),
+            _ => None,
+        };
         let mut envelope = wire::Envelope::new(message);
         envelope.deadline_ms = deadline_ms;
         let frame = wire::encode_frame(&envelope);
-        if anti_entropy {
-            self.anti_entropy_bytes += frame.len() as u64;
+        if let Some(part) = anti_entropy {
+            self.anti_entropy_bytes[part] += frame.len() as u64;
         }
         for _ in 0..copies {
             let delay = 1 + self.rng.below(if self.faults_on { 40 } else { 5 });
@@ -695,7 +712,8 @@ impl Sim {
 
     fn restart(&mut self, node: usize) {
         let seeds = self.members();
-        let settings = node_settings(self.nodes[node].id.clone(), &self.settings);
+        let mut settings = node_settings(self.nodes[node].id.clone(), &self.settings);
+        (self.tune)(&mut settings);
         let now = self.physical(node);
         let n = &mut self.nodes[node];
         n.state = NodeState::new(settings, seeds, now);

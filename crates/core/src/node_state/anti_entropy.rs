@@ -20,6 +20,9 @@ use crate::node::NodeId;
 use crate::record::Record;
 use crate::replication::Message;
 
+/// Rounds in which a node compares with every other member once.
+pub const SWEEP_ROUNDS: usize = 8;
+
 /// What a load of every local record ([`super::Effect::LoadRecords`]) is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordsJob {
@@ -151,9 +154,14 @@ impl NodeState {
                 self.collect_tombstones(&placed, now_ms, effects);
                 let peers: Vec<NodeId> = self.members.keys().cloned().collect();
                 if compare && !peers.is_empty() {
-                    let peer = peers[self.next_peer % peers.len()].clone();
-                    self.next_peer += 1;
-                    self.compare_with(&peer, &placed, effects);
+                    // Every member once per `SWEEP_ROUNDS` rounds: a few peers a round in a
+                    // large cluster, rather than one, whose sweep would take as many rounds as
+                    // there are members.
+                    for _ in 0..peers.len().div_ceil(SWEEP_ROUNDS) {
+                        let peer = peers[self.next_peer % peers.len()].clone();
+                        self.next_peer += 1;
+                        self.compare_with(&peer, &placed, effects);
+                    }
                 }
             }
             RecordsJob::Repair { member } => {

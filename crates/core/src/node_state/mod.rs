@@ -66,8 +66,10 @@ pub struct Settings {
     pub read_quorum: usize,
     /// How long a request waits for its quorum.
     pub request_timeout_ms: u64,
-    /// How often this node compares its data with one peer, taking the peers in turn; each
-    /// round also hands off and collects tombstones. The first round is one interval after
+    /// How often this node compares its data with peers, taking them in turn: one a round in
+    /// a cluster of up to 9 nodes, more in a larger one, so that every member is compared
+    /// with once in [`anti_entropy::SWEEP_ROUNDS`] rounds. Each round also hands off and
+    /// collects tombstones. The first round is one interval after
     /// start: a node just started has no connection yet, and a round racing the first writes
     /// would repair what replication is still delivering.
     pub anti_entropy_interval_ms: u64,
@@ -512,7 +514,8 @@ impl NodeState {
             leaving: None,
             left: false,
             next_request: 1,
-            next_peer: 0,
+            // Nodes start their sweeps at different members, so a round's comparisons spread.
+            next_peer: crate::hash::stable_hash(0, settings.id.as_str().as_bytes()) as usize % 1024,
             next_round_ms: now_ms + settings.anti_entropy_interval_ms,
             next_hints_ms: now_ms + settings.hint_interval_ms,
             observed_ms: now_ms,
