@@ -15,14 +15,12 @@
 //! grows the token by what that view has applied; a node that cannot catch up in time answers
 //! [`EngineError::SessionBehind`], never an older state.
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentstore_core::causal::{self, CausalWrite};
-use agentstore_core::replication::Message;
+use agentstore_core::causal;
+use agentstore_core::causal_sync as sync;
 use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record, VersionVector};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, NodeClock, Write, session};
@@ -42,14 +40,6 @@ use crate::transport::{Incoming, Transport};
 
 /// Causal messages received and not yet handled.
 const INBOX: usize = 1024;
-/// Most writes sent in one answer to a peer's `CausalHave` (a lagging peer asks again).
-const MAX_CATCH_UP: usize = 2048;
-/// Most writes in one `CausalWrites` message, and records in one snapshot chunk.
-const MAX_PER_MESSAGE: usize = 256;
-/// How long a peer that needed a snapshot waits before it is sent another.
-const SNAPSHOT_AGAIN: Duration = Duration::from_secs(5);
-/// Most records of a snapshot being received (bounds the memory it takes).
-const MAX_SNAPSHOT_RECORDS: usize = 4_000_000;
 
 /// How a node's causal replication is set up.
 #[derive(Debug, Clone)]
@@ -226,17 +216,16 @@ impl CausalEngine {
             session_wait: config.session_wait,
             metrics: metrics.clone(),
         });
+        let (finished, done) = mpsc::unbounded_channel();
         let replicator = Replicator {
             shared: Arc::downgrade(&shared),
             transport,
             members,
-            acks: BTreeMap::new(),
-            trimmed_to: VersionVector::new(),
-            snapshots_sent: BTreeMap::new(),
-            receiving: BTreeMap::new(),
+            state: sync::Replicator::new(sync::Limits::default()),
             metrics,
+            finished,
         };
-        tokio::spawn(replicator.run(incoming, committed, config.sync_interval));
+        tokio::spawn(replicator.run(incoming, committed, done, config.sync_interval));
         Ok(Self { shared })
     }
 
@@ -363,31 +352,18 @@ impl DynEngine for CausalEngine {
     }
 }
 
-/// The network side: pushes this node's writes, answers peers' `CausalHave`, hands peers'
-/// writes to the store, trims the log.
+/// The network side: the runtime of core's causal [`sync::Replicator`]. It feeds it this
+/// node's commits, peers' causal messages, log reads and syncs, and carries out its effects on
+/// the store and the transport.
 struct Replicator {
     /// The engine's state; the replicator ends when the engine is dropped.
     shared: std::sync::Weak<Shared>,
     transport: Transport,
     members: watch::Receiver<Vec<NodeId>>,
-    /// What each member last said it has applied.
-    acks: BTreeMap<NodeId, VersionVector>,
-    /// How far the log was last trimmed.
-    trimmed_to: VersionVector,
-    /// When each peer was last sent a snapshot.
-    snapshots_sent: BTreeMap<NodeId, Instant>,
-    /// Snapshots being received, by sender: applied once every chunk is here.
-    receiving: BTreeMap<NodeId, Receiving>,
+    state: sync::Replicator,
     metrics: CausalMetrics,
-}
-
-/// The chunks of one snapshot received so far.
-struct Receiving {
-    id: u64,
-    total: u32,
-    applied: VersionVector,
-    chunks: BTreeMap<u32, Vec<(Key, Record)>>,
-    records: usize,
+    /// Where log reads and snapshot loads done off the loop report back.
+    finished: mpsc::UnboundedSender<sync::Input>,
 }
 
 impl Replicator {
@@ -395,44 +371,43 @@ impl Replicator {
         mut self,
         mut incoming: mpsc::Receiver<Incoming>,
         mut committed: mpsc::UnboundedReceiver<Committed>,
+        mut done: mpsc::UnboundedReceiver<sync::Input>,
         interval: Duration,
     ) {
         let mut sync = tokio::time::interval(interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let input = tokio::select! {
                 Some(Incoming { from, envelope }) = incoming.recv() => {
-                    let Some(shared) = self.shared.upgrade() else { return };
-                    self.incoming(&shared, from, envelope.message);
+                    sync::Input::Received { from, message: envelope.message }
                 }
                 report = committed.recv() => {
                     let Some(report) = report else { return };
-                    self.committed(report);
+                    self.committed(&report);
+                    sync::Input::Committed { own: report.own }
                 }
+                Some(input) = done.recv() => input,
                 _ = sync.tick() => {
-                    let Some(shared) = self.shared.upgrade() else { return };
-                    self.sync(&shared);
+                    let members = self.members.borrow().clone();
+                    let effects = self.state.step(sync::Input::Members(members), &VersionVector::new(), now_ms());
+                    debug_assert!(effects.is_empty());
+                    sync::Input::Sync
                 }
+            };
+            let Some(shared) = self.shared.upgrade() else {
+                return;
+            };
+            let applied = shared.applied.borrow().clone();
+            let effects = self.state.step(input, &applied, now_ms());
+            debug_assert_eq!(self.state.validate(), Ok(()));
+            for effect in effects {
+                self.execute(&shared, effect);
             }
         }
     }
 
-    fn members(&self) -> Vec<NodeId> {
-        self.members.borrow().clone()
-    }
-
-    fn send_writes(&self, to: &NodeId, writes: &[CausalWrite]) {
-        for chunk in writes.chunks(MAX_PER_MESSAGE) {
-            self.transport.send(
-                to,
-                Envelope::new(Message::CausalWrites {
-                    writes: chunk.to_vec(),
-                }),
-            );
-        }
-    }
-
-    fn committed(&mut self, report: Committed) {
+    /// The store's metrics of a commit.
+    fn committed(&self, report: &Committed) {
         let metrics = &self.metrics;
         for waited in &report.waits_ms {
             metrics.dependency_wait.observe(*waited as f64 / 1000.0);
@@ -441,16 +416,55 @@ impl Replicator {
         metrics.buffer_full.inc_by(report.dropped);
         metrics.buffered.set(report.buffered as i64);
         metrics.snapshots_applied.inc_by(report.snapshots);
-        if !report.own.is_empty() {
-            for member in self.members() {
-                self.send_writes(&member, &report.own);
-            }
-        }
     }
 
-    fn incoming(&mut self, shared: &Shared, from: NodeId, message: Message) {
-        match message {
-            Message::CausalWrites { writes } => {
+    fn execute(&mut self, shared: &Arc<Shared>, effect: sync::Effect) {
+        match effect {
+            sync::Effect::Send { to, message } => self.transport.send(&to, Envelope::new(message)),
+            sync::Effect::SendSnapshot { to, chunks } => {
+                let transport = self.transport.clone();
+                // Paced, so the peer's queue (which drops what does not fit) takes every chunk.
+                tokio::spawn(async move {
+                    for (index, chunk) in chunks.into_iter().enumerate() {
+                        transport.send(&to, Envelope::new(chunk));
+                        if index % 64 == 63 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                });
+            }
+            sync::Effect::ReadLog {
+                peer,
+                wanted,
+                limit,
+            } => {
+                let (shared, finished) = (Arc::clone(shared), self.finished.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Some(read) = read_log(&shared, &wanted, limit) {
+                        let _ = finished.send(sync::Input::LogRead { peer, read });
+                    }
+                });
+            }
+            sync::Effect::LoadSnapshot { peer } => {
+                let (shared, finished) = (Arc::clone(shared), self.finished.clone());
+                tokio::task::spawn_blocking(move || {
+                    let loaded = View::new(&shared.store.db)
+                        .and_then(|view| Ok((view.applied()?, view.scan(b"", None, usize::MAX)?)));
+                    match loaded {
+                        Ok((applied, records)) => {
+                            let _ = finished.send(sync::Input::SnapshotLoaded {
+                                peer,
+                                applied,
+                                records,
+                            });
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot read the causal state for a snapshot")
+                        }
+                    }
+                });
+            }
+            sync::Effect::Deliver { writes } => {
                 let request = Request::Remote {
                     writes,
                     now_ms: now_ms(),
@@ -460,198 +474,57 @@ impl Replicator {
                     self.metrics.buffer_full.inc();
                 }
             }
-            Message::CausalHave { applied } => {
-                self.answer_have(shared, &from, &applied);
-                self.acks.insert(from, applied);
-            }
-            Message::CausalSnapshot {
-                id,
-                index,
-                total,
-                applied,
-                entries,
-            } => self.snapshot_chunk(shared, from, id, index, total, applied, entries),
-            _ => {}
-        }
-    }
-
-    /// Sends `peer` what it lacks of this node's log, up to [`MAX_CATCH_UP`] writes.
-    fn answer_have(&mut self, shared: &Shared, peer: &NodeId, theirs: &VersionVector) {
-        let mine = shared.applied.borrow().clone();
-        let wanted = causal::missing(&mine, theirs);
-        if wanted.is_empty() {
-            return;
-        }
-        let view = match View::new(&shared.store.db) {
-            Ok(view) => view,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read the causal log");
-                return;
-            }
-        };
-        let trimmed = view.trimmed().unwrap_or_default();
-        if wanted
-            .iter()
-            .any(|(origin, first, _)| trimmed.get(origin) >= *first)
-        {
-            // Every member known when they were trimmed had them: this peer is new (or lost
-            // its data). It gets this node's whole state instead.
-            self.send_snapshot(peer, view);
-            return;
-        }
-        let mut batch = Vec::new();
-        for (origin, first, last) in wanted {
-            match view.logged(&origin, first, last, MAX_CATCH_UP - batch.len()) {
-                Ok(writes) => batch.extend(writes),
-                Err(err) => tracing::warn!(error = %err, "cannot read the causal log"),
-            }
-            if batch.len() >= MAX_CATCH_UP {
-                break;
-            }
-        }
-        self.send_writes(peer, &batch);
-    }
-
-    /// Sends `peer` the whole state of `view` in chunks, at most every [`SNAPSHOT_AGAIN`].
-    fn send_snapshot(&mut self, peer: &NodeId, view: View) {
-        let recently = self
-            .snapshots_sent
-            .get(peer)
-            .is_some_and(|sent| sent.elapsed() < SNAPSHOT_AGAIN);
-        if recently {
-            return;
-        }
-        self.snapshots_sent.insert(peer.clone(), Instant::now());
-        self.metrics.snapshots_sent.inc();
-        let (applied, records) = match (view.applied(), view.scan(b"", None, usize::MAX)) {
-            (Ok(applied), Ok(records)) => (applied, records),
-            (Err(err), _) | (_, Err(err)) => {
-                tracing::warn!(error = %err, "cannot read the causal state for a snapshot");
-                return;
-            }
-        };
-        let id = now_ms() ^ (records.len() as u64).rotate_left(40);
-        let chunks: Vec<Vec<(Key, Record)>> = if records.is_empty() {
-            vec![Vec::new()]
-        } else {
-            records.chunks(MAX_PER_MESSAGE).map(<[_]>::to_vec).collect()
-        };
-        let total = chunks.len() as u32;
-        tracing::info!(%peer, records = records.len(), chunks = total, "sending a causal snapshot");
-        let (transport, peer) = (self.transport.clone(), peer.clone());
-        // Paced, so the peer's queue (which drops what does not fit) takes every chunk.
-        tokio::spawn(async move {
-            for (index, entries) in chunks.into_iter().enumerate() {
-                let message = Message::CausalSnapshot {
-                    id,
-                    index: index as u32,
-                    total,
-                    applied: applied.clone(),
+            sync::Effect::ApplySnapshot { entries, applied } => {
+                let request = Request::Snapshot {
                     entries,
+                    applied,
+                    now_ms: now_ms(),
                 };
-                transport.send(&peer, Envelope::new(message));
-                if index % 64 == 63 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                if shared.store.requests.try_send(request).is_err() {
+                    // Busy: the peer sends another snapshot after a while.
+                    self.metrics.buffer_full.inc();
                 }
             }
-        });
-    }
-
-    /// Keeps a snapshot chunk; applies the snapshot once every chunk is here.
-    #[allow(clippy::too_many_arguments)]
-    fn snapshot_chunk(
-        &mut self,
-        shared: &Shared,
-        from: NodeId,
-        id: u64,
-        index: u32,
-        total: u32,
-        applied: VersionVector,
-        entries: Vec<(Key, Record)>,
-    ) {
-        let fresh = Receiving {
-            id,
-            total,
-            applied,
-            chunks: BTreeMap::new(),
-            records: 0,
-        };
-        let receiving = match self.receiving.entry(from.clone()) {
-            Entry::Occupied(kept) if kept.get().id == id => kept.into_mut(),
-            // A newer snapshot replaces one that lost chunks.
-            Entry::Occupied(mut older) => {
-                older.insert(fresh);
-                older.into_mut()
+            sync::Effect::Trim { floor } => {
+                let _ = shared.store.requests.try_send(Request::Trim { floor });
             }
-            Entry::Vacant(none) => none.insert(fresh),
-        };
-        receiving.records += entries.len();
-        if receiving.records > MAX_SNAPSHOT_RECORDS {
-            tracing::warn!(%from, "a causal snapshot is too large to receive; ignored");
-            self.receiving.remove(&from);
-            return;
-        }
-        receiving.chunks.insert(index, entries);
-        if receiving.chunks.len() < receiving.total as usize {
-            return;
-        }
-        let Some(done) = self.receiving.remove(&from) else {
-            return;
-        };
-        let entries: Vec<(Key, Record)> = done.chunks.into_values().flatten().collect();
-        let request = Request::Snapshot {
-            entries,
-            applied: done.applied,
-            now_ms: now_ms(),
-        };
-        if shared.store.requests.try_send(request).is_err() {
-            // Busy: the peer sends another snapshot after `SNAPSHOT_AGAIN`.
-            self.metrics.buffer_full.inc();
+            sync::Effect::Observe(observation) => match observation {
+                sync::Observation::Behind(writes) => {
+                    self.metrics.behind.set(writes as i64);
+                }
+                sync::Observation::Trimmed(writes) => {
+                    self.metrics.trimmed.set(writes as i64);
+                }
+                sync::Observation::SnapshotSent { peer, records } => {
+                    self.metrics.snapshots_sent.inc();
+                    tracing::info!(%peer, records, "sending a causal snapshot");
+                }
+                sync::Observation::SnapshotTooLarge { from } => {
+                    tracing::warn!(%from, "a causal snapshot is too large to receive; ignored")
+                }
+            },
         }
     }
+}
 
-    fn sync(&mut self, shared: &Shared) {
-        let members = self.members();
-        let mine = shared.applied.borrow().clone();
-        for member in &members {
-            self.transport.send(
-                member,
-                Envelope::new(Message::CausalHave {
-                    applied: mine.clone(),
-                }),
-            );
-        }
-        // Replication lag in writes: what some member has applied and this node has not.
-        let behind: u64 = self
-            .acks
-            .iter()
-            .filter(|(node, _)| members.contains(node))
-            .map(|(_, theirs)| {
-                causal::missing(theirs, &mine)
-                    .iter()
-                    .map(|(_, first, last)| last + 1 - first)
-                    .sum::<u64>()
-            })
-            .max()
-            .unwrap_or(0);
-        self.metrics.behind.set(behind as i64);
-        // Trim what every member has: all of them must have reported.
-        self.acks.retain(|node, _| members.contains(node));
-        if self.acks.len() < members.len() {
-            return;
-        }
-        let floor = causal::stable(self.acks.values().chain(std::iter::once(&mine)));
-        if floor.dominates(&self.trimmed_to) && floor != self.trimmed_to {
-            self.trimmed_to = floor.clone();
-            let total: u64 = floor.iter().map(|(_, n)| n).sum();
-            if shared
-                .store
-                .requests
-                .try_send(Request::Trim { floor })
-                .is_ok()
-            {
-                self.metrics.trimmed.set(total as i64);
-            }
+/// Reads the writes a peer lacks from the log (`None` if the log cannot be read).
+fn read_log(shared: &Shared, wanted: &[(NodeId, u64, u64)], limit: usize) -> Option<sync::LogRead> {
+    let view = View::new(&shared.store.db)
+        .inspect_err(|err| tracing::warn!(error = %err, "cannot read the causal log"))
+        .ok()?;
+    let trimmed = view.trimmed().unwrap_or_default();
+    if wanted
+        .iter()
+        .any(|(origin, first, _)| trimmed.get(origin) >= *first)
+    {
+        return Some(sync::LogRead::Trimmed);
+    }
+    let mut batch = Vec::new();
+    for (origin, first, last) in wanted {
+        match view.logged(origin, *first, *last, limit) {
+            Ok(writes) => batch.extend(writes),
+            Err(err) => tracing::warn!(error = %err, "cannot read the causal log"),
         }
     }
+    Some(sync::LogRead::Writes(batch))
 }

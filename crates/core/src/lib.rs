@@ -8,6 +8,7 @@
 //! engine's transaction and in a deterministic simulator.
 
 pub mod causal;
+pub mod causal_sync;
 pub mod codec;
 pub mod config;
 pub mod crdt;

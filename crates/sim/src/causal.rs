@@ -1,6 +1,7 @@
 //! Causal replication under faults, deterministic: the real causal delivery
-//! ([`agentstore_core::causal::Delivery`]) and session rule ([`causal::covers`]) of every node,
-//! over an in-memory network that drops, duplicates, delays and reorders messages (through
+//! ([`agentstore_core::causal::Delivery`]), session rule ([`causal::covers`]) and replicator
+//! ([`agentstore_core::causal_sync::Replicator`]: pushes, pulls, snapshots, trimming) of every
+//! node, over an in-memory network that drops, duplicates, delays and reorders messages (through
 //! the real wire encoding) and partitions the cluster; nodes crash (losing their buffer and
 //! what is in flight, keeping what they committed) and restart; physical clocks are skewed.
 //!
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 
 use agentstore_check::causal::CausalOp;
 use agentstore_core::causal::{self, CausalWrite, Delivery, Offered};
+use agentstore_core::causal_sync::{self as sync, Replicator};
 use agentstore_core::crdt::Crdt;
 use agentstore_core::record::{self, Mutation, Record, Value};
 use agentstore_core::replication::Message;
@@ -86,6 +88,10 @@ pub struct CausalReport {
     pub refused: usize,
     /// Faults injected: messages dropped, duplicated, partitions, crashes.
     pub faults: (usize, usize, usize, usize),
+    /// Snapshots sent to peers that lacked writes already trimmed from every log.
+    pub snapshots: usize,
+    /// The first broken invariant of a node's replicator, if any.
+    pub invalid: Option<String>,
 }
 
 struct SimNode {
@@ -96,7 +102,21 @@ struct SimNode {
     /// Committed state: records, log (by origin and seq), survives a crash.
     records: BTreeMap<Key, Record>,
     log: BTreeMap<(NodeId, u64), CausalWrite>,
+    /// How far the log was trimmed (durable with it).
+    trimmed: VersionVector,
+    /// The replicator's state: lost in a crash.
+    replicator: Replicator,
     up: bool,
+}
+
+/// Small bounds, so catching up takes several rounds and trimmed logs need snapshots.
+fn limits() -> sync::Limits {
+    sync::Limits {
+        max_catch_up: 16,
+        max_per_message: 8,
+        snapshot_again_ms: 200,
+        max_snapshot_records: 10_000,
+    }
 }
 
 impl SimNode {
@@ -105,7 +125,13 @@ impl SimNode {
     }
 
     fn store(&mut self, write: &CausalWrite, now: u64) {
-        for (key, remote) in &write.entries {
+        self.merge(&write.entries, now);
+        self.log
+            .insert((write.origin.clone(), write.seq), write.clone());
+    }
+
+    fn merge(&mut self, entries: &[(Key, Record)], now: u64) {
+        for (key, remote) in entries {
             let merged = match self.records.get(key) {
                 Some(current) => {
                     let mut merged = current.clone();
@@ -118,8 +144,6 @@ impl SimNode {
             let _ = self.clock.observe(&merged.stamp, physical);
             self.records.insert(key.clone(), merged);
         }
-        self.log
-            .insert((write.origin.clone(), write.seq), write.clone());
     }
 }
 
@@ -140,9 +164,137 @@ struct Sim {
     faults_on: bool,
     refused: usize,
     faults: (usize, usize, usize, usize),
+    snapshots: usize,
+    invalid: Option<String>,
 }
 
 impl Sim {
+    /// Feeds node `at`'s replicator one input and executes its effects, and the inputs they
+    /// return, in order.
+    fn step(&mut self, now: u64, at: usize, input: sync::Input) {
+        let mut queue = std::collections::VecDeque::from([input]);
+        while let Some(input) = queue.pop_front() {
+            let node = &mut self.nodes[at];
+            let applied = node.delivery.applied().clone();
+            let effects = node.replicator.step(input, &applied, node.physical(now));
+            if let Err(broken) = node.replicator.validate() {
+                self.invalid.get_or_insert(format!("{}: {broken}", node.id));
+            }
+            for effect in effects {
+                if let Some(next) = self.execute(now, at, effect) {
+                    queue.push_back(next);
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, now: u64, at: usize, effect: sync::Effect) -> Option<sync::Input> {
+        match effect {
+            sync::Effect::Send { to, message } => {
+                let to = self.index_of(&to);
+                self.send(now, at, to, message);
+                None
+            }
+            sync::Effect::SendSnapshot { to, chunks } => {
+                let to = self.index_of(&to);
+                for chunk in chunks {
+                    self.send(now, at, to, chunk);
+                }
+                None
+            }
+            sync::Effect::ReadLog {
+                peer,
+                wanted,
+                limit,
+            } => {
+                let node = &self.nodes[at];
+                let trimmed = wanted
+                    .iter()
+                    .any(|(origin, first, _)| node.trimmed.get(origin) >= *first);
+                let read = if trimmed {
+                    sync::LogRead::Trimmed
+                } else {
+                    let writes = wanted
+                        .iter()
+                        .flat_map(|(origin, first, last)| {
+                            (*first..=*last)
+                                .filter_map(|seq| node.log.get(&(origin.clone(), seq)))
+                                .take(limit)
+                        })
+                        .cloned()
+                        .collect();
+                    sync::LogRead::Writes(writes)
+                };
+                Some(sync::Input::LogRead { peer, read })
+            }
+            sync::Effect::LoadSnapshot { peer } => {
+                let node = &self.nodes[at];
+                Some(sync::Input::SnapshotLoaded {
+                    peer,
+                    applied: node.delivery.applied().clone(),
+                    records: node
+                        .records
+                        .iter()
+                        .map(|(k, r)| (k.clone(), r.clone()))
+                        .collect(),
+                })
+            }
+            sync::Effect::Deliver { writes } => {
+                let node = &mut self.nodes[at];
+                for write in writes {
+                    if node.delivery.offer(write, now) == Offered::Full {
+                        self.refused += 1;
+                    }
+                    for delivered in node.delivery.take_ready(now) {
+                        node.store(&delivered.write, now);
+                    }
+                }
+                None
+            }
+            sync::Effect::ApplySnapshot { entries, applied } => {
+                let node = &mut self.nodes[at];
+                // Both states are causally closed, so their join is too.
+                node.merge(&entries, now);
+                node.delivery.absorb(&applied);
+                for delivered in node.delivery.take_ready(now) {
+                    node.store(&delivered.write, now);
+                }
+                // The snapshot's writes are not in this log: a peer that lacks them gets a
+                // snapshot from here too.
+                node.trimmed.merge(&applied);
+                None
+            }
+            sync::Effect::Trim { floor } => {
+                let node = &mut self.nodes[at];
+                node.log.retain(|(origin, seq), _| *seq > floor.get(origin));
+                node.trimmed.merge(&floor);
+                None
+            }
+            sync::Effect::Observe(sync::Observation::SnapshotSent { .. }) => {
+                self.snapshots += 1;
+                None
+            }
+            sync::Effect::Observe(_) => None,
+        }
+    }
+
+    fn index_of(&self, id: &NodeId) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id == *id)
+            .expect("a member")
+    }
+
+    /// Everyone but node `at`.
+    fn others(&self, at: usize) -> Vec<NodeId> {
+        let me = &self.nodes[at].id;
+        self.nodes
+            .iter()
+            .filter(|n| n.id != *me)
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
     fn send(&mut self, now: u64, from: usize, to: usize, message: Message) {
         if self.side[from] != self.side[to] {
             self.faults.0 += 1;
@@ -199,48 +351,18 @@ impl Sim {
             return;
         }
         let envelope = wire::decode(&bytes).expect("the simulator sends valid frames");
-        match envelope.message {
-            Message::CausalWrites { writes } => {
-                let node = &mut self.nodes[to];
-                for write in writes {
-                    if node.delivery.offer(write, now) == Offered::Full {
-                        self.refused += 1;
-                    }
-                    for delivered in node.delivery.take_ready(now) {
-                        node.store(&delivered.write, now);
-                    }
-                }
-            }
-            Message::CausalHave { applied } => {
-                let node = &self.nodes[to];
-                let mut answer = Vec::new();
-                for (origin, first, last) in causal::missing(node.delivery.applied(), &applied) {
-                    for seq in first..=last {
-                        if let Some(write) = node.log.get(&(origin.clone(), seq)) {
-                            answer.push(write.clone());
-                        }
-                        if answer.len() >= 16 {
-                            break;
-                        }
-                    }
-                }
-                if !answer.is_empty() {
-                    self.send(now, to, from, Message::CausalWrites { writes: answer });
-                }
-            }
-            _ => {}
-        }
+        let from = self.nodes[from].id.clone();
+        let message = envelope.message;
+        self.step(now, to, sync::Input::Received { from, message });
     }
 
     fn sync(&mut self, now: u64) {
-        for from in 0..self.nodes.len() {
-            if !self.nodes[from].up {
-                continue;
-            }
-            let applied = self.nodes[from].delivery.applied().clone();
-            for to in (0..self.nodes.len()).filter(|to| *to != from) {
-                let applied = applied.clone();
-                self.send(now, from, to, Message::CausalHave { applied });
+        for at in 0..self.nodes.len() {
+            if self.nodes[at].up {
+                // As the runtime does: the members as they are now, then the sync.
+                let others = self.others(at);
+                self.step(now, at, sync::Input::Members(others));
+                self.step(now, at, sync::Input::Sync);
             }
         }
     }
@@ -259,10 +381,7 @@ impl Sim {
         };
         node.store(&write, now);
         let applied = node.delivery.applied().clone();
-        for to in (0..self.nodes.len()).filter(|to| *to != at) {
-            let writes = vec![write.clone()];
-            self.send(now, at, to, Message::CausalWrites { writes });
-        }
+        self.step(now, at, sync::Input::Committed { own: vec![write] });
         applied
     }
 
@@ -287,6 +406,7 @@ impl Sim {
                 node.up = false;
                 node.delivery =
                     Delivery::new(node.delivery.applied().clone(), self.settings.buffer);
+                node.replicator = Replicator::new(limits());
                 // What it buffered was never committed: its applied vector only counts what
                 // `store` wrote, which `take_ready` and `local_write` advance together.
             } else {
@@ -316,6 +436,8 @@ pub fn run_causal(seed: u64, settings: CausalSettings) -> CausalReport {
                 delivery: Delivery::new(VersionVector::new(), settings.buffer),
                 records: BTreeMap::new(),
                 log: BTreeMap::new(),
+                trimmed: VersionVector::new(),
+                replicator: Replicator::new(limits()),
                 up: true,
                 id,
             }
@@ -329,8 +451,14 @@ pub fn run_causal(seed: u64, settings: CausalSettings) -> CausalReport {
         faults_on: true,
         refused: 0,
         faults: (0, 0, 0, 0),
+        snapshots: 0,
+        invalid: None,
         settings: settings.clone(),
     };
+    for at in 0..settings.nodes {
+        let others = sim.others(at);
+        sim.step(0, at, sync::Input::Members(others));
+    }
     let keys: Vec<Key> = (0..settings.keys)
         .map(|k| Key::new(format!("tasks:k{k}")).unwrap())
         .collect();
@@ -430,5 +558,7 @@ pub fn run_causal(seed: u64, settings: CausalSettings) -> CausalReport {
         session_waits: waits,
         refused: sim.refused,
         faults: sim.faults,
+        snapshots: sim.snapshots,
+        invalid: sim.invalid,
     }
 }

@@ -1,4 +1,5 @@
-//! 200 seeds of causal replication under faults: every history causally consistent, every
+//! 200 seeds of causal replication under faults (the real delivery, session rule and
+//! replicator of every node): every history causally consistent, every
 //! node converged with every write, the counter at the exact sum of its concurrent additions
 //! on every node. A failing seed prints itself; replay one with
 //! `SIM_SEED=<seed> cargo test -p agentstore-sim --test causal_seeds`.
@@ -13,9 +14,14 @@ fn every_seed_is_causally_consistent_and_converges() {
         Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
         Err(_) => (0..200).collect(),
     };
-    let (mut waits, mut refused, mut faults) = (0, 0, 0);
+    let (mut waits, mut refused, mut faults, mut snapshots) = (0, 0, 0, 0);
     for seed in seeds {
         let report = run_causal(seed, CausalSettings::for_seed(seed));
+        if let Some(broken) = &report.invalid {
+            panic!(
+                "seed {seed}: a replicator broke an invariant: {broken}\nreplay with SIM_SEED={seed}"
+            );
+        }
         if let Err(violation) = check_causal(&report.histories) {
             panic!("seed {seed}: {violation:?}\nreplay with SIM_SEED={seed}");
         }
@@ -52,11 +58,12 @@ replay with SIM_SEED={seed}"
         );
         waits += report.session_waits;
         refused += report.refused;
+        snapshots += report.snapshots;
         faults += report.faults.0 + report.faults.1 + report.faults.2 + report.faults.3;
     }
     println!(
         "sessions sent elsewhere by a node behind them: {waits}; writes refused by full buffers: \
-         {refused}; faults injected: {faults}"
+         {refused}; snapshots sent: {snapshots}; faults injected: {faults}"
     );
 }
 

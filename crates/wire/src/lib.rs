@@ -274,6 +274,19 @@ fn malformed(err: DecodeError) -> WireError {
     }
 }
 
+/// `count` tree leaves, each a little-endian u64.
+fn leaves(r: &mut Reader<'_>, count: usize) -> Result<Vec<u64>, WireError> {
+    let mut leaves = Vec::with_capacity(count.min(r.remaining() / 8));
+    for _ in 0..count {
+        let mut word = [0u8; 8];
+        for byte in &mut word {
+            *byte = r.u8().map_err(malformed)?;
+        }
+        leaves.push(u64::from_le_bytes(word));
+    }
+    Ok(leaves)
+}
+
 fn key(r: &mut Reader<'_>) -> Result<Key, WireError> {
     Ok(Key::new(r.slice().map_err(malformed)?)?)
 }
@@ -380,14 +393,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
                     r.malformed("leaf count does not match the depth"),
                 ));
             }
-            let mut leaves = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                let mut word = [0u8; 8];
-                for byte in &mut word {
-                    *byte = r.u8().map_err(malformed)?;
-                }
-                leaves.push(u64::from_le_bytes(word));
-            }
+            let leaves = leaves(&mut r, count as usize)?;
             Message::TreeLeaves { depth, leaves }
         }
         6 => {
@@ -491,15 +497,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
                 if bucket >= 1 << coarse {
                     return Err(malformed(r.malformed("bucket outside the tree")));
                 }
-                let mut leaves = Vec::with_capacity(width);
-                for _ in 0..width {
-                    let mut word = [0u8; 8];
-                    for byte in &mut word {
-                        *byte = r.u8().map_err(malformed)?;
-                    }
-                    leaves.push(u64::from_le_bytes(word));
-                }
-                buckets.push((bucket as u32, leaves));
+                buckets.push((bucket as u32, leaves(&mut r, width)?));
             }
             Message::SubLeaves {
                 depth,

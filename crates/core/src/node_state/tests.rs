@@ -35,6 +35,14 @@ fn node(others: &[&str], n: usize) -> NodeState {
     state
 }
 
+/// A client's write.
+fn write(caller: Caller, key: Key, mutation: Mutation) -> Input {
+    Input::Call {
+        caller,
+        call: Call::Write { key, mutation },
+    }
+}
+
 fn alive(member: &str) -> Input {
     Input::Liveness {
         member: id(member),
@@ -134,13 +142,7 @@ fn a_hint_on_its_way_is_not_sent_twice_within_the_hint_interval() {
 fn a_write_this_node_does_not_replicate_is_forwarded_and_its_answer_relayed() {
     let mut state = node(&["b"], 1);
     let k = key_of(&state, "b");
-    let call = Input::Call {
-        caller: 9,
-        call: Call::Write {
-            key: k.clone(),
-            mutation: Mutation::Put(b"v".to_vec()),
-        },
-    };
+    let call = write(9, k.clone(), Mutation::Put(b"v".to_vec()));
     let effects = step(&mut state, call, 100);
     let (to, Message::Forward { request, .. }) = only_sent(&effects) else {
         panic!("forwarded: {effects:?}")
@@ -178,14 +180,7 @@ fn a_write_this_node_does_not_replicate_is_forwarded_and_its_answer_relayed() {
 fn a_forwarded_write_unanswered_by_its_deadline_is_indeterminate() {
     let mut state = node(&["b"], 1);
     let k = key_of(&state, "b");
-    let call = Input::Call {
-        caller: 3,
-        call: Call::Write {
-            key: k,
-            mutation: Mutation::Delete,
-        },
-    };
-    step(&mut state, call, 0);
+    step(&mut state, write(3, k, Mutation::Delete), 0);
     let early = step(&mut state, Input::Tick, 4_999);
     assert!(
         !early.iter().any(|e| matches!(e, Effect::Answer { .. })),
@@ -440,14 +435,7 @@ fn a_tombstone_is_collected_only_when_every_other_replica_holds_it_or_nothing() 
 fn validate_names_a_request_that_outlived_its_deadline() {
     let mut state = node(&["b"], 1);
     let k = key_of(&state, "b");
-    let call = Input::Call {
-        caller: 1,
-        call: Call::Write {
-            key: k,
-            mutation: Mutation::Delete,
-        },
-    };
-    step(&mut state, call, 0);
+    step(&mut state, write(1, k, Mutation::Delete), 0);
     // A tick that did not expire it (as a broken expiry would) is caught.
     state.last_tick_ms = 10_000;
     let broken = state.validate().unwrap_err();
