@@ -213,7 +213,9 @@ impl Node {
         let state = NodeState::new(config.settings(), config.seeds.keys().cloned(), now);
         // Unbounded, yet bounded in practice: one message per engine call in flight.
         let (finished, done) = mpsc::unbounded_channel();
-        let (placed_on, members_seen) = watch::channel(Vec::new());
+        // The members placement starts with (the seeds): later changes come as effects.
+        let (placed_on, members_seen) =
+            watch::channel(state.members().keys().cloned().collect::<Vec<NodeId>>());
         let runtime = Runtime {
             state,
             clock,
