@@ -458,6 +458,8 @@ enum Job {
 struct Leaving {
     callers: Vec<Caller>,
     until_ms: u64,
+    /// Members that confirmed they took this node out of placement.
+    informed: BTreeSet<NodeId>,
 }
 
 /// One node.
@@ -681,6 +683,7 @@ impl NodeState {
                 let leaving = self.leaving.get_or_insert_with(|| Leaving {
                     callers: Vec::new(),
                     until_ms: now_ms + self.settings.leave_timeout_ms,
+                    informed: BTreeSet::new(),
                 });
                 leaving.callers.push(caller);
                 self.rebuild_ring(effects);
@@ -759,8 +762,25 @@ impl NodeState {
                 limit: limit.min(1000) as usize,
             }),
             Message::Scanned { request, entries } => self.scanned(&from, request, entries, effects),
-            Message::Leaving => self.departed([from], effects),
-            Message::Departed { nodes } => self.departed(nodes, effects),
+            Message::Leaving => {
+                // Confirmed every time: the leaving node waits for it.
+                effects.push(Effect::Send {
+                    to: from.clone(),
+                    message: Message::Departed {
+                        nodes: vec![from.clone()],
+                    },
+                    deadline_ms: 0,
+                });
+                self.departed([from], effects)
+            }
+            Message::Departed { nodes } => {
+                if let Some(leaving) = &mut self.leaving
+                    && nodes.contains(&self.settings.id)
+                {
+                    leaving.informed.insert(from.clone());
+                }
+                self.departed(nodes, effects)
+            }
             Message::TreeLeaves { depth, leaves } => {
                 if depth == self.settings.tree_depth {
                     effects.push(Effect::LoadRecords {

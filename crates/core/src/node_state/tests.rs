@@ -242,7 +242,23 @@ fn a_leave_hands_every_record_over_before_it_leaves() {
             purpose: Purpose::HandedOff
         }]
     );
+    // Every record is over, but b has not confirmed it knows: not yet.
     let effects = step(&mut state, records(Vec::new()), 20);
+    assert!(!effects.contains(&Effect::Left));
+    assert!(
+        sent(&effects).contains(&(id("b"), Message::Leaving)),
+        "asked again"
+    );
+    let confirmed = Input::Received {
+        from: id("b"),
+        message: Message::Departed {
+            nodes: vec![id("a")],
+        },
+        deadline_ms: 0,
+    };
+    step(&mut state, confirmed, 21);
+    let effects = step(&mut state, records(Vec::new()), 30);
+    assert!(!sent(&effects).contains(&(id("b"), Message::Leaving)));
     assert!(effects.contains(&Effect::Left));
     assert!(effects.contains(&Effect::Answer {
         caller: 1,
@@ -274,6 +290,24 @@ fn a_leave_that_cannot_hand_over_in_time_fails_and_the_node_stays() {
     }));
     assert!(!state.is_leaving() && !state.has_left());
     assert_eq!(state.replicas(&k), vec![id("a")], "placed here again");
+}
+
+#[test]
+fn a_leave_is_confirmed_to_the_leaving_node() {
+    let mut state = node(&["b"], 3);
+    let leaving = Input::Received {
+        from: id("b"),
+        message: Message::Leaving,
+        deadline_ms: 0,
+    };
+    let effects = step(&mut state, leaving, 0);
+    assert!(sent(&effects).contains(&(
+        id("b"),
+        Message::Departed {
+            nodes: vec![id("b")]
+        }
+    )));
+    assert!(state.members().is_empty());
 }
 
 #[test]

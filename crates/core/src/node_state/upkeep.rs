@@ -123,9 +123,17 @@ impl NodeState {
     pub(super) fn hand_off(&mut self, placed: &[Placed], now_ms: u64, effects: &mut Vec<Effect>) {
         let in_flight = self.asked_keys(Job::handoff, now_ms);
         let me = self.settings.id.clone();
-        if self.leaving.is_some() {
-            // Sent every round: a lost message must not keep a member placing keys here.
-            for member in self.members.keys() {
+        let mut uninformed = Vec::new();
+        if let Some(leaving) = &self.leaving {
+            // Sent every round until confirmed: a lost message must not keep a member placing
+            // keys here.
+            uninformed = self
+                .members
+                .keys()
+                .filter(|m| !leaving.informed.contains(*m))
+                .cloned()
+                .collect();
+            for member in &uninformed {
                 effects.push(Effect::Send {
                     to: member.clone(),
                     message: Message::Leaving,
@@ -137,7 +145,17 @@ impl NodeState {
             .iter()
             .filter(|(_, _, replicas)| !replicas.contains(&me))
             .collect();
-        if moved.is_empty() {
+        // Members known dead learn of the leave from the others (`Departed`) once back, so at
+        // least one member must know (a node cut off from all of them waits for the heal).
+        let some_know = self
+            .leaving
+            .as_ref()
+            .is_none_or(|l| !l.informed.is_empty() || self.members.is_empty());
+        let told = some_know
+            && uninformed
+                .iter()
+                .all(|m| self.members.get(m) == Some(&Liveness::Dead));
+        if moved.is_empty() && told {
             if self.leaving.is_some() {
                 self.finish_leaving(effects);
             }
@@ -192,8 +210,8 @@ impl NodeState {
         }
     }
 
-    /// Every record is with its new replicas (and the members know this node leaves): leave
-    /// the membership.
+    /// Every record is with its new replicas, and every member not known dead (and at least
+    /// one) confirmed it took this node out of placement: leave the membership.
     fn finish_leaving(&mut self, effects: &mut Vec<Effect>) {
         if let Some(leaving) = self.leaving.take() {
             self.left = true;
