@@ -90,9 +90,13 @@ pub enum NodeError {
     /// A repair is already running on this node.
     #[error("a repair is already running on this node")]
     RepairRunning,
-    /// The node could not hand all its records to the other replicas in time; it is still a
-    /// member, and asking it to leave again carries on.
-    #[error("{remaining} record(s) not yet handed to their new replicas; still a member")]
+    /// The node could not hand all its records to the other replicas in time, or not every
+    /// live member confirmed it knows of the leave; it is still a member, and asking it to
+    /// leave again carries on.
+    #[error(
+        "{remaining} record(s) not yet handed to their new replicas, or a member not yet told \
+         of the leave; still a member"
+    )]
     HandoffIncomplete {
         /// Records still held.
         remaining: usize,

@@ -183,7 +183,8 @@ pub enum Answer {
     Scan(ScanPage),
     /// How a repair goes: several answers, the last one [`RepairEvent::Over`].
     Repair(RepairEvent),
-    /// The leave is over: `Err` with the records not yet handed over if it took too long
+    /// The leave is over: `Err` with the records not yet handed over if it took too long (0:
+    /// every record is over, but a live member has not confirmed it knows)
     /// (the node is still a member, and may be asked to leave again).
     Leave(Result<(), usize>),
 }
