@@ -74,6 +74,17 @@ fn only_sent(effects: &[Effect]) -> (NodeId, Message) {
     messages.remove(0)
 }
 
+/// The reads sent, and to whom.
+fn reads_sent(effects: &[Effect]) -> Vec<(NodeId, RequestId)> {
+    sent(effects)
+        .into_iter()
+        .filter_map(|(to, m)| match m {
+            Message::Read { request, .. } => Some((to, request)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn sent(effects: &[Effect]) -> Vec<(NodeId, Message)> {
     effects
         .iter()
@@ -410,13 +421,7 @@ fn a_tombstone_is_collected_only_when_every_other_replica_holds_it_or_nothing() 
         round(vec![(k.clone(), tombstone.clone())]),
         past_grace,
     );
-    let asked: Vec<(NodeId, RequestId)> = sent(&effects)
-        .into_iter()
-        .filter_map(|(to, m)| match m {
-            Message::Read { request, .. } => Some((to, request)),
-            _ => None,
-        })
-        .collect();
+    let asked = reads_sent(&effects);
     assert_eq!(asked.len(), 2, "both other replicas are asked: {effects:?}");
     let reply = |from: &NodeId, request, record| Input::Received {
         from: from.clone(),
@@ -448,13 +453,7 @@ fn a_tombstone_is_collected_only_when_every_other_replica_holds_it_or_nothing() 
         round(vec![(k.clone(), tombstone.clone())]),
         past_grace + 10_000,
     );
-    let asked: Vec<(NodeId, RequestId)> = sent(&effects)
-        .into_iter()
-        .filter_map(|(to, m)| match m {
-            Message::Read { request, .. } => Some((to, request)),
-            _ => None,
-        })
-        .collect();
+    let asked = reads_sent(&effects);
     let (b, request) = asked[0].clone();
     step(
         &mut state,
