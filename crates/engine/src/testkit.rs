@@ -29,11 +29,23 @@ pub struct RedisServer {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    // Below Linux's ephemeral range (32768–60999): a port the kernel hands out for binds to
+    // port 0 is also what it hands out as the source port of outgoing connections, so between
+    // being picked here and bound by the process under test it could be taken by any
+    // connection on the machine (the nodes of parallel tests make many). Ports below the range
+    // are only ever taken by a bind; picked at random, parallel tests rarely meet, and a bind
+    // here checks the port is free now.
+    const FIRST: u64 = 20_000;
+    const COUNT: u64 = 12_000;
+    loop {
+        let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+        random.write_u32(std::process::id());
+        let port = (FIRST + random.finish() % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl RedisServer {
