@@ -45,8 +45,6 @@ impl Default for Limits {
 /// What happens to the replicator.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// The members besides this node are now these.
-    Members(Vec<NodeId>),
     /// This node committed writes of its own: push them to every member.
     Committed {
         /// The writes, in sequence order.
@@ -76,7 +74,11 @@ pub enum Input {
         records: Vec<(Key, Record)>,
     },
     /// Time to tell every member what this node has applied, and to trim the log.
-    Sync,
+    Sync {
+        /// The members besides this node, as they are now (commits are pushed to them until
+        /// the next sync).
+        members: Vec<NodeId>,
+    },
 }
 
 /// What the log held of the writes a peer lacks.
@@ -253,7 +255,6 @@ impl Replicator {
     pub fn step(&mut self, input: Input, applied: &VersionVector, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         match input {
-            Input::Members(members) => self.members = members,
             Input::Committed { own } => {
                 for member in &self.members {
                     self.send_writes(member, &own, &mut effects);
@@ -291,7 +292,10 @@ impl Replicator {
                 applied: theirs,
                 records,
             } => self.send_snapshot(peer, theirs, records, now_ms, &mut effects),
-            Input::Sync => self.sync(applied, &mut effects),
+            Input::Sync { members } => {
+                self.members = members;
+                self.sync(applied, &mut effects)
+            }
         }
         effects
     }
@@ -570,7 +574,8 @@ mod tests {
     fn the_log_is_trimmed_only_to_what_every_member_has_applied() {
         let mut replicator = Replicator::new(Limits::default());
         let mine = vector(&[("a", 5)]);
-        replicator.step(Input::Members(vec![node("b"), node("c")]), &mine, 0);
+        let members = || vec![node("b"), node("c")];
+        replicator.step(Input::Sync { members: members() }, &mine, 0);
         let have = |from: &str, applied| Input::Received {
             from: node(from),
             message: Message::CausalHave { applied },
@@ -583,12 +588,12 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert!(
-            trims(replicator.step(Input::Sync, &mine, 1)).is_empty(),
+            trims(replicator.step(Input::Sync { members: members() }, &mine, 1)).is_empty(),
             "c never said"
         );
         replicator.step(have("c", vector(&[("a", 4)])), &mine, 2);
         assert_eq!(
-            trims(replicator.step(Input::Sync, &mine, 3)),
+            trims(replicator.step(Input::Sync { members: members() }, &mine, 3)),
             vec![Effect::Trim {
                 floor: vector(&[("a", 3)])
             }]

@@ -359,10 +359,8 @@ impl Sim {
     fn sync(&mut self, now: u64) {
         for at in 0..self.nodes.len() {
             if self.nodes[at].up {
-                // As the runtime does: the members as they are now, then the sync.
-                let others = self.others(at);
-                self.step(now, at, sync::Input::Members(others));
-                self.step(now, at, sync::Input::Sync);
+                let members = self.others(at);
+                self.step(now, at, sync::Input::Sync { members });
             }
         }
     }
@@ -457,7 +455,7 @@ pub fn run_causal(seed: u64, settings: CausalSettings) -> CausalReport {
     };
     for at in 0..settings.nodes {
         let others = sim.others(at);
-        sim.step(0, at, sync::Input::Members(others));
+        sim.step(0, at, sync::Input::Sync { members: others });
     }
     let keys: Vec<Key> = (0..settings.keys)
         .map(|k| Key::new(format!("tasks:k{k}")).unwrap())
