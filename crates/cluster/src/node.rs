@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentstore_core::crdt::Crdt;
+use agentstore_core::merkle::MerkleTree;
 use agentstore_core::node_state::upkeep::past_grace_tombstone;
 use agentstore_core::node_state::{
     Answer, Call, Caller, Effect, Input, Liveness, NodeState, Observation, Purpose, RepairEvent,
@@ -25,7 +26,8 @@ use agentstore_core::replication::{LocalFailure, Message, Outcome, RequestId};
 use agentstore_core::signing::{check_mutation, check_record};
 use agentstore_core::{Causality, Key, NodeId, Record};
 use agentstore_engine::{
-    Engine, EngineError, EngineMetrics, Instrumented, LocalEngine, PhysicalClock, SystemClock,
+    Committed, Engine, EngineError, EngineMetrics, Instrumented, LocalEngine, PhysicalClock,
+    SystemClock,
 };
 use agentstore_wire::Envelope;
 use prometheus_client::registry::Registry;
@@ -44,6 +46,8 @@ pub use agentstore_core::node_state::{RepairStep, ScanPage};
 const COMMANDS: usize = 1024;
 /// How often the state machine's time advances.
 const TICK: Duration = Duration::from_millis(10);
+/// Inputs handled, at most, before the messages they caused are sent.
+const READY_BATCH: usize = 256;
 /// Hints delivered to one peer per hint interval.
 const HINTS_PER_DELIVERY: usize = 256;
 
@@ -236,9 +240,11 @@ impl Node {
             peer_addr,
             waiting: BTreeMap::new(),
             next_caller: 1,
+            corked: None,
         };
         let signatures = runtime.config.signatures.clone();
-        let task = tokio::spawn(runtime.run(requests, inbox, done, stopped));
+        let commits = engine.commits();
+        let task = tokio::spawn(runtime.run(requests, inbox, done, commits, stopped));
         Self {
             commands,
             transport,
@@ -404,6 +410,8 @@ struct Runtime {
     /// Who waits for each call's answers.
     waiting: BTreeMap<Caller, Waiting>,
     next_caller: Caller,
+    /// Messages held until the inputs ready now are handled (see [`Runtime::run`]).
+    corked: Option<BTreeMap<NodeId, Vec<Envelope>>>,
 }
 
 impl Runtime {
@@ -412,23 +420,55 @@ impl Runtime {
         mut requests: mpsc::Receiver<Command>,
         mut inbox: mpsc::Receiver<Incoming>,
         mut done: mpsc::UnboundedReceiver<Input>,
+        mut commits: mpsc::UnboundedReceiver<Committed>,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         let events = self.membership.start(&self.config.seeds, Instant::now());
         self.membership_events(events);
         loop {
+            // Messages wait until every input ready now is handled: what goes to one peer
+            // leaves in one write.
+            self.corked = Some(BTreeMap::new());
             tokio::select! {
                 _ = stopped.changed() => return,
                 Some(command) = requests.recv() => self.command(command),
                 Some(incoming) = inbox.recv() => self.incoming(incoming),
                 Some(input) = done.recv() => self.step(input),
+                Some(Committed { seq, changes }) = commits.recv() => {
+                    self.step(Input::Committed { seq, changes });
+                }
                 _ = tick.tick() => {
                     let events = self.membership.tick(Instant::now());
                     self.membership_events(events);
                     self.tell_liveness();
                     self.step(Input::Tick);
                 }
+            }
+            for _ in 0..READY_BATCH {
+                let mut handled = false;
+                if let Ok(command) = requests.try_recv() {
+                    self.command(command);
+                    handled = true;
+                }
+                if let Ok(incoming) = inbox.try_recv() {
+                    self.incoming(incoming);
+                    handled = true;
+                }
+                if let Ok(input) = done.try_recv() {
+                    self.step(input);
+                    handled = true;
+                }
+                if let Ok(Committed { seq, changes }) = commits.try_recv() {
+                    self.step(Input::Committed { seq, changes });
+                    handled = true;
+                }
+                if !handled {
+                    break;
+                }
+            }
+            for (to, envelopes) in self.corked.take().unwrap_or_default() {
+                self.transport.send_all(&to, envelopes);
             }
         }
     }
@@ -578,7 +618,10 @@ impl Runtime {
             } => {
                 let mut envelope = Envelope::new(message);
                 envelope.deadline_ms = deadline_ms;
-                self.transport.send(&to, envelope);
+                match self.corked.as_mut() {
+                    Some(corked) => corked.entry(to).or_default().push(envelope),
+                    None => self.transport.send(&to, envelope),
+                }
             }
             Effect::Apply {
                 request,
@@ -661,11 +704,25 @@ impl Runtime {
                 });
             }
             Effect::LoadRecords { job } => {
-                let measured = self.measured.clone();
-                self.off_loop(async move {
-                    let records = all_records(&measured).await;
-                    Some(Input::Records { job, records })
-                });
+                let depth = self.state.settings().fine_depth;
+                self.blocking(
+                    move |engine| match job.buckets() {
+                        None => (job, engine.snapshot(|_| true)),
+                        Some(buckets) => {
+                            let probe = MerkleTree::new(depth);
+                            let loaded =
+                                engine.snapshot(|key| buckets.contains(&probe.bucket(key)));
+                            (job, loaded)
+                        }
+                    },
+                    |(job, loaded)| match loaded {
+                        Ok((seq, records)) => Some(Input::Records { job, seq, records }),
+                        Err(err) => {
+                            tracing::warn!(%err, "loading the local records failed");
+                            Some(Input::LoadFailed { job })
+                        }
+                    },
+                );
             }
             Effect::Purge {
                 key,
@@ -873,25 +930,6 @@ impl Runtime {
             }
         }
     }
-}
-
-/// Every local record, in key order (one scan, page by page).
-async fn all_records(measured: &Instrumented<LocalEngine>) -> Vec<(Key, Record)> {
-    let mut records = Vec::new();
-    let mut after: Option<Key> = None;
-    loop {
-        let page = match measured.scan(b"", after.as_ref(), 1024).await {
-            Ok(page) => page,
-            Err(err) => {
-                tracing::warn!(%err, "loading the local records failed");
-                break;
-            }
-        };
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        records.extend(page);
-    }
-    records
 }
 
 /// The wall clock in milliseconds since the Unix epoch (the engines' `SystemClock`).

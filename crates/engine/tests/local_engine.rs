@@ -203,3 +203,50 @@ async fn hints_are_durable_per_node_and_in_order() {
             .is_empty()
     );
 }
+
+fn digest(key: &Key, record: &agentstore_engine::Record) -> u64 {
+    agentstore_core::merkle::entry_digest(key.as_bytes(), &agentstore_core::codec::encode(record))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_commit_is_reported_in_order_with_the_digests_before_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+    let mut commits = engine.commits();
+    let k = key("k:1");
+    let first = engine
+        .apply(k.clone(), Mutation::Put(b"1".to_vec()))
+        .await
+        .unwrap();
+    let second = engine
+        .apply(k.clone(), Mutation::Put(b"2".to_vec()))
+        .await
+        .unwrap();
+    let one = commits.recv().await.unwrap();
+    let two = commits.recv().await.unwrap();
+    assert_eq!((one.seq, two.seq), (1, 2));
+    let change = |c: &agentstore_engine::Committed| {
+        let changes = c.changes.as_ref().expect("described");
+        assert_eq!(changes.len(), 1);
+        (changes[0].before, changes[0].after)
+    };
+    assert_eq!(change(&one), (None, Some(digest(&k, &first))));
+    assert_eq!(
+        change(&two),
+        (Some(digest(&k, &first)), Some(digest(&k, &second)))
+    );
+    // A snapshot says which commits it holds.
+    let (seq, records) = engine.snapshot(|_| true).unwrap();
+    assert_eq!(seq, 2);
+    assert_eq!(records, vec![(k.clone(), second.clone())]);
+    let (_, none) = engine.snapshot(|key| key != k.as_bytes()).unwrap();
+    assert!(none.is_empty(), "the filter applies");
+    // A purge is a commit too.
+    assert!(engine.purge_if_unchanged(&k, &second).unwrap());
+    let three = commits.recv().await.unwrap();
+    assert_eq!(three.seq, 3);
+    assert_eq!(change(&three), (Some(digest(&k, &second)), None));
+    // A refused purge (the record changed) commits nothing.
+    assert!(!engine.purge_if_unchanged(&k, &second).unwrap());
+    assert!(commits.try_recv().is_err());
+}

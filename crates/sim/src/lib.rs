@@ -20,9 +20,11 @@ mod rng;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use agentstore_core::codec;
+use agentstore_core::merkle::{MerkleTree, entry_digest};
 use agentstore_core::node_state::upkeep::past_grace_tombstone;
 use agentstore_core::node_state::{
-    self, Answer, Call as NodeCall, Caller, Effect, Input, Liveness, NodeState, StoredHint,
+    self, Answer, Call as NodeCall, Caller, Change, Effect, Input, Liveness, NodeState, StoredHint,
 };
 use agentstore_core::placement::Ring;
 use agentstore_core::record::{self, Mutation, Record, Value};
@@ -187,11 +189,31 @@ impl Faults {
     }
 }
 
+impl Node {
+    /// Numbers a change of the store as the engine would, for the state machine's trees.
+    fn commit(&mut self, key: &Key, before: Option<&Record>, after: Option<&Record>) {
+        let digest = |record: &Record| entry_digest(key.as_bytes(), &codec::encode(record));
+        self.commits += 1;
+        self.committed.push(Input::Committed {
+            seq: self.commits,
+            changes: Some(vec![Change {
+                key: key.clone(),
+                before: before.map(digest),
+                after: after.map(digest),
+            }]),
+        });
+    }
+}
+
 /// One simulated node: the state machine and what its runtime keeps.
 pub(crate) struct Node {
     pub(crate) id: NodeId,
     pub(crate) state: NodeState,
     pub(crate) store: BTreeMap<Key, Record>,
+    /// The store's commits so far (what the runtime's engine numbers them by).
+    commits: u64,
+    /// Commits not yet told to the state machine.
+    committed: Vec<Input>,
     hints: BTreeMap<u64, (NodeId, Key, Record)>,
     next_hint: u64,
     clock: HybridClock,
@@ -314,6 +336,8 @@ impl Sim {
             clock: HybridClock::new(id.clone(), 500),
             id,
             store: BTreeMap::new(),
+            commits: 0,
+            committed: Vec::new(),
             hints: BTreeMap::new(),
             next_hint: 1,
             skew_ms,
@@ -371,6 +395,7 @@ impl Sim {
                 if let Some(next) = self.execute(node, effect) {
                     queue.push_back(next);
                 }
+                queue.extend(self.nodes[node].committed.drain(..));
             }
         }
     }
@@ -396,7 +421,8 @@ impl Sim {
                 let n = &mut self.nodes[node];
                 let result = record::apply(n.store.get(&key), &mutation, &mut n.clock, physical);
                 if let Ok(record) = &result {
-                    n.store.insert(key.clone(), record.clone());
+                    let before = n.store.insert(key.clone(), record.clone());
+                    n.commit(&key, before.as_ref(), Some(record));
                     self.applied.push(Applied {
                         key,
                         mutation,
@@ -416,12 +442,20 @@ impl Sim {
                 horizon_ms,
                 ack,
             } => {
-                let store = &mut self.nodes[node].store;
-                match store.get_mut(&key) {
-                    Some(stored) => stored.merge(&record),
+                let n = &mut self.nodes[node];
+                match n.store.get_mut(&key) {
+                    Some(stored) => {
+                        let before = stored.clone();
+                        stored.merge(&record);
+                        let after = stored.clone();
+                        if after != before {
+                            n.commit(&key, Some(&before), Some(&after));
+                        }
+                    }
                     None if past_grace_tombstone(&record, horizon_ms) => {}
                     None => {
-                        store.insert(key, record);
+                        n.commit(&key, None, Some(&record));
+                        n.store.insert(key, record);
                     }
                 }
                 if let Some((to, request)) = ack {
@@ -458,17 +492,26 @@ impl Sim {
                 Some(Input::LocalPage { request, entries })
             }
             Effect::LoadRecords { job } => {
-                let records = self.nodes[node]
+                let n = &self.nodes[node];
+                let probe = MerkleTree::new(n.state.settings().fine_depth);
+                let wanted = |key: &Key| {
+                    job.buckets()
+                        .is_none_or(|buckets| buckets.contains(&probe.bucket(key.as_bytes())))
+                };
+                let records = n
                     .store
                     .iter()
+                    .filter(|(k, _)| wanted(k))
                     .map(|(k, r)| (k.clone(), r.clone()))
                     .collect();
-                Some(Input::Records { job, records })
+                let seq = n.commits;
+                Some(Input::Records { job, seq, records })
             }
             Effect::Purge { key, record, .. } => {
-                let store = &mut self.nodes[node].store;
-                if store.get(&key) == Some(&record) {
-                    store.remove(&key);
+                let n = &mut self.nodes[node];
+                if n.store.get(&key) == Some(&record) {
+                    n.store.remove(&key);
+                    n.commit(&key, Some(&record), None);
                 }
                 None
             }
@@ -702,6 +745,7 @@ impl Sim {
         if self.nodes[node].up {
             self.faults.crashes += 1;
             self.nodes[node].up = false;
+            self.nodes[node].committed.clear();
             self.waiters
                 .retain(|_, w| !matches!(w, Waiter::Leave(n) if *n == node));
             self.detect_everywhere(node, Liveness::Dead);

@@ -109,6 +109,8 @@ pub(crate) struct NodeProcess {
     pub(crate) config: PathBuf,
     pub(crate) data: PathBuf,
     pub(crate) client: SocketAddr,
+    /// Where it speaks RESP.
+    pub(crate) resp: SocketAddr,
     /// Where it listens for peers.
     pub(crate) peer_port: u16,
     pub(crate) child: Option<Child>,
@@ -218,6 +220,7 @@ pub(crate) fn node(
     collections: &str,
 ) -> NodeProcess {
     let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let resp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let data = dir.join(name);
     let peers: String = peers
         .iter()
@@ -225,7 +228,7 @@ pub(crate) fn node(
         .collect();
     let authority = admit(dir, name, &data);
     let yaml = format!(
-        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{peer_port}\n    authority: {authority}\n    clients: open\n    peers:\n{peers}",
+        "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n    strategy: quorum\n    replicas: 3\n    write_quorum: 2\n    read_quorum: 2\n{collections}  cluster:\n    client_addr: {client}\n    resp_addr: {resp}\n    peer_addr: 127.0.0.1:{peer_port}\n    authority: {authority}\n    clients: open\n    peers:\n{peers}",
         data.display(),
     );
     let config = dir.join(format!("{name}.yaml"));
@@ -234,6 +237,7 @@ pub(crate) fn node(
         config,
         data,
         client,
+        resp,
         peer_port,
         child: None,
         env: Vec::new(),

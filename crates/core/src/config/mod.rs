@@ -163,6 +163,8 @@ pub struct ClusterConfig {
     pub client_addr: std::net::SocketAddr,
     /// Where the other nodes reach this one.
     pub peer_addr: std::net::SocketAddr,
+    /// Where the node speaks RESP, the Redis protocol, to clients (`None`: it does not).
+    pub resp_addr: Option<std::net::SocketAddr>,
     /// Every other node and its peer address.
     pub peers: BTreeMap<NodeId, std::net::SocketAddr>,
     /// Who may be a peer.

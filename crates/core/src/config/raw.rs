@@ -47,6 +47,7 @@ struct Storage {
 struct Cluster {
     client_addr: String,
     peer_addr: String,
+    resp_addr: Option<String>,
     #[serde(default)]
     peers: BTreeMap<String, String>,
     authority: Option<String>,
@@ -241,6 +242,11 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
         };
         let client_addr = addr("storage.cluster.client_addr", &cluster.client_addr)?;
         let peer_addr = addr("storage.cluster.peer_addr", &cluster.peer_addr)?;
+        let resp_addr = cluster
+            .resp_addr
+            .as_deref()
+            .map(|text| addr("storage.cluster.resp_addr", text))
+            .transpose()?;
         let mut peers = BTreeMap::new();
         for (id, text) in &cluster.peers {
             let field = format!("storage.cluster.peers.{id}");
@@ -312,6 +318,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
         config.cluster = Some(ClusterConfig {
             client_addr,
             peer_addr,
+            resp_addr,
             peers,
             peer_auth,
             client_auth,

@@ -232,10 +232,26 @@ fn a_cluster_block_names_the_nodes_addresses_and_peers() {
     let text = "storage:\n  node_id: node-a\n  replication:\n    strategy: quorum\n    replicas: 3\n  cluster:\n    client_addr: 127.0.0.1:7001\n    peer_addr: 127.0.0.1:7101\n    authority: ./cluster/authority.key.pub\n    peers:\n      node-b: 127.0.0.1:7102\n      node-c: 127.0.0.1:7103\n";
     let cluster = parse(text).unwrap().cluster.unwrap();
     assert_eq!(cluster.client_addr.port(), 7001);
+    assert_eq!(cluster.resp_addr, None, "no RESP endpoint unless asked for");
     assert_eq!(cluster.peers.len(), 2);
     assert_eq!(
         cluster.peer_auth,
         PeerAuth::Authority("./cluster/authority.key.pub".into())
+    );
+}
+
+#[test]
+fn a_resp_address_is_an_address_or_a_located_error() {
+    let text = format!("{CLUSTER}    insecure: true\n    resp_addr: 127.0.0.1:6380\n");
+    let cluster = parse(&text).unwrap().cluster.unwrap();
+    assert_eq!(cluster.resp_addr, Some("127.0.0.1:6380".parse().unwrap()));
+    let bad = parse(&format!(
+        "{CLUSTER}    insecure: true\n    resp_addr: redis\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (bad.field.as_str(), bad.line),
+        ("storage.cluster.resp_addr", 6)
     );
 }
 

@@ -6,10 +6,15 @@
 //! records are sent only from sub-buckets that differ. A repair does the same with every
 //! member in turn, now, and reports each.
 //!
-//! Each round starts from one load of the local records ([`RecordsJob`]), which also serves
-//! handoff and tombstone collection ([`super::upkeep`]).
+//! The trees follow the local engine's commits ([`super::Input::Committed`]: the digests of
+//! each changed record before and after), so a round compares without reading any record;
+//! only the records of differing sub-buckets are loaded, to be sent. Every [`SWEEP_EVERY`]
+//! rounds a sweep loads every record ([`RecordsJob::Round`]): handoff and tombstone
+//! collection ([`super::upkeep`]) need them, and the trees are rebuilt from them, so nothing
+//! the commits failed to describe outlives a sweep. A load is one snapshot, numbered by the
+//! last commit it includes: commits after it are applied to the rebuilt trees again.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::upkeep::Placed;
 use super::{Answer, Caller, Effect, NodeState, Observation, RepairEvent};
@@ -23,7 +28,26 @@ use crate::replication::Message;
 /// Rounds in which a node compares with every other member once.
 pub const SWEEP_ROUNDS: usize = 8;
 
-/// What a load of every local record ([`super::Effect::LoadRecords`]) is for.
+/// Every how many rounds a round loads every record (handoff, tombstone collection, trees
+/// rebuilt).
+pub const SWEEP_EVERY: u64 = 10;
+
+/// The most commits kept for loads in flight (beyond, the loads are given up).
+const MAX_SINCE_LOAD: usize = 65_536;
+
+/// One record the local engine changed: the digests (`merkle::entry_digest` of the key and
+/// the encoded record) before and after; `None`: absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key.
+    pub key: Key,
+    /// The record's digest before the commit.
+    pub before: Option<u64>,
+    /// Its digest after.
+    pub after: Option<u64>,
+}
+
+/// What a load of local records ([`super::Effect::LoadRecords`]) is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordsJob {
     /// A round: hand off and collect tombstones; with `compare`, compare with the next peer
@@ -51,7 +75,8 @@ pub enum RecordsJob {
         /// Each differing bucket and its fine leaves.
         buckets: Vec<(u32, Vec<u64>)>,
     },
-    /// `to` asked for this node's records in `buckets`.
+    /// Send `to` this node's records in `buckets` (fine buckets): the one job that loads only
+    /// the records of those buckets.
     SendBuckets {
         /// The peer.
         to: NodeId,
@@ -117,6 +142,36 @@ impl Repair {
     }
 }
 
+impl RecordsJob {
+    /// The fine buckets whose records the job needs, if not every record.
+    pub fn buckets(&self) -> Option<&BTreeSet<usize>> {
+        match self {
+            RecordsJob::SendBuckets { buckets, .. } => Some(buckets),
+            _ => None,
+        }
+    }
+}
+
+/// The fine tree of what this node shares with each member, kept current by the commits.
+#[derive(Debug, Default)]
+pub(super) struct Trees {
+    /// `None` until a load of every record built them (and after placement changed).
+    by_peer: Option<BTreeMap<NodeId, MerkleTree>>,
+    /// The last commit the trees include.
+    seq: u64,
+    /// Loads of every record in flight, and the commits seen since the oldest was asked for
+    /// (applied again to the trees a load rebuilds, past its snapshot).
+    loads: usize,
+    since_load: Vec<(u64, Option<Vec<Change>>)>,
+}
+
+impl Trees {
+    /// Placement changed: the trees compare other key sets; the next load rebuilds them.
+    pub(super) fn invalidate(&mut self) {
+        self.by_peer = None;
+    }
+}
+
 /// The tree over `records` (a depth of `depth` levels).
 pub fn tree(depth: u8, records: &[(Key, Record)]) -> MerkleTree {
     let mut tree = MerkleTree::new(depth);
@@ -130,10 +185,90 @@ pub fn tree(depth: u8, records: &[(Key, Record)]) -> MerkleTree {
 }
 
 impl NodeState {
-    /// Every local record has been loaded for `job`.
+    /// Asks for the records `job` needs; a load of every record will rebuild the trees, so
+    /// the commits seen meanwhile are kept.
+    pub(super) fn load(&mut self, job: RecordsJob, effects: &mut Vec<Effect>) {
+        if job.buckets().is_none() {
+            self.trees.loads += 1;
+        }
+        effects.push(Effect::LoadRecords { job });
+    }
+
+    /// Whether the trees are current (a comparison needs no load).
+    pub(super) fn has_trees(&self) -> bool {
+        self.trees.by_peer.is_some()
+    }
+
+    /// The local engine committed `changes` as commit `seq`.
+    pub(super) fn committed(&mut self, seq: u64, changes: Option<Vec<Change>>) {
+        if self.trees.loads > 0 {
+            if self.trees.since_load.len() >= MAX_SINCE_LOAD {
+                // A load that takes this long is as good as lost: forget it, and let the next
+                // round load again.
+                self.trees.since_load.clear();
+                self.trees.loads = 0;
+                self.trees.by_peer = None;
+            } else {
+                self.trees.since_load.push((seq, changes.clone()));
+            }
+        }
+        self.apply_commit(seq, changes.as_deref());
+    }
+
+    /// A load failed: nothing comes back for it.
+    pub(super) fn load_failed(&mut self, job: RecordsJob) {
+        if job.buckets().is_none() {
+            self.trees.loads = self.trees.loads.saturating_sub(1);
+            if self.trees.loads == 0 {
+                self.trees.since_load.clear();
+            }
+        }
+        if matches!(job, RecordsJob::Round { compare: true }) {
+            self.round_loading = false;
+        }
+    }
+
+    /// Applies one commit to the trees, unless they include it already.
+    fn apply_commit(&mut self, seq: u64, changes: Option<&[Change]>) {
+        if seq <= self.trees.seq {
+            return;
+        }
+        self.trees.seq = seq;
+        let Some(changes) = changes else {
+            // Changes nobody described: the trees are unknown until the next load.
+            self.trees.by_peer = None;
+            return;
+        };
+        let Some(mut trees) = self.trees.by_peer.take() else {
+            return;
+        };
+        let me = self.settings.id.clone();
+        for change in changes {
+            let replicas = self.replicas(&change.key);
+            if !replicas.contains(&me) {
+                continue;
+            }
+            for replica in replicas.iter().filter(|r| **r != me) {
+                if let Some(tree) = trees.get_mut(replica) {
+                    let key = change.key.as_bytes();
+                    if let Some(before) = change.before {
+                        tree.remove(key, before);
+                    }
+                    if let Some(after) = change.after {
+                        tree.insert(key, after);
+                    }
+                }
+            }
+        }
+        self.trees.by_peer = Some(trees);
+    }
+
+    /// The local records `job` asked for have been loaded, in a snapshot that includes the
+    /// commits up to `seq`.
     pub(super) fn records(
         &mut self,
         job: RecordsJob,
+        seq: u64,
         records: Vec<(Key, Record)>,
         now_ms: u64,
         effects: &mut Vec<Effect>,
@@ -145,6 +280,11 @@ impl NodeState {
                 (key, record, replicas)
             })
             .collect();
+        if let RecordsJob::SendBuckets { to, buckets } = &job {
+            self.send_buckets(to, buckets, &placed, effects);
+            return;
+        }
+        self.rebuild_trees(seq, &placed);
         match job {
             RecordsJob::Round { compare } => {
                 if compare {
@@ -152,95 +292,170 @@ impl NodeState {
                 }
                 self.hand_off(&placed, now_ms, effects);
                 self.collect_tombstones(&placed, now_ms, effects);
-                let peers: Vec<NodeId> = self.members.keys().cloned().collect();
-                if compare && !peers.is_empty() {
-                    // Every member once per `SWEEP_ROUNDS` rounds: a few peers a round in a
-                    // large cluster, rather than one, whose sweep would take as many rounds as
-                    // there are members.
-                    for _ in 0..peers.len().div_ceil(SWEEP_ROUNDS) {
-                        let peer = peers[self.next_peer % peers.len()].clone();
-                        self.next_peer += 1;
-                        self.compare_with(&peer, &placed, effects);
-                    }
+                if compare {
+                    self.compare_round(effects);
                 }
             }
             RecordsJob::Repair { member } => {
                 let current = self.repair.as_ref().and_then(|r| r.current.as_ref());
                 if current.is_some_and(|(m, _)| *m == member) {
-                    self.compare_with(&member, &placed, effects);
+                    self.compare_with(&member, effects);
                 }
             }
-            RecordsJob::CompareTrees { from, leaves } => {
-                let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
-                let Some(theirs) = MerkleTree::from_leaves(coarse, leaves) else {
-                    return;
-                };
-                let ours = tree(fine, &self.shared_in(&placed, &from));
-                let width = 1usize << (fine - coarse);
-                let buckets = ours
-                    .coarsen(coarse)
-                    .diff(&theirs)
-                    .into_iter()
-                    .map(|b| (b as u32, ours.leaves()[b * width..(b + 1) * width].to_vec()))
-                    .collect();
-                // Always answered, even with no bucket: the comparison is complete (a repair
-                // waits for it).
-                effects.push(Effect::Send {
-                    to: from,
-                    message: Message::SubLeaves {
-                        depth: fine,
-                        coarse,
-                        buckets,
-                    },
-                    deadline_ms: 0,
-                });
-            }
+            RecordsJob::CompareTrees { from, leaves } => self.answer_leaves(from, leaves, effects),
             RecordsJob::CompareSubLeaves { from, buckets } => {
-                let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
-                let ours = tree(fine, &self.shared_in(&placed, &from));
-                let width = 1usize << (fine - coarse);
-                let mut differing = BTreeSet::new();
-                for (bucket, theirs) in buckets {
-                    let first = bucket as usize * width;
-                    for (i, leaf) in theirs.iter().enumerate() {
-                        if ours.leaves().get(first + i) != Some(leaf) {
-                            differing.insert(first + i);
-                        }
-                    }
-                }
-                self.repair_answered(&from, differing.len(), effects);
-                self.send_buckets(&from, &differing, &placed, effects);
-                if !differing.is_empty() {
-                    effects.push(Effect::Send {
-                        to: from,
-                        message: Message::Buckets {
-                            depth: fine,
-                            buckets: differing.into_iter().map(|b| b as u32).collect(),
-                        },
-                        deadline_ms: 0,
-                    });
+                self.compare_sub_leaves(&from, buckets, Some(&placed), effects)
+            }
+            RecordsJob::SendBuckets { .. } => unreachable!("handled above"),
+        }
+    }
+
+    /// Rebuilds the trees from a snapshot including the commits up to `seq`, then applies
+    /// the commits seen since that are not in it.
+    fn rebuild_trees(&mut self, seq: u64, placed: &[Placed]) {
+        let fine = self.settings.fine_depth;
+        let me = &self.settings.id;
+        let mut trees: BTreeMap<NodeId, MerkleTree> = self
+            .members
+            .keys()
+            .map(|member| (member.clone(), MerkleTree::new(fine)))
+            .collect();
+        for (key, record, replicas) in placed {
+            if !replicas.contains(me) {
+                continue;
+            }
+            // Each record encoded and digested once, whatever the number of members.
+            let digest = entry_digest(key.as_bytes(), &codec::encode(record));
+            for replica in replicas.iter().filter(|r| *r != me) {
+                if let Some(tree) = trees.get_mut(replica) {
+                    tree.insert(key.as_bytes(), digest);
                 }
             }
-            RecordsJob::SendBuckets { to, buckets } => {
-                self.send_buckets(&to, &buckets, &placed, effects)
+        }
+        self.trees.by_peer = Some(trees);
+        self.trees.seq = seq;
+        let since = std::mem::take(&mut self.trees.since_load);
+        for (seq, changes) in &since {
+            self.apply_commit(*seq, changes.as_deref());
+        }
+        self.trees.loads = self.trees.loads.saturating_sub(1);
+        if self.trees.loads > 0 {
+            self.trees.since_load = since;
+        }
+    }
+
+    /// A round: compares with the next members of the sweep. Every member once per
+    /// `SWEEP_ROUNDS` rounds: a few peers a round in a large cluster, rather than one, whose
+    /// sweep would take as many rounds as there are members.
+    pub(super) fn compare_round(&mut self, effects: &mut Vec<Effect>) {
+        let peers: Vec<NodeId> = self.members.keys().cloned().collect();
+        if peers.is_empty() {
+            return;
+        }
+        for _ in 0..peers.len().div_ceil(SWEEP_ROUNDS) {
+            let peer = peers[self.next_peer % peers.len()].clone();
+            self.next_peer += 1;
+            self.compare_with(&peer, effects);
+        }
+    }
+
+    /// The current fine tree of what this node shares with `peer` (empty if none).
+    fn tree_with(&self, peer: &NodeId) -> MerkleTree {
+        self.trees
+            .by_peer
+            .as_ref()
+            .and_then(|trees| trees.get(peer).cloned())
+            .unwrap_or_else(|| MerkleTree::new(self.settings.fine_depth))
+    }
+
+    /// `from` sent the coarse leaves of its tree: answer with the fine leaves of every coarse
+    /// bucket that differs (always, even with none: the comparison is then complete).
+    pub(super) fn answer_leaves(
+        &mut self,
+        from: NodeId,
+        leaves: Vec<u64>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
+        let Some(theirs) = MerkleTree::from_leaves(coarse, leaves) else {
+            return;
+        };
+        let ours = self.tree_with(&from);
+        let width = 1usize << (fine - coarse);
+        let buckets = ours
+            .coarsen(coarse)
+            .diff(&theirs)
+            .into_iter()
+            .map(|b| (b as u32, ours.leaves()[b * width..(b + 1) * width].to_vec()))
+            .collect();
+        effects.push(Effect::Send {
+            to: from,
+            message: Message::SubLeaves {
+                depth: fine,
+                coarse,
+                buckets,
+            },
+            deadline_ms: 0,
+        });
+    }
+
+    /// `from` answered this node's comparison with the fine leaves of the coarse buckets that
+    /// differ: this node sends its records of the fine buckets that differ (from `placed` if
+    /// loaded, else by loading them). In a repair it also asks for `from`'s records of them
+    /// (`Buckets`); in a round it does not, since `from`'s own rounds push them here.
+    pub(super) fn compare_sub_leaves(
+        &mut self,
+        from: &NodeId,
+        buckets: Vec<(u32, Vec<u64>)>,
+        placed: Option<&[Placed]>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let (coarse, fine) = (self.settings.tree_depth, self.settings.fine_depth);
+        let ours = self.tree_with(from);
+        let width = 1usize << (fine - coarse);
+        let mut differing = BTreeSet::new();
+        for (bucket, theirs) in buckets {
+            let first = bucket as usize * width;
+            for (i, leaf) in theirs.iter().enumerate() {
+                if ours.leaves().get(first + i) != Some(leaf) {
+                    differing.insert(first + i);
+                }
+            }
+        }
+        let repairing = self
+            .repair
+            .as_ref()
+            .and_then(|r| r.current.as_ref())
+            .is_some_and(|(m, _)| m == from);
+        self.repair_answered(from, differing.len(), effects);
+        if differing.is_empty() {
+            return;
+        }
+        if repairing {
+            effects.push(Effect::Send {
+                to: from.clone(),
+                message: Message::Buckets {
+                    depth: fine,
+                    buckets: differing.iter().map(|b| *b as u32).collect(),
+                },
+                deadline_ms: 0,
+            });
+        }
+        match placed {
+            Some(placed) => self.send_buckets(from, &differing, placed, effects),
+            None => {
+                let job = RecordsJob::SendBuckets {
+                    to: from.clone(),
+                    buckets: differing,
+                };
+                self.load(job, effects);
             }
         }
     }
 
-    /// The records of `placed` whose key both this node and `peer` replicate.
-    fn shared_in(&self, placed: &[Placed], peer: &NodeId) -> Vec<(Key, Record)> {
-        placed
-            .iter()
-            .filter(|(_, _, replicas)| {
-                replicas.contains(peer) && replicas.contains(&self.settings.id)
-            })
-            .map(|(key, record, _)| (key.clone(), record.clone()))
-            .collect()
-    }
-
-    /// Sends `peer` the leaves of the tree of what we share, after the departures we know
-    /// (placement must agree before trees can).
-    fn compare_with(&mut self, peer: &NodeId, placed: &[Placed], effects: &mut Vec<Effect>) {
+    /// Sends `peer` the coarse leaves of the tree of what we share, after the departures we
+    /// know (placement must agree before trees can).
+    fn compare_with(&mut self, peer: &NodeId, effects: &mut Vec<Effect>) {
         if !self.departed.is_empty() {
             effects.push(Effect::Send {
                 to: peer.clone(),
@@ -251,7 +466,7 @@ impl NodeState {
             });
         }
         let depth = self.settings.tree_depth;
-        let tree = tree(self.settings.fine_depth, &self.shared_in(placed, peer)).coarsen(depth);
+        let tree = self.tree_with(peer).coarsen(depth);
         effects.push(Effect::Send {
             to: peer.clone(),
             message: Message::TreeLeaves {
@@ -262,7 +477,7 @@ impl NodeState {
         });
     }
 
-    /// Sends `peer` our records in `buckets` (it merges them).
+    /// Sends `peer` our records in `buckets` (it merges them): those of keys both replicate.
     fn send_buckets(
         &mut self,
         peer: &NodeId,
@@ -274,15 +489,17 @@ impl NodeState {
             return;
         }
         let probe = MerkleTree::new(self.settings.fine_depth);
-        for (key, record) in self.shared_in(placed, peer) {
-            if buckets.contains(&probe.bucket(key.as_bytes())) {
+        let me = &self.settings.id;
+        for (key, record, replicas) in placed {
+            let shared = replicas.contains(peer) && replicas.contains(me);
+            if shared && buckets.contains(&probe.bucket(key.as_bytes())) {
                 effects.push(Effect::Observe(Observation::Repaired));
                 effects.push(Effect::Send {
                     to: peer.clone(),
                     message: Message::Replicate {
                         request: 0,
-                        key,
-                        record,
+                        key: key.clone(),
+                        record: record.clone(),
                     },
                     deadline_ms: 0,
                 });
@@ -322,9 +539,7 @@ impl NodeState {
         match repair.queue.pop_front() {
             Some(member) => {
                 repair.current = Some((member.clone(), now_ms + wait));
-                effects.push(Effect::LoadRecords {
-                    job: RecordsJob::Repair { member },
-                });
+                self.load(RecordsJob::Repair { member }, effects);
             }
             None => {
                 effects.push(Effect::Answer {

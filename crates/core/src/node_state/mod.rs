@@ -36,7 +36,7 @@ use crate::placement::Ring;
 use crate::record::{Mutation, Record};
 use crate::replication::{self, Coordinator, LocalFailure, Message, Outcome, RequestId};
 
-pub use anti_entropy::{RecordsJob, RepairStep};
+pub use anti_entropy::{Change, RecordsJob, RepairStep, SWEEP_EVERY};
 pub use scans::ScanPage;
 pub use upkeep::{Purpose, StoredHint};
 
@@ -269,12 +269,29 @@ pub enum Input {
         /// The records.
         entries: Vec<(Key, Record)>,
     },
-    /// [`Effect::LoadRecords`] is done: every local record, in key order.
+    /// [`Effect::LoadRecords`] is done: the local records it asked for (every one, or those
+    /// of the fine buckets of [`RecordsJob::buckets`]), in key order, read in one snapshot.
     Records {
         /// What they were loaded for.
         job: RecordsJob,
+        /// The last commit the snapshot includes (as numbered in [`Input::Committed`]).
+        seq: u64,
         /// The records.
         records: Vec<(Key, Record)>,
+    },
+    /// [`Effect::LoadRecords`] failed (the engine could not read): nothing was loaded.
+    LoadFailed {
+        /// What the load was for.
+        job: RecordsJob,
+    },
+    /// The local engine committed changes to records (any write: a coordinated write, a
+    /// merge, a purge), numbered in commit order; `None`: it changed records it cannot
+    /// describe. The anti-entropy trees follow these, so a comparison needs no load.
+    Committed {
+        /// The commit's number.
+        seq: u64,
+        /// What changed.
+        changes: Option<Vec<Change>>,
     },
     /// [`Effect::LoadHints`] is done.
     Hints {
@@ -371,7 +388,8 @@ pub enum Effect {
         /// At most this many records.
         limit: usize,
     },
-    /// Load every local record, then feed [`Input::Records`].
+    /// Load every local record (or, when [`RecordsJob::buckets`] says so, those of some fine
+    /// buckets) in one snapshot, then feed [`Input::Records`].
     LoadRecords {
         /// What for.
         job: RecordsJob,
@@ -489,6 +507,11 @@ pub struct NodeState {
     observed_ms: u64,
     /// A round's records are being loaded (one round at a time).
     round_loading: bool,
+    /// The anti-entropy trees, kept current by the engine's commits (dropped when placement
+    /// changes: trees of another placement compare other key sets; rebuilt by a load).
+    trees: anti_entropy::Trees,
+    /// Rounds run, for the sweeps (a load of every record) every [`SWEEP_EVERY`] rounds.
+    rounds: u64,
     /// The time of the last [`Input::Tick`].
     last_tick_ms: u64,
     /// The replicas of the sample keys quorum reachability is measured on, under the current
@@ -523,6 +546,8 @@ impl NodeState {
             next_hints_ms: now_ms + settings.hint_interval_ms,
             observed_ms: now_ms,
             round_loading: false,
+            trees: anti_entropy::Trees::default(),
+            rounds: 0,
             last_tick_ms: now_ms,
             samples: None,
             settings,
@@ -612,7 +637,11 @@ impl NodeState {
             Input::LocalPage { request, entries } => {
                 self.local_page(request, entries, &mut effects)
             }
-            Input::Records { job, records } => self.records(job, records, now_ms, &mut effects),
+            Input::Records { job, seq, records } => {
+                self.records(job, seq, records, now_ms, &mut effects)
+            }
+            Input::Committed { seq, changes } => self.committed(seq, changes),
+            Input::LoadFailed { job } => self.load_failed(job),
             Input::Hints { peer, hints } => self.deliver_hints(peer, hints, now_ms, &mut effects),
             Input::Liveness { member, liveness } => self.liveness(member, liveness, &mut effects),
             Input::Tick => self.tick(now_ms, &mut effects),
@@ -688,9 +717,7 @@ impl NodeState {
                 });
                 leaving.callers.push(caller);
                 self.rebuild_ring(effects);
-                effects.push(Effect::LoadRecords {
-                    job: RecordsJob::Round { compare: false },
-                });
+                self.load(RecordsJob::Round { compare: false }, effects);
             }
         }
     }
@@ -784,9 +811,13 @@ impl NodeState {
             }
             Message::TreeLeaves { depth, leaves } => {
                 if depth == self.settings.tree_depth {
-                    effects.push(Effect::LoadRecords {
-                        job: RecordsJob::CompareTrees { from, leaves },
-                    });
+                    // Answered from the trees the commits keep current: a comparison costs
+                    // no load of every record.
+                    if self.has_trees() {
+                        self.answer_leaves(from, leaves, effects);
+                    } else {
+                        self.load(RecordsJob::CompareTrees { from, leaves }, effects);
+                    }
                 }
             }
             Message::SubLeaves {
@@ -798,18 +829,16 @@ impl NodeState {
                 let fits = depth == self.settings.fine_depth
                     && coarse == self.settings.tree_depth
                     && buckets.iter().all(|(_, leaves)| leaves.len() == width);
-                if fits {
-                    effects.push(Effect::LoadRecords {
-                        job: RecordsJob::CompareSubLeaves { from, buckets },
-                    });
+                if fits && self.has_trees() {
+                    self.compare_sub_leaves(&from, buckets, None, effects);
+                } else if fits {
+                    self.load(RecordsJob::CompareSubLeaves { from, buckets }, effects);
                 }
             }
             Message::Buckets { depth, buckets } => {
                 if depth == self.settings.fine_depth && !buckets.is_empty() {
                     let buckets = buckets.into_iter().map(|b| b as usize).collect();
-                    effects.push(Effect::LoadRecords {
-                        job: RecordsJob::SendBuckets { to: from, buckets },
-                    });
+                    self.load(RecordsJob::SendBuckets { to: from, buckets }, effects);
                 }
             }
             Message::ReadReply { request, record } => match self.jobs.get(&request) {
@@ -974,6 +1003,7 @@ impl NodeState {
 
     /// Placement over the members; a leaving node places nothing on itself.
     fn rebuild_ring(&mut self, effects: &mut Vec<Effect>) {
+        self.trees.invalidate();
         let mut nodes: Vec<NodeId> = self.members.keys().cloned().collect();
         if self.places_on_itself() {
             nodes.push(self.settings.id.clone());
@@ -999,10 +1029,16 @@ impl NodeState {
         }
         if now_ms >= self.next_round_ms && !self.round_loading {
             self.next_round_ms = now_ms + self.settings.anti_entropy_interval_ms;
-            self.round_loading = true;
-            effects.push(Effect::LoadRecords {
-                job: RecordsJob::Round { compare: true },
-            });
+            self.rounds += 1;
+            // A sweep loads every record: handoff and tombstone collection need them, and the
+            // trees are rebuilt (so no drift outlives a sweep). Between sweeps a round compares
+            // from the trees the commits keep current.
+            if !self.has_trees() || self.rounds.is_multiple_of(SWEEP_EVERY) {
+                self.round_loading = true;
+                self.load(RecordsJob::Round { compare: true }, effects);
+            } else {
+                self.compare_round(effects);
+            }
         }
     }
 

@@ -228,6 +228,7 @@ fn a_leave_hands_every_record_over_before_it_leaves() {
     assert_eq!(state.replicas(&k), vec![id("b")], "placement without a");
     let records = |records: Vec<(Key, Record)>| Input::Records {
         job: RecordsJob::Round { compare: false },
+        seq: 0,
         records,
     };
     let effects = step(&mut state, records(vec![(k.clone(), r.clone())]), 11);
@@ -292,6 +293,7 @@ fn a_leave_that_cannot_hand_over_in_time_fails_and_the_node_stays() {
     );
     let records = Input::Records {
         job: RecordsJob::Round { compare: false },
+        seq: 0,
         records: vec![(k.clone(), record("v", 1))],
     };
     let effects = step(&mut state, records, 60_001);
@@ -345,6 +347,7 @@ fn a_departure_passed_on_takes_the_node_out_of_placement_for_good() {
     // It passes the departure on with its next comparison.
     let round = Input::Records {
         job: RecordsJob::Round { compare: true },
+        seq: 0,
         records: Vec::new(),
     };
     let messages = sent(&step(&mut state, round, 2));
@@ -413,6 +416,7 @@ fn a_tombstone_is_collected_only_when_every_other_replica_holds_it_or_nothing() 
     tombstone.value = Value::Register(None);
     let round = |records| Input::Records {
         job: RecordsJob::Round { compare: false },
+        seq: 0,
         records,
     };
     let past_grace = Settings::new(id("a"), 3, 1, 1).tombstone_grace_ms + 2;
@@ -473,4 +477,175 @@ fn validate_names_a_request_that_outlived_its_deadline() {
     state.last_tick_ms = 10_000;
     let broken = state.validate().unwrap_err();
     assert!(broken.contains("outlived its deadline"), "{broken}");
+}
+
+/// The coarse leaves `state` sends `to` in the comparison of a round run at `now_ms` (a
+/// round between sweeps, from the trees the commits keep current: nothing is loaded).
+fn leaves_compared(state: &mut NodeState, to: &str, now_ms: u64) -> Vec<u64> {
+    let effects = step(state, Input::Tick, now_ms);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::LoadRecords { .. })),
+        "a round between sweeps loads nothing: {effects:?}"
+    );
+    sent(&effects)
+        .into_iter()
+        .find_map(|(peer, message)| match message {
+            Message::TreeLeaves { leaves, .. } if peer == id(to) => Some(leaves),
+            _ => None,
+        })
+        .expect("compared with the peer")
+}
+
+/// A node `a` with `b` (N = 2) whose trees were built by a load of `records` (snapshot
+/// `seq`).
+fn loaded(records: &BTreeMap<Key, Record>, seq: u64) -> NodeState {
+    let mut state = node(&["b"], 2);
+    let load = Input::Records {
+        job: RecordsJob::Round { compare: false },
+        seq,
+        records: records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect(),
+    };
+    step(&mut state, load, 1);
+    state
+}
+
+fn digest(key: &Key, record: &Record) -> u64 {
+    crate::merkle::entry_digest(key.as_bytes(), &crate::codec::encode(record))
+}
+
+/// Applies a put to `store` and says what changed, as the engine's commit feed would.
+fn commit(store: &mut BTreeMap<Key, Record>, key: &Key, record: Record) -> Change {
+    let before = store.insert(key.clone(), record.clone());
+    Change {
+        key: key.clone(),
+        before: before.map(|b| digest(key, &b)),
+        after: Some(digest(key, &record)),
+    }
+}
+
+proptest::proptest! {
+    /// Trees that follow the commits equal trees rebuilt from the records the commits left,
+    /// whatever the writes and deletes: a round between sweeps compares what a sweep would.
+    #[test]
+    fn trees_that_follow_commits_equal_trees_rebuilt_from_the_records(
+        writes in proptest::collection::vec((0u8..16, 0u8..4, proptest::bool::ANY), 1..40),
+    ) {
+        let mut store = BTreeMap::new();
+        let mut state = loaded(&store, 0);
+        for (seq, (k, v, purge)) in writes.into_iter().enumerate() {
+            let k = key(&format!("k:{k}"));
+            let change = match store.get(&k) {
+                Some(old) if purge => {
+                    let change = Change {
+                        key: k.clone(),
+                        before: Some(digest(&k, old)),
+                        after: None,
+                    };
+                    store.remove(&k);
+                    change
+                }
+                _ => commit(&mut store, &k, record(&v.to_string(), u64::from(v))),
+            };
+            let committed = Input::Committed { seq: seq as u64 + 1, changes: Some(vec![change]) };
+            step(&mut state, committed, 2);
+        }
+        let interval = state.settings().anti_entropy_interval_ms;
+        let mut rebuilt = loaded(&store, 0);
+        proptest::prop_assert_eq!(
+            leaves_compared(&mut state, "b", interval + 1),
+            leaves_compared(&mut rebuilt, "b", interval + 1)
+        );
+    }
+}
+
+#[test]
+fn commits_past_a_loads_snapshot_are_applied_to_the_trees_it_rebuilds() {
+    let mut store = BTreeMap::new();
+    let mut state = node(&["b"], 2);
+    // A peer's comparison finds no trees: a load is asked for.
+    let compare = Input::Received {
+        from: id("b"),
+        message: Message::TreeLeaves {
+            depth: state.settings().tree_depth,
+            leaves: vec![0; 1 << state.settings().tree_depth],
+        },
+        deadline_ms: 0,
+    };
+    let effects = step(&mut state, compare, 1);
+    let job = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::LoadRecords { job } => Some(job.clone()),
+            _ => None,
+        })
+        .expect("a load");
+    // Two commits arrive before the load's result; its snapshot includes only the first.
+    let first = commit(&mut store, &key("k:1"), record("one", 1));
+    let snapshot: Vec<(Key, Record)> = store.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+    let second = commit(&mut store, &key("k:2"), record("two", 2));
+    step(
+        &mut state,
+        Input::Committed {
+            seq: 1,
+            changes: Some(vec![first.clone()]),
+        },
+        2,
+    );
+    step(
+        &mut state,
+        Input::Committed {
+            seq: 2,
+            changes: Some(vec![second]),
+        },
+        2,
+    );
+    let load = Input::Records {
+        job,
+        seq: 1,
+        records: snapshot,
+    };
+    step(&mut state, load, 3);
+    // A late report of a commit the snapshot holds changes nothing.
+    step(
+        &mut state,
+        Input::Committed {
+            seq: 1,
+            changes: Some(vec![first]),
+        },
+        3,
+    );
+    let interval = state.settings().anti_entropy_interval_ms;
+    let mut rebuilt = loaded(&store, 2);
+    assert_eq!(
+        leaves_compared(&mut state, "b", interval + 1),
+        leaves_compared(&mut rebuilt, "b", interval + 1),
+        "the trees hold both commits, once each"
+    );
+}
+
+#[test]
+fn an_undescribed_commit_leaves_the_trees_to_the_next_load() {
+    let store = BTreeMap::new();
+    let mut state = loaded(&store, 0);
+    step(
+        &mut state,
+        Input::Committed {
+            seq: 1,
+            changes: None,
+        },
+        2,
+    );
+    let interval = state.settings().anti_entropy_interval_ms;
+    let effects = step(&mut state, Input::Tick, interval + 1);
+    assert!(
+        effects.contains(&Effect::LoadRecords {
+            job: RecordsJob::Round { compare: true }
+        }),
+        "the round loads every record: {effects:?}"
+    );
 }

@@ -8,10 +8,12 @@
 //! a redb read transaction is an in-memory snapshot lookup that takes microseconds, cheaper
 //! than a hop to a blocking pool.
 
+mod changes;
 mod hints;
 mod purge;
 mod writer;
 
+pub use changes::Committed;
 pub use hints::Hint;
 
 use std::fmt;
@@ -55,6 +57,7 @@ struct Shared {
     path: PathBuf,
     clock: Arc<NodeClock>,
     turn: writer::Turn,
+    feed: Arc<changes::Feed>,
     queue: Option<mpsc::Sender<writer::Request>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -123,10 +126,12 @@ impl LocalEngine {
         let db = Arc::new(FileHandle::new(&path, db, reopen));
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let turn = writer::Turn::default();
+        let feed = Arc::new(changes::Feed::default());
         let writer = writer::spawn(
             Arc::clone(&db),
             Arc::clone(&clock),
             Arc::clone(&turn),
+            Arc::clone(&feed),
             requests,
         )
         .map_err(EngineError::storage)?;
@@ -136,6 +141,7 @@ impl LocalEngine {
                 path,
                 clock,
                 turn,
+                feed,
                 queue: Some(queue),
                 writer: Mutex::new(Some(writer)),
             }),
@@ -289,7 +295,12 @@ impl Engine for LocalEngine {
         {
             let shared = &self.shared;
             return tokio::task::block_in_place(|| {
-                writer::commit_now(&shared.db, &shared.clock, &writer::Op::Commit(writes))
+                writer::commit_now(
+                    &shared.db,
+                    &shared.clock,
+                    &shared.feed,
+                    &writer::Op::Commit(writes),
+                )
             });
         }
         self.request(writer::Op::Commit(writes)).await

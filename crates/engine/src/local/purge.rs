@@ -5,6 +5,7 @@
 use agentstore_core::codec;
 use redb::ReadableTable;
 
+use super::changes::Gathered;
 use super::{DATA, LocalEngine};
 use crate::error::EngineError;
 use crate::{Key, Record};
@@ -15,18 +16,23 @@ impl LocalEngine {
     /// Blocks the calling thread for the commit: call it from a blocking context.
     pub fn purge_if_unchanged(&self, key: &Key, expected: &Record) -> Result<bool, EngineError> {
         let txn = self.write_txn()?;
+        let mut gathered = Gathered::default();
         let purged = {
             let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
+            let expected = codec::encode(expected);
             let unchanged = table
                 .get(key.as_bytes())
                 .map_err(EngineError::storage)?
-                .is_some_and(|stored| stored.value() == codec::encode(expected).as_slice());
+                .is_some_and(|stored| stored.value() == expected.as_slice());
             if unchanged {
                 table.remove(key.as_bytes()).map_err(EngineError::storage)?;
+                gathered.record(key, Some(&expected), None);
             }
             unchanged
         };
-        txn.commit().map_err(EngineError::storage)?;
+        self.shared
+            .feed
+            .commit(gathered, || txn.commit().map_err(EngineError::storage))?;
         Ok(purged)
     }
 }

@@ -11,6 +11,7 @@ use crate::file_handle::FileHandle as Handle;
 use crate::redb_file::write_failure;
 use tokio::sync::{mpsc, oneshot};
 
+use super::changes::{Feed, Gathered};
 use super::{DATA, FENCES};
 use crate::batch;
 use crate::clock::NodeClock;
@@ -42,6 +43,7 @@ pub(super) fn spawn(
     db: Arc<Handle>,
     clock: Arc<NodeClock>,
     turn: Turn,
+    feed: Arc<Feed>,
     mut requests: mpsc::Receiver<Request>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -49,7 +51,7 @@ pub(super) fn spawn(
         .spawn(move || {
             while let Some(mut group) = group_commit::next_group(&mut requests) {
                 let _turn = turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                commit_group(&db, &clock, &mut group);
+                commit_group(&db, &clock, &feed, &mut group);
             }
         })
 }
@@ -57,9 +59,9 @@ pub(super) fn spawn(
 /// Applies every request of the group in one transaction, commits (fsync), then replies.
 /// A request whose own checks fail gets its error and writes nothing; the others proceed.
 /// If the commit itself fails, every request gets the error: none was acknowledged.
-fn commit_group(db: &Handle, clock: &NodeClock, group: &mut Vec<Request>) {
+fn commit_group(db: &Handle, clock: &NodeClock, feed: &Feed, group: &mut Vec<Request>) {
     let ops: Vec<&Op> = group.iter().map(|r| &r.op).collect();
-    let outcomes = match committed(db, clock, &ops) {
+    let outcomes = match committed(db, clock, feed, &ops) {
         Ok(outcomes) => outcomes,
         Err(err) => group.iter().map(|_| Err(err.for_each_request())).collect(),
     };
@@ -72,8 +74,8 @@ fn commit_group(db: &Handle, clock: &NodeClock, group: &mut Vec<Request>) {
 type Outcome = Result<Vec<Record>, EngineError>;
 
 /// Applies one request on the calling thread (the caller holds the turn).
-pub(super) fn commit_now(db: &Handle, clock: &NodeClock, op: &Op) -> Outcome {
-    committed(db, clock, &[op])?.pop().unwrap_or_else(|| {
+pub(super) fn commit_now(db: &Handle, clock: &NodeClock, feed: &Feed, op: &Op) -> Outcome {
+    committed(db, clock, feed, &[op])?.pop().unwrap_or_else(|| {
         Err(EngineError::Internal {
             detail: "a one-batch group returned no outcome".into(),
         })
@@ -82,8 +84,15 @@ pub(super) fn commit_now(db: &Handle, clock: &NodeClock, op: &Op) -> Outcome {
 
 /// [`apply_group`] on the file's current handle; a failure gives the handle up (see
 /// [`Handle`]), so the next group opens the file again.
-fn committed(db: &Handle, clock: &NodeClock, group: &[&Op]) -> Result<Vec<Outcome>, EngineError> {
-    let outcome = db.get().and_then(|open| apply_group(&open, clock, group));
+fn committed(
+    db: &Handle,
+    clock: &NodeClock,
+    feed: &Feed,
+    group: &[&Op],
+) -> Result<Vec<Outcome>, EngineError> {
+    let outcome = db
+        .get()
+        .and_then(|open| apply_group(&open, clock, feed, group));
     match &outcome {
         Ok(_) => db.succeeded(),
         Err(err) => db.failed(err),
@@ -94,10 +103,13 @@ fn committed(db: &Handle, clock: &NodeClock, group: &[&Op]) -> Result<Vec<Outcom
 fn apply_group(
     db: &Database,
     clock: &NodeClock,
+    feed: &Feed,
     group: &[&Op],
 ) -> Result<Vec<Outcome>, EngineError> {
     let txn = db.begin_write().map_err(write_failure)?;
     let mut outcomes = Vec::with_capacity(group.len());
+    let gather = feed.on();
+    let mut gathered = Gathered::default();
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let mut fences = txn.open_table(FENCES).map_err(EngineError::storage)?;
@@ -107,6 +119,8 @@ fn apply_group(
             let writes = match op {
                 Op::Commit(writes) => writes,
                 Op::Prepare(..) | Op::Resolve(..) => {
+                    // A resolved transaction writes its records inside the participant.
+                    gathered.undescribed();
                     let physical_ms = clock.physical_ms();
                     let mut participant = RedbParticipant {
                         records: &mut table,
@@ -134,9 +148,13 @@ fn apply_group(
                 Ok((accepted, results)) => {
                     for (key, record) in &results {
                         let bytes = codec::encode(record);
-                        table
+                        let before = table
                             .insert(key.as_bytes(), bytes.as_slice())
                             .map_err(write_failure)?;
+                        if gather {
+                            let before = before.as_ref().map(|b| b.value());
+                            gathered.record(key, before, Some(&bytes));
+                        }
                     }
                     for fence in accepted {
                         fences
@@ -149,7 +167,7 @@ fn apply_group(
             }
         }
     }
-    txn.commit().map_err(write_failure)?;
+    feed.commit(gathered, || txn.commit().map_err(write_failure))?;
     Ok(outcomes)
 }
 

@@ -767,6 +767,30 @@ impl Storage {
             .map(|v| v.map(|v| v.value))
     }
 
+    /// Whether `key` holds anything: a value, a sibling, a set member, or a counter that was
+    /// ever changed and not deleted since.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        traced("exists", key, async move {
+            let call = self.call(key, None)?;
+            let record = self.read_record(&call).await?;
+            Ok(
+                match values::read(record.as_ref(), call.sealer, &call.key)? {
+                    Reading::Absent => false,
+                    Reading::One(Json::Array(members))
+                        if matches!(
+                            call.plan.conflict,
+                            ConflictStrategy::GSet | ConflictStrategy::OrSet
+                        ) =>
+                    {
+                        !members.is_empty()
+                    }
+                    _ => true,
+                },
+            )
+        })
+        .await
+    }
+
     /// Reads a value with its version, for [`Storage::compare_and_set`].
     pub async fn get_versioned<T: DeserializeOwned>(
         &self,

@@ -54,6 +54,7 @@ pub(crate) async fn cluster_with(settings: &str) -> Vec<TestNode> {
         let listeners = Listeners {
             clients: client,
             peers: peer,
+            resp: None,
         };
         let task = tokio::spawn(async move {
             server::run(config, listeners, async {

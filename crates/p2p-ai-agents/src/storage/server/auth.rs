@@ -83,6 +83,12 @@ impl Gate {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| unauthenticated("invalid_token", "expected `Bearer <token>`"))?;
+        self.verify(token)
+    }
+
+    /// The capability `token` (its text form) proves, if the authority signed it and it has
+    /// not expired.
+    pub(super) fn verify(&self, token: &str) -> Result<Arc<Capability>, ApiError> {
         let known = lock(&self.verified).get(token).cloned();
         let capability = match known {
             Some(capability) => capability,
@@ -101,10 +107,29 @@ impl Gate {
                 capability
             }
         };
-        if capability.expires_ms().is_some_and(|at| at <= now_ms()) {
-            return Err(unauthenticated("token_expired", "the token has expired"));
-        }
+        unexpired(&capability)?;
         Ok(capability)
+    }
+}
+
+/// `Ok` if `capability` has not expired.
+pub(super) fn unexpired(capability: &Capability) -> Result<(), ApiError> {
+    if capability.expires_ms().is_some_and(|at| at <= now_ms()) {
+        return Err(unauthenticated("token_expired", "the token has expired"));
+    }
+    Ok(())
+}
+
+/// `Ok` if `capability` allows `operation` on `prefix` now.
+pub(super) fn allowed(
+    capability: &Capability,
+    operation: Operation,
+    prefix: &str,
+) -> Result<(), ApiError> {
+    if capability.allows(operation, prefix, now_ms()) {
+        Ok(())
+    } else {
+        Err(forbidden(operation, prefix))
     }
 }
 
@@ -181,9 +206,9 @@ pub(super) async fn authorize(
         Err(err) => return err.into_response(),
     };
     if let Some((operation, prefix)) = needs(path, request.method(), &request, &params)
-        && !capability.allows(operation, &prefix, now_ms())
+        && let Err(refused) = allowed(&capability, operation, &prefix)
     {
-        return forbidden(operation, &prefix).into_response();
+        return refused.into_response();
     }
     request.extensions_mut().insert(Caller(capability));
     next.run(request).await
@@ -197,12 +222,8 @@ pub(super) fn may_write(
     let Some(Caller(capability)) = caller else {
         return Ok(());
     };
-    let now = now_ms();
     for key in keys {
-        let key = key.as_ref();
-        if !capability.allows(Operation::Write, key, now) {
-            return Err(forbidden(Operation::Write, key));
-        }
+        allowed(capability, Operation::Write, key.as_ref())?;
     }
     Ok(())
 }

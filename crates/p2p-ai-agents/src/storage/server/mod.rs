@@ -11,6 +11,7 @@
 
 mod auth;
 mod http;
+mod resp;
 mod tls;
 
 use std::future::Future;
@@ -1222,6 +1223,8 @@ pub struct Listeners {
     pub clients: TcpListener,
     /// Replication and membership traffic.
     pub peers: TcpListener,
+    /// The RESP endpoint, if the configuration asks for one (`storage.cluster.resp_addr`).
+    pub resp: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -1233,9 +1236,14 @@ impl Listeners {
                 StorageError::InvalidConfig(format!("cannot listen for {what} on {addr}: {e}"))
             })
         };
+        let resp = match cluster.resp_addr {
+            Some(addr) => Some(bind(addr, "RESP clients").await?),
+            None => None,
+        };
         Ok(Self {
             clients: bind(cluster.client_addr, "clients").await?,
             peers: bind(cluster.peer_addr, "peers").await?,
+            resp,
         })
     }
 }
@@ -1410,10 +1418,32 @@ pub async fn run_secured(
         left: Arc::clone(&left),
         clients,
     };
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
     let stop = async move {
         tokio::select! {
             () = shutdown => {}
             () = left.notified() => {}
+        }
+        let _ = stopping.send(true);
+    };
+    // The RESP endpoint speaks TLS when the HTTP API does: a client gets the same protection
+    // whichever protocol it picks.
+    let resp = match listeners.resp {
+        None => None,
+        Some(listener) => {
+            let addr = listener.local_addr().ok();
+            tracing::info!(resp = ?addr, "serving RESP");
+            let (api, stopped) = (api.clone(), stopped.clone());
+            Some(match &client_tls {
+                None => tokio::spawn(resp::serve(listener, api, stopped)),
+                Some(config) => {
+                    let listener =
+                        tls::TlsListener::new(listener, Arc::clone(config)).map_err(|e| {
+                            StorageError::InvalidConfig(format!("the RESP endpoint: {e}"))
+                        })?;
+                    tokio::spawn(resp::serve(listener, api, stopped))
+                }
+            })
         }
     };
     let app = router(api);
@@ -1424,6 +1454,9 @@ pub async fn run_secured(
                 .map_err(|e| StorageError::InvalidConfig(format!("the client API: {e}")))?;
             http::serve(listener, app, http::HEAD_DEADLINE, stop).await;
         }
+    }
+    if let Some(resp) = resp {
+        let _ = resp.await;
     }
     // Drain: the HTTP server has finished its requests; stop the Raft member, then the node
     // loop and its listeners.
