@@ -21,10 +21,13 @@ fn protocol(what: impl Into<String>) -> ProtocolError {
     ProtocolError(what.into())
 }
 
+/// A parsed request (its arguments and the bytes it took), or `None` while incomplete.
+type Parsed = Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError>;
+
 /// Parses one request from the front of `buf`: `Ok(Some((args, used)))` with the bytes it
 /// took, `Ok(None)` if `buf` does not yet hold a whole request. An empty inline line parses
 /// to no arguments (Redis ignores it).
-pub(super) fn parse(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+pub(super) fn parse(buf: &[u8]) -> Parsed {
     match buf.first() {
         None => Ok(None),
         Some(b'*') => parse_array(buf),
@@ -50,7 +53,7 @@ fn number(text: &[u8], what: &str) -> Result<i64, ProtocolError> {
         .ok_or_else(|| protocol(format!("invalid {what} length")))
 }
 
-fn parse_array(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+fn parse_array(buf: &[u8]) -> Parsed {
     let Some((header, mut at)) = line(buf, 1)? else {
         return Ok(None);
     };
@@ -96,7 +99,7 @@ fn parse_array(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolErro
 
 /// An inline command: words split by spaces, double quotes group words (with `\"` and `\\`
 /// escapes), a bare `\n` ends the line as well as `\r\n`.
-fn parse_inline(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+fn parse_inline(buf: &[u8]) -> Parsed {
     let Some(end) = buf.iter().position(|b| *b == b'\n') else {
         return if buf.len() > MAX_LINE {
             Err(protocol("too big inline request"))
