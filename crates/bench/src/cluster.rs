@@ -26,6 +26,13 @@ const KEYS: u64 = 100_000;
 
 pub(crate) struct NodeProcess(Child);
 
+impl NodeProcess {
+    /// The process id (for its CPU time).
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = Command::new("kill")
@@ -81,7 +88,20 @@ pub(crate) fn start_cluster_with_token(
     collections: &str,
     peers_are: Peers,
 ) -> (Vec<NodeProcess>, Vec<String>, Option<String>) {
+    let (nodes, clients, _, token) =
+        start_cluster_with_resp(dir, replication, collections, peers_are);
+    (nodes, clients, token)
+}
+
+/// [`start_cluster_with_token`], each node also serving RESP; its RESP addresses too.
+pub(crate) fn start_cluster_with_resp(
+    dir: &Path,
+    replication: &str,
+    collections: &str,
+    peers_are: Peers,
+) -> (Vec<NodeProcess>, Vec<String>, Vec<String>, Option<String>) {
     let names = ["node-a", "node-b", "node-c"];
+    let mut resps = Vec::new();
     std::fs::create_dir_all(dir).expect("the benchmark's directory");
     let authority = agentstore_trust::SecretKey::generate();
     let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
@@ -89,6 +109,7 @@ pub(crate) fn start_cluster_with_token(
     let mut clients = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let client = format!("127.0.0.1:{}", free_port());
+        let resp = format!("127.0.0.1:{}", free_port());
         let peers: String = names
             .iter()
             .zip(&peer_ports)
@@ -111,7 +132,7 @@ pub(crate) fn start_cluster_with_token(
             Peers::Plaintext => "    insecure: true\n".to_owned(),
         };
         let yaml = format!(
-            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}{collections}  cluster:\n    client_addr: {client}\n    peer_addr: 127.0.0.1:{}\n{trust}    peers:\n{peers}",
+            "storage:\n  node_id: {name}\n  data_dir: {}\n  replication:\n{replication}{collections}  cluster:\n    client_addr: {client}\n    resp_addr: {resp}\n    peer_addr: 127.0.0.1:{}\n{trust}    peers:\n{peers}",
             dir.join(name).display(),
             peer_ports[i]
         );
@@ -126,6 +147,7 @@ pub(crate) fn start_cluster_with_token(
             .unwrap();
         nodes.push(NodeProcess(child));
         clients.push(client);
+        resps.push(resp);
     }
     let token = (peers_are == Peers::AdmittedWithTokens).then(|| {
         let everything = vec![
@@ -164,7 +186,7 @@ pub(crate) fn start_cluster_with_token(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    (nodes, clients, token)
+    (nodes, clients, resps, token)
 }
 
 /// One keep-alive HTTP/1.1 connection.

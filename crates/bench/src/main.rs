@@ -7,6 +7,7 @@
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench strong [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench causal [--seconds S]
 //!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench trust [--seconds S]
+//!     cargo build --release -p agentstore -p agentstore-bench && target/release/agentstore-bench resp [--seconds S]
 //!
 //! `local`: put and get through the `p2p_ai_agents::storage` facade against raw redb at the
 //! same durability (one fsync per commit), with 1 writer and with 16 concurrent writers.
@@ -18,6 +19,7 @@ mod cluster;
 mod load;
 mod postgres;
 mod redis;
+mod resp;
 mod stats;
 mod strong;
 mod trust;
@@ -57,10 +59,11 @@ fn main() {
         "strong" => strong::run(seconds),
         "causal" => causal::run(seconds),
         "trust" => trust::run(seconds),
+        "resp" => resp::run(seconds),
         "signatures" => trust::signatures(ops),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust, signatures"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust, resp, signatures"
             );
             std::process::exit(2);
         }

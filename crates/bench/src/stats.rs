@@ -23,6 +23,11 @@ impl Sample {
         Self::new(samples.into_iter().flat_map(|s| s.sorted).collect(), wall)
     }
 
+    /// The operations measured.
+    pub(crate) fn operations(&self) -> usize {
+        self.sorted.len()
+    }
+
     pub(crate) fn ops_per_sec(&self) -> f64 {
         self.sorted.len() as f64 / self.wall.as_secs_f64()
     }

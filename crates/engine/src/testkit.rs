@@ -95,6 +95,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `INFO replication` of this server ("" if it does not answer).
     pub fn info(&self) -> String {
         let output = Command::new("redis-cli")
