@@ -56,8 +56,24 @@ fn redis_benchmark(addr: &str, test: &str, requests: u64, servers: &[u32]) -> Me
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let cpu = cpu_time(servers);
     let out = Command::new("redis-benchmark")
-        .args(["-h", host, "-p", port, "-t", test, "-n", &requests.to_string()])
-        .args(["-c", &CLIENTS.to_string(), "-d", "100", "-r", &KEYS.to_string()])
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-t",
+            test,
+            "-n",
+            &requests.to_string(),
+        ])
+        .args([
+            "-c",
+            &CLIENTS.to_string(),
+            "-d",
+            "100",
+            "-r",
+            &KEYS.to_string(),
+        ])
         .arg("--csv")
         .output()
         .expect("redis-benchmark is installed");
@@ -222,8 +238,13 @@ pub(crate) fn run(seconds: u64) {
         let n = requests(probe.ops_per_sec);
         for test in ["set", "get"] {
             let ours = redis_benchmark(&resp[0], test, n, &pids);
-            let theirs = redis_benchmark(&redis_addr, test, requests(ours.ops_per_sec), &redis_pids);
-            rows.push((format!("{name}: {} (redis-benchmark)", test.to_uppercase()), ours, theirs));
+            let theirs =
+                redis_benchmark(&redis_addr, test, requests(ours.ops_per_sec), &redis_pids);
+            rows.push((
+                format!("{name}: {} (redis-benchmark)", test.to_uppercase()),
+                ours,
+                theirs,
+            ));
         }
         if name.starts_with("quorum") {
             let ours = closed_loop(&runtime, &resp[0], seconds, &pids, false);

@@ -260,7 +260,7 @@ mod tests {
                 b"x".to_vec()
             ]
         );
-        assert_eq!(used, 29);
+        assert_eq!(used, 27);
         assert_eq!(parse(b"\r\n"), Ok(Some((Vec::new(), 2))));
         assert!(parse(b"GET \"open\r\n").is_err());
     }
