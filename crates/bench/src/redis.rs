@@ -22,15 +22,14 @@ pub(crate) struct Anchor {
 }
 
 pub(crate) fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
+    redis_benchmark_at("127.0.0.1", &port.to_string(), test, requests)
+}
+
+/// `redis-benchmark -c 50 -d 100 -r 100000 -t test` against `host:port`.
+pub(crate) fn redis_benchmark_at(host: &str, port: &str, test: &str, requests: u64) -> Anchor {
     let out = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-t",
-            test,
-            "-n",
-            &requests.to_string(),
-        ])
+        .args(["-h", host, "-p", port, "-t", test])
+        .args(["-n", &requests.to_string()])
         .args([
             "-c",
             &CLIENTS.to_string(),
@@ -45,8 +44,8 @@ pub(crate) fn redis_benchmark(port: u16, test: &str, requests: u64) -> Anchor {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .nth(1)
-        .expect("redis-benchmark printed a result");
+        .find(|l| l.starts_with(&format!("\"{}\"", test.to_uppercase())))
+        .unwrap_or_else(|| panic!("redis-benchmark printed no {test} result: {text}"));
     let fields: Vec<f64> = line
         .split(',')
         .skip(1)

@@ -1,6 +1,6 @@
 //! agentstore's RESP endpoint vs Redis, driven by the same load tool in one run.
 //!
-//! `redis-benchmark -c 50 -d 100 -r 100000` against node-a's RESP port of three
+//! `redis-benchmark -c 50 -d 100 -r 100000` (as the `redis` benchmark runs it) against node-a's RESP port of three
 //! `agentstore node` processes (every node fsyncs each write before acknowledging it) and
 //! against a Redis primary with two replicas, all three with `appendonly yes` and
 //! `appendfsync always` (equal durability: every copy on disk). `SET` then `GET`, for the
@@ -55,43 +55,12 @@ fn cpu_time(pids: &[u32]) -> Duration {
 fn redis_benchmark(addr: &str, test: &str, requests: u64, servers: &[u32]) -> Measured {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let cpu = cpu_time(servers);
-    let out = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-t",
-            test,
-            "-n",
-            &requests.to_string(),
-        ])
-        .args([
-            "-c",
-            &CLIENTS.to_string(),
-            "-d",
-            "100",
-            "-r",
-            &KEYS.to_string(),
-        ])
-        .arg("--csv")
-        .output()
-        .expect("redis-benchmark is installed");
+    let anchor = crate::redis::redis_benchmark_at(host, port, test, requests);
     let cpu = cpu_time(servers).saturating_sub(cpu);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("\"{}\"", test.to_uppercase())))
-        .unwrap_or_else(|| panic!("redis-benchmark printed no {test} result: {text}"));
-    let fields: Vec<f64> = line
-        .split(',')
-        .skip(1)
-        .map(|f| f.trim_matches('"').parse().unwrap_or(0.0))
-        .collect();
     Measured {
-        ops_per_sec: fields[0],
-        p50_ms: fields[3],
-        p99_ms: fields[5],
+        ops_per_sec: anchor.rps,
+        p50_ms: anchor.p50_ms,
+        p99_ms: anchor.p99_ms,
         cpu_us_per_op: cpu.as_secs_f64() * 1e6 / requests as f64,
     }
 }
