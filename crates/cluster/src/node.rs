@@ -27,7 +27,7 @@ use agentstore_core::signing::{check_mutation, check_record};
 use agentstore_core::{Causality, Key, NodeId, Record};
 use agentstore_engine::{
     Committed, Engine, EngineError, EngineMetrics, Instrumented, LocalEngine, PhysicalClock,
-    SystemClock,
+    SystemClock, Write,
 };
 use agentstore_wire::Envelope;
 use prometheus_client::registry::Registry;
@@ -241,6 +241,8 @@ impl Node {
             waiting: BTreeMap::new(),
             next_caller: 1,
             corked: None,
+            merges: Vec::new(),
+            applies: Vec::new(),
         };
         let signatures = runtime.config.signatures.clone();
         let commits = engine.commits();
@@ -412,6 +414,18 @@ struct Runtime {
     next_caller: Caller,
     /// Messages held until the inputs ready now are handled (see [`Runtime::run`]).
     corked: Option<BTreeMap<NodeId, Vec<Envelope>>>,
+    /// Records from peers to merge, gathered the same way (one commit for all).
+    merges: Vec<Merge>,
+    /// Writes this node coordinates to apply locally, gathered the same way.
+    applies: Vec<(RequestId, Key, Mutation)>,
+}
+
+/// A record from a peer to merge (see [`Effect::Merge`]).
+struct Merge {
+    key: Key,
+    record: Record,
+    horizon_ms: u64,
+    ack: Option<(NodeId, RequestId)>,
 }
 
 impl Runtime {
@@ -470,6 +484,8 @@ impl Runtime {
             for (to, envelopes) in self.corked.take().unwrap_or_default() {
                 self.transport.send_all(&to, envelopes);
             }
+            self.apply_all();
+            self.merge_all();
         }
     }
 
@@ -628,19 +644,10 @@ impl Runtime {
                 key,
                 mutation,
             } => {
-                let measured = self.measured.clone();
-                let signatures = self.config.signatures.clone();
-                let now = self.clock.now_ms();
-                self.off_loop(async move {
-                    let result = match signatures
-                        .map(|s| check_mutation(&*s, &key, &mutation, now))
-                        .transpose()
-                    {
-                        Err(why) => Err(LocalFailure::SignatureRefused(why)),
-                        Ok(_) => measured.apply(key, mutation).await.map_err(local_failure),
-                    };
-                    Some(Input::Applied { request, result })
-                });
+                self.applies.push((request, key, mutation));
+                if self.corked.is_none() {
+                    self.apply_all();
+                }
             }
             Effect::Read { request, key } => {
                 let measured = self.measured.clone();
@@ -659,7 +666,17 @@ impl Runtime {
                 record,
                 horizon_ms,
                 ack,
-            } => self.merge(key, record, horizon_ms, ack),
+            } => {
+                self.merges.push(Merge {
+                    key,
+                    record,
+                    horizon_ms,
+                    ack,
+                });
+                if self.corked.is_none() {
+                    self.merge_all();
+                }
+            }
             Effect::ServeRead { to, request, key } => {
                 let (measured, transport) = (self.measured.clone(), self.transport.clone());
                 self.off_loop(async move {
@@ -806,10 +823,72 @@ impl Runtime {
         }
     }
 
-    /// Merges a record from a peer (or a read repair) into the local engine, off the loop:
-    /// concurrent merges share the engine's group commits, and signature checks run in
-    /// parallel.
-    fn merge(&self, key: Key, record: Record, horizon_ms: u64, ack: Option<(NodeId, RequestId)>) {
+    /// Applies the writes this node coordinates, gathered since the last call, in one commit
+    /// off the loop (each checked against its collection's signature rule first), and feeds
+    /// each its outcome.
+    fn apply_all(&mut self) {
+        if self.applies.is_empty() {
+            return;
+        }
+        let applies = std::mem::take(&mut self.applies);
+        let (measured, finished) = (self.measured.clone(), self.finished.clone());
+        let signatures = self.config.signatures.clone();
+        let now = self.clock.now_ms();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::with_capacity(applies.len());
+            let (mut writes, mut requests) = (Vec::new(), Vec::<RequestId>::new());
+            for (request, key, mutation) in applies {
+                if let Some(signatures) = &signatures
+                    && let Err(why) = check_mutation(&**signatures, &key, &mutation, now)
+                {
+                    outcomes.push((request, Err(LocalFailure::SignatureRefused(why))));
+                    continue;
+                }
+                writes.push(Write::new(key, mutation));
+                requests.push(request);
+            }
+            // A batch keeps its writes for the fallback below; a lone write needs none.
+            let committed = match writes.len() {
+                0 => Ok(Vec::new()),
+                1 => measured.commit(std::mem::take(&mut writes)).await,
+                _ => measured.commit(writes.clone()).await,
+            };
+            match committed {
+                Ok(records) => {
+                    outcomes.extend(requests.into_iter().zip(records.into_iter().map(Ok)))
+                }
+                // One write the batch cannot take (a value of another kind) must not fail the
+                // others: each alone, with its own outcome.
+                Err(_) if writes.len() > 1 => {
+                    for (write, request) in writes.into_iter().zip(requests) {
+                        let one = measured.commit(vec![write]).await.and_then(|mut records| {
+                            records.pop().ok_or(EngineError::Internal {
+                                detail: "a commit of one write returned no record".into(),
+                            })
+                        });
+                        outcomes.push((request, one.map_err(local_failure)));
+                    }
+                }
+                Err(err) => {
+                    let failure = local_failure(err);
+                    outcomes.extend(requests.into_iter().map(|r| (r, Err(failure.clone()))));
+                }
+            }
+            for (request, result) in outcomes {
+                let _ = finished.send(Input::Applied { request, result });
+            }
+        });
+    }
+
+    /// Merges the records from peers (and read repairs) gathered since the last call into the
+    /// local engine, off the loop, in one commit: the replications of many writes cost one
+    /// transaction and their acknowledgements one write per peer. Signature checks run in
+    /// that task too.
+    fn merge_all(&mut self) {
+        if self.merges.is_empty() {
+            return;
+        }
+        let merges = std::mem::take(&mut self.merges);
         let (measured, metrics, transport) = (
             self.measured.clone(),
             self.metrics.clone(),
@@ -817,41 +896,78 @@ impl Runtime {
         );
         let signatures = self.config.signatures.clone();
         self.off_loop(async move {
-            let stored = measured.get(&key).await;
-            // A record this replica already holds (a repeated repair, a duplicate) changes
-            // nothing: acknowledge without a commit. Nor does an old tombstone of a key this
-            // replica holds nothing of (see `past_grace_tombstone`).
-            let known = match &stored {
-                Ok(Some(stored)) => {
-                    let mut merged = stored.clone();
-                    merged.merge(&record);
-                    merged == *stored
+            let mut acks: BTreeMap<NodeId, Vec<Envelope>> = BTreeMap::new();
+            let mut ack = |to: Option<(NodeId, RequestId)>| {
+                if let Some((to, request)) = to {
+                    let envelope = Envelope::new(Message::Replicated { request });
+                    acks.entry(to).or_default().push(envelope);
                 }
-                Ok(None) => past_grace_tombstone(&record, horizon_ms),
-                Err(_) => false,
             };
-            // Only a record that would change what is stored needs its signature checked
-            // (anti-entropy re-sends what replicas already hold).
-            if !known && refuses(signatures.as_deref(), &key, &record) {
-                return None;
-            }
-            if let Ok(Some(stored)) = &stored
-                && stored.causality(&record) == Causality::Concurrent
+            let mut writes = Vec::new();
+            let mut waiting = Vec::new();
+            for Merge {
+                key,
+                record,
+                horizon_ms,
+                ack: to,
+            } in merges
             {
-                metrics.conflict(record.value.kind().as_str());
-            }
-            let merged = known
-                || match measured.apply(key, Mutation::Merge(record)).await {
-                    Ok(_) => true,
-                    Err(err) => {
-                        tracing::warn!(%err, "merging a replicated record failed");
-                        false
+                let stored = measured.get(&key).await;
+                // A record this replica already holds (a repeated repair, a duplicate) changes
+                // nothing: acknowledge without a commit. Nor does an old tombstone of a key
+                // this replica holds nothing of (see `past_grace_tombstone`).
+                let known = match &stored {
+                    Ok(Some(stored)) => {
+                        let mut merged = stored.clone();
+                        merged.merge(&record);
+                        merged == *stored
                     }
+                    Ok(None) => past_grace_tombstone(&record, horizon_ms),
+                    Err(_) => false,
                 };
-            if let Some((to, request)) = ack
-                && merged
-            {
-                transport.send(&to, Envelope::new(Message::Replicated { request }));
+                if known {
+                    ack(to);
+                    continue;
+                }
+                // Only a record that would change what is stored needs its signature checked
+                // (anti-entropy re-sends what replicas already hold).
+                if refuses(signatures.as_deref(), &key, &record) {
+                    continue;
+                }
+                if let Ok(Some(stored)) = &stored
+                    && stored.causality(&record) == Causality::Concurrent
+                {
+                    metrics.conflict(record.value.kind().as_str());
+                }
+                writes.push(Write::new(key, Mutation::Merge(record)));
+                waiting.push(to);
+            }
+            if !writes.is_empty() {
+                let batch = match writes.len() {
+                    1 => std::mem::take(&mut writes),
+                    _ => writes.clone(),
+                };
+                match measured.commit(batch).await {
+                    Ok(_) => waiting.into_iter().for_each(&mut ack),
+                    Err(err) if writes.is_empty() => {
+                        tracing::warn!(%err, "merging a replicated record failed")
+                    }
+                    // One record the batch cannot take (a value of another kind) must not
+                    // hold up the others: each alone.
+                    Err(_) => {
+                        for (write, to) in writes.into_iter().zip(waiting) {
+                            match measured.commit(vec![write]).await {
+                                Ok(_) => ack(to),
+                                Err(err) => {
+                                    tracing::warn!(%err, "merging a replicated record failed")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (to, envelopes) in acks {
+                transport.send_all(&to, envelopes);
             }
             None
         });
