@@ -22,7 +22,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q redis-server postgresql iproute2 prometheus
+apt-get install -y -q redis-server postgresql iproute2 prometheus python3
 
 # Redis on 127.0.0.1:6379, keeping nothing on disk.
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

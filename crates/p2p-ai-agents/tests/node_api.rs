@@ -104,6 +104,11 @@ async fn the_openapi_document_describes_every_route_served() {
         "the document and the router list the same paths"
     );
     let mut operations = 0;
+    let mut operation_ids = std::collections::BTreeSet::new();
+    assert_eq!(
+        document["components"]["parameters"]["session"]["name"],
+        "agentstore-session"
+    );
     for (path, item) in paths {
         for method in ["get", "put", "post", "delete"] {
             let Some(operation) = item.get(method) else {
@@ -113,6 +118,27 @@ async fn the_openapi_document_describes_every_route_served() {
                 operation.get("summary").is_some() && operation.get("responses").is_some(),
                 "{method} {path} lacks a summary or responses"
             );
+            // Client generators name their methods by operationId: one per operation.
+            let id = operation["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} lacks an operationId"));
+            assert!(operation_ids.insert(id.to_owned()), "{id} is used twice");
+            // Every data route takes the session header.
+            if path.starts_with("/v1/keys")
+                || path.starts_with("/v1/counters")
+                || path.starts_with("/v1/sets")
+                || path.starts_with("/v1/scan")
+                || path.starts_with("/v1/records")
+                || path.starts_with("/v1/transactions")
+            {
+                let session = serde_json::json!({"$ref": "#/components/parameters/session"});
+                assert!(
+                    item["parameters"]
+                        .as_array()
+                        .is_some_and(|p| p.contains(&session)),
+                    "{path} does not take the session header"
+                );
+            }
             if path == "/v1/leave" {
                 continue; // would stop the node; tested on its own below
             }
