@@ -25,7 +25,10 @@ fn the_python_clients_tests_pass_against_a_three_node_cluster() {
         .output()
         .expect("python3 runs (the README lists it among the test prerequisites)");
     let report = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "the Python client's tests failed:\n{report}");
+    assert!(
+        run.status.success(),
+        "the Python client's tests failed:\n{report}"
+    );
     assert!(
         report.contains("Ran 7 tests") && report.trim_end().ends_with("OK"),
         "every test ran:\n{report}"

@@ -112,6 +112,35 @@ fn redis_commands_read_and_write_the_same_data_as_http_on_every_node() {
     let count: i64 = redis::cmd("SCARD").arg("tags:t").query(&mut a).unwrap();
     assert_eq!((is, count), (1, 1));
 
+    // TYPE and TTL (keys do not expire: -1 for one that exists, -2 for one that does not).
+    let kinds: Vec<String> = ["notes:j", "tags:t", "hits:x", "notes:none"]
+        .iter()
+        .map(|k| redis::cmd("TYPE").arg(k).query(&mut a).unwrap())
+        .collect();
+    assert_eq!(kinds, ["string", "set", "string", "none"]);
+    let ttls: Vec<i64> = ["notes:j", "notes:none"]
+        .iter()
+        .map(|k| redis::cmd("TTL").arg(k).query(&mut a).unwrap())
+        .collect();
+    assert_eq!(ttls, [-1, -2]);
+    // MSET is atomic, as in Redis: a transaction, which a strong collection takes and the
+    // leaderless one refuses rather than writing the keys one by one.
+    let _: () = redis::cmd("MSET")
+        .arg(&["ledger:m1", "1", "ledger:m2", "2"])
+        .query(&mut a)
+        .unwrap();
+    let both: Vec<String> = redis::cmd("MGET")
+        .arg(&["ledger:m1", "ledger:m2"])
+        .query(&mut a)
+        .unwrap();
+    assert_eq!(both, ["1", "2"]);
+    let (code, _) = refused(
+        redis::cmd("MSET")
+            .arg(&["notes:m1", "1", "notes:m2", "2"])
+            .query::<()>(&mut a),
+    );
+    assert_eq!(code, "UNSUPPORTED");
+
     // SCAN pages through a prefix with this connection's cursors.
     for i in 0..25 {
         let _: () = redis::cmd("SET")

@@ -327,6 +327,53 @@ impl Connection {
                 })
             }
             "SCAN" => self.scan(api, args).await,
+            "MSET" => {
+                arity(!args.is_empty() && args.len() % 2 == 0)?;
+                let mut pairs = Vec::with_capacity(args.len() / 2);
+                for pair in args.chunks(2) {
+                    let key = text(&pair[0], "a key")?;
+                    self.may(api, Operation::Write, &key)?;
+                    pairs.push((key, Json::String(text(&pair[1], "a value")?)));
+                }
+                // Atomic, as in Redis: one transaction (refused where the keys' level cannot
+                // write several keys at once).
+                let storage = self.storage(api);
+                self.in_session(async {
+                    let mut transaction = storage.transaction();
+                    for (key, value) in &pairs {
+                        transaction.set(key, value);
+                    }
+                    transaction.commit().await
+                })
+                .await?;
+                Ok(Reply::OK)
+            }
+            "TYPE" => {
+                arity(args.len() == 1)?;
+                let key = text(&args[0], "a key")?;
+                self.may(api, Operation::Read, &key)?;
+                let storage = self.storage(api);
+                let exists = self
+                    .in_session(async { storage.exists(&key).await })
+                    .await?;
+                let kind = match storage.plan(&collection_of(&key)?).conflict {
+                    _ if !exists => "none",
+                    ConflictStrategy::GSet | ConflictStrategy::OrSet => "set",
+                    _ => "string",
+                };
+                Ok(Reply::Simple(kind))
+            }
+            "TTL" | "PTTL" => {
+                arity(args.len() == 1)?;
+                let key = text(&args[0], "a key")?;
+                self.may(api, Operation::Read, &key)?;
+                let storage = self.storage(api);
+                let exists = self
+                    .in_session(async { storage.exists(&key).await })
+                    .await?;
+                // Keys do not expire: -1 for a key that exists, -2 for one that does not.
+                Ok(Reply::Integer(if exists { -1 } else { -2 }))
+            }
             "AGENTSTORE.LEVEL" => self.level(args),
             "AGENTSTORE.SESSION" => self.session(args),
             "AGENTSTORE.PLAN" => {
