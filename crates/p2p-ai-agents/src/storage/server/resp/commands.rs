@@ -328,7 +328,7 @@ impl Connection {
             }
             "SCAN" => self.scan(api, args).await,
             "MSET" => {
-                arity(!args.is_empty() && args.len() % 2 == 0)?;
+                arity(!args.is_empty() && args.len().is_multiple_of(2))?;
                 let mut pairs = Vec::with_capacity(args.len() / 2);
                 for pair in args.chunks(2) {
                     let key = text(&pair[0], "a key")?;
