@@ -481,6 +481,22 @@ fn the_client_api_speaks_https_with_a_certificate_from_the_authority() {
         "notes:tls",
     ]);
     assert_eq!((code, out.as_str()), (0, "1"), "{stderr}");
+    // The RESP port speaks TLS with the same certificate, and takes the same token.
+    let resp = |extra: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &nodes[1].resp.port().to_string()])
+            .args(extra)
+            .args(["--no-auth-warning", "--pass", &token, "GET", "notes:tls"])
+            .output()
+            .expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(resp(&["--tls", "--cacert", &ca]), "1");
+    assert_ne!(
+        resp(&[]),
+        "1",
+        "plaintext RESP gets no answer from a TLS port"
+    );
     // Plain HTTP gets no answer from an HTTPS port.
     let plain = http(nodes[0].client, "GET", "/healthz", "");
     assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
