@@ -211,13 +211,7 @@ impl Connection {
                 arity(!args.is_empty())?;
                 let mut found = 0;
                 for arg in args {
-                    let key = text(arg, "a key")?;
-                    self.may(api, Operation::Read, &key)?;
-                    let storage = self.storage(api);
-                    if self
-                        .in_session(async { storage.exists(&key).await })
-                        .await?
-                    {
+                    if self.exists(api, arg).await?.1 {
                         found += 1;
                     }
                 }
@@ -350,13 +344,8 @@ impl Connection {
             }
             "TYPE" => {
                 arity(args.len() == 1)?;
-                let key = text(&args[0], "a key")?;
-                self.may(api, Operation::Read, &key)?;
-                let storage = self.storage(api);
-                let exists = self
-                    .in_session(async { storage.exists(&key).await })
-                    .await?;
-                let kind = match storage.plan(&collection_of(&key)?).conflict {
+                let (key, exists) = self.exists(api, &args[0]).await?;
+                let kind = match api.storage.plan(&collection_of(&key)?).conflict {
                     _ if !exists => "none",
                     ConflictStrategy::GSet | ConflictStrategy::OrSet => "set",
                     _ => "string",
@@ -365,12 +354,7 @@ impl Connection {
             }
             "TTL" | "PTTL" => {
                 arity(args.len() == 1)?;
-                let key = text(&args[0], "a key")?;
-                self.may(api, Operation::Read, &key)?;
-                let storage = self.storage(api);
-                let exists = self
-                    .in_session(async { storage.exists(&key).await })
-                    .await?;
+                let (_, exists) = self.exists(api, &args[0]).await?;
                 // Keys do not expire: -1 for a key that exists, -2 for one that does not.
                 Ok(Reply::Integer(if exists { -1 } else { -2 }))
             }
@@ -403,6 +387,17 @@ impl Connection {
                 ),
             )),
         }
+    }
+
+    /// Whether the key `arg` names has a value (read in the connection's session).
+    async fn exists(&mut self, api: &Api, arg: &[u8]) -> Result<(String, bool), Reply> {
+        let key = text(arg, "a key")?;
+        self.may(api, Operation::Read, &key)?;
+        let storage = self.storage(api);
+        let exists = self
+            .in_session(async { storage.exists(&key).await })
+            .await?;
+        Ok((key, exists))
     }
 
     /// Runs `call` in the connection's session, and keeps the session grown by it.
