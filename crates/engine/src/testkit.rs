@@ -27,25 +27,50 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and that no other test on this machine
+/// was handed in the last ten minutes.
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     // Below Linux's ephemeral range (32768–60999): a port the kernel hands out for binds to
     // port 0 is also what it hands out as the source port of outgoing connections, so between
     // being picked here and bound by the process under test it could be taken by any
     // connection on the machine (the nodes of parallel tests make many). Ports below the range
-    // are only ever taken by a bind; picked at random, parallel tests rarely meet, and a bind
-    // here checks the port is free now.
+    // are only ever taken by a bind, and a bind here checks the port is free now.
     const FIRST: u64 = 20_000;
     const COUNT: u64 = 12_000;
     loop {
         let mut random = std::collections::hash_map::RandomState::new().build_hasher();
         random.write_u32(std::process::id());
         let port = (FIRST + random.finish() % COUNT) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if reserve(port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+}
+
+/// Claims `port` for this test: tests run in parallel processes, and two of them picking the
+/// same free port before either binds it would collide (a cluster test picks nine). A claim
+/// is a file created exclusively in a directory every test process shares; claims older than
+/// ten minutes are stale (their test is over) and are taken over.
+fn reserve(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("agentstore-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let claim = dir.join(port.to_string());
+    let stale = std::fs::metadata(&claim)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|age| age > std::time::Duration::from_secs(600));
+    if stale {
+        let _ = std::fs::remove_file(&claim);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&claim)
+        .is_ok()
 }
 
 impl RedisServer {
