@@ -410,6 +410,11 @@ fn bank_transfers_in_transactions_keep_the_total_through_a_killed_leader() {
             "after the killed leader is back",
             done.load(Ordering::Relaxed),
         );
+        // Enough audits to mean something, however fast the transfers went.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while audits.load(Ordering::Relaxed) < 10 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         stop.store(true, Ordering::Relaxed);
     });
 
