@@ -172,18 +172,6 @@ impl Trees {
     }
 }
 
-/// The tree over `records` (a depth of `depth` levels).
-pub fn tree(depth: u8, records: &[(Key, Record)]) -> MerkleTree {
-    let mut tree = MerkleTree::new(depth);
-    for (key, record) in records {
-        tree.insert(
-            key.as_bytes(),
-            entry_digest(key.as_bytes(), &codec::encode(record)),
-        );
-    }
-    tree
-}
-
 impl NodeState {
     /// Asks for the records `job` needs; a load of every record will rebuild the trees, so
     /// the commits seen meanwhile are kept.
@@ -280,10 +268,13 @@ impl NodeState {
                 (key, record, replicas)
             })
             .collect();
-        if let RecordsJob::SendBuckets { to, buckets } = &job {
-            self.send_buckets(to, buckets, &placed, effects);
-            return;
-        }
+        // Only a load of every record rebuilds the trees.
+        let job = match job {
+            RecordsJob::SendBuckets { to, buckets } => {
+                return self.send_buckets(&to, &buckets, &placed, effects);
+            }
+            job => job,
+        };
         self.rebuild_trees(seq, &placed);
         match job {
             RecordsJob::Round { compare } => {
@@ -306,7 +297,7 @@ impl NodeState {
             RecordsJob::CompareSubLeaves { from, buckets } => {
                 self.compare_sub_leaves(&from, buckets, Some(&placed), effects)
             }
-            RecordsJob::SendBuckets { .. } => unreachable!("handled above"),
+            RecordsJob::SendBuckets { .. } => {}
         }
     }
 
