@@ -355,8 +355,8 @@ class Session(Client):
     in time on any node. :attr:`token` carries it to another client or process."""
 
     def __init__(self, client: Client, token: str = "") -> None:
+        # The client's nodes, connections and lock, shared: calls on both stay serialized.
         self.__dict__.update(client.__dict__)
-        self._lock = threading.Lock()
         self._session = token
 
     @property
