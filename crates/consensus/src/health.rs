@@ -16,10 +16,16 @@ use agentstore_engine::{EngineError, lock};
 pub(crate) struct Health(Mutex<Option<EngineError>>);
 
 impl Health {
-    /// A write to `file` failed with `err`.
+    /// A write to `file` failed with `err`. The first failure since the last success is kept:
+    /// it is the cause, and what follows is often its echo (redb answers "Previous I/O error
+    /// occurred" to every write after one failed, which would hide a full disk).
     pub(crate) fn failed(&self, file: &str, err: &io::Error) {
+        let mut last = lock(&self.0);
+        if last.is_some() {
+            return;
+        }
         let detail = format!("{file}: {err}");
-        *lock(&self.0) = Some(if err.kind() == io::ErrorKind::StorageFull {
+        *last = Some(if err.kind() == io::ErrorKind::StorageFull {
             EngineError::DiskFull { detail }
         } else {
             EngineError::Storage { detail }

@@ -16,7 +16,7 @@
 use std::fmt::Debug;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use agentstore_core::codec::{self, Reader, put_bytes, put_uvarint};
 use agentstore_core::hlc::HybridClock;
@@ -71,6 +71,10 @@ pub struct StateMachine {
     signatures: Option<Arc<dyn Signatures>>,
     /// Where a failed write is reported.
     health: Arc<Health>,
+    /// The first write to fail on this file: redb answers every later one with "Previous I/O
+    /// error occurred" until the file is opened again, so that first failure is the cause
+    /// reported for all of them (a full disk stays a full disk).
+    first_failure: Arc<OnceLock<(io::ErrorKind, String)>>,
 }
 
 impl Debug for StateMachine {
@@ -134,6 +138,7 @@ impl StateMachine {
             stamp,
             signatures: None,
             health: Arc::default(),
+            first_failure: Arc::default(),
         })
     }
 
@@ -145,10 +150,13 @@ impl StateMachine {
 
     /// `result` of a write, reported to the member's health when it failed.
     fn watched<T>(&self, result: io::Result<T>) -> io::Result<T> {
-        if let Err(err) = &result {
-            self.health.failed(crate::group::STATE_FILE, err);
-        }
-        result
+        let Err(err) = result else { return result };
+        let (kind, detail) = self
+            .first_failure
+            .get_or_init(|| (err.kind(), err.to_string()));
+        let cause = io::Error::new(*kind, detail.clone());
+        self.health.failed(crate::group::STATE_FILE, &cause);
+        Err(cause)
     }
 
     /// Checks the writes of signed collections before applying them (see
