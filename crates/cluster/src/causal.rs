@@ -23,6 +23,7 @@ use agentstore_core::causal;
 use agentstore_core::causal_sync as sync;
 use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record, VersionVector};
+use agentstore_engine::changelog::ChangePage;
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, NodeClock, Write, session};
 use agentstore_wire::Envelope;
 use prometheus_client::metrics::counter::Counter;
@@ -348,6 +349,26 @@ impl DynEngine for CausalEngine {
             session::observe(|token| token.observe_causal(&applied));
             self.shared.metrics.writes.inc();
             Ok(records)
+        })
+    }
+
+    fn changes<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> EngineFuture<'a, ChangePage> {
+        // The store applies a write only after everything it depends on: its feed is in
+        // causal order.
+        Box::pin(async move {
+            let store = &self.shared.store;
+            store
+                .head
+                .wait_for(after, wait, |after| {
+                    View::new(&store.db)?.changes(prefix, after, limit)
+                })
+                .await
         })
     }
 }

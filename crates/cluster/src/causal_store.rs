@@ -21,6 +21,7 @@ use agentstore_core::codec::{self, Reader};
 use agentstore_core::crdt::Crdt;
 use agentstore_core::signing::{Signatures, check_record};
 use agentstore_core::{Key, NodeId, Record, VersionVector};
+use agentstore_engine::changelog::{self, ChangeLog, Head};
 use agentstore_engine::file_handle::FileHandle;
 use agentstore_engine::two_phase::{RECORDS, scan_records};
 use agentstore_engine::{
@@ -111,6 +112,8 @@ pub(crate) struct Committed {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) db: Arc<FileHandle>,
+    /// The change feed's last position (see `agentstore_engine::changelog`).
+    pub(crate) head: Arc<Head>,
     pub(crate) requests: mpsc::Sender<Request>,
     writer: Option<JoinHandle<()>>,
 }
@@ -154,6 +157,7 @@ pub(crate) fn open(
     }
     txn.commit().map_err(storage)?;
     let applied = read_vector(&db.begin_read().map_err(storage)?, APPLIED)?;
+    let head = Arc::new(Head::new(changelog::head_of(&db)?));
     let db = Arc::new(FileHandle::new(&path, db, {
         let files = files.clone();
         move |path: &Path| open_file(&files, path)
@@ -169,6 +173,7 @@ pub(crate) fn open(
         buffer,
         applied: applied_tx,
         reports,
+        head: Arc::clone(&head),
         signatures,
     };
     let writer = std::thread::Builder::new()
@@ -178,6 +183,7 @@ pub(crate) fn open(
     Ok((
         Store {
             db,
+            head,
             requests,
             writer: Some(writer),
         },
@@ -211,6 +217,17 @@ impl View {
     /// What this view has applied: the causal past of everything it shows.
     pub(crate) fn applied(&self) -> Result<VersionVector, EngineError> {
         read_vector(&self.0, APPLIED)
+    }
+
+    /// Up to `limit` changes under `prefix` after position `after` (see
+    /// `agentstore_engine::changelog`).
+    pub(crate) fn changes(
+        &self,
+        prefix: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<agentstore_engine::changelog::ChangePage, EngineError> {
+        changelog::read(&self.0, prefix, after, limit)
     }
 
     /// What log entries were trimmed, per origin.
@@ -269,6 +286,8 @@ struct Writer {
     buffer: usize,
     applied: watch::Sender<VersionVector>,
     reports: mpsc::UnboundedSender<Committed>,
+    /// The change feed's last position, advanced after each commit.
+    head: Arc<Head>,
     /// The check of signed collections: local writes that fail it are refused; peers'
     /// records that fail it are neither stored nor passed on.
     signatures: Option<Arc<dyn Signatures>>,
@@ -320,6 +339,7 @@ impl Writer {
     ) -> Result<(), EngineError> {
         let db = self.db.get()?;
         let txn = db.begin_write().map_err(failure)?;
+        let mut changes = ChangeLog::open(&txn)?;
         {
             let mut records = txn.open_table(RECORDS).map_err(failure)?;
             let mut log = txn.open_table(LOG).map_err(failure)?;
@@ -357,9 +377,11 @@ impl Writer {
                             entries: final_entries(&results),
                         };
                         for (key, record) in &write.entries {
+                            let bytes = codec::encode(record);
                             records
-                                .insert(key.as_bytes(), codec::encode(record).as_slice())
+                                .insert(key.as_bytes(), bytes.as_slice())
                                 .map_err(failure)?;
+                            changes.append(key, &bytes)?;
                         }
                         log_write(&mut log, &write)?;
                         report.own.push(write);
@@ -376,7 +398,7 @@ impl Writer {
                             // applied at once (see `Delivery::offer`).
                             ready.extend(self.delivery.take_ready(now_ms));
                         }
-                        self.deliver(&mut records, &mut log, ready, report)?;
+                        self.deliver(&mut records, &mut changes, &mut log, ready, report)?;
                     }
                     Request::Snapshot {
                         entries,
@@ -384,10 +406,10 @@ impl Writer {
                         now_ms,
                     } => {
                         // Both states are causally closed, so their join is too.
-                        self.merge_entries(&mut records, &entries)?;
+                        self.merge_entries(&mut records, &mut changes, &entries)?;
                         self.delivery.absorb(&applied);
                         let ready = self.delivery.take_ready(now_ms);
-                        self.deliver(&mut records, &mut log, ready, report)?;
+                        self.deliver(&mut records, &mut changes, &mut log, ready, report)?;
                         // The snapshot's writes are not in this log: a peer that lacks them
                         // gets a snapshot from here too.
                         for (origin, counter) in applied.iter() {
@@ -416,7 +438,11 @@ impl Writer {
                 applied.insert(origin.as_str(), counter).map_err(failure)?;
             }
         }
+        let last = changes.finish()?;
         txn.commit().map_err(failure)?;
+        if let Some(last) = last {
+            self.head.advance(last);
+        }
         Ok(())
     }
 
@@ -425,6 +451,7 @@ impl Writer {
     fn deliver(
         &self,
         records: &mut redb::Table<'_, &[u8], &[u8]>,
+        changes: &mut ChangeLog<'_>,
         log: &mut redb::Table<'_, &[u8], &[u8]>,
         ready: Vec<Delivered>,
         report: &mut Committed,
@@ -440,7 +467,7 @@ impl Writer {
             write
                 .entries
                 .retain(|(key, record)| self.admits(key, record));
-            self.merge_entries(records, &write.entries)?;
+            self.merge_entries(records, changes, &write.entries)?;
             log_write(log, &write)?;
             report.waits_ms.push(waited_ms);
         }
@@ -455,10 +482,11 @@ impl Writer {
             .is_none_or(|signatures| check_record(signatures, key, record).is_ok())
     }
 
-    /// Joins peers' records into the stored ones.
+    /// Joins peers' records into the stored ones; the feed gets each record that changed.
     fn merge_entries(
         &self,
         records: &mut redb::Table<'_, &[u8], &[u8]>,
+        changes: &mut ChangeLog<'_>,
         entries: &[(Key, Record)],
     ) -> Result<(), EngineError> {
         for (key, remote) in entries {
@@ -466,22 +494,28 @@ impl Writer {
                 continue;
             }
             let stored = records.get(key.as_bytes()).map_err(failure)?;
-            let merged = match decode_stored(key, stored.as_ref().map(|v| v.value()))? {
+            let stored_bytes = stored.as_ref().map(|v| v.value().to_vec());
+            drop(stored);
+            let merged = match decode_stored(key, stored_bytes.as_deref())? {
                 Some(mut current) => {
                     current.merge(remote);
                     current
                 }
                 None => remote.clone(),
             };
-            drop(stored);
             // A local write stamps after the record it overwrites, so a write that follows
             // this one causally wins by LWW too; the clock observing the stamp keeps other
             // keys' stamps close. A stamp too far ahead is refused by the clock, not here.
             let physical_ms = self.clock.physical_ms();
             let _ = self.clock.lock().observe(&merged.stamp, physical_ms);
+            let bytes = codec::encode(&merged);
+            if stored_bytes.as_deref() == Some(bytes.as_slice()) {
+                continue;
+            }
             records
-                .insert(key.as_bytes(), codec::encode(&merged).as_slice())
+                .insert(key.as_bytes(), bytes.as_slice())
                 .map_err(failure)?;
+            changes.append(key, &bytes)?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use agentstore_core::replication::{LocalFailure, Outcome};
 use agentstore_core::{Key, Record};
+use agentstore_engine::changelog::ChangePage;
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 
 use crate::node::{Node, NodeError};
@@ -124,5 +125,15 @@ impl DynEngine for ClusterEngine {
                 other => Err(failure(&key, other)),
             }
         })
+    }
+
+    fn changes<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> EngineFuture<'a, ChangePage> {
+        Box::pin(self.node.changes(prefix, after, limit, wait))
     }
 }

@@ -265,6 +265,18 @@ impl Node {
         self.local.health()
     }
 
+    /// Up to `limit` changes this node stored under `prefix` after position `after` of its
+    /// change feed (its own writes and its replicas' alike), waiting up to `wait` for one.
+    pub async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<agentstore_engine::changelog::ChangePage, EngineError> {
+        self.local.changes(prefix, after, limit, wait).await
+    }
+
     /// The check of signed collections this node runs, if any collection is signed.
     pub fn signatures(&self) -> Option<&Arc<SignedCollections>> {
         self.signatures.as_ref()

@@ -19,6 +19,7 @@ use agentstore_consensus::{
 use agentstore_core::replication::Message;
 use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record};
+use agentstore_engine::changelog::ChangePage;
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, lock};
 use agentstore_wire::Envelope;
 use prometheus_client::metrics::gauge::Gauge;
@@ -361,5 +362,21 @@ impl DynEngine for StrongEngine {
 
     fn resolve<'a>(&'a self, txn: &'a str, commit: bool) -> EngineFuture<'a, Vec<Record>> {
         Box::pin(async move { self.group.resolve(txn, commit).await.map_err(group_error) })
+    }
+
+    fn changes<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> EngineFuture<'a, ChangePage> {
+        // What this member has applied, in the log's order.
+        Box::pin(async move {
+            self.group
+                .changes(prefix, after, limit, wait)
+                .await
+                .map_err(group_error)
+        })
     }
 }

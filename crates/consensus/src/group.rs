@@ -467,6 +467,22 @@ impl Group {
         .await
     }
 
+    /// Up to `limit` changes this member applied under `prefix` after position `after` of
+    /// its feed (from now when `None`), waiting up to `wait` for one.
+    pub async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<agentstore_engine::changelog::ChangePage, GroupError> {
+        let state = self.member()?.state.clone();
+        state
+            .changes(prefix, after, limit, wait)
+            .await
+            .map_err(GroupError::Refused)
+    }
+
     /// Up to `limit` records under `prefix` after `start_after`, at `level`.
     pub async fn scan(
         &self,

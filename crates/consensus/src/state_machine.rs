@@ -37,6 +37,8 @@ use redb::{
 };
 
 use crate::command::{Op, decode_command, encode_outcome};
+use agentstore_engine::changelog::{self, ChangeLog, ChangePage, Head};
+
 use crate::health::{Health, redb_io};
 use crate::log_store::{blocking, io_error};
 use crate::sessions::{OUTCOMES, SESSIONS, Sessions, decode_proposal};
@@ -75,6 +77,8 @@ pub struct StateMachine {
     /// error occurred" until the file is opened again, so that first failure is the cause
     /// reported for all of them (a full disk stays a full disk).
     first_failure: Arc<OnceLock<(io::ErrorKind, String)>>,
+    /// The last position of the change feed (see `agentstore_engine::changelog`).
+    head: Arc<Head>,
 }
 
 impl Debug for StateMachine {
@@ -132,6 +136,7 @@ impl StateMachine {
         txn.open_table(OUTCOMES).map_err(redb_io)?;
         move_snapshot_out_of_meta(&txn)?;
         txn.commit().map_err(redb_io)?;
+        let head = changelog::head_of(&db).map_err(io_error)?;
         let stamp = NodeId::new(GROUP_STAMP).map_err(io_error)?;
         Ok(Self {
             db: Arc::new(db),
@@ -139,6 +144,7 @@ impl StateMachine {
             signatures: None,
             health: Arc::default(),
             first_failure: Arc::default(),
+            head: Arc::new(Head::new(head)),
         })
     }
 
@@ -184,6 +190,25 @@ impl StateMachine {
         let txn = self.db.begin_read().map_err(storage)?;
         let table = txn.open_table(RECORDS).map_err(storage)?;
         agentstore_engine::two_phase::scan_records(&table, prefix, start_after, limit)
+    }
+
+    /// Up to `limit` applied changes under `prefix` after position `after` of this member's
+    /// feed (from now when `None`), waiting up to `wait` for one. Positions are this
+    /// member's; a snapshot installed here replaces the records and ends every watch
+    /// ([`EngineError::PositionUnavailable`]).
+    pub async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<agentstore_engine::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<ChangePage, EngineError> {
+        self.head
+            .wait_for(after, wait, |after| {
+                let txn = self.db.begin_read().map_err(storage)?;
+                changelog::read(&txn, prefix, after, limit)
+            })
+            .await
     }
 
     /// The last applied log id.
@@ -235,9 +260,11 @@ fn apply_command(
     )?;
     let results = prepare_batch(|key| stored(records, key), &mut hlc, at_ms, &writes)?;
     for (key, record) in &results {
+        let bytes = codec::encode(record);
         records
-            .insert(key.as_bytes(), codec::encode(record).as_slice())
+            .insert(key.as_bytes(), bytes.as_slice())
             .map_err(storage)?;
+        tables.changes.append(key, &bytes)?;
     }
     for fence in accepted {
         fences
@@ -455,6 +482,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let db = Arc::clone(&self.db);
         let stamp = self.stamp.clone();
         let signatures = self.signatures.clone();
+        let head = Arc::clone(&self.head);
         let small = batch.len() <= INLINE_APPLY;
         let apply = move || {
             let mut txn = db.begin_write().map_err(redb_io)?;
@@ -465,6 +493,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // can be purged. This keeps one fsync (the log's) on a write's path instead of two.
             txn.set_durability(Durability::None).map_err(redb_io)?;
             let mut outcomes = Vec::with_capacity(batch.len());
+            let mut changes = ChangeLog::open(&txn).map_err(io_error)?;
+            let last;
             {
                 let mut records = txn.open_table(RECORDS).map_err(redb_io)?;
                 let mut fences = txn.open_table(FENCES).map_err(redb_io)?;
@@ -475,6 +505,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     fences: &mut fences,
                     locks: &mut locks,
                     staged: &mut staged,
+                    changes: &mut changes,
                 };
                 let mut outcomes_kept = txn.open_table(OUTCOMES).map_err(redb_io)?;
                 let mut session_rows = txn.open_table(SESSIONS).map_err(redb_io)?;
@@ -522,7 +553,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta.insert("applied", persist(&applied)?.as_slice())
                     .map_err(redb_io)?;
             }
+            last = changes.finish().map_err(io_error)?;
             txn.commit().map_err(redb_io)?;
+            if let Some(last) = last {
+                head.advance(last);
+            }
             Ok(outcomes)
         };
         // A few entries apply in well under a millisecond without an fsync: run them here
@@ -558,8 +593,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let meta = meta.clone();
         let db = Arc::clone(&self.db);
+        let head = Arc::clone(&self.head);
         let installed = blocking(move || {
             let txn = db.begin_write().map_err(redb_io)?;
+            // The records are replaced wholesale: watchers must list them again.
+            let mut changes = ChangeLog::open(&txn).map_err(io_error)?;
+            changes.reset().map_err(io_error)?;
+            let last = changes.finish().map_err(io_error)?;
             {
                 let mut records = txn.open_table(RECORDS).map_err(redb_io)?;
                 records.retain(|_, _| false).map_err(redb_io)?;
@@ -611,7 +651,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(redb_io)?;
             }
             keep_snapshot(&txn, &meta, &data)?;
-            txn.commit().map_err(redb_io)
+            txn.commit().map_err(redb_io)?;
+            if let Some(last) = last {
+                head.advance(last);
+            }
+            Ok(())
         })
         .await;
         self.watched(installed)
@@ -654,11 +698,13 @@ mod tests {
                 txn.open_table(TXN_LOCKS).unwrap(),
                 txn.open_table(TXN_STAGED).unwrap(),
             );
+            let mut changes = ChangeLog::open(&txn).unwrap();
             let mut tables = RedbParticipant {
                 records: &mut records,
                 fences: &mut fences,
                 locks: &mut locks,
                 staged: &mut staged,
+                changes: &mut changes,
             };
             apply_command(
                 &mut tables,

@@ -3,6 +3,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+use crate::changelog::ChangePage;
 
 use crate::error::EngineError;
 use crate::{Engine, Key, LocalEngine, Record, Write};
@@ -41,6 +44,17 @@ pub trait DynEngine: std::fmt::Debug + Send + Sync + 'static {
     fn resolve<'a>(&'a self, txn: &'a str, commit: bool) -> EngineFuture<'a, Vec<Record>> {
         let _ = (txn, commit);
         Box::pin(async { Err(crate::no_two_phase()) })
+    }
+    /// See [`Engine::changes`].
+    fn changes<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: Duration,
+    ) -> EngineFuture<'a, ChangePage> {
+        let _ = (prefix, after, limit, wait);
+        Box::pin(async { Err(crate::no_change_feed()) })
     }
 }
 
@@ -115,5 +129,15 @@ impl Engine for AnyEngine {
 
     async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
         dispatch!(self, engine => engine.resolve(txn, commit).await)
+    }
+
+    async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<ChangePage, EngineError> {
+        dispatch!(self, engine => engine.changes(prefix, after, limit, wait).await)
     }
 }

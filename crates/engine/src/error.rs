@@ -203,6 +203,18 @@ pub enum EngineError {
         /// What is missing.
         detail: String,
     },
+    /// A change-feed position this node cannot resume from: older than the changes it keeps
+    /// (or than a snapshot that replaced its records), or one another feed handed out
+    /// (positions are per node). List the keys again (a scan), then watch from now.
+    #[error(
+        "position {requested} cannot be resumed here ({detail}); scan the prefix again and watch from now"
+    )]
+    PositionUnavailable {
+        /// The position asked for.
+        requested: String,
+        /// Why, and which positions this feed can resume after.
+        detail: String,
+    },
     /// The engine has shut down.
     #[error("the engine is closed")]
     Closed,
@@ -239,6 +251,7 @@ impl EngineError {
             EngineError::QuorumFailed { .. } => "quorum_failed",
             EngineError::Indeterminate { .. } => "indeterminate",
             EngineError::SessionBehind { .. } => "session_behind",
+            EngineError::PositionUnavailable { .. } => "position_unavailable",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
         }

@@ -12,6 +12,7 @@
 mod any;
 mod batch;
 pub mod batch_codec;
+pub mod changelog;
 mod clock;
 pub mod conformance;
 mod error;
@@ -206,6 +207,20 @@ pub trait Engine: Send + Sync + 'static {
         let _ = (txn, commit);
         async { Err(no_two_phase()) }
     }
+
+    /// Up to `limit` changes to keys under `prefix` after position `after` of this engine's
+    /// change feed (from now when `None`), waiting up to `wait` for one; see [`changelog`].
+    /// Engines without a feed answer [`EngineError::Unsupported`].
+    fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> impl Future<Output = Result<changelog::ChangePage, EngineError>> + Send {
+        let _ = (prefix, after, limit, wait);
+        async { Err(no_change_feed()) }
+    }
 }
 
 /// Locks `mutex`, taking over one a panicking holder left poisoned: every mutex agentstore
@@ -221,6 +236,15 @@ pub fn no_two_phase() -> EngineError {
     EngineError::Unsupported {
         detail: "this engine cannot take part in a two-phase commit (the embedded engine, \
                  PostgreSQL and a cluster's strong collections can)"
+            .into(),
+    }
+}
+
+/// What an engine without a change feed answers to a watch.
+pub fn no_change_feed() -> EngineError {
+    EngineError::Unsupported {
+        detail: "this backend keeps no change feed: watch collections on the embedded engine \
+                 or a cluster's eventual, causal and strong collections"
             .into(),
     }
 }

@@ -193,4 +193,19 @@ impl<E: Engine> Engine for Instrumented<E> {
         self.observe(2, "commit", started, &result);
         result
     }
+
+    async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<crate::changelog::ChangePage, EngineError> {
+        // Not timed: a watch waits for changes by design.
+        let result = self.inner.changes(prefix, after, limit, wait).await;
+        if let Err(err) = &result {
+            self.metrics.failed(self.backend, "changes", err);
+        }
+        result
+    }
 }

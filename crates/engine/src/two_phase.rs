@@ -110,6 +110,8 @@ pub struct RedbParticipant<'a, 't> {
     pub locks: &'a mut Table<'t, &'static [u8], &'static str>,
     /// [`TXN_STAGED`].
     pub staged: &'a mut Table<'t, &'static str, &'static [u8]>,
+    /// The change feed, which every record written is appended to.
+    pub changes: &'a mut crate::changelog::ChangeLog<'t>,
 }
 
 impl RedbParticipant<'_, '_> {
@@ -189,6 +191,7 @@ impl RedbParticipant<'_, '_> {
             self.records
                 .insert(key.as_bytes(), bytes.as_slice())
                 .map_err(storage)?;
+            self.changes.append(key, &bytes)?;
         }
         Ok(results.into_iter().map(|(_, r)| r).collect())
     }

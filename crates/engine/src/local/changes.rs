@@ -16,6 +16,7 @@ use redb::ReadableTable;
 use tokio::sync::mpsc;
 
 use super::{DATA, LocalEngine};
+use crate::changelog::{self, ChangePage, Head};
 use crate::error::EngineError;
 use crate::{Key, Record, batch, lock};
 
@@ -29,11 +30,13 @@ pub struct Committed {
     pub changes: Option<Vec<Change>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Feed {
     /// Whether anyone listens: writers compute digests only then.
     on: AtomicBool,
     state: Mutex<FeedState>,
+    /// The last position of the durable change log (`crate::changelog`), for watchers.
+    pub(super) head: Head,
 }
 
 #[derive(Debug, Default)]
@@ -72,19 +75,36 @@ impl Gathered {
 }
 
 impl Feed {
+    /// A feed whose change log is at `head` (see [`changelog::head_of`]).
+    pub(super) fn new(head: (u64, u64)) -> Self {
+        Self {
+            on: AtomicBool::new(false),
+            state: Mutex::default(),
+            head: Head::new(head),
+        }
+    }
+
     /// Whether writers should gather changes.
     pub(super) fn on(&self) -> bool {
         self.on.load(Ordering::Relaxed)
     }
 
     /// Commits with `commit` and reports what it changed, under the feed's lock.
+    /// `last` is the change log's last position after the commit, if it wrote any.
     pub(super) fn commit<T>(
         &self,
         gathered: Gathered,
+        last: Option<u64>,
         commit: impl FnOnce() -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
+        let advance = |done: T| {
+            if let Some(last) = last {
+                self.head.advance(last);
+            }
+            done
+        };
         if !self.on() || gathered.is_empty() {
-            return commit();
+            return commit().map(advance);
         }
         let mut state = lock(&self.state);
         let done = commit()?;
@@ -99,7 +119,7 @@ impl Feed {
             state.subscriber = None;
             self.on.store(false, Ordering::Relaxed);
         }
-        Ok(done)
+        Ok(advance(done))
     }
 }
 
@@ -112,6 +132,22 @@ impl LocalEngine {
         lock(&feed.state).subscriber = Some(sender);
         feed.on.store(true, Ordering::Relaxed);
         receiver
+    }
+
+    /// Up to `limit` changes under `prefix` after position `after` (from now when `None`),
+    /// waiting up to `wait` for one (see [`crate::changelog`]).
+    pub async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<ChangePage, EngineError> {
+        let head = &self.shared.feed.head;
+        head.wait_for(after, wait, |after| {
+            changelog::read(&self.read_txn()?, prefix, after, limit)
+        })
+        .await
     }
 
     /// Every record whose key passes `wanted`, read in one snapshot, with the number of the

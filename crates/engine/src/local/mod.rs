@@ -123,10 +123,11 @@ impl LocalEngine {
         clock: Arc<NodeClock>,
     ) -> Result<Self, EngineError> {
         check_format(&db, &path)?;
+        let head = crate::changelog::head_of(&db)?;
         let db = Arc::new(FileHandle::new(&path, db, reopen));
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let turn = writer::Turn::default();
-        let feed = Arc::new(changes::Feed::default());
+        let feed = Arc::new(changes::Feed::new(head));
         let writer = writer::spawn(
             Arc::clone(&db),
             Arc::clone(&clock),
@@ -315,5 +316,15 @@ impl Engine for LocalEngine {
     async fn resolve(&self, txn: &str, commit: bool) -> Result<Vec<Record>, EngineError> {
         self.request(writer::Op::Resolve(txn.to_owned(), commit))
             .await
+    }
+
+    async fn changes(
+        &self,
+        prefix: &[u8],
+        after: Option<crate::changelog::Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<crate::changelog::ChangePage, EngineError> {
+        LocalEngine::changes(self, prefix, after, limit, wait).await
     }
 }

@@ -30,9 +30,9 @@ impl LocalEngine {
             }
             unchanged
         };
-        self.shared
-            .feed
-            .commit(gathered, || txn.commit().map_err(EngineError::storage))?;
+        self.shared.feed.commit(gathered, None, || {
+            txn.commit().map_err(EngineError::storage)
+        })?;
         Ok(purged)
     }
 }

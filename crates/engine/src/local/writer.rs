@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::changes::{Feed, Gathered};
 use super::{DATA, FENCES};
 use crate::batch;
+use crate::changelog::ChangeLog;
 use crate::clock::NodeClock;
 use crate::error::EngineError;
 use crate::group_commit;
@@ -110,6 +111,7 @@ fn apply_group(
     let mut outcomes = Vec::with_capacity(group.len());
     let gather = feed.on();
     let mut gathered = Gathered::default();
+    let mut changes = ChangeLog::open(&txn)?;
     {
         let mut table = txn.open_table(DATA).map_err(EngineError::storage)?;
         let mut fences = txn.open_table(FENCES).map_err(EngineError::storage)?;
@@ -127,6 +129,7 @@ fn apply_group(
                         fences: &mut fences,
                         locks: &mut locks,
                         staged: &mut staged,
+                        changes: &mut changes,
                     };
                     let hlc = &mut clock.lock();
                     outcomes.push(match op {
@@ -155,6 +158,8 @@ fn apply_group(
                             let before = before.as_ref().map(|b| b.value());
                             gathered.record(key, before, Some(&bytes));
                         }
+                        drop(before);
+                        changes.append(key, &bytes)?;
                     }
                     for fence in accepted {
                         fences
@@ -167,7 +172,8 @@ fn apply_group(
             }
         }
     }
-    feed.commit(gathered, || txn.commit().map_err(write_failure))?;
+    let last = changes.finish()?;
+    feed.commit(gathered, last, || txn.commit().map_err(write_failure))?;
     Ok(outcomes)
 }
 

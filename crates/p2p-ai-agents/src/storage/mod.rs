@@ -48,6 +48,7 @@ mod transaction;
 mod two_phase;
 mod values;
 mod version;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,6 +81,8 @@ pub use self::status::NodeStatus;
 pub use self::transaction::Transaction;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
+pub use self::watch::{Change, Changes, Watch};
+pub use agentstore_engine::changelog::Position;
 use prometheus_client::registry::Registry;
 
 /// Environment variable that overrides the default data directory.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use agentstore_core::{Key, Record, codec};
 use agentstore_engine::batch_codec::{decode_outcome, encode_writes};
+use agentstore_engine::changelog::{ChangePage, Position};
 use agentstore_engine::{DynEngine, EngineError, EngineFuture, Write, single_unconditional};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -409,6 +410,10 @@ impl NodeClient {
                 needed: count("needed"),
             },
             "unsupported" => EngineError::Unsupported { detail: message },
+            "position_unavailable" => EngineError::PositionUnavailable {
+                requested: String::new(),
+                detail: message,
+            },
             "disk_full" => EngineError::DiskFull { detail: message },
             "membership_refused" => EngineError::InvalidSettings { detail: message },
             "indeterminate" => EngineError::Indeterminate {
@@ -499,6 +504,34 @@ impl DynEngine for NodeClient {
             decode_outcome(&answer).map_err(|e| EngineError::Storage {
                 detail: format!("the node sent an invalid outcome: {e}"),
             })?
+        })
+    }
+
+    fn changes<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        after: Option<Position>,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> EngineFuture<'a, ChangePage> {
+        Box::pin(async move {
+            // The node answers within the wait; the request's own deadline is the timeout.
+            let wait = wait.min(self.timeout / 2);
+            let mut path = format!(
+                "/v1/feed?prefix={}&limit={limit}&wait_ms={}",
+                encode(prefix),
+                wait.as_millis()
+            );
+            if let Some(after) = after {
+                path.push_str(&format!("&after={after}"));
+            }
+            let (status, body) = self.call(Method::GET, &path, Vec::new()).await?;
+            if status != StatusCode::OK {
+                return Err(Self::refused(status, &body));
+            }
+            super::watch::decode_page(&body).map_err(|e| EngineError::Storage {
+                detail: format!("the node sent an invalid feed page: {e}"),
+            })
         })
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! | request | needs |
 //! |---|---|
-//! | `GET` a key, a record, a scan of a prefix | `read` on a prefix of the key (or scan prefix) |
+//! | `GET` a key, a record, a scan, a watch or the changes of a prefix | `read` on a prefix of the key (or of the prefix) |
 //! | `PUT`/`DELETE`/`POST` on a key (values, counters, sets, locks, records) | `write` on it |
 //! | `POST /v1/transactions`, `POST /v1/records` (batches) | `write` on every key written |
 //! | Raft membership, `leave`, `repair` | `admin` on the empty prefix (the whole cluster) |
@@ -29,7 +29,7 @@ use super::{Api, ApiError};
 
 /// The verified capability a request carries, for handlers that check each key they write.
 #[derive(Debug, Clone)]
-pub(super) struct Caller(Arc<Capability>);
+pub(super) struct Caller(pub(super) Arc<Capability>);
 
 fn now_ms() -> u64 {
     SystemClock.now_ms()
@@ -167,8 +167,10 @@ fn needs(
     match path {
         "/v1/keys/{key}" | "/v1/counters/{key}" | "/v1/sets/{key}" | "/v1/locks/{key}"
         | "/v1/records/{key}" => Some((read_or_write, param("key"))),
-        "/v1/scan/{prefix}" => Some((Operation::Read, param("prefix"))),
-        "/v1/records" if method == Method::GET => {
+        "/v1/scan/{prefix}" | "/v1/watch/{prefix}" | "/v1/changes/{prefix}" => {
+            Some((Operation::Read, param("prefix")))
+        }
+        "/v1/records" | "/v1/feed" if method == Method::GET => {
             #[derive(serde::Deserialize)]
             struct Prefix {
                 prefix: Option<String>,

@@ -13,6 +13,7 @@ mod auth;
 mod http;
 mod resp;
 mod tls;
+mod watch;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -119,6 +120,9 @@ fn engine_error(err: EngineError) -> ApiError {
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "session_behind", message)
         },
         EngineError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", message),
+        EngineError::PositionUnavailable { .. } => {
+            ApiError::new(StatusCode::GONE, "position_unavailable", message)
+        }
         EngineError::DiskFull { .. } => {
             ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
         }
@@ -217,6 +221,8 @@ struct Api {
     left: Arc<Notify>,
     /// The gate that checks clients' capability tokens (`None`: open API).
     clients: Option<Arc<auth::Gate>>,
+    /// Turns `true` when the server stops: watch streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1149,6 +1155,9 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/counters/{key}", post(add_counter)),
         ("/v1/sets/{key}", post(change_set)),
         ("/v1/scan/{prefix}", get(scan)),
+        ("/v1/watch/{prefix}", get(watch::watch)),
+        ("/v1/changes/{prefix}", get(watch::changes)),
+        ("/v1/feed", get(watch::feed)),
         ("/v1/records", get(scan_records).post(apply_batch)),
         ("/v1/transactions", post(transaction)),
         ("/v1/locks/{key}", post(acquire_lock).delete(release_lock)),
@@ -1410,6 +1419,7 @@ pub async fn run_secured(
         "node ready"
     );
     let left = Arc::new(Notify::new());
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
     let api = Api {
         storage,
         node: Arc::clone(&node),
@@ -1417,8 +1427,8 @@ pub async fn run_secured(
         causal,
         left: Arc::clone(&left),
         clients,
+        stopping: stopped.clone(),
     };
-    let (stopping, stopped) = tokio::sync::watch::channel(false);
     let stop = async move {
         tokio::select! {
             () = shutdown => {}
