@@ -494,7 +494,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             txn.set_durability(Durability::None).map_err(redb_io)?;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut changes = ChangeLog::open(&txn).map_err(io_error)?;
-            let last;
             {
                 let mut records = txn.open_table(RECORDS).map_err(redb_io)?;
                 let mut fences = txn.open_table(FENCES).map_err(redb_io)?;
@@ -553,7 +552,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta.insert("applied", persist(&applied)?.as_slice())
                     .map_err(redb_io)?;
             }
-            last = changes.finish().map_err(io_error)?;
+            let last = changes.finish().map_err(io_error)?;
             txn.commit().map_err(redb_io)?;
             if let Some(last) = last {
                 head.advance(last);

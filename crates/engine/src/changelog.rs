@@ -388,7 +388,7 @@ mod tests {
 
     fn record(value: &str) -> Record {
         Record {
-            value: Value::Register(Some(value.as_bytes().to_vec().into())),
+            value: Value::Register(Some(value.as_bytes().to_vec())),
             version: VersionVector::new(),
             stamp: Timestamp {
                 wall_ms: 1,

@@ -558,3 +558,79 @@ async fn leases_grant_increasing_tokens_and_fence_off_an_expired_holder() {
         .unwrap();
     assert_eq!(third.token, 3, "tokens keep growing across releases");
 }
+
+#[tokio::test]
+async fn a_watch_sees_each_change_in_order_and_resumes_after_reopening_without_a_gap() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: Some(dir.path().display().to_string()),
+        ..Config::default()
+    };
+    let storage = Storage::new(config.clone()).await.unwrap();
+    storage.set("tasks:before", 0).await.unwrap();
+    // From now: what was written before is not replayed.
+    let mut watch = storage.watch("tasks", None);
+    let waiting = tokio::spawn(async move {
+        let change = watch.next().await.unwrap();
+        (change, watch)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    storage.set("tasks:1", "one").await.unwrap();
+    storage.set("other:1", "elsewhere").await.unwrap();
+    storage.set("tasks:2", "two").await.unwrap();
+    storage.delete("tasks:1").await.unwrap();
+    let (first, mut watch) = waiting.await.unwrap();
+    assert_eq!(
+        (first.key.as_str(), first.value.clone()),
+        ("tasks:1", Some(serde_json::json!("one")))
+    );
+    let second = watch.next().await.unwrap();
+    assert_eq!(
+        (second.key.as_str(), second.value.clone()),
+        ("tasks:2", Some(serde_json::json!("two"))),
+        "another collection's change is not in the watch"
+    );
+    let resume_at = watch.position().unwrap();
+    assert_eq!(resume_at, second.position);
+    drop((watch, storage));
+
+    // Reopened: written while nobody watched, read after the position kept.
+    let storage = Storage::new(config).await.unwrap();
+    storage.set("tasks:3", "three").await.unwrap();
+    let page = storage
+        .changes("tasks", Some(resume_at), 10, Duration::ZERO)
+        .await
+        .unwrap();
+    let seen: Vec<(String, Option<serde_json::Value>)> = page
+        .changes
+        .iter()
+        .map(|c| (c.key.clone(), c.value.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("tasks:1".to_owned(), None),
+            ("tasks:3".to_owned(), Some(serde_json::json!("three")))
+        ],
+        "the delete, then the write made after reopening, and nothing twice"
+    );
+    assert!(
+        page.changes
+            .windows(2)
+            .all(|w| w[0].position.seq < w[1].position.seq)
+    );
+
+    // A position from another store is refused, not misread.
+    let other = open(&[]).await;
+    match other
+        .storage
+        .changes("tasks", Some(resume_at), 10, Duration::ZERO)
+        .await
+    {
+        Err(StorageError::Engine(agentstore_engine::EngineError::PositionUnavailable {
+            ..
+        })) => {}
+        other => panic!("another feed's position: {other:?}"),
+    }
+}

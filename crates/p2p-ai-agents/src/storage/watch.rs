@@ -229,7 +229,7 @@ mod tests {
     fn a_feed_page_survives_its_encoding_and_a_cut_one_is_refused() {
         let node = NodeId::new("n").unwrap();
         let record = |value: &str| Record {
-            value: Value::Register(Some(value.as_bytes().to_vec().into())),
+            value: Value::Register(Some(value.as_bytes().to_vec())),
             version: VersionVector::new(),
             stamp: Timestamp {
                 wall_ms: 7,
