@@ -8,6 +8,8 @@
 
 from .client import (
     SESSION_HEADER,
+    Change,
+    ChangePage,
     Client,
     Consistency,
     Entry,
@@ -26,6 +28,7 @@ from .errors import (
     InvalidRequest,
     LockHeld,
     NotFound,
+    PositionUnavailable,
     QuorumUnavailable,
     ServerError,
     SessionBehind,
@@ -40,6 +43,8 @@ from .errors import (
 __all__ = [
     "SESSION_HEADER",
     "AgentstoreError",
+    "Change",
+    "ChangePage",
     "Client",
     "Conflict",
     "Consistency",
@@ -52,6 +57,7 @@ __all__ = [
     "LockHeld",
     "NotFound",
     "Page",
+    "PositionUnavailable",
     "QuorumUnavailable",
     "ServerError",
     "Session",

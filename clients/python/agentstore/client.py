@@ -50,6 +50,25 @@ class Page:
     next: Optional[str]
 
 
+@dataclass(frozen=True)
+class Change:
+    """One change under a watched prefix: the value from then on (``None`` once deleted)."""
+
+    position: str
+    key: str
+    value: Any
+    deleted: bool
+    version: str
+
+
+@dataclass(frozen=True)
+class ChangePage:
+    """Changes found, and the position to ask after next."""
+
+    changes: List[Change]
+    position: str
+
+
 class _Node:
     """One node's address and its keep-alive connection."""
 
@@ -108,6 +127,7 @@ class Client:
             raise ValueError("a client needs at least one node address")
         tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self._nodes = [_Node(a, timeout, tls) for a in addresses]
+        self._timeout = timeout
         self._current = 0
         self._token = token
         self._lock = threading.Lock()
@@ -230,6 +250,41 @@ class Client:
             if page.next is None:
                 return
             after = page.next
+
+    # Watching --------------------------------------------------------------------------------
+
+    def changes(
+        self, prefix: str, after: Optional[str] = None, limit: int = 100, wait: float = 0.0
+    ) -> ChangePage:
+        """The changes under ``prefix`` after the position ``after`` (from now when ``None``),
+        in the order the node applied them, waiting up to ``wait`` seconds for one. Positions
+        belong to the node that handed them out (:class:`PositionUnavailable` elsewhere)."""
+        wait_ms = int(max(0.0, min(wait, self._timeout / 2)) * 1000)
+        path = "/v1/changes/" + urllib.parse.quote(prefix, safe="") + _query(
+            after=after, limit=limit, wait_ms=wait_ms
+        )
+        answer = self._call("GET", path, None, write=False)
+        changes = [
+            Change(
+                str(c["position"]),
+                str(c["key"]),
+                c.get("value"),
+                bool(c.get("deleted")),
+                str(c.get("version", "")),
+            )
+            for c in answer.get("changes", [])
+        ]
+        return ChangePage(changes, str(answer["position"]))
+
+    def watch(self, prefix: str, after: Optional[str] = None) -> Iterator[Change]:
+        """Every change under ``prefix`` after ``after`` (from now when ``None``), as it comes;
+        resume with the last change's ``position``. Each read waits for changes holding the
+        client's lock: watch with a client of its own."""
+        position = after
+        while True:
+            page = self.changes(prefix, position, limit=256, wait=self._timeout / 2)
+            yield from page.changes
+            position = page.position
 
     def status(self) -> Dict[str, Any]:
         """What the node knows of the cluster: members, liveness, N/W/R, each collection's

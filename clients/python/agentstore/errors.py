@@ -91,6 +91,11 @@ class DiskFull(AgentstoreError):
     """507: the node's disk is full; nothing was written."""
 
 
+class PositionUnavailable(AgentstoreError):
+    """A watch position this node cannot resume from (another node's, or older than the
+    changes it keeps): scan the prefix again and watch from now."""
+
+
 class ServerError(AgentstoreError):
     """500: the node's storage failed, or a bug."""
 
@@ -107,6 +112,7 @@ _BY_CODE: Dict[str, Type[AgentstoreError]] = {
     "indeterminate": Indeterminate,
     "session_behind": SessionBehind,
     "disk_full": DiskFull,
+    "position_unavailable": PositionUnavailable,
 }
 
 _BY_STATUS: Dict[int, Type[AgentstoreError]] = {

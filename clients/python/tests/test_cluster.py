@@ -107,5 +107,29 @@ class AgainstACluster(unittest.TestCase):
         self.assertEqual(len(status["members"]), 3)
 
 
+    def test_a_watch_sees_writes_made_on_another_node_and_resumes_where_it_stopped(self) -> None:
+        collection = f"jobs{uuid.uuid4().hex[:8]}"
+        start = self.c.changes(collection).position
+        for i in range(3):
+            self.a.put(f"{collection}:{i}", i)
+        seen: list[agentstore.Change] = []
+        watch = self.c.watch(collection, after=start)
+        while len(seen) < 3:
+            seen.append(next(watch))
+        self.assertEqual(sorted(c.key for c in seen), [f"{collection}:{i}" for i in range(3)])
+        self.assertTrue(all(not c.deleted for c in seen))
+        # Resumed after the second: the third only, then a delete made since.
+        self.a.delete(f"{collection}:0")
+        rest: list[agentstore.Change] = []
+        watch = self.c.watch(collection, after=seen[1].position)
+        while len(rest) < 2:
+            rest.append(next(watch))
+        self.assertEqual(rest[0], seen[2])
+        self.assertTrue(rest[1].deleted and rest[1].value is None)
+        # Another node's position is refused, not misread.
+        with self.assertRaises(agentstore.PositionUnavailable):
+            self.a.changes(collection, after=seen[2].position)
+
+
 if __name__ == "__main__":
     unittest.main()
