@@ -132,6 +132,10 @@ enum Command {
         /// Replace the siblings this context covers (multi_value collections; from `get --siblings`).
         #[arg(long)]
         context: Option<Version>,
+        /// Let the value expire this long after the write: 30s, 15m, 12h (lww collections);
+        /// writing the key again before then renews it, as a heartbeat does.
+        #[arg(long, value_parser = keys::parse_duration, conflicts_with_all = ["if_version", "context"])]
+        ttl: Option<std::time::Duration>,
         #[command(flatten)]
         level: LevelArg,
     },
@@ -584,10 +588,19 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
             string,
             if_version,
             context,
+            ttl,
             level,
         } => {
             let value = json_arg(value, *string);
             let receipt = match (if_version, context) {
+                _ if ttl.is_some() => {
+                    let storage = match level.consistency {
+                        Some(level) => storage.at_level(level),
+                        None => storage.clone(),
+                    };
+                    let ttl = ttl.unwrap_or_default();
+                    storage.set_with_ttl(key, value, ttl).await?
+                }
                 (Some(version), _) => {
                     let expected = (!version.vector().is_empty()).then_some(version);
                     storage.compare_and_set(key, value, expected).await?

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use agentstore_core::crdt::Crdt;
 use agentstore_core::merkle::MerkleTree;
-use agentstore_core::node_state::upkeep::past_grace_tombstone;
+use agentstore_core::node_state::upkeep::past_grace;
 use agentstore_core::node_state::{
     Answer, Call, Caller, Effect, Input, Liveness, NodeState, Observation, Purpose, RepairEvent,
     Settings, StoredHint,
@@ -927,14 +927,14 @@ impl Runtime {
                 let stored = measured.get(&key).await;
                 // A record this replica already holds (a repeated repair, a duplicate) changes
                 // nothing: acknowledge without a commit. Nor does an old tombstone of a key
-                // this replica holds nothing of (see `past_grace_tombstone`).
+                // this replica holds nothing of (see `past_grace`).
                 let known = match &stored {
                     Ok(Some(stored)) => {
                         let mut merged = stored.clone();
                         merged.merge(&record);
                         merged == *stored
                     }
-                    Ok(None) => past_grace_tombstone(&record, horizon_ms),
+                    Ok(None) => past_grace(&record, horizon_ms),
                     Err(_) => false,
                 };
                 if known {

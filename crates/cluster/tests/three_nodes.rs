@@ -361,6 +361,69 @@ async fn a_tombstone_past_its_grace_is_collected_not_spread_to_replicas_that_hol
     }
 }
 
+/// A value of `key` written by node-a `age` ago that expired `expired_for` ago.
+fn expired(key_name: &str, age: Duration, expired_for: Duration) -> agentstore_core::Record {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut clock = agentstore_core::HybridClock::new(NodeId::new("node-a").unwrap(), 500);
+    agentstore_core::record::apply(
+        None,
+        &Mutation::PutExpiring {
+            value: key_name.as_bytes().to_vec(),
+            expires_at_ms: now - expired_for.as_millis() as u64,
+        },
+        &mut clock,
+        now - age.as_millis() as u64,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_value_is_collected_and_never_spread_back_while_an_expiring_one_spreads() {
+    let c = cluster_with(Duration::from_millis(100)).await;
+    // node-a alone holds a heartbeat that expired two hours ago (past the hour of grace) and
+    // one that expires in an hour.
+    let (gone, alive) = (key("beat:gone"), key("beat:alive"));
+    let hour = Duration::from_secs(3600);
+    c.engines[0]
+        .apply(
+            gone.clone(),
+            Mutation::Merge(expired("beat:gone", 3 * hour, 2 * hour)),
+        )
+        .await
+        .unwrap();
+    let mut living = expired("beat:alive", Duration::ZERO, Duration::ZERO);
+    living.expires_at_ms = living.expires_at_ms.map(|at| at + 3_600_000);
+    c.engines[0]
+        .apply(alive.clone(), Mutation::Merge(living.clone()))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for engine in &c.engines[1..] {
+        while engine.get(&alive).await.unwrap().as_ref() != Some(&living) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the unexpired value never spread with its expiry"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    while c.engines[0].get(&gone).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-a never collected the expired value"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, engine) in c.engines.iter().enumerate() {
+        let held = engine.get(&gone).await.unwrap();
+        assert!(held.is_none(), "{} holds {held:?}", c.ids[i]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anti_entropy_repairs_what_no_message_carried() {
     let c = cluster_with(Duration::from_millis(100)).await;

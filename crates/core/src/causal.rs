@@ -306,6 +306,7 @@ mod tests {
                     version: VersionVector::new(),
                     value: Value::Register(Some(vec![1])),
                     attestation: None,
+                    expires_at_ms: None,
                 },
             )],
         }

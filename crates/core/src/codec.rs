@@ -17,6 +17,7 @@
 //!                                                           OR-Set: elements, dots increasing
 //!           | 7 bytes                                       signed LWW tombstone: attestation
 //!           | 8 bytes bytes                                 signed LWW value, attestation
+//!           | 9 bytes expires_ms:uvarint                    LWW value that expires
 //! gcounter  = vector
 //! dot       = node counter:uvarint>0
 //! node      = len:uvarint(1..=64) node-id bytes
@@ -72,7 +73,17 @@ pub fn encode(record: &Record) -> Vec<u8> {
         record.attestation.is_none() || matches!(record.value, Value::Register(_)),
         "only LWW registers carry an attestation"
     );
+    debug_assert!(
+        record.expires_at_ms.is_none()
+            || (matches!(record.value, Value::Register(Some(_))) && record.attestation.is_none()),
+        "only unsigned LWW values expire"
+    );
     match (&record.value, &record.attestation) {
+        (Value::Register(Some(bytes)), None) if record.expires_at_ms.is_some() => {
+            out.push(9);
+            put_bytes(&mut out, bytes);
+            put_uvarint(&mut out, record.expires_at_ms.unwrap_or_default());
+        }
         (Value::Register(None), None) => out.push(0),
         (Value::Register(Some(bytes)), None) => {
             out.push(1);
@@ -329,9 +340,15 @@ impl<'a> Reader<'a> {
         };
         let version = self.version_vector()?;
         let mut attestation = None;
+        let mut expires_at_ms = None;
         let value = match self.u8()? {
             0 => Value::Register(None),
             1 => Value::Register(Some(self.bytes()?)),
+            9 => {
+                let value = self.bytes()?;
+                expires_at_ms = Some(self.uvarint()?);
+                Value::Register(Some(value))
+            }
             7 => {
                 attestation = Some(self.bytes()?);
                 Value::Register(None)
@@ -408,6 +425,7 @@ impl<'a> Reader<'a> {
             version,
             value,
             attestation,
+            expires_at_ms,
         })
     }
 }

@@ -127,9 +127,29 @@ pub struct Record {
     /// attestation, opaque here): only on LWW registers of collections that require signed
     /// writes, where every replica checks it before storing the record (`crate::signing`).
     pub attestation: Option<Bytes>,
+    /// When the value expires (Unix ms), on LWW values written with a time to live: from
+    /// then on every replica reads the key as absent, and collection purges it once every
+    /// replica holds it and the grace period has passed, as it purges a tombstone.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Record {
+    /// Whether the record holds an expiring value whose time has come at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
+
+    /// Since when the key reads as absent whatever the clock (a tombstone: since its
+    /// deletion) or from a known time on (an expiring value: its expiry); `None` for a live
+    /// value that does not expire. Collection measures its grace period from it.
+    pub fn dead_since_ms(&self) -> Option<u64> {
+        if self.is_tombstone() {
+            Some(self.stamp.wall_ms)
+        } else {
+            self.expires_at_ms
+        }
+    }
+
     /// Whether the record says the key is deleted: an LWW tombstone, or a multi-value
     /// register whose values were all deleted.
     pub fn is_tombstone(&self) -> bool {
@@ -169,15 +189,18 @@ impl Crdt for Record {
                 self.value = other.value.clone();
                 self.stamp = other.stamp.clone();
                 self.attestation = other.attestation.clone();
+                self.expires_at_ms = other.expires_at_ms;
             }
             return;
         }
         match (&mut self.value, &other.value) {
             (Value::Register(a), Value::Register(b)) => {
-                if (&other.stamp, b, &other.attestation) > (&self.stamp, &*a, &self.attestation) {
+                let theirs = (&other.stamp, b, &other.attestation, other.expires_at_ms);
+                if theirs > (&self.stamp, &*a, &self.attestation, self.expires_at_ms) {
                     *a = b.clone();
                     self.stamp = other.stamp.clone();
                     self.attestation = other.attestation.clone();
+                    self.expires_at_ms = other.expires_at_ms;
                 }
                 return;
             }
@@ -199,6 +222,13 @@ impl Crdt for Record {
 pub enum Mutation {
     /// Write an LWW register.
     Put(Bytes),
+    /// Write an LWW register whose value expires at `expires_at_ms` (Unix ms).
+    PutExpiring {
+        /// The value.
+        value: Bytes,
+        /// When it expires.
+        expires_at_ms: u64,
+    },
     /// Delete an LWW register (write a tombstone).
     Delete,
     /// Write (`Some`) or delete (`None`) an LWW register with the writer's signature: the
@@ -235,7 +265,10 @@ impl Mutation {
     /// The kind of value this mutation applies to.
     pub fn kind(&self) -> Kind {
         match self {
-            Mutation::Put(_) | Mutation::Delete | Mutation::Signed { .. } => Kind::Register,
+            Mutation::Put(_)
+            | Mutation::PutExpiring { .. }
+            | Mutation::Delete
+            | Mutation::Signed { .. } => Kind::Register,
             Mutation::PutSibling { .. } => Kind::MultiValue,
             Mutation::GCounterAdd(_) => Kind::GCounter,
             Mutation::PnCounterAdd(_) => Kind::PnCounter,
@@ -299,6 +332,7 @@ pub fn apply(
     };
     match (&mut value, mutation) {
         (Value::Register(v), Mutation::Put(bytes)) => *v = Some(bytes.clone()),
+        (Value::Register(v), Mutation::PutExpiring { value, .. }) => *v = Some(value.clone()),
         (Value::Register(v), Mutation::Delete) => *v = None,
         (Value::Register(v), Mutation::Signed { value, .. }) => *v = value.clone(),
         (Value::MultiValue(register), Mutation::PutSibling { value, context }) => {
@@ -326,11 +360,17 @@ pub fn apply(
         Mutation::Signed { attestation, .. } => Some(attestation.clone()),
         _ => None,
     };
+    // Any other write of the key replaces an expiring value with one that does not expire.
+    let expires_at_ms = match mutation {
+        Mutation::PutExpiring { expires_at_ms, .. } => Some(*expires_at_ms),
+        _ => None,
+    };
     Ok(Record {
         stamp,
         version,
         value,
         attestation,
+        expires_at_ms,
     })
 }
 
@@ -365,9 +405,10 @@ pub struct ExpectationFailed {
 }
 
 impl Expect {
-    /// Checks the expectation against the stored record.
-    pub fn check(&self, current: Option<&Record>) -> Result<(), ExpectationFailed> {
-        let live = current.filter(|record| !record.is_tombstone());
+    /// Checks the expectation against the stored record at `now_ms`: a value that expired by
+    /// then counts as absent, as a tombstone does.
+    pub fn check(&self, current: Option<&Record>, now_ms: u64) -> Result<(), ExpectationFailed> {
+        let live = current.filter(|record| !record.is_tombstone() && !record.expired(now_ms));
         let holds = match (self, live) {
             (Expect::Absent, None) => true,
             (Expect::Absent, Some(_)) => false,
@@ -441,19 +482,19 @@ mod tests {
     #[test]
     fn compare_and_set_expectations() {
         let mut c = clock("a");
-        assert_eq!(Expect::Absent.check(None), Ok(()));
+        assert_eq!(Expect::Absent.check(None, 0), Ok(()));
         let first = apply(None, &Mutation::Put(vec![1]), &mut c, 1).unwrap();
-        assert!(Expect::Absent.check(Some(&first)).is_err());
+        assert!(Expect::Absent.check(Some(&first), 0).is_err());
         assert_eq!(
-            Expect::Version(first.version.clone()).check(Some(&first)),
+            Expect::Version(first.version.clone()).check(Some(&first), 0),
             Ok(())
         );
         let second = apply(Some(&first), &Mutation::Put(vec![2]), &mut c, 2).unwrap();
         let failed = Expect::Version(first.version.clone())
-            .check(Some(&second))
+            .check(Some(&second), 0)
             .unwrap_err();
         assert_eq!(failed.actual, Some(second.version.clone()));
         let deleted = apply(Some(&second), &Mutation::Delete, &mut c, 3).unwrap();
-        assert_eq!(Expect::Absent.check(Some(&deleted)), Ok(()));
+        assert_eq!(Expect::Absent.check(Some(&deleted), 0), Ok(()));
     }
 }

@@ -190,6 +190,7 @@ mod tests {
             version: VersionVector::new(),
             value: Value::Register(Some(value.to_vec())),
             attestation,
+            expires_at_ms: None,
         }
     }
 

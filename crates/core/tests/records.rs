@@ -21,6 +21,10 @@ fn bytes() -> impl Strategy<Value = Vec<u8>> {
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         bytes().prop_map(Mutation::Put),
+        (bytes(), 0u64..100).prop_map(|(value, expires_at_ms)| Mutation::PutExpiring {
+            value,
+            expires_at_ms
+        }),
         Just(Mutation::Delete),
         prop::option::of(bytes()).prop_map(|value| Mutation::PutSibling {
             value,
@@ -243,7 +247,17 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
         &mut b,
         15,
     );
+    let expiring = apply(
+        None,
+        Mutation::PutExpiring {
+            value: b"heartbeat".to_vec(),
+            expires_at_ms: 1_700_000_030_000,
+        },
+        &mut b,
+        16,
+    );
     vec![
+        ("expiring", expiring),
         ("signed", signed),
         ("signed-tombstone", signed_delete),
         ("lww", lww),

@@ -50,7 +50,7 @@ pub fn prepare_batch(
         };
         if let Some(expect) = &write.expect {
             expect
-                .check(current.as_ref())
+                .check(current.as_ref(), physical_ms)
                 .map_err(|source| EngineError::ExpectationFailed {
                     key: write.key.clone(),
                     source,

@@ -396,6 +396,7 @@ mod tests {
                 node: NodeId::new("n").unwrap(),
             },
             attestation: None,
+            expires_at_ms: None,
         }
     }
 

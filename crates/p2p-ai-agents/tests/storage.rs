@@ -634,3 +634,75 @@ async fn a_watch_sees_each_change_in_order_and_resumes_after_reopening_without_a
         other => panic!("another feed's position: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_value_with_a_time_to_live_reads_as_absent_once_it_expires_and_a_rewrite_renews_it() {
+    use std::time::Duration;
+    let f = open(&[("hits", ConflictStrategy::PnCounter, None)]).await;
+    let s = &f.storage;
+    s.set_with_ttl("beat:a", "alive", Duration::from_millis(300))
+        .await
+        .unwrap();
+    s.set_with_ttl("beat:b", "alive", Duration::from_millis(300))
+        .await
+        .unwrap();
+    let read = s.get_versioned::<String>("beat:a").await.unwrap().unwrap();
+    assert_eq!(read.value, "alive");
+    assert!(read.expires_at_ms.is_some());
+    // b is written again without a time to live: it no longer expires.
+    s.set("beat:b", "forever").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(s.get::<String>("beat:a").await.unwrap(), None);
+    assert!(!s.exists("beat:a").await.unwrap());
+    let listed: Vec<String> = s
+        .scan("beat", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(listed, ["beat:b"], "an expired key is not listed");
+    assert_eq!(
+        s.get::<String>("beat:b").await.unwrap().as_deref(),
+        Some("forever")
+    );
+    // Expired, the key takes a compare-and-set against absent, as a missing key does.
+    s.compare_and_set("beat:a", "again", None).await.unwrap();
+    assert_eq!(
+        s.get::<String>("beat:a").await.unwrap().as_deref(),
+        Some("again")
+    );
+    // Only lww values expire.
+    assert!(matches!(
+        s.set_with_ttl("hits:x", 1, Duration::from_secs(1)).await,
+        Err(StorageError::WrongOperation { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_collection_ttl_applies_to_every_write_without_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "storage:\n  data_dir: {}\n  collections:\n    sessions:\n      ttl_ms: 200\n",
+        dir.path().display()
+    );
+    let config = Config::from_yaml(&yaml, "ttl.yaml").unwrap();
+    let storage = Storage::new(config).await.unwrap();
+    storage.set("sessions:1", "open").await.unwrap();
+    storage.set("other:1", "kept").await.unwrap();
+    assert!(storage.exists("sessions:1").await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!storage.exists("sessions:1").await.unwrap());
+    assert!(storage.exists("other:1").await.unwrap());
+
+    let refused = Config::from_yaml(
+        "storage:\n  collections:\n    hits:\n      conflict: pn_counter\n      ttl_ms: 5\n",
+        "bad.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("bad.yaml") && refused.contains("storage.collections.hits.ttl_ms"),
+        "{refused}"
+    );
+}

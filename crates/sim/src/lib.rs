@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use agentstore_core::codec;
 use agentstore_core::merkle::{MerkleTree, entry_digest};
-use agentstore_core::node_state::upkeep::past_grace_tombstone;
+use agentstore_core::node_state::upkeep::past_grace;
 use agentstore_core::node_state::{
     self, Answer, Call as NodeCall, Caller, Change, Effect, Input, Liveness, NodeState, StoredHint,
 };
@@ -452,7 +452,7 @@ impl Sim {
                             n.commit(&key, Some(&before), Some(&after));
                         }
                     }
-                    None if past_grace_tombstone(&record, horizon_ms) => {}
+                    None if past_grace(&record, horizon_ms) => {}
                     None => {
                         n.commit(&key, None, Some(&record));
                         n.store.insert(key, record);

@@ -39,6 +39,14 @@ pub(crate) fn put_mutation(out: &mut Vec<u8>, mutation: &Mutation) {
             put_bytes(out, bytes);
         }
         Mutation::Delete => out.push(2),
+        Mutation::PutExpiring {
+            value,
+            expires_at_ms,
+        } => {
+            out.push(11);
+            put_bytes(out, value);
+            put_uvarint(out, *expires_at_ms);
+        }
         Mutation::PutSibling { value, context } => {
             out.push(3);
             match value {
@@ -120,6 +128,10 @@ pub(crate) fn mutation(r: &mut Reader<'_>) -> Result<Mutation, WireError> {
             let attestation = r.bytes().map_err(malformed)?;
             Mutation::Signed { value, attestation }
         }
+        11 => Mutation::PutExpiring {
+            value: r.bytes().map_err(malformed)?,
+            expires_at_ms: r.uvarint().map_err(malformed)?,
+        },
         _ => return Err(malformed(r.malformed("unknown mutation"))),
     })
 }

@@ -127,6 +127,9 @@ pub struct CollectionConfig {
     /// Whether every write must carry its writer's signature, which every node checks
     /// (`signed: true`; see `crate::signing`).
     pub signed: bool,
+    /// The time to live of every value written without one of its own (`ttl_ms`; lww
+    /// collections only): the key reads as absent that long after its last write.
+    pub ttl_ms: Option<u64>,
 }
 
 /// A whole, validated configuration.
@@ -239,6 +242,8 @@ pub struct CollectionPlan {
     pub encrypted: bool,
     /// Whether its writes must be signed by their writers.
     pub signed: bool,
+    /// The time to live of values written without one (`ttl_ms`).
+    pub ttl_ms: Option<u64>,
     /// Replication between nodes.
     pub replication: Replication,
     /// What the configuration really delivers.
@@ -288,6 +293,7 @@ impl Config {
             conflict: settings.conflict.unwrap_or(self.default_conflict),
             encrypted: settings.encrypted,
             signed: settings.signed,
+            ttl_ms: settings.ttl_ms,
             replication: self.replication,
             guarantee: self.guarantee(backend, consistency),
         }

@@ -68,6 +68,7 @@ struct Collection {
     encrypted: bool,
     #[serde(default)]
     signed: bool,
+    ttl_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +350,23 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 ),
             ));
         }
+        if let Some(ttl_ms) = collection.ttl_ms {
+            let why = if ttl_ms == 0 {
+                Some("a time to live is at least 1 ms".to_owned())
+            } else if conflict != ConflictStrategy::Register {
+                Some(format!(
+                    "only lww values expire: a {conflict} merges what every replica holds, and \
+                     an expiry would race its merges"
+                ))
+            } else if collection.signed {
+                Some("signed values do not expire: the signature covers the value alone".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(source.error(&format!("{field}.ttl_ms"), why));
+            }
+        }
         if collection.signed {
             check_signed(
                 &config,
@@ -366,6 +384,7 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
                 conflict: collection.conflict,
                 encrypted: collection.encrypted,
                 signed: collection.signed,
+                ttl_ms: collection.ttl_ms,
             },
         );
     }

@@ -1117,7 +1117,7 @@ impl NodeState {
                 Job::Scan(s) if s.deadline_ms < self.last_tick_ms => {
                     return Err(format!("scan {id} outlived its deadline"));
                 }
-                Job::Collect(asked) if !asked.record.is_tombstone() => {
+                Job::Collect(asked) if asked.record.dead_since_ms().is_none() => {
                     return Err(format!("collection {id} is of a live record"));
                 }
                 Job::Handoff(asked) | Job::Collect(asked) if asked.waiting.is_empty() => {

@@ -22,6 +22,7 @@ fn record(value: &str, wall_ms: u64) -> Record {
         version: [(id("a"), 1)].into_iter().collect::<VersionVector>(),
         value: Value::Register(Some(value.as_bytes().to_vec())),
         attestation: None,
+        expires_at_ms: None,
     }
 }
 
@@ -406,6 +407,67 @@ fn a_scan_skips_dead_members_and_answers_once_the_others_and_the_engine_have() {
     let keys: Vec<&Key> = page.entries.iter().map(|(k, _)| k).collect();
     assert_eq!(keys, vec![&key("k:1"), &key("k:2")]);
     assert_eq!(page.unanswered, vec![id("c")]);
+}
+
+#[test]
+fn an_expired_value_is_collected_past_its_grace_and_a_live_or_unexpired_one_is_not() {
+    let mut state = node(&["b", "c"], 3);
+    let grace = Settings::new(id("a"), 3, 1, 1).tombstone_grace_ms;
+    let round = |records| Input::Records {
+        job: RecordsJob::Round { compare: false },
+        seq: 0,
+        records,
+    };
+    let mut expiring = record("heartbeat", 1);
+    expiring.expires_at_ms = Some(1_000);
+    let live = record("kept", 1);
+    // Written at 1 ms: a tombstone would be past its grace at `grace + 2`; an expiring value
+    // only once `grace` has passed since its expiry.
+    let before = grace + 500;
+    let effects = step(
+        &mut state,
+        round(vec![
+            (key("k:1"), expiring.clone()),
+            (key("k:2"), live.clone()),
+        ]),
+        before,
+    );
+    assert!(reads_sent(&effects).is_empty(), "not yet: {effects:?}");
+    let after = grace + 1_002;
+    let effects = step(
+        &mut state,
+        round(vec![(key("k:1"), expiring.clone()), (key("k:2"), live)]),
+        after,
+    );
+    let asked = reads_sent(&effects);
+    assert_eq!(
+        asked.len(),
+        2,
+        "the expired value only, at both replicas: {effects:?}"
+    );
+    let mut purged = Vec::new();
+    for (from, request) in asked {
+        purged = step(
+            &mut state,
+            Input::Received {
+                from,
+                message: Message::ReadReply {
+                    request,
+                    record: Some(expiring.clone()),
+                },
+                deadline_ms: 0,
+            },
+            after,
+        );
+    }
+    assert_eq!(
+        purged,
+        vec![Effect::Purge {
+            key: key("k:1"),
+            record: expiring,
+            purpose: Purpose::Collected
+        }]
+    );
 }
 
 #[test]

@@ -51,14 +51,17 @@ pub(super) struct Asked {
 /// A local record and its key's replicas under the current placement.
 pub(super) type Placed = (Key, Record, Vec<NodeId>);
 
-/// Whether `record` is a tombstone past the grace period (stamped at or before `horizon_ms`):
-/// one that collection may purge, and that a replica holding nothing of its key does not take
-/// back. Such a replica reads the key as deleted either way; taking the tombstone back would
-/// undo its collection, and anti-entropy from a replica that has not collected yet would hand
-/// it back again and again, so the replicas could take turns holding it and never all be rid
-/// of it.
-pub fn past_grace_tombstone(record: &Record, horizon_ms: u64) -> bool {
-    record.is_tombstone() && record.stamp.wall_ms <= horizon_ms
+/// Whether `record` is dead past the grace period: a tombstone stamped, or an expiring value
+/// that expired, at or before `horizon_ms`. Collection may purge it, and a replica holding
+/// nothing of its key does not take it back. Such a replica reads the key as absent either
+/// way; taking the record back would undo its collection, and anti-entropy from a replica
+/// that has not collected yet would hand it back again and again, so the replicas could take
+/// turns holding it and never all be rid of it. An expired value is never resurrected: it
+/// carries its expiry wherever it goes.
+pub fn past_grace(record: &Record, horizon_ms: u64) -> bool {
+    record
+        .dead_since_ms()
+        .is_some_and(|since| since <= horizon_ms)
 }
 
 impl Job {
@@ -236,7 +239,7 @@ impl NodeState {
         let horizon = self.collect_horizon(now_ms);
         let me = self.settings.id.clone();
         for (key, record, replicas) in placed {
-            let collectable = past_grace_tombstone(record, horizon);
+            let collectable = past_grace(record, horizon);
             if !collectable || !replicas.contains(&me) || in_flight.contains(key) {
                 continue;
             }

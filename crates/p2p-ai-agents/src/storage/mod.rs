@@ -133,6 +133,8 @@ pub struct Versioned<T> {
     /// Its writer's signature, on a signed collection: who wrote it and the attestation any
     /// holder of the cluster's authority key can check ([`Signed::verify`]).
     pub signed: Option<Signed>,
+    /// When the value expires (Unix ms), if it was written with a time to live.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// The writer's signature of a value in a signed collection.
@@ -338,6 +340,8 @@ impl Storage {
                     encrypted: collection.encrypted,
                     // The client signs (`signing_with`); the nodes check.
                     signed: collection.signed,
+                    // The client stamps expiries; every node hides what expired.
+                    ttl_ms: collection.ttl_ms,
                 },
             );
         }
@@ -534,11 +538,21 @@ impl Storage {
     }
 
     /// The record of the call's key, as fresh as this handle reads.
+    /// The key's record at the handle's freshness, `None` once it expired.
     async fn read_record(&self, call: &Call<'_>) -> Result<Option<Record>> {
-        Ok(match self.freshness {
+        self.read_record_as(call, self.freshness).await
+    }
+
+    async fn read_record_as(
+        &self,
+        call: &Call<'_>,
+        freshness: Freshness,
+    ) -> Result<Option<Record>> {
+        let record = match freshness {
             Freshness::Latest => call.engine.get(&call.key).await?,
             Freshness::Stale => call.engine.get_stale(&call.key).await?,
-        })
+        };
+        Ok(record.filter(|r| !r.expired(SystemClock.now_ms())))
     }
 
     /// A handle to the same store whose every call (reads, writes, counters, sets,
@@ -666,6 +680,25 @@ impl Storage {
         self.write_value(key, value, Some(level)).await
     }
 
+    /// Writes `value` to expire `ttl` from now (an lww collection's key, not signed): from
+    /// then on every node reads the key as absent, and the cluster purges it later. Writing
+    /// the key again (with or without a time to live) replaces the expiry: a heartbeat is a
+    /// key written again before its time to live runs out.
+    pub async fn set_with_ttl<T: Serialize>(
+        &self,
+        key: &str,
+        value: T,
+        ttl: std::time::Duration,
+    ) -> Result<WriteReceipt> {
+        traced("set", key, async move {
+            let call = self.call(key, None)?;
+            let mutation = Self::set_mutation(&call, &value, Some(ttl))?;
+            let record = call.engine.apply(call.key.clone(), mutation).await?;
+            Ok(Self::receipt(&call, &record))
+        })
+        .await
+    }
+
     async fn write_value<T: Serialize>(
         &self,
         key: &str,
@@ -674,16 +707,36 @@ impl Storage {
     ) -> Result<WriteReceipt> {
         traced("set", key, async move {
             let call = self.call(key, level)?;
-            let mutation = Self::set_mutation(&call, &value)?;
+            let mutation = Self::set_mutation(&call, &value, None)?;
             let record = call.engine.apply(call.key.clone(), mutation).await?;
             Ok(Self::receipt(&call, &record))
         })
         .await
     }
 
-    /// What `set` writes to the call's key, by its collection's strategy.
-    fn set_mutation<T: Serialize>(call: &Call<'_>, value: &T) -> Result<Mutation> {
+    /// What `set` writes to the call's key, by its collection's strategy; `ttl` (or the
+    /// collection's `ttl_ms`) makes an lww value expire.
+    fn set_mutation<T: Serialize>(
+        call: &Call<'_>,
+        value: &T,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<Mutation> {
         let bytes = Self::encode(call, value)?;
+        let ttl = ttl.or(call.plan.ttl_ms.map(std::time::Duration::from_millis));
+        if let Some(ttl) = ttl {
+            if call.plan.conflict != ConflictStrategy::Register || call.plan.signed {
+                return Err(Self::wrong(
+                    call,
+                    "a time to live",
+                    "only values of lww collections that are not signed expire",
+                ));
+            }
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            return Ok(Mutation::PutExpiring {
+                value: bytes,
+                expires_at_ms: SystemClock.now_ms().saturating_add(ttl_ms),
+            });
+        }
         Ok(match call.plan.conflict {
             ConflictStrategy::Register => Self::lww(call, Some(bytes))?,
             // A write without a context does not overwrite what it has not seen: it becomes a
@@ -830,7 +883,7 @@ impl Storage {
         traced("get", key, async move {
             let call = self.call(key, level)?;
             let record = match freshness {
-                Freshness::Stale => call.engine.get_stale(&call.key).await?,
+                Freshness::Stale => self.read_record_as(&call, Freshness::Stale).await?,
                 Freshness::Latest => self.read_record(&call).await?,
             };
             let decode_error = |source| StorageError::Deserialize {
@@ -863,6 +916,7 @@ impl Storage {
                 value,
                 version,
                 signed,
+                expires_at_ms: record.expires_at_ms,
             }))
         })
         .await

@@ -62,6 +62,9 @@ pub struct CollectionStatus {
     pub encrypted: bool,
     /// Whether its writes must be signed by their writers.
     pub signed: bool,
+    /// The time to live of values written without one, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
     /// Its replication settings.
     pub replication: ReplicationStatus,
     /// What it gets.

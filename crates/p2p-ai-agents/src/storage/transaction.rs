@@ -95,7 +95,7 @@ impl<'s> Transaction<'s> {
     /// Writes `value` (see [`Storage::set`]).
     pub fn set<T: Serialize>(&mut self, key: &str, value: T) -> &mut Self {
         self.stage(key, |call| {
-            let mutation = Storage::set_mutation(call, &value)?;
+            let mutation = Storage::set_mutation(call, &value, None)?;
             Ok(Write::new(call.key.clone(), mutation))
         })
     }

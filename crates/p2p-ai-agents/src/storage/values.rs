@@ -42,6 +42,9 @@ pub(crate) fn read(
     sealer: Option<&Sealer>,
     key: &Key,
 ) -> Result<Reading, StorageError> {
+    // An expired value reads as absent at once, on every node, whatever engine holds it.
+    let now_ms = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
+    let record = record.filter(|r| !r.expired(now_ms));
     let json = |bytes: &[u8]| -> Result<Json, StorageError> {
         serde_json::from_slice(&plain(sealer, key, bytes)?).map_err(|source| {
             StorageError::Deserialize {

@@ -237,6 +237,7 @@ mod tests {
                 node: node.clone(),
             },
             attestation: None,
+            expires_at_ms: None,
         };
         let page = ChangePage {
             feed: 0xfeed,

@@ -237,6 +237,8 @@ struct KeyQuery {
     /// A fenced write: the lock (a key) and the token of the lease it is made under.
     fence_lock: Option<String>,
     fence_token: Option<u64>,
+    /// The value expires this many ms after the write (lww collections).
+    ttl_ms: Option<u64>,
 }
 
 /// The fence of a request: both parts, or neither.
@@ -291,6 +293,7 @@ impl KeyQuery {
                 ("fence_lock", self.fence_lock.is_some()),
                 ("fence_token", self.fence_token.is_some()),
                 ("context", self.context.is_some()),
+                ("ttl_ms", self.ttl_ms.is_some()),
             ],
             what,
         )
@@ -346,6 +349,9 @@ async fn get_key(
                 json!({ "key": key, "value": read.value, "version": read.version.to_string() });
             if let Some(signed) = &read.signed {
                 body["signed"] = signed.to_json();
+            }
+            if let Some(at) = read.expires_at_ms {
+                body["expires_at_ms"] = json!(at);
             }
             body
         }
@@ -429,6 +435,7 @@ async fn put_key(
             &[
                 ("if_version", query.if_version.is_some()),
                 ("fence_lock", fence.is_some()),
+                ("ttl_ms", query.ttl_ms.is_some()),
             ],
             "a multi_value write (it replaces the values its context= names; compare-and-set \
              and fences need an lww collection)",
@@ -441,6 +448,21 @@ async fn put_key(
             &[("context", query.context.is_some())],
             "a write to an lww collection (contexts are for multi_value ones)",
         )?;
+        if let Some(ttl_ms) = query.ttl_ms {
+            KeyQuery::refuse(
+                &[
+                    ("if_version", query.if_version.is_some()),
+                    ("fence_lock", fence.is_some()),
+                ],
+                "a write with a time to live",
+            )?;
+            if ttl_ms == 0 {
+                return Err(invalid_query("ttl_ms is at least 1"));
+            }
+            let ttl = Duration::from_millis(ttl_ms);
+            let receipt = storage.set_with_ttl(&key, value, ttl).await?;
+            return Ok(written(&key, &receipt.version));
+        }
         let expected = query.if_version.as_deref().map(parse_version).transpose()?;
         match (fence, expected) {
             (None, None) => storage.set(&key, value).await?,
@@ -953,6 +975,7 @@ async fn status(State(api): State<Api>) -> Answer {
                 conflict: plan.conflict,
                 encrypted: plan.encrypted,
                 signed: plan.signed,
+                ttl_ms: plan.ttl_ms,
                 replication: ReplicationStatus {
                     strategy: plan.replication.strategy.to_string(),
                     n: plan.replication.quorum.n,

@@ -10,10 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentstore_core::config::ConflictStrategy;
 use agentstore_core::{ConsistencyLevel, Key};
 use agentstore_engine::session::SessionToken;
+use agentstore_engine::{PhysicalClock, SystemClock};
 use agentstore_trust::{Capability, Operation};
 use serde_json::Value as Json;
 
@@ -354,9 +356,32 @@ impl Connection {
             }
             "TTL" | "PTTL" => {
                 arity(args.len() == 1)?;
-                let (_, exists) = self.exists(api, &args[0]).await?;
-                // Keys do not expire: -1 for a key that exists, -2 for one that does not.
-                Ok(Reply::Integer(if exists { -1 } else { -2 }))
+                let key = text(&args[0], "a key")?;
+                self.may(api, Operation::Read, &key)?;
+                let storage = self.storage(api);
+                let read = self
+                    .in_session(async { storage.get_versioned::<Json>(&key).await })
+                    .await;
+                let expires_at_ms = match read {
+                    Ok(Some(versioned)) => versioned.expires_at_ms,
+                    Ok(None) => return Ok(Reply::Integer(-2)),
+                    // Counters, sets and siblings exist but never expire.
+                    Err(StorageError::Siblings { .. } | StorageError::Deserialize { .. }) => None,
+                    Err(err) => return Err(err.into()),
+                };
+                // -1: the key exists and does not expire; else what is left, rounded up.
+                let Some(at) = expires_at_ms else {
+                    return Ok(Reply::Integer(-1));
+                };
+                let left_ms = at
+                    .saturating_sub(PhysicalClock::now_ms(&SystemClock))
+                    .max(1);
+                let left_ms = i64::try_from(left_ms).unwrap_or(i64::MAX);
+                Ok(Reply::Integer(if name == "TTL" {
+                    (left_ms + 999) / 1000
+                } else {
+                    left_ms
+                }))
             }
             "AGENTSTORE.LEVEL" => self.level(args),
             "AGENTSTORE.SESSION" => self.session(args),
@@ -408,31 +433,55 @@ impl Connection {
         result
     }
 
-    /// `SET key value [NX]`: a write, or with `NX` a write only if the key has no value
-    /// (compare-and-set against absent; nil when it has one).
+    /// `SET key value [NX] [EX s | PX ms]`: a write, or with `NX` a write only if the key has
+    /// no value (compare-and-set against absent; nil when it has one), or with `EX`/`PX` a
+    /// write that expires.
     async fn set(&mut self, api: &Api, key: &str, value: String, options: &[Vec<u8>]) -> Answer {
         let mut only_if_absent = false;
-        for option in options {
-            match option.to_ascii_uppercase().as_slice() {
+        let mut ttl = None;
+        let mut options = options.iter();
+        while let Some(option) = options.next() {
+            let option = option.to_ascii_uppercase();
+            match option.as_slice() {
                 b"NX" => only_if_absent = true,
-                b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
+                b"EX" | b"PX" if ttl.is_none() => {
+                    let amount = options.next().ok_or_else(syntax)?;
+                    let amount = u64::try_from(integer(amount)?)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            Reply::error("ERR", "invalid expire time in 'set' command")
+                        })?;
+                    ttl = Some(if option == b"EX" {
+                        Duration::from_secs(amount)
+                    } else {
+                        Duration::from_millis(amount)
+                    });
+                }
+                b"EXAT" | b"PXAT" | b"KEEPTTL" | b"GET" | b"XX" => {
                     return Err(Reply::error(
                         "ERR",
-                        "agentstore keys do not expire yet: SET takes no EX, PX, EXAT, PXAT or \
-                         KEEPTTL",
+                        "SET takes NX, EX and PX here; not EXAT, PXAT, KEEPTTL, GET or XX",
                     ));
                 }
                 _ => return Err(syntax()),
             }
         }
+        if only_if_absent && ttl.is_some() {
+            return Err(Reply::error(
+                "ERR",
+                "SET with NX and a time to live is not supported: use a lock \
+                 (POST /v1/locks/{key}) for a lease",
+            ));
+        }
         let storage = self.storage(api);
         let value = Json::String(value);
         let written = self
             .in_session(async {
-                if only_if_absent {
-                    storage.compare_and_set(key, value, None).await
-                } else {
-                    storage.set(key, value).await
+                match ttl {
+                    Some(ttl) => storage.set_with_ttl(key, value, ttl).await,
+                    None if only_if_absent => storage.compare_and_set(key, value, None).await,
+                    None => storage.set(key, value).await,
                 }
             })
             .await;
