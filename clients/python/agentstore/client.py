@@ -183,10 +183,16 @@ class Client:
         consistency: Optional[Consistency] = None,
         if_version: Optional[str] = None,
         context: Optional[str] = None,
+        ttl: Optional[float] = None,
     ) -> str:
         """Writes ``value`` (any JSON value); answers its version. ``if_version``: only if the
-        key is at that version (``"absent"``: has no value), else :class:`VersionMismatch`."""
-        query = _query(consistency=consistency, if_version=if_version, context=context)
+        key is at that version (``"absent"``: has no value), else :class:`VersionMismatch`.
+        ``ttl``: the value expires that many seconds later (lww collections); writing the key
+        again renews it, as a heartbeat does."""
+        ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
+        query = _query(
+            consistency=consistency, if_version=if_version, context=context, ttl_ms=ttl_ms
+        )
         answer = self._call("PUT", _key_path("keys", key) + query, value, write=True)
         return str(answer["version"])
 

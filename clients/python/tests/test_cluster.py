@@ -2,6 +2,7 @@
 (crates/agentstore/tests/python_client.rs starts one and runs these)."""
 
 import os
+import time
 import unittest
 import uuid
 
@@ -129,6 +130,14 @@ class AgainstACluster(unittest.TestCase):
         # Another node's position is refused, not misread.
         with self.assertRaises(agentstore.PositionUnavailable):
             self.a.changes(collection, after=seen[2].position)
+
+    def test_a_value_with_a_ttl_expires_on_every_node(self) -> None:
+        key = unique("beats")
+        self.a.put(key, "alive", ttl=3.0)
+        self.assertEqual(self.c.get(key), "alive")
+        time.sleep(3.1)
+        self.assertIsNone(self.c.get(key))
+        self.assertIsNone(self.a.get(key))
 
 
 if __name__ == "__main__":

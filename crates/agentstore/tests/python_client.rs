@@ -30,7 +30,7 @@ fn the_python_clients_tests_pass_against_a_three_node_cluster() {
         "the Python client's tests failed:\n{report}"
     );
     assert!(
-        report.contains("Ran 8 tests") && report.trim_end().ends_with("OK"),
+        report.contains("Ran 9 tests") && report.trim_end().ends_with("OK"),
         "every test ran:\n{report}"
     );
 }

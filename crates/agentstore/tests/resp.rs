@@ -123,6 +123,46 @@ fn redis_commands_read_and_write_the_same_data_as_http_on_every_node() {
         .map(|k| redis::cmd("TTL").arg(k).query(&mut a).unwrap())
         .collect();
     assert_eq!(ttls, [-1, -2]);
+    // SET with EX or PX expires: TTL and PTTL say what is left, on another node too, and the
+    // key reads as absent once it expired, over RESP and HTTP alike.
+    let _: () = redis::cmd("SET")
+        .arg(&["notes:beat", "alive", "PX", "3000"])
+        .query(&mut a)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&["notes:long", "alive", "EX", "100"])
+        .query(&mut a)
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("notes:long")
+        .query(&mut b)
+        .unwrap_or(-9);
+    assert!((99..=100).contains(&ttl), "TTL {ttl}");
+    let pttl: i64 = redis::cmd("PTTL").arg("notes:beat").query(&mut a).unwrap();
+    assert!((1..=3000).contains(&pttl), "PTTL {pttl}");
+    let (status, body) = http(nodes[2].client, "GET", "/v1/keys/notes:beat", "").unwrap();
+    assert!(
+        status == 200 && body.contains("expires_at_ms"),
+        "{status} {body}"
+    );
+    std::thread::sleep(Duration::from_millis(3100));
+    let gone: Option<String> = redis::cmd("GET").arg("notes:beat").query(&mut a).unwrap();
+    assert_eq!(gone, None);
+    let ttl: i64 = redis::cmd("TTL").arg("notes:beat").query(&mut a).unwrap();
+    assert_eq!(ttl, -2);
+    for node in &nodes {
+        let (status, _) = http(node.client, "GET", "/v1/keys/notes:beat", "").unwrap();
+        assert_eq!(status, 404, "expired on {}", node.client);
+    }
+    // Over HTTP: ttl_ms on a write.
+    let (status, body) =
+        http(nodes[1].client, "PUT", "/v1/keys/notes:h?ttl_ms=60000", "1").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("notes:h")
+        .query(&mut a)
+        .unwrap_or(-9);
+    assert!((1..=60_000).contains(&pttl), "PTTL {pttl}");
     // MSET is atomic, as in Redis: a transaction, which a strong collection takes and the
     // leaderless one refuses rather than writing the keys one by one.
     let _: () = redis::cmd("MSET")
@@ -183,11 +223,17 @@ fn errors_are_typed_and_levels_and_sessions_are_the_apis() {
     assert_eq!(code, "WRONGTYPE");
     let (code, message) = refused(
         redis::cmd("SET")
-            .arg(&["notes:t", "v", "EX", "10"])
+            .arg(&["notes:t", "v", "EX", "0"])
             .query::<()>(&mut a),
     );
     assert_eq!(code, "ERR");
-    assert!(message.contains("do not expire"), "{message}");
+    assert!(message.contains("invalid expire time"), "{message}");
+    let (code, message) = refused(
+        redis::cmd("SET")
+            .arg(&["hits:t", "1", "EX", "10"])
+            .query::<()>(&mut a),
+    );
+    assert_eq!(code, "WRONGTYPE", "{message}");
     let (code, message) = refused(redis::cmd("FLUSHALL").query::<()>(&mut a));
     assert_eq!(code, "ERR");
     assert!(message.contains("unknown command"), "{message}");

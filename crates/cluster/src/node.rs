@@ -108,7 +108,8 @@ pub enum NodeError {
 }
 
 enum Command {
-    Call { call: Call, waiter: Waiting },
+    // Boxed: a call carries a record, far larger than a status request.
+    Call { call: Box<Call>, waiter: Waiting },
     Status { reply: oneshot::Sender<Status> },
 }
 
@@ -289,7 +290,10 @@ impl Node {
 
     async fn call(&self, call: Call, waiter: Waiting) -> Result<(), NodeError> {
         self.commands
-            .send(Command::Call { call, waiter })
+            .send(Command::Call {
+                call: Box::new(call),
+                waiter,
+            })
             .await
             .map_err(|_| NodeError::Stopped)
     }
@@ -519,7 +523,10 @@ impl Runtime {
                 let caller = self.next_caller;
                 self.next_caller += 1;
                 self.waiting.insert(caller, waiter);
-                self.step(Input::Call { caller, call });
+                self.step(Input::Call {
+                    caller,
+                    call: *call,
+                });
             }
         }
     }
