@@ -1,6 +1,9 @@
-//! `agentstore status|repair|leave|raft --node ADDR`: administration of a running node.
+//! `agentstore status|repair|leave|raft|backup|restore --node ADDR`: administration of a
+//! running node.
 
 use std::io::Write as _;
+
+use futures_util::StreamExt as _;
 
 use p2p_ai_agents::storage::{NodeClient, NodeStatus, StorageError};
 use serde_json::Value as Json;
@@ -32,6 +35,35 @@ pub(crate) async fn run(
                 println!("the node at {addr} left the cluster and stopped");
             }
         }
+        Command::Backup { file } => {
+            let records = client.backup().await?;
+            let mut bytes = BACKUP_MAGIC.to_vec();
+            bytes.extend(agentstore_wire::encode_entries(&records));
+            write_file(file, &bytes)?;
+            report(
+                json,
+                "backed_up",
+                records.len(),
+                &format!("records from {addr} to {}", file.display()),
+            );
+        }
+        Command::Restore { file } => {
+            let records = read_backup(file)?;
+            let count = records.len();
+            // A few at once: each is one request, and the node orders its own work.
+            let mut pending = futures_util::stream::iter(records)
+                .map(|(key, record)| client.restore(key, record))
+                .buffer_unordered(16);
+            while let Some(done) = pending.next().await {
+                done?;
+            }
+            report(
+                json,
+                "restored",
+                count,
+                &format!("records into the cluster of {addr}"),
+            );
+        }
         Command::Raft(change) => {
             let done = raft(client, change).await?;
             if json {
@@ -43,6 +75,36 @@ pub(crate) async fn run(
         _ => return Ok(exit::USAGE),
     }
     Ok(exit::OK)
+}
+
+/// The first bytes of a backup file: its format.
+const BACKUP_MAGIC: &[u8] = b"agentstore-backup 1\n";
+
+fn report(json: bool, field: &str, count: usize, what: &str) {
+    if json {
+        println!("{}", serde_json::json!({ field: count }));
+    } else {
+        println!("{field} {count} {what}");
+    }
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), StorageError> {
+    // Written beside, then renamed: an interrupted backup never leaves a cut file in place.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| StorageError::InvalidConfig(format!("cannot write {}: {e}", path.display())))
+}
+
+fn read_backup(
+    path: &std::path::Path,
+) -> Result<Vec<(agentstore_core::Key, agentstore_core::Record)>, StorageError> {
+    let invalid = |why: String| StorageError::InvalidConfig(format!("{}: {why}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let entries = bytes
+        .strip_prefix(BACKUP_MAGIC)
+        .ok_or_else(|| invalid("not an agentstore backup (format 1)".into()))?;
+    agentstore_wire::decode_entries(entries).map_err(|e| invalid(format!("a damaged backup: {e}")))
 }
 
 /// Makes a Raft membership change; returns what was done, in words.

@@ -190,6 +190,19 @@ enum Command {
     /// Make the node leave the cluster for good: it hands its records to the replicas that
     /// take its place, then stops (needs --node).
     Leave,
+    /// Write every live record the node holds to FILE (needs --node and an admin token): its
+    /// data file and causal store each read in one transaction, its strong collections read
+    /// from the Raft group. With fewer replicas than nodes, back up every node.
+    Backup {
+        /// Where to write the backup.
+        file: std::path::PathBuf,
+    },
+    /// Write every record of a backup into the cluster of --node, as merges: joined with what
+    /// each key holds, so a restore can be repeated and loses no newer write.
+    Restore {
+        /// The backup to read.
+        file: std::path::PathBuf,
+    },
     /// Change the Raft group that serves strong collections (needs --node; any member
     /// forwards the change to the leader).
     #[command(subcommand)]
@@ -565,7 +578,12 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
     }
     if matches!(
         cli.command,
-        Command::Status | Command::Repair | Command::Leave | Command::Raft(_)
+        Command::Status
+            | Command::Repair
+            | Command::Leave
+            | Command::Raft(_)
+            | Command::Backup { .. }
+            | Command::Restore { .. }
     ) {
         let Some(addr) = &cli.node else {
             eprintln!("error: this command talks to a node: give --node HOST:PORT");
@@ -730,7 +748,9 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         | Command::Status
         | Command::Repair
         | Command::Leave
-        | Command::Raft(_) => {
+        | Command::Raft(_)
+        | Command::Backup { .. }
+        | Command::Restore { .. } => {
             unreachable!("handled before the store is opened")
         }
     }

@@ -235,6 +235,11 @@ impl CausalEngine {
         self.shared.applied.borrow().clone()
     }
 
+    /// Every record of the causal store, read in one transaction (for a backup).
+    pub fn snapshot(&self) -> Result<Vec<(Key, Record)>, EngineError> {
+        View::new(&self.shared.store.db)?.scan(b"", None, usize::MAX)
+    }
+
     /// `Err` with the failure if the last write to the causal store failed (a full disk); `Ok`
     /// again once a write succeeds: the store reopens its file by itself.
     pub fn health(&self) -> Result<(), String> {

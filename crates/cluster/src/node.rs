@@ -266,6 +266,17 @@ impl Node {
         self.local.health()
     }
 
+    /// Every record this node stores, read in one transaction (a consistent snapshot of its
+    /// data file, for a backup).
+    pub async fn snapshot(&self) -> Result<Vec<(Key, Record)>, EngineError> {
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || local.snapshot(|_| true).map(|(_, records)| records))
+            .await
+            .map_err(|e| EngineError::Internal {
+                detail: format!("the snapshot's thread failed: {e}"),
+            })?
+    }
+
     /// Up to `limit` changes this node stored under `prefix` after position `after` of its
     /// change feed (its own writes and its replicas' alike), waiting up to `wait` for one.
     pub async fn changes(

@@ -323,6 +323,24 @@ impl NodeClient {
         })
     }
 
+    /// Every live record the node holds (`GET /v1/backup`), for a backup.
+    pub async fn backup(&self) -> Result<Vec<(Key, Record)>, EngineError> {
+        let (status, body) = self.call(Method::GET, "/v1/backup", Vec::new()).await?;
+        if status != StatusCode::OK {
+            return Err(Self::refused(status, &body));
+        }
+        agentstore_wire::decode_entries(&body).map_err(|e| EngineError::Storage {
+            detail: format!("the node sent an invalid backup: {e}"),
+        })
+    }
+
+    /// Writes `record` into `key` as a merge (what a restore does): joined with what the key
+    /// holds, so restoring twice, or into a node that has newer writes, loses nothing.
+    pub async fn restore(&self, key: Key, record: Record) -> Result<(), EngineError> {
+        let write = Write::new(key, agentstore_core::record::Mutation::Merge(record));
+        DynEngine::commit(self, vec![write]).await.map(drop)
+    }
+
     /// Asks the node to leave the cluster (it hands its records over, then stops).
     pub async fn leave(&self) -> Result<(), EngineError> {
         let (status, body) = self.call(Method::POST, "/v1/leave", Vec::new()).await?;

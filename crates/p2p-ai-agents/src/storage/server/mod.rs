@@ -1070,6 +1070,39 @@ async fn leave(State(api): State<Api>) -> Answer {
     Ok(axum::Json(json!({ "left": true })).into_response())
 }
 
+/// `GET /v1/backup`: every live record this node holds, as wire entries: its data file
+/// (eventual collections) and its causal store, each read in one transaction, and the strong
+/// collections read from the Raft group (linearizable, page by page). Tombstones and expired
+/// values are left out: a restore needs only what reads would see.
+async fn backup(State(api): State<Api>) -> Answer {
+    let mut entries = api.node.snapshot().await.map_err(engine_error)?;
+    entries.extend(api.causal.snapshot().map_err(engine_error)?);
+    let mut after: Option<Key> = None;
+    loop {
+        let page = agentstore_engine::DynEngine::scan(&api.strong, b"", after.as_ref(), 1000)
+            .await
+            .map_err(engine_error)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        entries.extend(page);
+    }
+    let now_ms = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
+    entries.retain(|(_, record)| !record.is_tombstone() && !record.expired(now_ms));
+    // In key order, each key once (the stores hold different collections; a key in two, after
+    // its collection changed level, is joined).
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut merged: Vec<(Key, agentstore_core::Record)> = Vec::with_capacity(entries.len());
+    for (key, record) in entries {
+        match merged.last_mut() {
+            Some((last, held)) if *last == key => {
+                agentstore_core::Crdt::merge(held, &record);
+            }
+            _ => merged.push((key, record)),
+        }
+    }
+    Ok(octets(agentstore_wire::encode_entries(&merged)))
+}
+
 async fn metrics(State(api): State<Api>) -> Response {
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     let text = merge_exposition(&[
@@ -1181,6 +1214,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ("/v1/watch/{prefix}", get(watch::watch)),
         ("/v1/changes/{prefix}", get(watch::changes)),
         ("/v1/feed", get(watch::feed)),
+        ("/v1/backup", get(backup)),
         ("/v1/records", get(scan_records).post(apply_batch)),
         ("/v1/transactions", post(transaction)),
         ("/v1/locks/{key}", post(acquire_lock).delete(release_lock)),
