@@ -158,6 +158,7 @@ pub(crate) fn collection_prefix(prefix: &str) -> String {
 /// A feed page as the node sends it to a [`super::remote::NodeClient`]: the feed's id and
 /// the last position read (8 bytes each, big-endian), the number of changes (4 bytes), each change's position (8
 /// bytes each), then the changes' keys and records (`agentstore_wire::encode_entries`).
+#[cfg(any(feature = "node", test))]
 pub(crate) fn encode_page(page: &ChangePage) -> Vec<u8> {
     let mut out = Vec::with_capacity(20 + page.changes.len() * 8);
     out.extend_from_slice(&page.feed.to_be_bytes());
