@@ -18,7 +18,6 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use agentstore_core::Key;
 use agentstore_engine::Engine as _;
 use agentstore_engine::changelog::{ChangePage, Position};
 use serde_json::Value as Json;
@@ -168,7 +167,7 @@ pub(crate) fn encode_page(page: &ChangePage) -> Vec<u8> {
     for change in &page.changes {
         out.extend_from_slice(&change.position.to_be_bytes());
     }
-    let entries: Vec<(Key, agentstore_core::Record)> = page
+    let entries: Vec<(agentstore_core::Key, agentstore_core::Record)> = page
         .changes
         .iter()
         .map(|c| (c.key.clone(), c.record.clone()))
