@@ -25,7 +25,10 @@ impl Health {
             return;
         }
         let detail = format!("{file}: {err}");
-        *last = Some(if err.kind() == io::ErrorKind::StorageFull {
+        // Some paths carry the failure as text only (an engine error inside an apply, the
+        // reason openraft gives): ENOSPC's text says it as surely as the kind does.
+        let full = err.kind() == io::ErrorKind::StorageFull || detail.contains("(os error 28)");
+        *last = Some(if full {
             EngineError::DiskFull { detail }
         } else {
             EngineError::Storage { detail }
@@ -52,5 +55,36 @@ pub(crate) fn redb_io(err: impl Into<redb::Error>) -> io::Error {
     match err.into() {
         redb::Error::Io(io) => io::Error::new(io.kind(), io.to_string()),
         other => io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_failure_is_kept_typed_until_a_success() {
+        let health = Health::default();
+        let text_only =
+            io::Error::other("sessions: I/O error: No space left on device (os error 28)");
+        health.failed("raft-state.redb", &text_only);
+        health.failed(
+            "raft-state.redb",
+            &io::Error::other(
+                "Previous I/O error occurred. Please close and re-open the database.",
+            ),
+        );
+        assert!(
+            matches!(health.failure(), Some(EngineError::DiskFull { detail }) if detail.contains("os error 28")),
+            "{:?}",
+            health.failure()
+        );
+        health.succeeded();
+        assert!(health.failure().is_none());
+        health.failed("raft-log.redb", &io::Error::other("broken pipe"));
+        assert!(matches!(
+            health.failure(),
+            Some(EngineError::Storage { .. })
+        ));
     }
 }

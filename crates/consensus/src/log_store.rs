@@ -76,6 +76,8 @@ struct Inner {
     queued: Arc<AtomicUsize>,
     /// Set once a commit failed: nothing more is written or acknowledged.
     failed: Arc<AtomicBool>,
+    /// Where every commit's outcome is reported, on the writer's path and the inline one.
+    health: Arc<Health>,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -177,10 +179,7 @@ fn write_loop(
 ) {
     while let Some(group) = group_commit::next_group(&mut writes) {
         let result = commit_unless_failed(&db, &group, &failed);
-        match &result {
-            Ok(()) => health.succeeded(),
-            Err((kind, detail)) => health.failed(LOG_FILE, &io::Error::new(*kind, detail.clone())),
-        }
+        report(&health, &result);
         let done = group.len();
         for write in group {
             write.complete(&result, &pending);
@@ -191,6 +190,14 @@ fn write_loop(
 
 /// A failed commit: the kind of its I/O error (a full disk stays `StorageFull`) and its text.
 type Failure = (io::ErrorKind, String);
+
+/// Tells `health` how a commit went.
+fn report(health: &Health, result: &Result<(), Failure>) {
+    match result {
+        Ok(()) => health.succeeded(),
+        Err((kind, detail)) => health.failed(LOG_FILE, &io::Error::new(*kind, detail.clone())),
+    }
+}
 
 /// Commits `group` as one fsynced transaction, unless an earlier commit failed; a failure
 /// stops every later write.
@@ -269,6 +276,7 @@ impl LogStore {
                     Arc::clone(&queued),
                     Arc::clone(&failed),
                 );
+                let health = Arc::clone(&health);
                 move || write_loop(db, queue, pending, queued, failed, health)
             })?;
         Ok(Self {
@@ -278,6 +286,7 @@ impl LogStore {
                 pending,
                 queued,
                 failed,
+                health,
                 writes: Some(writes),
                 writer: Some(writer),
             }),
@@ -461,6 +470,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 callback,
             }];
             let result = commit_unless_failed(&self.inner.db, &group, &self.inner.failed);
+            report(&self.inner.health, &result);
             let [write] = group;
             // As on the writer's path, a failure reaches openraft through the callback.
             write.complete(&result, &self.inner.pending);
