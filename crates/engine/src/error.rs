@@ -206,11 +206,9 @@ pub enum EngineError {
     /// A change-feed position this node cannot resume from: older than the changes it keeps
     /// (or than a snapshot that replaced its records), or one another feed handed out
     /// (positions are per node). List the keys again (a scan), then watch from now.
-    #[error(
-        "position {requested} cannot be resumed here ({detail}); scan the prefix again and watch from now"
-    )]
+    #[error("{}", position_unavailable(requested, detail))]
     PositionUnavailable {
-        /// The position asked for.
+        /// The position asked for (empty when `detail` is a remote node's whole message).
         requested: String,
         /// Why, and which positions this feed can resume after.
         detail: String,
@@ -283,4 +281,14 @@ impl EngineError {
             },
         }
     }
+}
+
+fn position_unavailable(requested: &str, detail: &str) -> String {
+    if requested.is_empty() {
+        return detail.to_owned();
+    }
+    format!(
+        "position {requested} cannot be resumed here ({detail}); scan the prefix again and \
+         watch from now"
+    )
 }

@@ -262,6 +262,33 @@ async fn a_connected_storage_works_like_an_embedded_one_at_the_cluster_level() {
     on_c.delete("notes:1").await.unwrap();
     assert_eq!(on_a.get::<Json>("notes:1").await.unwrap(), None);
 
+    // A watch through a connected store: the node's feed, and its positions stay its own.
+    let mut watch = on_c.watch("feed", None);
+    let first = tokio::spawn(async move { (watch.next().await, watch) });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    on_a.set("feed:2", json!("watched")).await.unwrap();
+    let (change, _watch) = first.await.unwrap();
+    let change = change.unwrap();
+    assert_eq!(
+        (change.key.as_str(), change.value),
+        ("feed:2", Some(json!("watched")))
+    );
+    let refused = on_a
+        .changes(
+            "notes",
+            Some(change.position),
+            10,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.starts_with(&format!("position {}", change.position))
+            && refused.matches("position ").count() == 1,
+        "one clear sentence: {refused}"
+    );
+
     // Counters: increments through every node add up exactly.
     let mut tasks = Vec::new();
     for i in 0..3 {
