@@ -17,8 +17,7 @@
 
 use std::time::Duration;
 
-use agentstore_core::codec;
-use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use tokio::sync::watch;
 
 use crate::batch::decode;
@@ -127,11 +126,6 @@ impl Head {
         });
     }
 
-    /// The last position committed.
-    pub fn last(&self) -> u64 {
-        *self.last.borrow()
-    }
-
     /// Reads with `read` after `after` (from the head when `None`), waiting up to `wait` for
     /// a change under the prefix `read` looks for: returns as soon as a page has one.
     pub async fn wait_for(
@@ -183,6 +177,9 @@ pub struct ChangeLog<'t> {
     log: Table<'t, u64, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
     next: u64,
+    /// `next` when the transaction began: trimming is considered only when a transaction
+    /// crosses a multiple of [`TRIM_EVERY`], not on every commit.
+    began_at: u64,
     appended: bool,
     retained: u64,
 }
@@ -204,19 +201,16 @@ impl<'t> ChangeLog<'t> {
     /// Opens the log's tables in `txn`.
     pub fn open(txn: &'t WriteTransaction) -> Result<Self, EngineError> {
         let log = txn.open_table(CHANGES).map_err(EngineError::storage)?;
-        let mut meta = txn.open_table(CHANGES_META).map_err(EngineError::storage)?;
+        let meta = txn.open_table(CHANGES_META).map_err(EngineError::storage)?;
         let next = meta
             .get("next")
             .map_err(EngineError::storage)?
             .map_or(1, |v| v.value());
-        if meta.get("feed").map_err(EngineError::storage)?.is_none() {
-            meta.insert("feed", new_feed_id())
-                .map_err(EngineError::storage)?;
-        }
         Ok(Self {
             log,
             meta,
             next,
+            began_at: next,
             appended: false,
             retained: RETAINED,
         })
@@ -235,11 +229,6 @@ impl<'t> ChangeLog<'t> {
         self.next += 1;
         self.appended = true;
         Ok(())
-    }
-
-    /// [`ChangeLog::append`] of a record not yet encoded.
-    pub fn append_record(&mut self, key: &Key, record: &Record) -> Result<(), EngineError> {
-        self.append(key, &codec::encode(record))
     }
 
     /// The records changed without a description (a snapshot replaced them all): the log so
@@ -265,8 +254,7 @@ impl<'t> ChangeLog<'t> {
             .insert("next", self.next)
             .map_err(EngineError::storage)?;
         let keep_from = self.next.saturating_sub(self.retained);
-        let oldest = oldest(&self.log)?.unwrap_or(self.next);
-        if keep_from >= oldest + TRIM_EVERY {
+        if keep_from > 0 && self.began_at / TRIM_EVERY != self.next / TRIM_EVERY {
             self.log
                 .retain_in(..keep_from, |_, _| false)
                 .map_err(EngineError::storage)?;
@@ -283,15 +271,31 @@ fn oldest(log: &impl ReadableTable<u64, &'static [u8]>) -> Result<Option<u64>, E
 }
 
 /// The feed's id and the last position it handed out (0 when none), to start a [`Head`]
-/// at. Creates the feed (its id) if the file has none yet.
+/// at, when the file is opened. Creates the feed (draws its id) if the file has none yet.
 pub fn head_of(db: &redb::Database) -> Result<(u64, u64), EngineError> {
     let txn = db.begin_write().map_err(EngineError::storage)?;
-    let log = ChangeLog::open(&txn)?;
-    let last = log.next - 1;
-    drop(log);
+    let head = {
+        txn.open_table(CHANGES).map_err(EngineError::storage)?;
+        let mut meta = txn.open_table(CHANGES_META).map_err(EngineError::storage)?;
+        let stored = |name| -> Result<Option<u64>, EngineError> {
+            Ok(meta
+                .get(name)
+                .map_err(EngineError::storage)?
+                .map(|v| v.value()))
+        };
+        let last = stored("next")?.map_or(0, |next| next - 1);
+        let feed = match stored("feed")? {
+            Some(feed) => feed,
+            None => {
+                let feed = new_feed_id();
+                meta.insert("feed", feed).map_err(EngineError::storage)?;
+                feed
+            }
+        };
+        (feed, last)
+    };
     txn.commit().map_err(EngineError::storage)?;
-    let txn = db.begin_read().map_err(EngineError::storage)?;
-    Ok((feed_of(&txn)?, last))
+    Ok(head)
 }
 
 fn feed_of(txn: &redb::ReadTransaction) -> Result<u64, EngineError> {
@@ -373,9 +377,11 @@ fn split_entry(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 
 #[cfg(test)]
 mod tests {
+    use agentstore_core::codec;
     use agentstore_core::hlc::Timestamp;
     use agentstore_core::record::Value;
     use agentstore_core::{NodeId, VersionVector};
+    use redb::ReadableDatabase;
     use redb::backends::InMemoryBackend;
 
     use super::*;
@@ -406,7 +412,7 @@ mod tests {
         let mut log = ChangeLog::open(&txn).unwrap();
         log.retained = retained;
         for key in keys {
-            log.append_record(&key.parse().unwrap(), &record(key))
+            log.append(&key.parse().unwrap(), &codec::encode(&record(key)))
                 .unwrap();
         }
         let last = log.finish().unwrap();
