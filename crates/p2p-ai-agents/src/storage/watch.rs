@@ -79,6 +79,16 @@ impl Watch {
         }
     }
 
+    /// A watch that goes on from `page`, a page already read: its changes come first.
+    pub(crate) fn from_page(storage: &Storage, prefix: &str, page: Changes) -> Self {
+        Self {
+            storage: storage.clone(),
+            prefix: prefix.to_owned(),
+            position: Some(page.position),
+            pending: page.changes.into(),
+        }
+    }
+
     /// The position of the last change [`Watch::next`] returned (or the feed's position when
     /// the watch started from now): pass it to [`Storage::watch`] to resume.
     pub fn position(&self) -> Option<Position> {

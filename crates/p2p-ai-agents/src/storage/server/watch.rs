@@ -11,7 +11,6 @@
 //!
 //! A stream ends when the node stops and when the caller's token expires.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,14 +27,11 @@ use serde_json::{Value as Json, json};
 
 use super::auth::{Caller, unexpired};
 use super::{Answer, Api, ApiError, engine_error, octets};
-use crate::storage::watch::{Change, PAGE, collection_prefix, encode_page};
-use crate::storage::{Position, Storage};
+use crate::storage::Position;
+use crate::storage::watch::{Change, PAGE, Watch, collection_prefix, encode_page};
 
 /// The longest a request may wait for a change.
 const LONGEST_WAIT: Duration = Duration::from_secs(60);
-/// How long a stream waits in one read of the feed before it checks the caller's token and
-/// reads again.
-const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// A comment this often keeps a quiet stream open through proxies.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -111,12 +107,9 @@ pub(super) async fn feed(State(api): State<Api>, Query(query): Query<FeedQuery>)
     Ok(octets(encode_page(&page)))
 }
 
-/// A stream's state between events.
+/// A stream's state between events: the watch, and what ends it besides a failure.
 struct Stream {
-    storage: Storage,
-    prefix: String,
-    position: Position,
-    pending: VecDeque<Change>,
+    watch: Watch,
     stopping: tokio::sync::watch::Receiver<bool>,
     caller: Option<Arc<Capability>>,
     ended: bool,
@@ -125,38 +118,49 @@ struct Stream {
 impl Stream {
     /// The next event, or `None` once the stream is over.
     async fn next(&mut self) -> Option<Event> {
-        loop {
-            if self.ended || *self.stopping.borrow() {
-                return None;
+        if self.ended || *self.stopping.borrow() {
+            return None;
+        }
+        let expiry = self.caller.as_ref().and_then(|c| c.expires_ms());
+        if let Some(capability) = &self.caller
+            && let Err(expired) = unexpired(capability)
+        {
+            return Some(self.fail(expired));
+        }
+        let until_expiry = async {
+            match expiry {
+                Some(at) => {
+                    let now =
+                        agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
+                    tokio::time::sleep(Duration::from_millis(at.saturating_sub(now))).await;
+                }
+                None => std::future::pending().await,
             }
-            if let Some(capability) = &self.caller
-                && let Err(expired) = unexpired(capability)
-            {
-                return Some(self.fail(expired));
+        };
+        let change = tokio::select! {
+            _ = self.stopping.changed() => return None,
+            () = until_expiry => {
+                let expired = self.caller.as_deref().map(unexpired);
+                return Some(self.fail(match expired {
+                    Some(Err(expired)) => expired,
+                    _ => ApiError::new(
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        "token_expired",
+                        "the token has expired",
+                    ),
+                }));
             }
-            if let Some(change) = self.pending.pop_front() {
-                self.position = change.position;
-                let event = Event::default()
+            change = self.watch.next() => change,
+        };
+        match change {
+            Ok(change) => Some(
+                Event::default()
                     .event("change")
                     .id(change.position.to_string())
                     .json_data(change_json(&change))
-                    .unwrap_or_else(|_| Event::default().comment("unencodable change"));
-                return Some(event);
-            }
-            let read = self
-                .storage
-                .changes(&self.prefix, Some(self.position), PAGE, STREAM_WAIT);
-            let page = tokio::select! {
-                _ = self.stopping.changed() => return None,
-                page = read => page,
-            };
-            match page {
-                Ok(page) => {
-                    self.position = page.position;
-                    self.pending.extend(page.changes);
-                }
-                Err(err) => return Some(self.fail(ApiError::from(err))),
-            }
+                    .unwrap_or_else(|_| Event::default().comment("unencodable change")),
+            ),
+            Err(err) => Some(self.fail(ApiError::from(err))),
         }
     }
 
@@ -189,10 +193,7 @@ pub(super) async fn watch(
         .changes(&prefix, after, PAGE, Duration::ZERO)
         .await?;
     let state = Stream {
-        storage: api.storage.clone(),
-        prefix: collection_prefix(&prefix),
-        position: first.position,
-        pending: first.changes.into(),
+        watch: Watch::from_page(&api.storage, &collection_prefix(&prefix), first),
         stopping: api.stopping.clone(),
         caller: caller.map(|Extension(Caller(capability))| capability),
         ended: false,
