@@ -3,25 +3,9 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{cluster, eventually, http};
+use common::{cli, cluster, eventually, http};
 
 const COLLECTIONS: &str = "  collections:\n    hits:\n      conflict: pn_counter\n    chat:\n      consistency: causal\n    ledger:\n      consistency: strong\n";
-
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentstore"))
-        .args(args)
-        .env_remove("AGENTSTORE_DATA_DIR")
-        .env_remove("AGENTSTORE_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn put(node: std::net::SocketAddr, key: &str, value: &str) {
     let (status, body) = http(node, "PUT", &format!("/v1/keys/{key}"), value).unwrap();

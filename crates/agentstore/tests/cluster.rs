@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cluster, http};
+use common::{cli, cluster, http};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -101,21 +101,6 @@ fn three_node_processes_replicate_survive_a_kill_and_stop_cleanly() {
     );
     assert_eq!(nodes[0].signal("-TERM"), Some(0));
     assert_eq!(nodes[2].signal("-TERM"), Some(0));
-}
-
-/// Runs the CLI; returns (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentstore"))
-        .args(args)
-        .env_remove("AGENTSTORE_DATA_DIR")
-        .env_remove("AGENTSTORE_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -24,6 +24,21 @@ pub(crate) fn eventually(what: &str, mut check: impl FnMut() -> Result<(), Strin
     }
 }
 
+/// Runs the `agentstore` command with `args`: (exit code, stdout, stderr).
+pub(crate) fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentstore"))
+        .args(args)
+        .env_remove("AGENTSTORE_DATA_DIR")
+        .env_remove("AGENTSTORE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A minimal HTTP/1.1 exchange: (status, body).
 pub(crate) fn http(
     addr: SocketAddr,
