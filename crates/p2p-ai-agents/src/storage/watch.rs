@@ -80,6 +80,7 @@ impl Watch {
     }
 
     /// A watch that goes on from `page`, a page already read: its changes come first.
+    #[cfg(feature = "node")]
     pub(crate) fn from_page(storage: &Storage, prefix: &str, page: Changes) -> Self {
         Self {
             storage: storage.clone(),
