@@ -9,6 +9,7 @@
 # - PostgreSQL on 127.0.0.1:5432, trust auth, database `test` (tests also start servers of
 #   their own with the package's initdb and pg_ctl)
 # - iproute2 (`ip netns`, for the partition test) and `promtool` (the metrics check)
+# - Chromium (the web dashboard's test loads the page headless)
 # - cargo-nextest
 #
 # Two tests need root and skip themselves otherwise: the network partition (namespaces) and
@@ -22,7 +23,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q redis-server postgresql iproute2 prometheus python3
+apt-get install -y -q redis-server postgresql iproute2 prometheus python3 chromium
 
 # Redis on 127.0.0.1:6379, keeping nothing on disk.
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use agentstore_core::replication::Message;
 use agentstore_engine::testkit::free_port;
 use agentstore_wire::{Envelope, encode_frame};
-use common::{NodeProcess, cluster, eventually, http, http_bearer, node, nodes};
+use common::{
+    NodeProcess, cli, cluster, eventually, http, http_bearer, issue_token, node, nodes,
+    token_cluster,
+};
 
 const COLLECTIONS: &str = "  collections:\n    notes: {}\n";
 
@@ -233,31 +236,6 @@ fn a_node_without_an_admission_is_told_how_to_get_one() {
     assert!(!again.status.success());
 }
 
-/// Three nodes that require capability tokens from their clients (`clients: tokens`).
-fn token_cluster(dir: &std::path::Path) -> Vec<NodeProcess> {
-    let mut nodes = nodes(dir, COLLECTIONS);
-    for node in &mut nodes {
-        node.configure("clients: open", "clients: tokens");
-        node.start();
-    }
-    nodes
-}
-
-/// Runs the CLI; returns (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_agentstore"))
-        .args(args)
-        .env_remove("AGENTSTORE_TOKEN")
-        .env_remove("AGENTSTORE_DATA_DIR")
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn error_code(body: &str) -> String {
     let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     body["error"]["code"].as_str().unwrap_or("").to_owned()
@@ -266,17 +244,9 @@ fn error_code(body: &str) -> String {
 #[test]
 fn a_client_may_do_only_what_its_token_grants() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = token_cluster(dir.path());
-    let authority = dir.path().join("authority.key");
-    let authority = authority.to_str().unwrap();
+    let nodes = token_cluster(dir.path(), COLLECTIONS);
     let a = nodes[0].client;
-    let issue = |rights: &[&str]| {
-        let mut args = vec!["token", "issue", "--authority", authority];
-        args.extend_from_slice(rights);
-        let (code, token, stderr) = cli(&args);
-        assert_eq!(code, 0, "{stderr}");
-        token
-    };
+    let issue = |rights: &[&str]| issue_token(dir.path(), rights);
     let notes = issue(&["--read", "notes:", "--write", "notes:"]);
     let admin = issue(&["--admin", "--read", ""]);
 

@@ -24,17 +24,19 @@ pub(crate) fn eventually(what: &str, mut check: impl FnMut() -> Result<(), Strin
     }
 }
 
-/// Runs the `agentstore` command with `args`: (exit code, stdout, stderr).
+/// Runs the `agentstore` command with `args`, unaffected by the caller's `AGENTSTORE_*`
+/// variables: (exit code, stdout without its surrounding white space, stderr).
 pub(crate) fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_agentstore"))
         .args(args)
         .env_remove("AGENTSTORE_DATA_DIR")
         .env_remove("AGENTSTORE_CONFIG")
+        .env_remove("AGENTSTORE_TOKEN")
         .output()
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
@@ -288,6 +290,28 @@ pub(crate) fn cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
         node.start();
     }
     nodes
+}
+
+/// Three nodes like [`cluster`]'s that require capability tokens from their clients
+/// (`clients: tokens`), started.
+pub(crate) fn token_cluster(dir: &Path, collections: &str) -> Vec<NodeProcess> {
+    let mut nodes = nodes(dir, collections);
+    for node in &mut nodes {
+        node.configure("clients: open", "clients: tokens");
+        node.start();
+    }
+    nodes
+}
+
+/// A capability token from the authority of the cluster in `dir`, with `rights` as
+/// `agentstore token issue` takes them (`--read PREFIX`, `--admin`, …).
+pub(crate) fn issue_token(dir: &Path, rights: &[&str]) -> String {
+    let authority = dir.join("authority.key");
+    let mut args = vec!["token", "issue", "--authority", authority.to_str().unwrap()];
+    args.extend_from_slice(rights);
+    let (code, token, stderr) = cli(&args);
+    assert_eq!(code, 0, "{stderr}");
+    token
 }
 
 impl NodeProcess {

@@ -10,6 +10,7 @@
 //! document).
 
 mod auth;
+mod dashboard;
 mod http;
 mod resp;
 mod tls;
@@ -1246,6 +1247,8 @@ fn router(api: Api) -> Router {
             api.clone(),
             auth::authorize,
         ))
+        // After the gate: the dashboard's files hold no data (its requests pass the gate).
+        .merge(dashboard::routes())
         .layer(axum::middleware::from_fn(in_session))
         .layer(axum::middleware::from_fn(http::json_errors))
         .with_state(api)
