@@ -244,3 +244,49 @@ fn feed_of(node: SocketAddr) -> String {
     let position = now(node, "jobs");
     position.split_once('-').unwrap().0.to_owned()
 }
+
+#[test]
+fn a_stream_ends_with_an_error_event_when_the_callers_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = common::token_cluster(dir.path(), "");
+    let a = nodes[0].client;
+    let writer = common::issue_token(dir.path(), &["--write", "jobs:"]);
+    let watcher = common::issue_token(dir.path(), &["--read", "jobs:", "--ttl", "4s"]);
+    let issued = Instant::now();
+
+    let mut socket = TcpStream::connect(a).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        socket,
+        "GET /v1/watch/jobs: HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer {watcher}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut lines = BufReader::new(socket).lines();
+    let status = lines.next().unwrap().unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    let (code, body) = common::http_bearer(a, "PUT", "/v1/keys/jobs:1", "1", &writer).unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    // The change while the token is valid, then the error event, then the end of the stream.
+    let mut events = Vec::new();
+    let mut kind = String::new();
+    for line in lines {
+        let line = line.expect("the stream ends cleanly, not by the read timeout");
+        if let Some(value) = line.strip_prefix("event:") {
+            kind = value.trim().to_owned();
+        } else if let Some(data) = line.strip_prefix("data:") {
+            let data: Json = serde_json::from_str(data.trim()).unwrap();
+            events.push((kind.clone(), data));
+        }
+    }
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["change", "error"], "{events:?}");
+    assert_eq!(events[0].1["key"], "jobs:1");
+    assert_eq!(events[1].1["error"]["code"], "token_expired", "{events:?}");
+    assert!(
+        issued.elapsed() >= Duration::from_secs(3),
+        "the stream ran until the token's expiry, not before"
+    );
+}
