@@ -19,6 +19,7 @@ pub mod level;
 pub mod merkle;
 pub mod node;
 pub mod node_state;
+pub mod ot;
 pub mod placement;
 pub mod quorum;
 pub mod record;
