@@ -18,6 +18,11 @@
 //!           | 7 bytes                                       signed LWW tombstone: attestation
 //!           | 8 bytes bytes                                 signed LWW value, attestation
 //!           | 9 bytes expires_ms:uvarint                    LWW value that expires
+//!           | 10 revision:uvarint text:bytes count:uvarint textop*
+//!                                                           text document, recent edits
+//! textop    = count:uvarint component*                      components in normal form
+//! component = 0 n:uvarint>0 | 1 text:bytes(UTF-8, non-empty) | 2 n:uvarint>0
+//!                                                           retain, insert, delete
 //! gcounter  = vector
 //! dot       = node counter:uvarint>0
 //! node      = len:uvarint(1..=64) node-id bytes
@@ -36,6 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::crdt::{GCounter, GSet, MvRegister, OrSet, PnCounter};
 use crate::hlc::Timestamp;
 use crate::node::{MAX_NODE_ID_LEN, NodeId};
+use crate::ot::{Component, Document, RECENT_EDITS, TextOp};
 use crate::record::{Bytes, Record, Value};
 use crate::version::{Dot, VersionVector};
 
@@ -135,8 +141,39 @@ pub fn encode(record: &Record) -> Vec<u8> {
             }
             put_vector(&mut out, set.context().iter());
         }
+        (Value::Document(document), _) => {
+            out.push(10);
+            put_uvarint(&mut out, document.revision);
+            put_bytes(&mut out, document.text.as_bytes());
+            put_uvarint(&mut out, document.recent.len() as u64);
+            for op in &document.recent {
+                put_text_op(&mut out, op);
+            }
+        }
     }
     out
+}
+
+/// Appends a text edit in the `textop` form above (also what a `Mutation::Edit` carries on
+/// the wire).
+pub fn put_text_op(out: &mut Vec<u8>, op: &TextOp) {
+    put_uvarint(out, op.components().len() as u64);
+    for component in op.components() {
+        match component {
+            Component::Retain(n) => {
+                out.push(0);
+                put_uvarint(out, *n);
+            }
+            Component::Insert(text) => {
+                out.push(1);
+                put_bytes(out, text.as_bytes());
+            }
+            Component::Delete(n) => {
+                out.push(2);
+                put_uvarint(out, *n);
+            }
+        }
+    }
 }
 
 /// Decodes a record written in any format this version knows.
@@ -296,6 +333,33 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads a text edit (`textop`), which must be in normal form: the bytes of a canonical
+    /// encoding, and nothing else, decode.
+    pub fn text_op(&mut self) -> Result<TextOp, DecodeError> {
+        let n = self.count()?;
+        let mut components = Vec::with_capacity(n);
+        for _ in 0..n {
+            components.push(match self.u8()? {
+                0 => Component::Retain(self.positive()?),
+                1 => {
+                    let text = String::from_utf8(self.bytes()?)
+                        .map_err(|_| self.malformed("inserted text is not UTF-8"))?;
+                    if text.is_empty() {
+                        return Err(self.malformed("empty insert"));
+                    }
+                    Component::Insert(text)
+                }
+                2 => Component::Delete(self.positive()?),
+                _ => return Err(self.malformed("unknown edit component")),
+            });
+        }
+        let op = TextOp::from_components(&components);
+        if op.components() != components.as_slice() {
+            return Err(self.malformed("edit components are not in normal form"));
+        }
+        Ok(op)
+    }
+
     fn dot(&mut self) -> Result<Dot, DecodeError> {
         Ok(Dot {
             node: self.node()?,
@@ -417,6 +481,24 @@ impl<'a> Reader<'a> {
                 }
                 let context = self.version_vector()?;
                 Value::OrSet(OrSet::from_parts(entries, context).map_err(|r| self.malformed(r))?)
+            }
+            10 => {
+                let revision = self.uvarint()?;
+                let text = String::from_utf8(self.bytes()?)
+                    .map_err(|_| self.malformed("document text is not UTF-8"))?;
+                let n = self.count()?;
+                if n > RECENT_EDITS || n as u64 > revision {
+                    return Err(self.malformed("more recent edits than a document keeps"));
+                }
+                let mut recent = Vec::with_capacity(n);
+                for _ in 0..n {
+                    recent.push(self.text_op()?);
+                }
+                Value::Document(Document {
+                    revision,
+                    text,
+                    recent,
+                })
             }
             _ => return Err(self.malformed("unknown value tag")),
         };

@@ -17,7 +17,7 @@
 use std::fmt;
 
 /// One step of a [`TextOp`]'s walk over a document.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Component {
     /// Keep the next `n` characters.
     Retain(u64),
@@ -30,7 +30,7 @@ pub enum Component {
 /// An edit of a whole document: components in normal form (none empty, no two neighbours of
 /// one sort, an insert before a delete at the same place), so equal edits are equal values
 /// and encode to equal bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct TextOp {
     components: Vec<Component>,
     base_len: u64,
@@ -198,7 +198,9 @@ impl TextOp {
                         }
                         // Inserted, then deleted: nothing.
                         (Component::Insert(_), Component::Delete(_)) => {}
-                        _ => unreachable!("deletes of the first and inserts of the second came first"),
+                        _ => unreachable!(
+                            "deletes of the first and inserts of the second came first"
+                        ),
                     }
                     a.take(n);
                     b.take(n);
@@ -322,7 +324,8 @@ pub const RECENT_EDITS: usize = 100;
 
 /// A text document: its text, its revision (one per applied edit) and the last
 /// [`RECENT_EDITS`] edits, as applied, to transform edits made against recent revisions.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+/// Ordered by revision first (how far its edits got), which is how replicas' states merge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Document {
     /// Edits applied so far.
     pub revision: u64,
@@ -416,8 +419,18 @@ mod tests {
 
     #[test]
     fn builders_keep_one_normal_form() {
-        let a = TextOp::new().retain(2).delete(1).insert("x").retain(0).retain(3);
-        let b = TextOp::new().retain(1).retain(1).insert("x").delete(1).retain(3);
+        let a = TextOp::new()
+            .retain(2)
+            .delete(1)
+            .insert("x")
+            .retain(0)
+            .retain(3);
+        let b = TextOp::new()
+            .retain(1)
+            .retain(1)
+            .insert("x")
+            .delete(1)
+            .retain(3);
         assert_eq!(a, b);
         assert_eq!(a.to_string(), "[2, \"x\", -1, 3]");
         assert_eq!((a.base_len(), a.target_len()), (6, 6));

@@ -11,6 +11,7 @@ use std::fmt;
 use crate::crdt::{Crdt, GCounter, GSet, MvRegister, OrSet, PnCounter};
 use crate::hlc::{HybridClock, Timestamp};
 use crate::node::NodeId;
+use crate::ot::{Document, EditRefused, TextOp};
 use crate::version::{Causality, VersionVector};
 
 /// Opaque value bytes.
@@ -31,6 +32,9 @@ pub enum Value {
     GSet(GSet<Bytes>),
     /// An observed-remove (add-wins) set.
     OrSet(OrSet<Bytes>),
+    /// A text document edited by operational transformation (its edits ordered by one
+    /// writer: a Raft group or one ACID engine).
+    Document(Document),
 }
 
 /// The kind of a value, in the order used to join records of different kinds.
@@ -56,17 +60,21 @@ pub enum Kind {
     GSet,
     /// [`Value::OrSet`].
     OrSet,
+    /// [`Value::Document`].
+    #[serde(rename = "ot_text")]
+    Document,
 }
 
 impl Kind {
     /// Every kind, in the order of their codes.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Register,
         Kind::MultiValue,
         Kind::GCounter,
         Kind::PnCounter,
         Kind::GSet,
         Kind::OrSet,
+        Kind::Document,
     ];
 
     /// The kind's one-byte code in encoded refusals (stable: persisted and sent between
@@ -89,6 +97,7 @@ impl Kind {
             Kind::PnCounter => "pn_counter",
             Kind::GSet => "g_set",
             Kind::OrSet => "or_set",
+            Kind::Document => "ot_text",
         }
     }
 }
@@ -109,6 +118,7 @@ impl Value {
             Value::PnCounter(_) => Kind::PnCounter,
             Value::GSet(_) => Kind::GSet,
             Value::OrSet(_) => Kind::OrSet,
+            Value::Document(_) => Kind::Document,
         }
     }
 }
@@ -209,6 +219,14 @@ impl Crdt for Record {
             (Value::PnCounter(a), Value::PnCounter(b)) => a.merge(b),
             (Value::GSet(a), Value::GSet(b)) => a.merge(b),
             (Value::OrSet(a), Value::OrSet(b)) => a.merge(b),
+            // One writer orders a document's edits, so two states of it differ only in how
+            // far they got: the later revision wins whole (ties by stamp, then content, so
+            // the join stays a semilattice).
+            (Value::Document(a), Value::Document(b)) => {
+                if (b, &other.stamp) > (&*a, &self.stamp) {
+                    *a = b.clone();
+                }
+            }
             _ => unreachable!("kinds compared equal above"),
         }
         if other.stamp > self.stamp {
@@ -257,6 +275,14 @@ pub enum Mutation {
     OrSetAdd(Bytes),
     /// Remove an element from an observed-remove set.
     OrSetRemove(Bytes),
+    /// Edit a text document: `op` was made against revision `base` and is transformed past
+    /// the edits applied since (see [`crate::ot`]).
+    Edit {
+        /// The revision the writer read.
+        base: u64,
+        /// The edit, spanning the document at `base`.
+        op: TextOp,
+    },
     /// Join a whole record state into the stored one (replication, repair).
     Merge(Record),
 }
@@ -274,6 +300,7 @@ impl Mutation {
             Mutation::PnCounterAdd(_) => Kind::PnCounter,
             Mutation::GSetAdd(_) => Kind::GSet,
             Mutation::OrSetAdd(_) | Mutation::OrSetRemove(_) => Kind::OrSet,
+            Mutation::Edit { .. } => Kind::Document,
             Mutation::Merge(record) => record.value.kind(),
         }
     }
@@ -289,6 +316,17 @@ pub struct WrongKind {
     pub requested: Kind,
 }
 
+/// Why a mutation did not apply. The stored record is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The key holds another kind of value.
+    #[error(transparent)]
+    WrongKind(#[from] WrongKind),
+    /// A document edit that cannot apply (see [`EditRefused`]).
+    #[error(transparent)]
+    Edit(#[from] EditRefused),
+}
+
 /// Applies `mutation` to the stored record (if any) and returns the new record.
 ///
 /// Local mutations are stamped by `clock` after the stored record's stamp (so a write always
@@ -300,7 +338,7 @@ pub fn apply(
     mutation: &Mutation,
     clock: &mut HybridClock,
     physical_ms: u64,
-) -> Result<Record, WrongKind> {
+) -> Result<Record, Refused> {
     if let Mutation::Merge(remote) = mutation {
         let mut merged = current.cloned().unwrap_or_else(|| remote.clone());
         merged.merge(remote);
@@ -315,7 +353,8 @@ pub fn apply(
         return Err(WrongKind {
             stored: record.value.kind(),
             requested,
-        });
+        }
+        .into());
     }
     let stamp = match current {
         Some(record) => clock.now_after(&record.stamp, physical_ms),
@@ -351,6 +390,9 @@ pub fn apply(
         (Value::OrSet(set), Mutation::OrSetRemove(element)) => {
             set.remove(element);
         }
+        (Value::Document(document), Mutation::Edit { base, op }) => {
+            document.edit(*base, op)?;
+        }
         _ => unreachable!(
             "value kind {} matches mutation kind {requested}",
             value.kind()
@@ -382,6 +424,7 @@ fn empty_value(kind: Kind) -> Value {
         Kind::PnCounter => Value::PnCounter(PnCounter::new()),
         Kind::GSet => Value::GSet(GSet::new()),
         Kind::OrSet => Value::OrSet(OrSet::new()),
+        Kind::Document => Value::Document(Document::default()),
     }
 }
 
@@ -467,10 +510,10 @@ mod tests {
         let counter = apply(None, &Mutation::PnCounterAdd(3), &mut c, 1).unwrap();
         assert_eq!(
             apply(Some(&counter), &Mutation::Put(vec![1]), &mut c, 2),
-            Err(WrongKind {
+            Err(Refused::WrongKind(WrongKind {
                 stored: Kind::PnCounter,
                 requested: Kind::Register
-            })
+            }))
         );
         let tombstone = apply(None, &Mutation::Delete, &mut c, 3).unwrap();
         assert!(tombstone.is_tombstone());

@@ -2,6 +2,7 @@
 //! record merge obeys the semilattice laws on states that replicas really reach.
 
 use agentstore_core::codec::{self, DecodeError};
+use agentstore_core::ot::TextOp;
 use agentstore_core::record::{self, Mutation, Record};
 use agentstore_core::{Crdt, HybridClock, NodeId, VersionVector};
 use proptest::prelude::*;
@@ -37,6 +38,12 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         bytes().prop_map(Mutation::OrSetRemove),
         (prop::option::of(bytes()), bytes())
             .prop_map(|(value, attestation)| Mutation::Signed { value, attestation }),
+        // Inserts at the start, against revision 0: they apply while the document keeps
+        // every edit since (a merge takes the later revision whole).
+        "[ab✓]{1,3}".prop_map(|text| Mutation::Edit {
+            base: 0,
+            op: TextOp::new().insert(&text),
+        }),
     ]
 }
 
@@ -256,7 +263,26 @@ fn fixture_records() -> Vec<(&'static str, Record)> {
         &mut b,
         16,
     );
+    let document = apply(
+        None,
+        Mutation::Edit {
+            base: 0,
+            op: TextOp::new().insert("héllo"),
+        },
+        &mut a,
+        17,
+    );
+    let document = apply(
+        Some(&document),
+        Mutation::Edit {
+            base: 0,
+            op: TextOp::new().insert("✓ "),
+        },
+        &mut b,
+        18,
+    );
     vec![
+        ("document", document),
         ("expiring", expiring),
         ("signed", signed),
         ("signed-tombstone", signed_delete),

@@ -56,12 +56,8 @@ pub fn prepare_batch(
                     source,
                 })?;
         }
-        let next = record::apply(current.as_ref(), &write.mutation, hlc, physical_ms).map_err(
-            |source| EngineError::WrongKind {
-                key: write.key.clone(),
-                source,
-            },
-        )?;
+        let next = record::apply(current.as_ref(), &write.mutation, hlc, physical_ms)
+            .map_err(|refused| EngineError::refused(&write.key, refused))?;
         results.push((write.key.clone(), next));
     }
     Ok(results)

@@ -15,6 +15,9 @@
 //!          | 3 key:bytes stored:u8 requested:u8       wrong kind
 //!          | 4 detail:bytes                           the state machine could not apply it
 //!          | 5 key:bytes txn:bytes                    the key is locked by a prepared transaction
+//!          | 6 key:bytes 0|1|2 a:uvarint b:uvarint    a document edit refused: against a
+//!                                                     revision ahead (base, revision), too old
+//!                                                     (base, oldest), or not fitting (spans, has)
 //! ```
 //!
 //! `mutation` is `agentstore_wire`'s mutation grammar, `record` and `vector` are
@@ -23,6 +26,7 @@
 use agentstore_core::Key;
 use agentstore_core::codec::{self, DecodeError, Reader, put_bytes, put_uvarint, put_version};
 use agentstore_core::key::KeyError;
+use agentstore_core::ot::{EditRefused, Misfit};
 use agentstore_core::record::{Expect, ExpectationFailed, Kind, Record, WrongKind};
 
 use crate::{EngineError, Fence, Write};
@@ -152,6 +156,18 @@ pub fn encode_outcome(outcome: &Result<Vec<Record>, EngineError>) -> Vec<u8> {
             put_bytes(&mut out, key.as_bytes());
             put_bytes(&mut out, txn.as_bytes());
         }
+        Err(EngineError::EditRefused { key, source }) => {
+            out.push(6);
+            put_bytes(&mut out, key.as_bytes());
+            let (reason, a, b) = match source {
+                EditRefused::Ahead { base, revision } => (0, base, revision),
+                EditRefused::TooOld { base, oldest } => (1, base, oldest),
+                EditRefused::Misfit(Misfit { spans, has }) => (2, spans, has),
+            };
+            out.push(reason);
+            put_uvarint(&mut out, *a);
+            put_uvarint(&mut out, *b);
+        }
         Err(other) => {
             out.push(4);
             put_bytes(&mut out, other.to_string().as_bytes());
@@ -209,6 +225,21 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Result<Vec<Record>, EngineError>, 
             key: Key::new(r.slice()?)?,
             txn: utf8(&mut r)?,
         }),
+        6 => {
+            let key = Key::new(r.slice()?)?;
+            let reason = r.u8()?;
+            let (a, b) = (r.uvarint()?, r.uvarint()?);
+            let source = match reason {
+                0 => EditRefused::Ahead {
+                    base: a,
+                    revision: b,
+                },
+                1 => EditRefused::TooOld { base: a, oldest: b },
+                2 => EditRefused::Misfit(Misfit { spans: a, has: b }),
+                _ => return Err(r.malformed("edit refusal").into()),
+            };
+            Err(EngineError::EditRefused { key, source })
+        }
         _ => return Err(r.malformed("outcome tag").into()),
     };
     if r.remaining() != 0 {
@@ -240,4 +271,33 @@ fn expect(r: &mut Reader<'_>) -> Result<Option<Expect>, BatchCodecError> {
 fn utf8(r: &mut Reader<'_>) -> Result<String, BatchCodecError> {
     let bytes = r.slice()?;
     String::from_utf8(bytes.to_vec()).map_err(|_| r.malformed("text is not UTF-8").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_edit_keeps_its_reason_across_the_encoding() {
+        let key = Key::new(b"docs:a".to_vec()).unwrap();
+        for source in [
+            EditRefused::Ahead {
+                base: 9,
+                revision: 3,
+            },
+            EditRefused::TooOld { base: 1, oldest: 7 },
+            EditRefused::Misfit(Misfit { spans: 4, has: 2 }),
+        ] {
+            let refused = Err(EngineError::EditRefused {
+                key: key.clone(),
+                source: source.clone(),
+            });
+            match decode_outcome(&encode_outcome(&refused)).unwrap() {
+                Err(EngineError::EditRefused { key: k, source: s }) => {
+                    assert_eq!((k, s), (key.clone(), source));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use agentstore_core::Key;
 use agentstore_core::codec::DecodeError;
+use agentstore_core::ot::EditRefused;
 use agentstore_core::record::{ExpectationFailed, WrongKind};
 
 /// What can go wrong in an engine. Variants carry what a caller needs to act.
@@ -49,6 +50,15 @@ pub enum EngineError {
         key: Key,
         /// The kinds involved.
         source: WrongKind,
+    },
+    /// A document edit that cannot apply (against a revision the document has not reached
+    /// or no longer keeps, or not spanning the document): nothing was written.
+    #[error("`{key}`: {source}")]
+    EditRefused {
+        /// The key.
+        key: Key,
+        /// Why.
+        source: EditRefused,
     },
     /// The disk is full: the write was not made. The engine recovers by itself once there is
     /// space again (no restart needed).
@@ -233,6 +243,7 @@ impl EngineError {
             EngineError::UnsupportedFormat { .. } => "unsupported_format",
             EngineError::Decode { .. } => "decode",
             EngineError::WrongKind { .. } => "wrong_kind",
+            EngineError::EditRefused { .. } => "edit_refused",
             EngineError::SignatureRefused { .. } => "signature_refused",
             EngineError::ExpectationFailed { .. } => "expectation_failed",
             EngineError::Fenced { .. } => "fenced",
@@ -252,6 +263,16 @@ impl EngineError {
             EngineError::PositionUnavailable { .. } => "position_unavailable",
             EngineError::Closed => "closed",
             EngineError::Internal { .. } => "internal",
+        }
+    }
+
+    /// Why `record::apply` refused a mutation of `key`.
+    pub fn refused(key: &Key, refused: agentstore_core::record::Refused) -> Self {
+        use agentstore_core::record::Refused;
+        let key = key.clone();
+        match refused {
+            Refused::WrongKind(source) => EngineError::WrongKind { key, source },
+            Refused::Edit(source) => EngineError::EditRefused { key, source },
         }
     }
 

@@ -9,6 +9,8 @@
 //!          | 6 bytes | 7 bytes | 8 bytes   GSetAdd, OrSetAdd, OrSetRemove
 //!          | 9 record                      Merge
 //!          | 10 0 bytes | 10 1 bytes bytes Signed: delete / value, then the attestation
+//!          | 11 bytes expires_ms:uvarint   PutExpiring
+//!          | 12 base:uvarint textop        Edit (`textop` as in `agentstore_core::codec`)
 //! outcome  = 1 record                      Written
 //!          | 2 0 | 2 1 record              Read: nothing / a record
 //!          | 3 answered:uvarint needed:uvarint   QuorumFailed
@@ -94,6 +96,11 @@ pub(crate) fn put_mutation(out: &mut Vec<u8>, mutation: &Mutation) {
             }
             put_bytes(out, attestation);
         }
+        Mutation::Edit { base, op } => {
+            out.push(12);
+            put_uvarint(out, *base);
+            codec::put_text_op(out, op);
+        }
     }
 }
 
@@ -131,6 +138,10 @@ pub(crate) fn mutation(r: &mut Reader<'_>) -> Result<Mutation, WireError> {
         11 => Mutation::PutExpiring {
             value: r.bytes().map_err(malformed)?,
             expires_at_ms: r.uvarint().map_err(malformed)?,
+        },
+        12 => Mutation::Edit {
+            base: r.uvarint().map_err(malformed)?,
+            op: r.text_op().map_err(malformed)?,
         },
         _ => return Err(malformed(r.malformed("unknown mutation"))),
     })

@@ -1,6 +1,7 @@
 //! The wire format: round trips, stream splitting at any boundary, and garbage rejected
 //! without a panic.
 
+use agentstore_core::ot::TextOp;
 use agentstore_core::record::{self, Mutation};
 use agentstore_core::replication::{LocalFailure, Message, Outcome};
 use agentstore_core::signing::SignatureRefused;
@@ -78,6 +79,20 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         (prop::option::of(bytes()), bytes())
             .prop_map(|(value, attestation)| Mutation::Signed { value, attestation }),
         (bytes(), any::<u32>()).prop_map(|(v, t)| Mutation::Merge(record(v, u64::from(t)))),
+        (
+            any::<u64>(),
+            prop::collection::vec((0u8..3, 1u64..5, "[a✓]{1,3}"), 0..6)
+        )
+            .prop_map(|(base, steps)| Mutation::Edit {
+                base,
+                op: steps
+                    .iter()
+                    .fold(TextOp::new(), |op, (kind, n, text)| match kind {
+                        0 => op.retain(*n),
+                        1 => op.delete(*n),
+                        _ => op.insert(text),
+                    }),
+            }),
     ];
     let outcome = prop_oneof![
         (bytes(), any::<u32>()).prop_map(|(v, t)| Outcome::Written {

@@ -411,7 +411,33 @@ fn resolve(storage: Storage, source: &Source<'_>) -> Result<Config, ConfigError>
             _ => entry.consistency = Some(level),
         }
     }
+    check_documents_are_strong(&config, source)?;
     Ok(config)
+}
+
+/// An `ot_text` collection needs one order of its edits: the strong level (a Raft group in a
+/// cluster, one ACID engine embedded). At a weaker level two replicas would apply concurrent
+/// edits in different orders, and a merge could only keep one replica's document.
+fn check_documents_are_strong(config: &Config, source: &Source<'_>) -> Result<(), ConfigError> {
+    let why = |level: ConsistencyLevel| {
+        format!(
+            "an ot_text collection must be strong (it is {level}): its edits are transformed \
+             in one order, which only the strong level gives"
+        )
+    };
+    for (name, settings) in &config.collections {
+        let conflict = settings.conflict.unwrap_or(config.default_conflict);
+        let level = settings.consistency.unwrap_or(config.default_consistency);
+        if conflict == ConflictStrategy::Document && level != ConsistencyLevel::Strong {
+            return Err(source.error(&format!("storage.collections.{name}.conflict"), why(level)));
+        }
+    }
+    if config.default_conflict == ConflictStrategy::Document
+        && config.default_consistency != ConsistencyLevel::Strong
+    {
+        return Err(source.error("storage.default_conflict", why(config.default_consistency)));
+    }
+    Ok(())
 }
 
 /// A signed collection holds lww registers on the nodes' own engine (the nodes are what

@@ -374,3 +374,29 @@ fn a_signed_collection_is_lww_on_the_local_backend_of_a_cluster_with_an_authorit
     let err = error("storage:\n  collections:\n    posts: { signed: true }\n");
     assert_eq!(err.field, "storage.collections.posts.signed");
 }
+
+#[test]
+fn an_ot_text_collection_must_be_strong_and_the_error_says_where() {
+    let config = parse(
+        "storage:\n  collections:\n    docs:\n      consistency: strong\n      conflict: ot_text\n",
+    )
+    .unwrap();
+    assert_eq!(config.plan("docs").conflict, ConflictStrategy::Document);
+    let err = error("storage:\n  collections:\n    docs:\n      conflict: ot_text\n");
+    assert_eq!(
+        (err.field.as_str(), err.line),
+        ("storage.collections.docs.conflict", 4)
+    );
+    assert!(err.message.contains("must be strong"), "{}", err.message);
+    // Strong through the overrides is strong.
+    parse(
+        "storage:\n  consistency_overrides:\n    docs: strong\n  collections:\n    docs:\n      conflict: ot_text\n",
+    )
+    .unwrap();
+    let err = error("storage:\n  default_conflict: ot_text\n");
+    assert_eq!(err.field, "storage.default_conflict");
+    let err = error(
+        "storage:\n  collections:\n    docs:\n      consistency: strong\n      conflict: ot_text\n      encrypted: true\n",
+    );
+    assert_eq!(err.field, "storage.collections.docs.encrypted");
+}

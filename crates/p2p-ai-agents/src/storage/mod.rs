@@ -28,6 +28,7 @@
 //! are sets. An operation that does not fit the strategy is a typed error that says which
 //! configuration line to change.
 
+mod documents;
 mod error;
 mod lease;
 mod remote;
@@ -70,6 +71,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
+pub use self::documents::{DocumentState, Edited, op_from_json, op_to_json};
 pub use self::error::{Result, StorageError};
 pub use self::lease::Lease;
 pub use self::remote::NodeClient;
@@ -82,6 +84,7 @@ pub use self::transaction::Transaction;
 use self::values::Reading;
 pub use self::version::{InvalidVersion, Version};
 pub use self::watch::{Change, Changes, Watch};
+pub use agentstore_core::ot::TextOp;
 pub use agentstore_engine::changelog::Position;
 use prometheus_client::registry::Registry;
 
@@ -745,6 +748,13 @@ impl Storage {
                 value: Some(bytes),
                 context: Default::default(),
             },
+            ConflictStrategy::Document => {
+                return Err(Self::wrong(
+                    call,
+                    "set",
+                    "edit a document with `edit` against its revision (POST /v1/documents/KEY)",
+                ));
+            }
             _ => {
                 return Err(Self::wrong(
                     call,
@@ -952,6 +962,9 @@ impl Storage {
                     .apply(call.key.clone(), Self::lww(&call, None)?)
                     .await?;
                 return Ok(Self::receipt(&call, &record));
+            }
+            if call.plan.conflict == ConflictStrategy::Document {
+                return self.clear_document(&call).await;
             }
             let current = call.engine.get(&call.key).await?;
             let writes = match (&call.plan.conflict, current.as_ref().map(|r| &r.value)) {

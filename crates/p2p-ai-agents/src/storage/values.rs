@@ -78,5 +78,6 @@ pub(crate) fn read(
         Value::OrSet(set) => Reading::One(Json::Array(
             set.iter().map(|m| json(m)).collect::<Result<_, _>>()?,
         )),
+        Value::Document(document) => Reading::One(Json::String(document.text.clone())),
     })
 }

@@ -113,6 +113,13 @@ fn engine_error(err: EngineError) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "unsupported", message)
         }
         EngineError::WrongKind { .. } => ApiError::new(StatusCode::CONFLICT, "wrong_kind", message),
+        EngineError::EditRefused {
+            source: agentstore_core::ot::EditRefused::Misfit(_),
+            ..
+        } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_edit", message),
+        EngineError::EditRefused { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "stale_revision", message)
+        }
         EngineError::SignatureRefused { .. } => {
             ApiError::new(StatusCode::FORBIDDEN, "signature_refused", message)
         }
@@ -366,6 +373,10 @@ async fn get_key(
         S::GCounter | S::PnCounter => json!({ "key": key, "value": storage.counter(&key).await? }),
         S::GSet | S::OrSet => {
             json!({ "key": key, "members": storage.set_members::<Json>(&key).await? })
+        }
+        S::Document => {
+            let document = storage.document(&key).await?;
+            json!({ "key": key, "value": document.text, "revision": document.revision })
         }
     };
     Ok(axum::Json(body).into_response())

@@ -706,6 +706,7 @@ async fn get(storage: &Storage, key: &str) -> Result<Reply, StorageError> {
         ConflictStrategy::GCounter | ConflictStrategy::PnCounter => {
             Ok(Reply::text(storage.counter(key).await?.to_string()))
         }
+        ConflictStrategy::Document => Ok(Reply::text(storage.document(key).await?.text)),
         strategy @ (ConflictStrategy::GSet | ConflictStrategy::OrSet) => {
             Err(StorageError::WrongOperation {
                 key: key.to_owned(),
