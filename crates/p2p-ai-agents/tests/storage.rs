@@ -706,3 +706,70 @@ async fn a_collection_ttl_applies_to_every_write_without_its_own() {
         "{refused}"
     );
 }
+
+#[tokio::test]
+async fn documents_take_concurrent_edits_against_one_revision_and_refuse_stale_ones() {
+    use agentstore_engine::EngineError;
+    use p2p_ai_agents::storage::TextOp;
+    let fx = open(&[(
+        "docs",
+        ConflictStrategy::Document,
+        Some(ConsistencyLevel::Strong),
+    )])
+    .await;
+    let s = &fx.storage;
+    let empty = s.document("docs:plan").await.unwrap();
+    assert_eq!((empty.revision, empty.text.as_str()), (0, ""));
+    let first = s
+        .edit("docs:plan", 0, &TextOp::new().insert("steps: read"))
+        .await
+        .unwrap();
+    assert_eq!(first.revision, 1);
+    assert_eq!(first.receipt.delivered, ConsistencyLevel::Strong);
+
+    // Two writers read revision 1 and edit at once: both edits land, neither undoes the other.
+    let append = TextOp::new().retain(11).insert(", plan");
+    let capitalize = TextOp::new().delete(5).insert("Steps").retain(6);
+    let (a, b) = tokio::join!(
+        s.edit("docs:plan", 1, &append),
+        s.edit("docs:plan", 1, &capitalize),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut revisions = [a.revision, b.revision];
+    revisions.sort();
+    assert_eq!(revisions, [2, 3]);
+    let doc = s.document("docs:plan").await.unwrap();
+    assert_eq!((doc.revision, doc.text.as_str()), (3, "Steps: read, plan"));
+    assert_eq!(
+        s.get::<String>("docs:plan").await.unwrap().as_deref(),
+        Some("Steps: read, plan")
+    );
+
+    // An edit against a revision the document has not reached, or that does not fit.
+    let ahead = s.edit("docs:plan", 9, &TextOp::new().retain(17)).await;
+    assert!(
+        matches!(
+            ahead,
+            Err(StorageError::Engine(EngineError::EditRefused { .. }))
+        ),
+        "{ahead:?}"
+    );
+    let misfit = s.edit("docs:plan", 3, &TextOp::new().retain(2)).await;
+    assert!(
+        matches!(
+            misfit,
+            Err(StorageError::Engine(EngineError::EditRefused { .. }))
+        ),
+        "{misfit:?}"
+    );
+    assert_eq!(s.document("docs:plan").await.unwrap().revision, 3);
+
+    // A document is edited, not set; a delete empties it and its revisions go on.
+    assert!(matches!(
+        s.set("docs:plan", "x").await,
+        Err(StorageError::WrongOperation { .. })
+    ));
+    s.delete("docs:plan").await.unwrap();
+    let cleared = s.document("docs:plan").await.unwrap();
+    assert_eq!((cleared.revision, cleared.text.as_str()), (4, ""));
+}

@@ -398,6 +398,7 @@ fn refused_before_locking(err: &EngineError) -> bool {
             | EngineError::ExpectationFailed { .. }
             | EngineError::Fenced { .. }
             | EngineError::WrongKind { .. }
+            | EngineError::EditRefused { .. }
             | EngineError::InTransaction { .. }
     )
 }

@@ -8,7 +8,7 @@
 //! | request | needs |
 //! |---|---|
 //! | `GET` a key, a record, a scan, a watch or the changes of a prefix | `read` on a prefix of the key (or of the prefix) |
-//! | `PUT`/`DELETE`/`POST` on a key (values, counters, sets, locks, records) | `write` on it |
+//! | `PUT`/`DELETE`/`POST` on a key (values, counters, sets, documents, locks, records) | `write` on it |
 //! | `POST /v1/transactions`, `POST /v1/records` (batches) | `write` on every key written |
 //! | Raft membership, `leave`, `repair`, `backup` | `admin` on the empty prefix (the whole cluster) |
 //! | `status`, `metrics` | any valid token |
@@ -165,7 +165,11 @@ fn needs(
         Operation::Write
     };
     match path {
-        "/v1/keys/{key}" | "/v1/counters/{key}" | "/v1/sets/{key}" | "/v1/locks/{key}"
+        "/v1/keys/{key}"
+        | "/v1/counters/{key}"
+        | "/v1/sets/{key}"
+        | "/v1/documents/{key}"
+        | "/v1/locks/{key}"
         | "/v1/records/{key}" => Some((read_or_write, param("key"))),
         "/v1/scan/{prefix}" | "/v1/watch/{prefix}" | "/v1/changes/{prefix}" => {
             Some((Operation::Read, param("prefix")))

@@ -596,6 +596,33 @@ async fn add_counter(
     Ok(axum::Json(json!({ "key": key, "value": value })).into_response())
 }
 
+/// `POST /v1/documents/{key}`: `{"revision": n, "op": [...]}`, an edit of the document as it
+/// was at revision `n` (see `Storage::edit`).
+async fn edit_document(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Query(query): Query<KeyQuery>,
+    body: axum::body::Bytes,
+) -> Answer {
+    only_consistency(&query, "a document edit")?;
+    let shape = "the body must be {\"revision\": <revision read>, \"op\": [retain n, \"insert\", -delete n, ...]}";
+    let body: Json = serde_json::from_slice(&body).map_err(|_| invalid_body(shape))?;
+    let revision = body
+        .get("revision")
+        .and_then(Json::as_u64)
+        .ok_or_else(|| invalid_body(shape))?;
+    let op = body.get("op").ok_or_else(|| invalid_body(shape))?;
+    let op = super::op_from_json(op).map_err(|e| invalid_body(&format!("op: {e}")))?;
+    let edited = query.storage(&api).edit(&key, revision, &op).await?;
+    Ok(axum::Json(json!({
+        "key": key,
+        "revision": edited.revision,
+        "applied": super::op_to_json(&edited.applied),
+        "version": edited.receipt.version.to_string(),
+    }))
+    .into_response())
+}
+
 async fn change_set(
     State(api): State<Api>,
     Path(key): Path<String>,
@@ -703,14 +730,15 @@ async fn apply_record(
 }
 
 /// The answer to [`super::NodeClient`]'s writes: the outcome in `batch_codec`'s encoding, a
-/// refusal that encoding types (a failed condition or fence, a value of another kind, a key
-/// in a transaction) included, so it arrives typed; any other failure is an error answer.
+/// refusal that encoding types (a failed condition or fence, a value of another kind, a
+/// refused document edit, a key in a transaction) included, so it arrives typed; any other failure is an error answer.
 fn outcome(committed: Result<Vec<agentstore_engine::Record>, StorageError>) -> Answer {
     match committed {
         Err(StorageError::Engine(
             err @ (EngineError::ExpectationFailed { .. }
             | EngineError::Fenced { .. }
             | EngineError::WrongKind { .. }
+            | EngineError::EditRefused { .. }
             | EngineError::InTransaction { .. }),
         )) => Ok(octets(encode_outcome(&Err(err)))),
         Err(err) => Err(err.into()),
@@ -1222,6 +1250,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ),
         ("/v1/counters/{key}", post(add_counter)),
         ("/v1/sets/{key}", post(change_set)),
+        ("/v1/documents/{key}", post(edit_document)),
         ("/v1/scan/{prefix}", get(scan)),
         ("/v1/watch/{prefix}", get(watch::watch)),
         ("/v1/changes/{prefix}", get(watch::changes)),
