@@ -51,6 +51,29 @@ class Page:
 
 
 @dataclass(frozen=True)
+class Document:
+    """An ``ot_text`` document: its text and the number of edits that made it."""
+
+    revision: int
+    text: str
+
+
+EditOp = List[Union[int, str]]
+"""A document edit over the whole text: ``n > 0`` keeps ``n`` characters, ``-n`` deletes
+``n``, a string is inserted (characters are Unicode code points)."""
+
+
+@dataclass(frozen=True)
+class Edited:
+    """An applied edit: the document's new revision and the edit as applied (transformed past
+    the edits made since the revision it was made against)."""
+
+    revision: int
+    applied: EditOp
+    version: str
+
+
+@dataclass(frozen=True)
 class Change:
     """One change under a watched prefix: the value from then on (``None`` once deleted)."""
 
@@ -236,6 +259,24 @@ class Client:
     def set_members(self, key: str, consistency: Optional[Consistency] = None) -> List[Any]:
         """A set's members."""
         return list(self.get(key, consistency) or [])
+
+    # Documents (ot_text) -----------------------------------------------------------------------
+
+    def document(self, key: str, consistency: Optional[Consistency] = None) -> Document:
+        """An ``ot_text`` document (revision 0 and no text when it was never edited)."""
+        reading = self._read_key(key, consistency, False) or {}
+        return Document(int(reading.get("revision", 0)), str(reading.get("value") or ""))
+
+    def edit(
+        self, key: str, revision: int, op: EditOp, consistency: Optional[Consistency] = None
+    ) -> Edited:
+        """Applies ``op``, an edit of the document as it was at ``revision``; the node
+        transforms it past the edits applied since. Raises :class:`StaleRevision` when
+        ``revision`` is ahead of the document or older than the edits it keeps (read it
+        again and redo the edit), :class:`InvalidRequest` when ``op`` does not span it."""
+        path = _key_path("documents", key) + _query(consistency=consistency)
+        answer = self._call("POST", path, {"revision": revision, "op": op}, write=True)
+        return Edited(int(answer["revision"]), list(answer["applied"]), str(answer["version"]))
 
     # Scans and status --------------------------------------------------------------------------
 

@@ -67,6 +67,11 @@ class Siblings(Conflict):
     """A multi-value key has several values; read them with ``siblings``."""
 
 
+class StaleRevision(Conflict):
+    """A document edit against a revision the document has not reached, or one older than
+    the edits it keeps: read the document again and redo the edit."""
+
+
 class LockHeld(Conflict):
     """The lock is held by another holder (``details``: ``holder``, ``expires_at_ms``)."""
 
@@ -108,6 +113,7 @@ _BY_CODE: Dict[str, Type[AgentstoreError]] = {
     "unsupported": Unsupported,
     "siblings": Siblings,
     "lock_held": LockHeld,
+    "stale_revision": StaleRevision,
     "quorum_unavailable": QuorumUnavailable,
     "indeterminate": Indeterminate,
     "session_behind": SessionBehind,

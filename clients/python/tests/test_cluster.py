@@ -139,6 +139,29 @@ class AgainstACluster(unittest.TestCase):
         self.assertIsNone(self.c.get(key))
         self.assertIsNone(self.a.get(key))
 
+    def test_two_editors_edit_one_document_against_the_same_revision(self) -> None:
+        key = unique("docs")
+        self.assertEqual(self.a.document(key), agentstore.Document(0, ""))
+        first = None
+        for _ in range(100):  # the Raft group may still be electing its leader
+            try:
+                first = self.a.edit(key, 0, ["hello world"])
+                break
+            except agentstore.Unavailable:
+                time.sleep(0.1)
+        assert first is not None
+        self.assertEqual(first.revision, 1)
+        # Both read revision 1; the second edit is transformed past the first.
+        self.a.edit(key, 1, [-1, "H", 10])
+        second = self.c.edit(key, 1, [11, "!"])
+        self.assertEqual(second.revision, 3)
+        self.assertEqual(second.applied, [11, "!"])
+        self.assertEqual(self.c.document(key), agentstore.Document(3, "Hello world!"))
+        with self.assertRaises(agentstore.StaleRevision):
+            self.a.edit(key, 7, [12])
+        with self.assertRaises(agentstore.InvalidRequest):
+            self.a.edit(key, 3, [2])
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -14,11 +14,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentstore_engine::{PhysicalClock, SystemClock};
+use agentstore_engine::{EngineError, PhysicalClock, SystemClock};
 use agentstore_trust::{Capability, Operation, Right};
 use clap::{Args, Parser, Subcommand};
 use p2p_ai_agents::storage::{
-    self, Config, ConsistencyLevel, NodeClient, Storage, StorageError, Version, WriteReceipt,
+    self, Config, ConsistencyLevel, NodeClient, Storage, StorageError, TextOp, Version,
+    WriteReceipt, op_from_json, op_to_json,
 };
 use serde_json::{Value as Json, json};
 
@@ -102,6 +103,12 @@ struct LevelArg {
     consistency: Option<ConsistencyLevel>,
 }
 
+/// A document edit in its JSON form (see `p2p_ai_agents::storage::op_from_json`).
+fn parse_edit(s: &str) -> Result<TextOp, String> {
+    let json: Json = serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))?;
+    op_from_json(&json)
+}
+
 fn parse_level(s: &str) -> Result<ConsistencyLevel, String> {
     s.parse::<ConsistencyLevel>().map_err(|e| e.to_string())
 }
@@ -152,6 +159,24 @@ enum Command {
         verify: Option<String>,
         #[command(flatten)]
         level: LevelArg,
+    },
+    /// Edit a text document (an ot_text collection) as it was at REVISION (from `document`
+    /// or the last edit): the node transforms the edit past the edits applied since.
+    /// Prints the document's new revision (`--json`: and the edit as applied).
+    Edit {
+        /// The key.
+        key: String,
+        /// The revision the edit was made against (0 for a document never edited).
+        revision: u64,
+        /// The edit as a JSON array over the whole text: `n` keeps n characters, `-n` deletes
+        /// n, a string is inserted. `'["hello"]'` writes an empty document.
+        #[arg(value_parser = parse_edit)]
+        op: TextOp,
+    },
+    /// Read a text document (an ot_text collection): its revision, then its text.
+    Document {
+        /// The key.
+        key: String,
     },
     /// Delete a key.
     Del {
@@ -440,7 +465,9 @@ fn exit_code(err: &StorageError) -> u8 {
         StorageError::Key { .. }
         | StorageError::WrongOperation { .. }
         | StorageError::LevelUnavailable { .. } => exit::USAGE,
-        StorageError::VersionMismatch { .. } | StorageError::Siblings { .. } => exit::CONFLICT,
+        StorageError::VersionMismatch { .. }
+        | StorageError::Siblings { .. }
+        | StorageError::Engine(EngineError::EditRefused { .. }) => exit::CONFLICT,
         _ => exit::FAILURE,
     }
 }
@@ -700,6 +727,33 @@ async fn run(cli: Cli) -> Result<u8, StorageError> {
         Command::Del { key } => {
             let receipt = storage.delete(key).await?;
             print_receipt(&cli, key, &receipt);
+        }
+        Command::Edit { key, revision, op } => {
+            let edited = storage.edit(key, *revision, op).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "key": key,
+                        "revision": edited.revision,
+                        "applied": op_to_json(&edited.applied),
+                        "version": edited.receipt.version.to_string(),
+                    })
+                );
+            } else {
+                println!("revision {}", edited.revision);
+            }
+        }
+        Command::Document { key } => {
+            let document = storage.document(key).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({ "key": key, "revision": document.revision, "text": document.text })
+                );
+            } else {
+                println!("revision {}\n{}", document.revision, document.text);
+            }
         }
         Command::Scan {
             prefix,

@@ -348,3 +348,36 @@ fn completions_are_valid_scripts_that_know_the_commands() {
         assert!(run.stdout.contains("agentstore"), "{shell}");
     }
 }
+
+#[test]
+fn documents_are_edited_against_a_revision_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo_file("examples/documents.yaml");
+    let run = |args: &[&str]| agentstore(dir.path(), &[&["-c", config.as_str()], args].concat());
+    let first = run(&["edit", "pages:plan", "0", "[\"hello\"]"]);
+    assert_eq!(
+        (first.code, first.stdout.as_str()),
+        (0, "revision 1\n"),
+        "{}",
+        first.stderr
+    );
+    // Made against revision 1 by two writers: the second is transformed past the first.
+    assert_eq!(run(&["edit", "pages:plan", "1", "[-1, \"H\", 4]"]).code, 0);
+    let second = run(&["--json", "edit", "pages:plan", "1", "[5, \" world\"]"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let answer: serde_json::Value = serde_json::from_str(&second.stdout).unwrap();
+    assert_eq!(answer["revision"], 3);
+    assert_eq!(answer["applied"], serde_json::json!([5, " world"]));
+    assert_eq!(
+        run(&["document", "pages:plan"]).stdout,
+        "revision 3\nHello world\n"
+    );
+    assert_eq!(run(&["get", "pages:plan"]).stdout, "\"Hello world\"\n");
+    // A revision the document has not reached: a conflict; an edit that is not JSON: usage.
+    let ahead = run(&["edit", "pages:plan", "9", "[11]"]);
+    assert_eq!(ahead.code, 5, "{}", ahead.stderr);
+    assert!(ahead.stderr.contains("revision 9"), "{}", ahead.stderr);
+    assert_eq!(run(&["edit", "pages:plan", "3", "[11, oops]"]).code, 2);
+    // A document is edited, not put.
+    assert_eq!(run(&["put", "pages:plan", "x"]).code, 2);
+}

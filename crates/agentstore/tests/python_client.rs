@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::cluster;
 
-const COLLECTIONS: &str = "  collections:\n    hits:\n      conflict: pn_counter\n    tags:\n      conflict: or_set\n    ledger:\n      consistency: strong\n    chat:\n      consistency: causal\n";
+const COLLECTIONS: &str = "  collections:\n    hits:\n      conflict: pn_counter\n    tags:\n      conflict: or_set\n    ledger:\n      consistency: strong\n    chat:\n      consistency: causal\n    docs:\n      consistency: strong\n      conflict: ot_text\n";
 
 #[test]
 fn the_python_clients_tests_pass_against_a_three_node_cluster() {
@@ -30,7 +30,7 @@ fn the_python_clients_tests_pass_against_a_three_node_cluster() {
         "the Python client's tests failed:\n{report}"
     );
     assert!(
-        report.contains("Ran 9 tests") && report.trim_end().ends_with("OK"),
+        report.contains("Ran 10 tests") && report.trim_end().ends_with("OK"),
         "every test ran:\n{report}"
     );
 }
