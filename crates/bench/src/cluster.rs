@@ -228,12 +228,19 @@ impl Connection {
     }
 
     /// Sends a request and reads the whole answer; panics unless it is 200 (or a GET's 404).
-    pub(crate) async fn call(&mut self, method: &str, path: &str, body: &str) {
-        self.call_with(method, path, body, "").await;
+    /// A request that must succeed (200, or 404 for a read); answers the body.
+    pub(crate) async fn call(&mut self, method: &str, path: &str, body: &str) -> Vec<u8> {
+        self.call_with(method, path, body, "").await
     }
 
     /// [`Connection::call`] with extra header lines (each ending in `\r\n`).
-    pub(crate) async fn call_with(&mut self, method: &str, path: &str, body: &str, headers: &str) {
+    pub(crate) async fn call_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+        headers: &str,
+    ) -> Vec<u8> {
         let session = match &self.session {
             Some(token) if !token.is_empty() => format!("agentstore-session: {token}\r\n"),
             _ => String::new(),
@@ -279,6 +286,7 @@ impl Connection {
             "{method} {path}: {status} {}",
             String::from_utf8_lossy(&body)
         );
+        body
     }
 }
 

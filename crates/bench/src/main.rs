@@ -16,6 +16,7 @@
 
 mod causal;
 mod cluster;
+mod documents;
 mod load;
 mod postgres;
 mod redis;
@@ -57,13 +58,14 @@ fn main() {
         "postgres" => postgres::run(seconds),
         "cluster" => cluster::run(seconds, peers),
         "strong" => strong::run(seconds),
+        "documents" => documents::run(seconds),
         "causal" => causal::run(seconds),
         "trust" => trust::run(seconds),
         "resp" => resp::run(seconds),
         "signatures" => trust::signatures(ops),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, causal, trust, resp, signatures"
+                "unknown benchmark `{other}`; available: local, local-get, redis, postgres, cluster, strong, documents, causal, trust, resp, signatures"
             );
             std::process::exit(2);
         }

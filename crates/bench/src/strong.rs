@@ -118,14 +118,14 @@ fn field(json: &str, name: &str) -> String {
 }
 
 /// `members` reordered to start at `leader`, keeping their cyclic order.
-fn leader_first(members: &[String], leader: usize) -> Vec<String> {
+pub(crate) fn leader_first(members: &[String], leader: usize) -> Vec<String> {
     (0..members.len())
         .map(|i| members[(leader + i) % members.len()].clone())
         .collect()
 }
 
 /// Waits until the agentstore nodes agree on a Raft leader; returns its position.
-fn agentstore_leader(clients: &[String]) -> usize {
+pub(crate) fn agentstore_leader(clients: &[String]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let statuses: Vec<String> = clients
