@@ -9,6 +9,12 @@
 //! lost to a fault is recorded as indeterminate; a refusal that applied nothing leaves the
 //! history. After the faults, every member reads every key (no acknowledged write lost).
 //!
+//! Clients also edit one `ot_text` document: each reads it and inserts a marker of its own
+//! between two markers, against the revision it read, so most edits are transformed past
+//! others. After the faults every member reads the same document, holding every
+//! acknowledged marker once, no refused one, and exactly as many markers as edits applied
+//! (a proposal forwarded or retried through a fault applies once).
+//!
 //! The seed fixes the skews, each client's operations and the nemesis's schedule; thread
 //! timing is not replayed, so a seed reproduces the same load and faults. Run other seeds
 //! with `RAFT_SEEDS=7,8 cargo nextest run -p agentstore-consensus --test linearizable`.
@@ -25,6 +31,7 @@ use agentstore_check::models::{
 };
 use agentstore_check::{Checked, Recorder};
 use agentstore_consensus::{GroupError, MemberId, ReadLevel};
+use agentstore_core::ot::TextOp;
 use agentstore_core::record::{Expect, Mutation, Value};
 use agentstore_core::version::VersionVector;
 use agentstore_engine::{EngineError, Write};
@@ -44,6 +51,25 @@ type Counts = Recorder<String, CounterOp, CounterAnswer>;
 struct Histories {
     registers: Registers,
     counter: Counts,
+    document: std::sync::Mutex<Markers>,
+}
+
+/// The document's markers by what the group answered their edit.
+#[derive(Default)]
+struct Markers {
+    acknowledged: Vec<String>,
+    refused: Vec<String>,
+}
+
+const DOCUMENT: &str = "doc:shared";
+
+/// The document's (revision, text) in `record`.
+fn document(record: &Option<agentstore_core::Record>) -> (u64, String) {
+    match record.as_ref().map(|r| &r.value) {
+        Some(Value::Document(document)) => (document.revision, document.text.clone()),
+        None => (0, String::new()),
+        other => panic!("not a document: {other:?}"),
+    }
 }
 
 /// What the group answered a write, for the history.
@@ -92,6 +118,38 @@ async fn client(
         };
         // A request to a paused member waits in its socket.
         board.until_running(&member, &member).await;
+        if rng.below(8) == 0 {
+            // An edit of the document against the revision read: a marker between markers.
+            let Ok(record) = group.read(&key(DOCUMENT), ReadLevel::Linearizable).await else {
+                continue;
+            };
+            let (revision, text) = document(&record);
+            let boundaries: Vec<usize> = std::iter::once(0)
+                .chain(text.match_indices('>').map(|(at, _)| at + 1))
+                .collect();
+            let at = boundaries[rng.below(boundaries.len() as u64) as usize];
+            written += 1;
+            let marker = format!("<c{n}-{written}>");
+            let op = TextOp::new()
+                .retain(text[..at].chars().count() as u64)
+                .insert(&marker)
+                .retain(text[at..].chars().count() as u64);
+            let edit = Write::new(key(DOCUMENT), Mutation::Edit { base: revision, op });
+            let result = group.write(vec![edit]).await;
+            let mut markers = histories.document.lock().unwrap();
+            match (answer(&result), &result) {
+                (Answer::Applied, _) => {
+                    acknowledged += 1;
+                    markers.acknowledged.push(marker);
+                }
+                (Answer::Refused, _)
+                | (_, Err(GroupError::Refused(EngineError::EditRefused { .. }))) => {
+                    markers.refused.push(marker)
+                }
+                _ => {}
+            }
+            continue;
+        }
         let r = rng.below(REGISTERS.len() as u64) as usize;
         let register = REGISTERS[r].to_string();
         match rng.below(100) {
@@ -264,6 +322,8 @@ async fn nemesis(seed: u64, cluster: &Cluster) -> Vec<&'static str> {
 struct Run {
     registers: Checked,
     counter: Checked,
+    /// Document edits acknowledged, and applied (the document's revision).
+    edits: (usize, u64),
     acknowledged: usize,
     faults: Vec<&'static str>,
 }
@@ -333,9 +393,44 @@ async fn run(seed: u64) -> Run {
             .counter
             .returned(call, CounterAnswer::Total(total(&record)));
     }
+    let mut documents = Vec::new();
+    for name in NAMES {
+        let record = cluster
+            .group(name)
+            .read(&key(DOCUMENT), ReadLevel::Linearizable)
+            .await
+            .unwrap();
+        documents.push(document(&record));
+    }
     for name in NAMES {
         cluster.stop(name).await;
     }
+    let markers = histories.document.lock().unwrap();
+    let (revision, text) = documents[0].clone();
+    assert!(
+        documents.iter().all(|d| *d == documents[0]),
+        "seed {seed}: members read different documents: {documents:?}"
+    );
+    for marker in &markers.acknowledged {
+        assert_eq!(
+            text.matches(marker.as_str()).count(),
+            1,
+            "seed {seed}: acknowledged {marker} not once in {text}"
+        );
+    }
+    for marker in &markers.refused {
+        assert!(
+            !text.contains(marker.as_str()),
+            "seed {seed}: refused {marker} applied: {text}"
+        );
+    }
+    assert_eq!(
+        text.matches('<').count() as u64,
+        revision,
+        "seed {seed}: one marker per applied edit: {text}"
+    );
+    let edits = (markers.acknowledged.len(), revision);
+    drop(markers);
 
     let registers = check_per_key(&Register::new(), &histories.registers.history())
         .unwrap_or_else(|failure| panic!("seed {seed}: not linearizable:\n{failure}"));
@@ -344,6 +439,7 @@ async fn run(seed: u64) -> Run {
     Run {
         registers,
         counter,
+        edits,
         acknowledged,
         faults,
     }
@@ -361,11 +457,13 @@ async fn raft_histories_under_faults_are_linearizable() {
     for seed in seeds {
         let run = run(seed).await;
         println!(
-            "seed {seed}: {} register and {} counter operations ({} and {} indeterminate), {} acknowledged writes; faults: {}",
+            "seed {seed}: {} register and {} counter operations ({} and {} indeterminate), {} document edits acknowledged ({} applied), {} acknowledged writes; faults: {}",
             run.registers.operations,
             run.counter.operations,
             run.registers.indeterminate,
             run.counter.indeterminate,
+            run.edits.0,
+            run.edits.1,
             run.acknowledged,
             run.faults.join(", ")
         );
@@ -375,6 +473,7 @@ async fn raft_histories_under_faults_are_linearizable() {
             "seed {seed}: only {} writes acknowledged",
             run.acknowledged
         );
+        assert!(run.edits.0 >= 5, "seed {seed}: only {} edits", run.edits.0);
         assert_eq!(run.faults.len(), ROUNDS);
     }
 }
