@@ -38,7 +38,7 @@ pub use any::{AnyEngine, DynEngine, EngineFuture};
 pub use batch::{check_fences, check_signatures, decode_stored, prepare_batch};
 pub use clock::{NodeClock, PhysicalClock, SystemClock};
 pub use error::EngineError;
-pub use local::{Committed, DATA_FILE, Hint, LocalEngine};
+pub use local::{Committed, DATA_FILE, Hint, LocalEngine, WeakLocalEngine};
 pub use metrics::{EngineMetrics, Instrumented};
 #[cfg(feature = "postgres")]
 pub use postgres::{Isolation, PostgresEngine, PostgresOptions};

@@ -250,3 +250,38 @@ async fn every_commit_is_reported_in_order_with_the_digests_before_and_after() {
     assert!(!engine.purge_if_unchanged(&k, &second).unwrap());
     assert!(commits.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn a_purge_removes_expired_values_only_and_a_weak_handle_does_not_keep_the_file_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+    let expiring = |at: u64| Mutation::PutExpiring {
+        value: b"beat".to_vec(),
+        expires_at_ms: at,
+    };
+    engine.apply(key("p:old"), expiring(1_000)).await.unwrap();
+    engine.apply(key("p:later"), expiring(5_000)).await.unwrap();
+    engine
+        .apply(key("p:kept"), Mutation::Put(b"v".to_vec()))
+        .await
+        .unwrap();
+    engine.apply(key("p:gone"), Mutation::Delete).await.unwrap();
+
+    assert_eq!(engine.purge_expired(2_000).unwrap(), 1);
+    assert!(engine.get(&key("p:old")).await.unwrap().is_none());
+    for live in ["p:later", "p:kept", "p:gone"] {
+        assert!(engine.get(&key(live)).await.unwrap().is_some(), "{live}");
+    }
+    assert_eq!(engine.purge_expired(2_000).unwrap(), 0);
+
+    let weak = engine.downgrade();
+    assert!(weak.upgrade().is_some());
+    drop(engine);
+    assert!(weak.upgrade().is_none());
+    // The file is free again: the weak handle held nothing.
+    let engine = LocalEngine::open(dir.path(), clock()).unwrap();
+    assert!(
+        engine.get(&key("p:old")).await.unwrap().is_none(),
+        "purged for good"
+    );
+}

@@ -666,6 +666,9 @@ async fn a_value_with_a_time_to_live_reads_as_absent_once_it_expires_and_a_rewri
         s.get::<String>("beat:b").await.unwrap().as_deref(),
         Some("forever")
     );
+    // The embedded store gives an expired value's space back (also every minute by itself).
+    assert_eq!(s.purge_expired().await.unwrap(), 1, "beat:a, and only it");
+    assert_eq!(s.purge_expired().await.unwrap(), 0);
     // Expired, the key takes a compare-and-set against absent, as a missing key does.
     s.compare_and_set("beat:a", "again", None).await.unwrap();
     assert_eq!(

@@ -74,6 +74,26 @@ impl Drop for Shared {
     }
 }
 
+/// A handle that does not keep the engine open: [`WeakLocalEngine::upgrade`] gives the engine
+/// while some [`LocalEngine`] still holds it. For background work that must not outlive it.
+#[derive(Clone)]
+pub struct WeakLocalEngine {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl fmt::Debug for WeakLocalEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakLocalEngine").finish_non_exhaustive()
+    }
+}
+
+impl WeakLocalEngine {
+    /// The engine, if it is still open.
+    pub fn upgrade(&self) -> Option<LocalEngine> {
+        self.shared.upgrade().map(|shared| LocalEngine { shared })
+    }
+}
+
 impl fmt::Debug for LocalEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalEngine")
@@ -172,6 +192,13 @@ impl LocalEngine {
             .get()?
             .begin_read()
             .map_err(EngineError::storage)
+    }
+
+    /// A handle to this engine that does not keep it open.
+    pub fn downgrade(&self) -> WeakLocalEngine {
+        WeakLocalEngine {
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// A write transaction on the file's current handle (outside the writer: hints, purges).
