@@ -36,3 +36,51 @@ async fn make() -> (RedisEngine, Cleanup) {
 }
 
 agentstore_engine::conformance_tests!(make);
+
+/// Redis removes an expired value by itself, and a later write without a time to live keeps
+/// its value for good.
+#[tokio::test]
+async fn redis_drops_an_expired_value_and_a_plain_rewrite_clears_the_expiry() {
+    use agentstore_engine::{Engine, Key, Mutation};
+    let (engine, cleanup) = make().await;
+    let now = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
+    let raw = |key: &str| {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-u",
+                &redis_url(),
+                "PTTL",
+                &format!("{}r:{key}", cleanup.prefix),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let key = |k: &str| k.parse::<Key>().unwrap();
+    for k in ["beat:a", "beat:b"] {
+        engine
+            .apply(
+                key(k),
+                Mutation::PutExpiring {
+                    value: b"alive".to_vec(),
+                    expires_at_ms: now + 300,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let left = raw("beat:a");
+    assert!((1..=300).contains(&left), "PTTL {left}");
+    engine
+        .apply(key("beat:b"), Mutation::Put(b"for good".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(raw("beat:b"), -1, "no expiry any more");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(raw("beat:a"), -2, "the key is gone from Redis");
+    assert!(engine.get(&key("beat:a")).await.unwrap().is_none());
+    assert!(engine.get(&key("beat:b")).await.unwrap().is_some());
+}

@@ -75,7 +75,9 @@ impl RedisOptions {
 
 /// Compare-and-swap of several records at once, fencing, and index maintenance.
 /// KEYS = index, n record keys, m fence keys. ARGV = n, m, then per record the expected bytes
-/// ('' = absent), the new bytes and the index member, then per fence the token.
+/// ('' = absent), the new bytes and the index member, then per fence the token, then per
+/// record its expiry in Unix ms ('' = none): Redis removes an expired value by itself (it
+/// reads as absent from its expiry on anyway), and a write without one clears it (`SET`).
 /// Returns {1, 0} if written, {0, 0} if a record changed since it was read (retry), and
 /// {-1, j, highest} if fence j carries a token older than `highest` (nothing written).
 /// Tokens are compared as Lua numbers, exact below 2^53.
@@ -97,6 +99,8 @@ for i = 1, n do
 end
 for i = 1, n do
   redis.call('SET', KEYS[1 + i], ARGV[2 + n + i])
+  local expires = ARGV[2 + 3 * n + m + i]
+  if expires ~= '' then redis.call('PEXPIREAT', KEYS[1 + i], expires) end
   redis.call('ZADD', KEYS[1], 0, ARGV[2 + 2 * n + i])
 end
 for j = 1, m do
@@ -406,6 +410,12 @@ impl RedisEngine {
         }
         for fence in &fences {
             invocation.arg(fence.token);
+        }
+        for (_, record) in &finals {
+            match record.expires_at_ms {
+                Some(at) => invocation.arg(at),
+                None => invocation.arg(""),
+            };
         }
         let outcome: Vec<i64> = match &self.shared.options.wait {
             None => invocation
