@@ -179,3 +179,51 @@ async fn verify_full_refuses_a_certificate_that_does_not_name_the_host() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn expired_rows_are_deleted_by_a_purge_and_live_ones_stay() {
+    use agentstore_engine::{PhysicalClock, SystemClock, Write};
+    let engine = engine(PostgresOptions::new(postgres_url())).await;
+    let ns = agentstore_engine::conformance::namespace();
+    let key = |k: &str| format!("purge{ns}:{k}").parse::<Key>().unwrap();
+    // Long expired: the time to live ran out in 1970.
+    let expired = || Mutation::PutExpiring {
+        value: b"beat".to_vec(),
+        expires_at_ms: 1_000,
+    };
+    let later = SystemClock.now_ms() + 3_600_000;
+    // One write alone (the optimistic path) and a batch (one serializable transaction).
+    engine.apply(key("one"), expired()).await.unwrap();
+    engine
+        .commit(vec![
+            Write::new(key("two"), expired()),
+            Write::new(
+                key("later"),
+                Mutation::PutExpiring {
+                    value: b"beat".to_vec(),
+                    expires_at_ms: later,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    engine
+        .apply(key("kept"), Mutation::Put(b"v".to_vec()))
+        .await
+        .unwrap();
+    // Rewritten without a time to live: the row no longer expires.
+    engine.apply(key("renewed"), expired()).await.unwrap();
+    engine
+        .apply(key("renewed"), Mutation::Put(b"v".to_vec()))
+        .await
+        .unwrap();
+
+    let purged = engine.purge_expired(SystemClock.now_ms()).await.unwrap();
+    assert!(purged >= 2, "{purged}");
+    for gone in ["one", "two"] {
+        assert!(engine.get(&key(gone)).await.unwrap().is_none(), "{gone}");
+    }
+    for live in ["later", "kept", "renewed"] {
+        assert!(engine.get(&key(live)).await.unwrap().is_some(), "{live}");
+    }
+}

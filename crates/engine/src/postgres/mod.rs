@@ -94,7 +94,21 @@ const MIGRATIONS: &[(i32, &str)] = &[
         4,
         "CREATE TABLE agentstore_txn_staged (txn text PRIMARY KEY, writes bytea NOT NULL)",
     ),
+    // When a record's value expires (Unix ms), so expired rows can be deleted by an index.
+    (
+        5,
+        "ALTER TABLE agentstore_records ADD COLUMN expires_at_ms bigint; \
+         CREATE INDEX agentstore_records_expiry ON agentstore_records (expires_at_ms) \
+         WHERE expires_at_ms IS NOT NULL",
+    ),
 ];
+
+/// The `expires_at_ms` column of `record`.
+fn expiry(record: &Record) -> Option<i64> {
+    record
+        .expires_at_ms
+        .map(|at| i64::try_from(at).unwrap_or(i64::MAX))
+}
 
 /// What a locked-rows transaction does once its rows are locked and checked.
 #[derive(Debug, Clone, Copy)]
@@ -339,6 +353,21 @@ impl PostgresEngine {
         Ok(row.get(0))
     }
 
+    /// Deletes every row whose value expired by `now_ms` (and that no prepared transaction
+    /// holds); returns how many. A row written before the `expires_at_ms` column existed is
+    /// not found by it until it is written again.
+    pub async fn purge_expired(&self, now_ms: u64) -> Result<u64, EngineError> {
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        client
+            .execute_typed(
+                "DELETE FROM agentstore_records WHERE expires_at_ms <= $1 AND txn IS NULL",
+                &[(&now, Type::INT8)],
+            )
+            .await
+            .map_err(pg_error)
+    }
+
     /// The pool's current size and limit.
     pub fn pool_status(&self) -> (usize, usize) {
         let status = self.shared.pool.status();
@@ -377,18 +406,26 @@ impl PostgresEngine {
             std::slice::from_ref(write),
         )?;
         let new = codec::encode(&results[0].1);
+        let expires = expiry(&results[0].1);
         let written = if exists {
             client
                 .execute_typed(
-                    "UPDATE agentstore_records SET record = $2 WHERE key = $1 AND record IS NOT DISTINCT FROM $3 AND txn IS NULL",
-                    &[(&key, Type::BYTEA), (&new, Type::BYTEA), (&old, Type::BYTEA)],
+                    "UPDATE agentstore_records SET record = $2, expires_at_ms = $4 \
+                     WHERE key = $1 AND record IS NOT DISTINCT FROM $3 AND txn IS NULL",
+                    &[
+                        (&key, Type::BYTEA),
+                        (&new, Type::BYTEA),
+                        (&old, Type::BYTEA),
+                        (&expires, Type::INT8),
+                    ],
                 )
                 .await
         } else {
             client
                 .execute_typed(
-                    "INSERT INTO agentstore_records (key, record) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-                    &[(&key, Type::BYTEA), (&new, Type::BYTEA)],
+                    "INSERT INTO agentstore_records (key, record, expires_at_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO NOTHING",
+                    &[(&key, Type::BYTEA), (&new, Type::BYTEA), (&expires, Type::INT8)],
                 )
                 .await
         };
@@ -496,9 +533,11 @@ impl PostgresEngine {
         let finals = batch::final_records(&results);
         let final_keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
         let final_records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
-        let params: [(&(dyn ToSql + Sync), Type); 2] = [
+        let final_expiries: Vec<Option<i64>> = finals.iter().map(|(_, r)| expiry(r)).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
             (&final_keys, Type::BYTEA_ARRAY),
             (&final_records, Type::BYTEA_ARRAY),
+            (&final_expiries, Type::INT8_ARRAY),
         ];
         let staged = match step {
             Step::Prepare(_) => crate::batch_codec::encode_writes(writes),
@@ -508,8 +547,9 @@ impl PostgresEngine {
             match step {
                 Step::Commit => {
                     txn.execute_typed(
-                        "UPDATE agentstore_records SET record = v.record \
-                         FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
+                        "UPDATE agentstore_records SET record = v.record, expires_at_ms = v.expires \
+                         FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) AS v(key, record, expires) \
+                         WHERE agentstore_records.key = v.key",
                         &params,
                     )
                     .await?;
@@ -615,15 +655,25 @@ impl PostgresEngine {
             let finals = batch::final_records(&results);
             let keys: Vec<&[u8]> = finals.iter().map(|(k, _)| k.as_bytes()).collect();
             let records: Vec<Vec<u8>> = finals.iter().map(|(_, r)| codec::encode(r)).collect();
+            let expiries: Vec<Option<i64>> = finals.iter().map(|(_, r)| expiry(r)).collect();
             if let Err(e) = txn
                 .execute_typed(
-                    "UPDATE agentstore_records SET record = v.record \
-                     FROM unnest($1::bytea[], $2::bytea[]) AS v(key, record) WHERE agentstore_records.key = v.key",
-                    &[(&keys, Type::BYTEA_ARRAY), (&records, Type::BYTEA_ARRAY)],
+                    "UPDATE agentstore_records SET record = v.record, expires_at_ms = v.expires \
+                     FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) AS v(key, record, expires) \
+                     WHERE agentstore_records.key = v.key",
+                    &[
+                        (&keys, Type::BYTEA_ARRAY),
+                        (&records, Type::BYTEA_ARRAY),
+                        (&expiries, Type::INT8_ARRAY),
+                    ],
                 )
                 .await
             {
-                return if retryable(&e) { Ok(Err(e)) } else { Err(pg_error(e)) };
+                return if retryable(&e) {
+                    Ok(Err(e))
+                } else {
+                    Err(pg_error(e))
+                };
             }
         }
         match txn.commit().await {

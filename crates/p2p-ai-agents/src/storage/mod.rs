@@ -91,6 +91,10 @@ use prometheus_client::registry::Registry;
 /// Environment variable that overrides the default data directory.
 pub const DATA_DIR_ENV: &str = "AGENTSTORE_DATA_DIR";
 
+/// How often a store removes the values whose time to live has passed from its embedded
+/// engine and from PostgreSQL (see [`Storage::purge_expired`]).
+pub const EXPIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The data directory used when the configuration names none: `$AGENTSTORE_DATA_DIR`, else
 /// `$XDG_DATA_HOME/agentstore`, else `$HOME/.local/share/agentstore`, else `./agentstore-data`.
 pub fn default_data_dir() -> PathBuf {
@@ -414,6 +418,7 @@ impl Storage {
             level: None,
             freshness: Freshness::Latest,
         };
+        storage.sweep_expired_in_background();
         if recover && in_cluster {
             // A cluster's Raft group may not have a leader yet: recover once it has.
             storage.recover_in_background();
@@ -457,23 +462,53 @@ impl Storage {
         out
     }
 
-    /// Removes, now, every value of the embedded engine whose time to live has passed, and
-    /// answers how many (the store also does it every minute by itself). Expired values read
-    /// as absent from the moment they expire; this gives their space back. Nothing to do (0)
-    /// when the `local` collections live in a cluster, which purges them itself.
+    /// Removes, now, every stored value whose time to live has passed, from the embedded
+    /// engine and from PostgreSQL, and answers how many (the store also does it every
+    /// [`EXPIRED_SWEEP`] by itself; Redis expires values itself). Expired values read as
+    /// absent from the moment they expire; this gives their space back. A cluster's `local`
+    /// collections are not touched here: the cluster purges its eventual ones once every
+    /// replica holds them.
     pub async fn purge_expired(&self) -> Result<usize> {
-        let Some(engine) = self.inner.routes.embedded() else {
-            return Ok(0);
-        };
         let now_ms = SystemClock.now_ms();
-        tokio::task::spawn_blocking(move || engine.purge_expired(now_ms))
-            .await
-            .map_err(|e| {
-                StorageError::Engine(EngineError::Internal {
-                    detail: format!("the purge stopped: {e}"),
-                })
-            })?
-            .map_err(StorageError::Engine)
+        let mut purged = 0;
+        if let Some(engine) = self.inner.routes.embedded() {
+            purged += tokio::task::spawn_blocking(move || engine.purge_expired(now_ms))
+                .await
+                .map_err(|e| {
+                    StorageError::Engine(EngineError::Internal {
+                        detail: format!("the purge stopped: {e}"),
+                    })
+                })??;
+        }
+        if let Some(engine) = self.inner.routes.postgres() {
+            purged += engine.purge_expired(now_ms).await? as usize;
+        }
+        Ok(purged)
+    }
+
+    /// Runs [`Storage::purge_expired`] every [`EXPIRED_SWEEP`] until the store is dropped (the
+    /// task holds only a weak handle, so it never keeps files or connections open).
+    fn sweep_expired_in_background(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let first = tokio::time::Instant::now() + EXPIRED_SWEEP;
+            let mut ticks = tokio::time::interval_at(first, EXPIRED_SWEEP);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = inner.upgrade() else { break };
+                let storage = Storage {
+                    inner,
+                    signer: None,
+                    level: None,
+                    freshness: Freshness::Latest,
+                };
+                match storage.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::debug!(purged, "expired values removed"),
+                    Err(err) => tracing::warn!(error = %err, "removing expired values failed"),
+                }
+            }
+        });
     }
 
     /// The engine that serves `collection`: the node's record endpoints use it, so a key has

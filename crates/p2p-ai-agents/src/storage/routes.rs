@@ -109,39 +109,23 @@ impl Routes {
     /// The embedded engine, if this store opened one (no cluster holds its `local`
     /// collections).
     pub(crate) fn embedded(&self) -> Option<LocalEngine> {
-        std::iter::once(&self.default)
-            .chain(self.named.values())
-            .find_map(|route| match route.engine.inner() {
-                AnyEngine::Local(engine) => Some(engine.clone()),
-                _ => None,
-            })
+        self.all().find_map(|route| match route.engine.inner() {
+            AnyEngine::Local(engine) => Some(engine.clone()),
+            _ => None,
+        })
     }
-}
 
-/// How often an embedded store removes the values whose time to live has passed (they read
-/// as absent from the moment they expire; this only gives their space back).
-pub(crate) const EXPIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+    /// The PostgreSQL engine, if a collection uses it.
+    pub(crate) fn postgres(&self) -> Option<PostgresEngine> {
+        self.all().find_map(|route| match route.engine.inner() {
+            AnyEngine::Postgres(engine) => Some(engine.clone()),
+            _ => None,
+        })
+    }
 
-/// Removes expired values from `engine` every [`EXPIRED_SWEEP`] until the store closes it. An
-/// embedded store is the only copy of its values, so an expired one can go at once: nothing
-/// can bring it back.
-fn sweep_expired(engine: &LocalEngine) {
-    let engine = engine.downgrade();
-    tokio::spawn(async move {
-        let start = tokio::time::Instant::now() + EXPIRED_SWEEP;
-        let mut ticks = tokio::time::interval_at(start, EXPIRED_SWEEP);
-        loop {
-            ticks.tick().await;
-            let Some(open) = engine.upgrade() else { break };
-            let now_ms = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
-            match tokio::task::spawn_blocking(move || open.purge_expired(now_ms)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(purged)) => tracing::debug!(purged, "expired values removed"),
-                Ok(Err(err)) => tracing::warn!(error = %err, "removing expired values failed"),
-                Err(_) => break,
-            }
-        }
-    });
+    fn all(&self) -> impl Iterator<Item = &Route> {
+        std::iter::once(&self.default).chain(self.named.values())
+    }
 }
 
 /// Which engine instance a plan needs: Redis collections that must WAIT get their own
@@ -256,7 +240,6 @@ impl Engines<'_> {
             Instance::Local => {
                 let engine = LocalEngine::open(self.data_dir, clock)?;
                 tracing::info!(data_dir = %self.data_dir.display(), "local engine open");
-                sweep_expired(&engine);
                 AnyEngine::Local(engine)
             }
             Instance::Redis { wait } => {
