@@ -290,3 +290,49 @@ fn a_stream_ends_with_an_error_event_when_the_callers_token_expires() {
         "the stream ran until the token's expiry, not before"
     );
 }
+
+#[test]
+fn an_expired_strong_value_is_deleted_through_the_log_and_watchers_see_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), COLLECTIONS);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.client).collect();
+    let b = addrs[1];
+    eventually("the Raft group has a leader", || {
+        let (status, body) =
+            http(b, "PUT", "/v1/keys/ledger:warmup", "0").map_err(|e| e.to_string())?;
+        (status == 200).then_some(()).ok_or(body)
+    });
+    let start = now(b, "ledger");
+    for path in [
+        "/v1/keys/ledger:beat?ttl_ms=1",
+        "/v1/keys/ledger:renewed?ttl_ms=1",
+        "/v1/keys/ledger:renewed",
+    ] {
+        let (status, body) = http(b, "PUT", path, "1").unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (_, before) = collect(b, "ledger", &start, 3);
+    std::thread::sleep(Duration::from_millis(50));
+
+    // Only the leader purges; every node may be asked.
+    let purge = |node| {
+        let (status, body) = http(node, "POST", "/v1/purge", "").unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Json>(&body).unwrap()["purged"]
+            .as_u64()
+            .unwrap()
+    };
+    let purged: u64 = addrs.iter().map(|&node| purge(node)).sum();
+    assert_eq!(
+        purged, 1,
+        "ledger:beat, not the renewed key nor the warm-up"
+    );
+    let (deleted, _) = collect(b, "ledger", &before, 1);
+    assert_eq!(deleted, [("ledger:beat".to_owned(), Json::Null)]);
+    let again: u64 = addrs.iter().map(|&node| purge(node)).sum();
+    assert_eq!(again, 0, "a tombstone is not purged again");
+    let (status, _) = http(b, "GET", "/v1/keys/ledger:beat", "").unwrap();
+    assert_eq!(status, 404);
+    let (status, body) = http(b, "GET", "/v1/keys/ledger:renewed", "").unwrap();
+    assert_eq!(status, 200, "{body}");
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use agentstore_consensus::{
     Group, GroupConfig, GroupError, GroupStatus, MemberId, ReadLevel, Rpc, RpcError, RpcFuture,
 };
+use agentstore_core::record::{Expect, Mutation};
 use agentstore_core::replication::Message;
 use agentstore_core::signing::Signatures;
 use agentstore_core::{Key, NodeId, Record};
@@ -303,6 +304,44 @@ impl StrongEngine {
     /// full disk); `Ok` again once a write succeeds: the member starts again by itself.
     pub fn health(&self) -> Result<(), String> {
         self.group.health().map_err(|e| e.to_string())
+    }
+
+    /// Replaces, through the log, every value of the strong collections that expired by
+    /// `now_ms` with a tombstone, and answers how many; only the leader does it (elsewhere:
+    /// 0). Each delete is conditional on the expired record's version, so a key written again
+    /// since keeps its new value; the value's space is given back, its key stays as the
+    /// tombstone every strong delete leaves, and watchers see the delete.
+    pub async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+        if self.group.status().state != "leader" {
+            return Ok(0);
+        }
+        let mut purged = 0;
+        let mut after: Option<Key> = None;
+        loop {
+            // The leader's own copy: the conditional delete through the log decides.
+            let page = self
+                .group
+                .scan(b"", after.as_ref(), 1000, ReadLevel::Stale)
+                .await
+                .map_err(group_error)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(purged);
+            };
+            after = Some(last.clone());
+            for (key, record) in page {
+                if record.is_tombstone() || !record.expired(now_ms) {
+                    continue;
+                }
+                let delete =
+                    Write::expecting(key, Mutation::Delete, Expect::Version(record.version));
+                match self.group.write(vec![delete]).await {
+                    Ok(_) => purged += 1,
+                    // Written again (or deleted) since: nothing to purge.
+                    Err(GroupError::Refused(EngineError::ExpectationFailed { .. })) => {}
+                    Err(err) => return Err(group_error(err)),
+                }
+            }
+        }
     }
 
     /// The Raft metrics in the OpenMetrics text format.

@@ -10,7 +10,7 @@
 //! | `GET` a key, a record, a scan, a watch or the changes of a prefix | `read` on a prefix of the key (or of the prefix) |
 //! | `PUT`/`DELETE`/`POST` on a key (values, counters, sets, documents, locks, records) | `write` on it |
 //! | `POST /v1/transactions`, `POST /v1/records` (batches) | `write` on every key written |
-//! | Raft membership, `leave`, `repair`, `backup` | `admin` on the empty prefix (the whole cluster) |
+//! | Raft membership, `leave`, `repair`, `backup`, `purge` | `admin` on the empty prefix (the whole cluster) |
 //! | `status`, `metrics` | any valid token |
 
 use std::collections::HashMap;
@@ -185,9 +185,8 @@ fn needs(
                 .unwrap_or_default();
             Some((Operation::Read, prefix))
         }
-        "/v1/raft/learners" | "/v1/raft/voters" | "/v1/leave" | "/v1/repair" | "/v1/backup" => {
-            Some((Operation::Admin, String::new()))
-        }
+        "/v1/raft/learners" | "/v1/raft/voters" | "/v1/leave" | "/v1/repair" | "/v1/backup"
+        | "/v1/purge" => Some((Operation::Admin, String::new())),
         _ => None,
     }
 }
