@@ -100,6 +100,8 @@ fn node_settings(id: NodeId, settings: &Settings) -> node_state::Settings {
 pub enum Op {
     /// Write a unique value to a register key.
     Put(Key, Vec<u8>),
+    /// Write a unique value to a register key that expires at the given time (ms).
+    PutExpiring(Key, Vec<u8>, u64),
     /// Delete a register key.
     Delete(Key),
     /// Add 1 to a counter key.
@@ -111,7 +113,11 @@ pub enum Op {
 impl Op {
     fn key(&self) -> &Key {
         match self {
-            Op::Put(key, _) | Op::Delete(key) | Op::Increment(key) | Op::Read(key) => key,
+            Op::Put(key, _)
+            | Op::PutExpiring(key, _, _)
+            | Op::Delete(key)
+            | Op::Increment(key)
+            | Op::Read(key) => key,
         }
     }
 }
@@ -699,7 +705,13 @@ impl Sim {
         let register: Key = format!("reg:{which}").parse().expect("key");
         let counter: Key = format!("ctr:{which}").parse().expect("key");
         let op = match self.rng.below(7) {
-            0 | 1 => Op::Put(register, format!("v{}", self.calls.len()).into_bytes()),
+            0 => Op::Put(register, format!("v{}", self.calls.len()).into_bytes()),
+            // A heartbeat: it expires 0.3 to 1.5 s from now (while the faults go on).
+            1 => Op::PutExpiring(
+                register,
+                format!("v{}", self.calls.len()).into_bytes(),
+                self.now_ms + 300 + self.rng.below(1200),
+            ),
             2 => Op::Delete(register),
             3 | 4 => Op::Increment(counter),
             _ => Op::Read(if self.rng.chance(50) {
@@ -712,6 +724,13 @@ impl Sim {
             Op::Put(key, value) => NodeCall::Write {
                 key,
                 mutation: Mutation::Put(value),
+            },
+            Op::PutExpiring(key, value, expires_at_ms) => NodeCall::Write {
+                key,
+                mutation: Mutation::PutExpiring {
+                    value,
+                    expires_at_ms,
+                },
             },
             Op::Delete(key) => NodeCall::Write {
                 key,
@@ -921,10 +940,11 @@ pub fn run(seed: u64, settings: Settings) -> Report {
         }
     }
     // Faults stop; the nodes' own hints, handoffs, anti-entropy rounds and collections settle
-    // everything, past the tombstone grace period.
+    // everything, past the tombstone grace period, for values that expire up to 1.5 s after
+    // the last operation too.
     let settled = sim.now_ms;
     sim.stop_faults();
-    for _ in 0..5_000 {
+    for _ in 0..8_000 {
         sim.tick();
     }
     // One scan through a member must list every key the members hold.
@@ -979,11 +999,14 @@ pub struct Observations {
     pub indeterminate: usize,
     /// Tombstones collected (keys deleted and gone from every replica).
     pub collected: usize,
+    /// Keys whose last write expired and that are gone from every replica.
+    pub expired_collected: usize,
 }
 
 /// Checks a run: no state machine broke an invariant; replicas converge and only replicas
 /// hold a key; no acknowledged write is lost (except LWW supersession, counted) and no deleted
-/// value comes back; counters are exact; tombstones past the grace period are collected; a
+/// or expired value comes back; counters are exact; tombstones and expired values past the
+/// grace period are collected; a
 /// scan lists every key; and, when W + R > N, a read sees every write acknowledged before it
 /// was issued.
 pub fn check(report: &Report) -> Result<Observations, Violation> {
@@ -1021,30 +1044,55 @@ pub fn check(report: &Report) -> Result<Observations, Violation> {
     let (settled, end) = report.settled_ms;
     let grace = node_settings(report.members[0].clone(), &report.settings).tombstone_grace_ms;
     for (key, record) in &first {
-        // Stamps are physical time, skewed by up to the largest skew.
-        let old = record.stamp.wall_ms + grace + report.settings.max_skew_ms + 1_000 < end;
-        if record.is_tombstone() && old && record.stamp.wall_ms < settled {
+        // A tombstone, or a value that expired: dead since then. Stamps and expiries are
+        // physical time, skewed by up to the largest skew.
+        let Some(dead) = record.dead_since_ms() else {
+            continue;
+        };
+        let old = dead + grace + report.settings.max_skew_ms + 1_000 < end;
+        if old && dead < settled {
             return fail(format!(
-                "the tombstone of {key} is past its grace period yet every replica still holds it"
+                "{key} is dead (a tombstone or an expired value) past its grace period yet every \
+                 replica still holds it"
             ));
         }
     }
+    // What removes a value: a delete, or a write that expires (once it has, and is collected).
     let deletes: Vec<&Applied> = report
         .applied
         .iter()
-        .filter(|a| matches!(a.mutation, Mutation::Delete))
+        .filter(|a| matches!(a.mutation, Mutation::Delete | Mutation::PutExpiring { .. }))
         .collect();
     observations.collected = deletes
         .iter()
+        .filter(|d| matches!(d.mutation, Mutation::Delete))
         .map(|d| &d.key)
         .collect::<BTreeSet<_>>()
         .iter()
         .filter(|k| !first.contains_key(**k))
         .count();
+    // The last write of each key, by stamp: an expiring one that is gone everywhere was
+    // collected.
+    let mut last: BTreeMap<&Key, &Applied> = BTreeMap::new();
+    for applied in &report.applied {
+        let newer = last
+            .get(&applied.key)
+            .is_none_or(|seen| applied.record.stamp > seen.record.stamp);
+        if newer {
+            last.insert(&applied.key, applied);
+        }
+    }
+    observations.expired_collected = last
+        .values()
+        .filter(|a| {
+            matches!(a.mutation, Mutation::PutExpiring { .. }) && !first.contains_key(&a.key)
+        })
+        .count();
     // No value outlives a delete that was applied after it: the tombstone wins everywhere,
     // and collecting it must not bring the value back.
     for (key, record) in &first {
         if let Value::Register(Some(_)) = record.value
+            && !record.expired(end)
             && let Some(delete) = deletes
                 .iter()
                 .find(|d| d.key == *key && d.record.stamp > record.stamp)
@@ -1067,7 +1115,10 @@ pub fn check(report: &Report) -> Result<Observations, Violation> {
             (Op::Increment(key), Some(Outcome::Written { .. })) => {
                 *acked_increments.entry(key).or_default() += 1
             }
-            (Op::Put(key, value), Some(Outcome::Written { record })) => {
+            (
+                Op::Put(key, value) | Op::PutExpiring(key, value, _),
+                Some(Outcome::Written { record }),
+            ) => {
                 match first.get(key) {
                     Some(stored) if stored.value == Value::Register(Some(value.clone())) => {}
                     Some(stored) if stored.stamp > record.stamp => {
@@ -1092,6 +1143,8 @@ pub fn check(report: &Report) -> Result<Observations, Violation> {
                         // Deleted later, and the tombstone collected.
                         observations.overwritten += 1
                     }
+                    // It expired, and was collected.
+                    None if record.expires_at_ms.is_some() => observations.overwritten += 1,
                     _ => {
                         return fail(format!(
                             "acknowledged write {value:?} to {key} is lost, and nothing newer \
