@@ -64,6 +64,14 @@ EditOp = List[Union[int, str]]
 
 
 @dataclass(frozen=True)
+class DocumentEdits:
+    """The edits applied to a document since a revision, as applied, and its revision now."""
+
+    revision: int
+    edits: List[EditOp]
+
+
+@dataclass(frozen=True)
 class Edited:
     """An applied edit: the document's new revision and the edit as applied (transformed past
     the edits made since the revision it was made against)."""
@@ -266,6 +274,15 @@ class Client:
         """An ``ot_text`` document (revision 0 and no text when it was never edited)."""
         reading = self._read_key(key, consistency, False) or {}
         return Document(int(reading.get("revision", 0)), str(reading.get("value") or ""))
+
+    def edits_since(self, key: str, since: int) -> DocumentEdits:
+        """The edits applied to an ``ot_text`` document since revision ``since``: applied in
+        order to the text at that revision, they give the current text. Raises
+        :class:`StaleRevision` when ``since`` is ahead or older than the edits kept (read the
+        whole document then)."""
+        path = _key_path("documents", key) + _query(since=since)
+        answer = self._call("GET", path, None, write=False)
+        return DocumentEdits(int(answer["revision"]), [list(e) for e in answer["edits"]])
 
     def edit(
         self, key: str, revision: int, op: EditOp, consistency: Optional[Consistency] = None

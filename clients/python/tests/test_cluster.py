@@ -157,6 +157,10 @@ class AgainstACluster(unittest.TestCase):
         self.assertEqual(second.revision, 3)
         self.assertEqual(second.applied, [11, "!"])
         self.assertEqual(self.c.document(key), agentstore.Document(3, "Hello world!"))
+        # A reader that held revision 1 catches up by the edits since.
+        caught = self.c.edits_since(key, 1)
+        self.assertEqual(caught.revision, 3)
+        self.assertEqual(caught.edits, [["H", -1, 10], [11, "!"]])
         with self.assertRaises(agentstore.StaleRevision):
             self.a.edit(key, 7, [12])
         with self.assertRaises(agentstore.InvalidRequest):

@@ -143,6 +143,31 @@ fn concurrent_editors_on_three_nodes_converge_without_losing_an_edit() {
         .try_fold(String::new(), |doc, (_, op)| op.apply(&doc))
         .unwrap();
     assert_eq!(replayed, text);
+    // A reader that held the first revision catches up by the edits since, over HTTP.
+    let (status, body) =
+        http(addrs[2], "GET", &format!("/v1/documents/{KEY}?since=1"), "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let caught: Json = serde_json::from_str(&body).unwrap();
+    assert_eq!(caught["revision"].as_u64(), Some(revision));
+    let caught_up = caught["edits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op_from_json(op).unwrap())
+        .try_fold(".".repeat(DOTS), |doc, op| op.apply(&doc))
+        .unwrap();
+    assert_eq!(caught_up, text);
+    let (status, body) = http(
+        addrs[2],
+        "GET",
+        &format!("/v1/documents/{KEY}?since=999"),
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        status, 409,
+        "a revision the document has not reached: {body}"
+    );
     // Every marker once, each editor's in the order it wrote them; only dots were deleted.
     let mut rest = text.clone();
     for editor in 0..addrs.len() {

@@ -367,6 +367,26 @@ impl Document {
         self.revision - self.recent.len() as u64
     }
 
+    /// The edits, as applied, that turn the document at revision `since` into this one: what
+    /// a reader holding that revision applies to catch up. Refused when `since` is ahead of
+    /// the document or older than the edits it keeps (read the whole document then).
+    pub fn edits_since(&self, since: u64) -> Result<&[TextOp], EditRefused> {
+        if since > self.revision {
+            return Err(EditRefused::Ahead {
+                base: since,
+                revision: self.revision,
+            });
+        }
+        let oldest = self.oldest_base();
+        if since < oldest {
+            return Err(EditRefused::TooOld {
+                base: since,
+                oldest,
+            });
+        }
+        Ok(&self.recent[(since - oldest) as usize..])
+    }
+
     /// Applies `op`, made against revision `base`, after transforming it past every edit
     /// applied since; returns the edit as applied (what a reader at the previous revision
     /// applies to catch up).
@@ -480,6 +500,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_catches_up_by_the_edits_since_its_revision() {
+        let mut doc = Document::default();
+        doc.edit(0, &TextOp::new().insert("ab")).unwrap();
+        let held = doc.text.clone();
+        doc.edit(1, &TextOp::new().retain(2).insert("c")).unwrap();
+        doc.edit(1, &TextOp::new().insert("z").retain(2)).unwrap();
+        let caught_up = doc
+            .edits_since(1)
+            .unwrap()
+            .iter()
+            .try_fold(held, |text, op| op.apply(&text))
+            .unwrap();
+        assert_eq!(caught_up, doc.text);
+        assert!(doc.edits_since(3).unwrap().is_empty());
+        assert!(matches!(doc.edits_since(4), Err(EditRefused::Ahead { .. })));
+    }
+
+    #[test]
     fn only_recent_revisions_can_be_edited_against() {
         let mut doc = Document::default();
         for i in 0..(RECENT_EDITS as u64 + 5) {
@@ -489,6 +527,10 @@ mod tests {
         assert_eq!(doc.oldest_base(), 5);
         assert_eq!(
             doc.edit(4, &TextOp::new().retain(4)),
+            Err(EditRefused::TooOld { base: 4, oldest: 5 })
+        );
+        assert_eq!(
+            doc.edits_since(4),
             Err(EditRefused::TooOld { base: 4, oldest: 5 })
         );
         doc.edit(5, &TextOp::new().insert("y").retain(5)).unwrap();

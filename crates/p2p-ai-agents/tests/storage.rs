@@ -747,6 +747,15 @@ async fn documents_take_concurrent_edits_against_one_revision_and_refuse_stale_o
         s.get::<String>("docs:plan").await.unwrap().as_deref(),
         Some("Steps: read, plan")
     );
+    // A reader that held revision 1 catches up by the edits since.
+    let caught = s.edits_since("docs:plan", 1).await.unwrap();
+    assert_eq!(caught.revision, 3);
+    let text = caught
+        .edits
+        .iter()
+        .try_fold("steps: read".to_owned(), |text, op| op.apply(&text))
+        .unwrap();
+    assert_eq!(text, "Steps: read, plan");
 
     // An edit against a revision the document has not reached, or that does not fit.
     let ahead = s.edit("docs:plan", 9, &TextOp::new().retain(17)).await;

@@ -9,7 +9,8 @@ use agentstore_core::record::{Mutation, Record, Value};
 use agentstore_engine::Engine as _;
 use serde_json::Value as Json;
 
-use super::{Call, Result, Storage, WriteReceipt, traced};
+use super::{Call, Result, Storage, StorageError, WriteReceipt, traced};
+use agentstore_engine::EngineError;
 
 /// A document as read: its text and how many edits made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,15 @@ pub struct Edited {
     pub applied: TextOp,
     /// The write's receipt (version, asked and delivered level).
     pub receipt: WriteReceipt,
+}
+
+/// The edits that bring a reader from one revision of a document to its current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentEdits {
+    /// The document's current revision.
+    pub revision: u64,
+    /// The edits applied since the revision asked for, in order, as applied.
+    pub edits: Vec<TextOp>,
 }
 
 fn state(record: Option<&Record>) -> DocumentState {
@@ -89,6 +99,35 @@ impl Storage {
                 return Err(Self::wrong(&call, "document", document_hint(&call)));
             }
             Ok(state(self.read_record(&call).await?.as_ref()))
+        })
+        .await
+    }
+
+    /// The edits applied to a document since revision `since`, as applied: a reader holding
+    /// the text at `since` applies them in order to hold the current text. Refused
+    /// (`EditRefused`) when `since` is ahead of the document or older than the edits it keeps;
+    /// read the whole document then.
+    pub async fn edits_since(&self, key: &str, since: u64) -> Result<DocumentEdits> {
+        traced("edits_since", key, async move {
+            let call = self.call(key, None)?;
+            if call.plan.conflict != ConflictStrategy::Document {
+                return Err(Self::wrong(&call, "edits_since", document_hint(&call)));
+            }
+            let record = self.read_record(&call).await?;
+            let document = match record.map(|r| r.value) {
+                Some(Value::Document(document)) => document,
+                _ => Default::default(),
+            };
+            let edits = document.edits_since(since).map_err(|source| {
+                StorageError::Engine(EngineError::EditRefused {
+                    key: call.key.clone(),
+                    source,
+                })
+            })?;
+            Ok(DocumentEdits {
+                revision: document.revision,
+                edits: edits.to_vec(),
+            })
         })
         .await
     }

@@ -71,7 +71,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-pub use self::documents::{DocumentState, Edited, op_from_json, op_to_json};
+pub use self::documents::{DocumentEdits, DocumentState, Edited, op_from_json, op_to_json};
 pub use self::error::{Result, StorageError};
 pub use self::lease::Lease;
 pub use self::remote::NodeClient;

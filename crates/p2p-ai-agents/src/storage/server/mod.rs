@@ -623,6 +623,39 @@ async fn edit_document(
     .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentQuery {
+    since: Option<u64>,
+    consistency: Option<agentstore_core::ConsistencyLevel>,
+}
+
+/// `GET /v1/documents/{key}`: the text and revision, or with `?since=N` the edits applied
+/// since revision N (see `Storage::edits_since`).
+async fn read_document(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    query: Result<Query<DocumentQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(query) = query.map_err(|e| invalid_query(&e.body_text()))?;
+    let storage = match query.consistency {
+        Some(level) => api.storage.at_level(level),
+        None => api.storage.clone(),
+    };
+    let body = match query.since {
+        None => {
+            let document = storage.document(&key).await?;
+            json!({ "key": key, "revision": document.revision, "text": document.text })
+        }
+        Some(since) => {
+            let caught = storage.edits_since(&key, since).await?;
+            let edits: Vec<Json> = caught.edits.iter().map(super::op_to_json).collect();
+            json!({ "key": key, "revision": caught.revision, "edits": edits })
+        }
+    };
+    Ok(axum::Json(body).into_response())
+}
+
 async fn change_set(
     State(api): State<Api>,
     Path(key): Path<String>,
@@ -1285,7 +1318,10 @@ fn routes() -> Vec<(&'static str, MethodRouter<Api>)> {
         ),
         ("/v1/counters/{key}", post(add_counter)),
         ("/v1/sets/{key}", post(change_set)),
-        ("/v1/documents/{key}", post(edit_document)),
+        (
+            "/v1/documents/{key}",
+            get(read_document).post(edit_document),
+        ),
         ("/v1/scan/{prefix}", get(scan)),
         ("/v1/watch/{prefix}", get(watch::watch)),
         ("/v1/changes/{prefix}", get(watch::changes)),
