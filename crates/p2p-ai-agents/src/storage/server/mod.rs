@@ -637,7 +637,7 @@ async fn read_document(
     Path(key): Path<String>,
     query: Result<Query<DocumentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
-    let Query(query) = query.map_err(|e| invalid_query(&e.body_text()))?;
+    let Query(query) = query.map_err(|e| invalid_query(e.body_text()))?;
     let storage = match query.consistency {
         Some(level) => api.storage.at_level(level),
         None => api.storage.clone(),
