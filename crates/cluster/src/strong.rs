@@ -306,12 +306,20 @@ impl StrongEngine {
         self.group.health().map_err(|e| e.to_string())
     }
 
-    /// Replaces, through the log, every value of the strong collections that expired by
+    /// The Raft metrics in the OpenMetrics text format.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.observe(&self.group.status());
+        crate::metrics::text(&self.metrics.registry)
+    }
+}
+
+impl StrongEngine {
+    /// `purge_expired`: replaces, through the log, every value of the strong collections that expired by
     /// `now_ms` with a tombstone, and answers how many; only the leader does it (elsewhere:
     /// 0). Each delete is conditional on the expired record's version, so a key written again
     /// since keeps its new value; the value's space is given back, its key stays as the
     /// tombstone every strong delete leaves, and watchers see the delete.
-    pub async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+    async fn delete_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
         if self.group.status().state != "leader" {
             return Ok(0);
         }
@@ -344,14 +352,6 @@ impl StrongEngine {
         }
     }
 
-    /// The Raft metrics in the OpenMetrics text format.
-    pub fn metrics_text(&self) -> String {
-        self.metrics.observe(&self.group.status());
-        crate::metrics::text(&self.metrics.registry)
-    }
-}
-
-impl StrongEngine {
     fn read<'a>(&'a self, key: &'a Key, level: ReadLevel) -> EngineFuture<'a, Option<Record>> {
         Box::pin(async move { self.group.read(key, level).await.map_err(group_error) })
     }
@@ -360,6 +360,10 @@ impl StrongEngine {
 impl DynEngine for StrongEngine {
     fn backend(&self) -> &'static str {
         "raft"
+    }
+
+    fn purge_expired(&self, now_ms: u64) -> EngineFuture<'_, usize> {
+        Box::pin(self.delete_expired(now_ms))
     }
 
     fn get<'a>(&'a self, key: &'a Key) -> EngineFuture<'a, Option<Record>> {

@@ -56,6 +56,11 @@ pub trait DynEngine: std::fmt::Debug + Send + Sync + 'static {
         let _ = (prefix, after, limit, wait);
         Box::pin(async { Err(crate::no_change_feed()) })
     }
+    /// See [`Engine::purge_expired`].
+    fn purge_expired(&self, now_ms: u64) -> EngineFuture<'_, usize> {
+        let _ = now_ms;
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// An engine of any kind this build has.
@@ -139,5 +144,9 @@ impl Engine for AnyEngine {
         wait: Duration,
     ) -> Result<ChangePage, EngineError> {
         dispatch!(self, engine => engine.changes(prefix, after, limit, wait).await)
+    }
+
+    async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+        dispatch!(self, engine => engine.purge_expired(now_ms).await)
     }
 }

@@ -221,6 +221,20 @@ pub trait Engine: Send + Sync + 'static {
         let _ = (prefix, after, limit, wait);
         async { Err(no_change_feed()) }
     }
+
+    /// Removes the stored values that expired by `now_ms`, where this engine alone decides
+    /// what it holds, and answers how many. Reads hide an expired value from the moment it
+    /// expires whatever the engine; this gives its space back. Engines whose records other
+    /// replicas hold too (a cluster's leaderless and causal engines, which collect expired
+    /// values as tombstones, or not yet), that expire values themselves (Redis) or that reach a
+    /// node (a client) remove nothing here: 0.
+    fn purge_expired(
+        &self,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<usize, EngineError>> + Send {
+        let _ = now_ms;
+        async { Ok(0) }
+    }
 }
 
 /// Locks `mutex`, taking over one a panicking holder left poisoned: every mutex agentstore

@@ -208,4 +208,12 @@ impl<E: Engine> Engine for Instrumented<E> {
         }
         result
     }
+
+    async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+        let result = self.inner.purge_expired(now_ms).await;
+        if let Err(err) = &result {
+            self.metrics.failed(self.backend, "purge_expired", err);
+        }
+        result
+    }
 }

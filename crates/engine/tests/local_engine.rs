@@ -267,12 +267,12 @@ async fn a_purge_removes_expired_values_only_and_a_weak_handle_does_not_keep_the
         .unwrap();
     engine.apply(key("p:gone"), Mutation::Delete).await.unwrap();
 
-    assert_eq!(engine.purge_expired(2_000).unwrap(), 1);
+    assert_eq!(engine.purge_expired(2_000).await.unwrap(), 1);
     assert!(engine.get(&key("p:old")).await.unwrap().is_none());
     for live in ["p:later", "p:kept", "p:gone"] {
         assert!(engine.get(&key(live)).await.unwrap().is_some(), "{live}");
     }
-    assert_eq!(engine.purge_expired(2_000).unwrap(), 0);
+    assert_eq!(engine.purge_expired(2_000).await.unwrap(), 0);
 
     let weak = engine.downgrade();
     assert!(weak.upgrade().is_some());

@@ -307,6 +307,15 @@ impl Engine for LocalEngine {
         crate::two_phase::scan_records(&table, prefix, start_after, limit)
     }
 
+    async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.remove_expired(now_ms))
+            .await
+            .map_err(|e| EngineError::Internal {
+                detail: format!("the purge of expired values stopped: {e}"),
+            })?
+    }
+
     async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Record>, EngineError> {
         let queue = self.shared.queue.as_ref().ok_or(EngineError::Closed)?;
         // A lone writer commits on its own thread: handing the batch to the writer thread and

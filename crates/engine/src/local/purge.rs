@@ -12,11 +12,11 @@ use crate::error::EngineError;
 use crate::{Key, Record};
 
 impl LocalEngine {
-    /// Removes every value that expired by `now_ms`, in one transaction; returns how many.
-    /// Only for a store no other replica holds (an embedded store): a cluster purges an
-    /// expired value only once every replica holds it, as it does a tombstone. Blocks the
-    /// calling thread: call it from a blocking context.
-    pub fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+    /// Removes every value that expired by `now_ms`, in one transaction; returns how many
+    /// (`Engine::purge_expired`, on the blocking pool). Only for a store no other replica
+    /// holds (an embedded store): a cluster wraps this engine and purges an expired value only
+    /// once every replica holds it, as it does a tombstone.
+    pub(super) fn remove_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
         let txn = self.write_txn()?;
         let mut gathered = Gathered::default();
         let mut expired = Vec::new();

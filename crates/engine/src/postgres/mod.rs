@@ -353,21 +353,6 @@ impl PostgresEngine {
         Ok(row.get(0))
     }
 
-    /// Deletes every row whose value expired by `now_ms` (and that no prepared transaction
-    /// holds); returns how many. A row written before the `expires_at_ms` column existed is
-    /// not found by it until it is written again.
-    pub async fn purge_expired(&self, now_ms: u64) -> Result<u64, EngineError> {
-        let client = self.shared.pool.get().await.map_err(pool_error)?;
-        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-        client
-            .execute_typed(
-                "DELETE FROM agentstore_records WHERE expires_at_ms <= $1 AND txn IS NULL",
-                &[(&now, Type::INT8)],
-            )
-            .await
-            .map_err(pg_error)
-    }
-
     /// The pool's current size and limit.
     pub fn pool_status(&self) -> (usize, usize) {
         let status = self.shared.pool.status();
@@ -754,6 +739,22 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Engine for PostgresEngine {
+    /// Deletes every row whose value expired by `now_ms` (and that no prepared transaction
+    /// holds); returns how many. A row written before the `expires_at_ms` column existed is
+    /// not found by it until it is written again.
+    async fn purge_expired(&self, now_ms: u64) -> Result<usize, EngineError> {
+        let client = self.shared.pool.get().await.map_err(pool_error)?;
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        client
+            .execute_typed(
+                "DELETE FROM agentstore_records WHERE expires_at_ms <= $1 AND txn IS NULL",
+                &[(&now, Type::INT8)],
+            )
+            .await
+            .map(|deleted| deleted as usize)
+            .map_err(pg_error)
+    }
+
     async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
         let client = self.shared.pool.get().await.map_err(pool_error)?;
         let row = client

@@ -4,7 +4,7 @@
 //! strong, so one writer (the key's Raft group, or one ACID engine) orders every edit.
 
 use agentstore_core::config::ConflictStrategy;
-use agentstore_core::ot::{Component, TextOp};
+use agentstore_core::ot::{Component, Document, TextOp};
 use agentstore_core::record::{Mutation, Record, Value};
 use agentstore_engine::Engine as _;
 use serde_json::Value as Json;
@@ -42,27 +42,29 @@ pub struct DocumentEdits {
     pub edits: Vec<TextOp>,
 }
 
-fn state(record: Option<&Record>) -> DocumentState {
-    match record.map(|r| &r.value) {
-        Some(Value::Document(document)) => DocumentState {
-            revision: document.revision,
-            text: document.text.clone(),
-        },
-        _ => DocumentState {
-            revision: 0,
-            text: String::new(),
-        },
+/// The document a record holds (the empty document at revision 0 when there is none).
+fn document_of(record: Option<Record>) -> Document {
+    match record.map(|r| r.value) {
+        Some(Value::Document(document)) => document,
+        _ => Document::default(),
     }
 }
 
-fn document_hint(call: &Call<'_>) -> String {
-    format!(
-        "set `storage.collections.{}.conflict: ot_text` (with consistency: strong) to edit documents",
-        call.key.collection()
-    )
-}
-
 impl Storage {
+    /// The call of `operation` on `key`, refused unless its collection holds documents.
+    fn document_call<'s>(&'s self, key: &str, operation: &'static str) -> Result<Call<'s>> {
+        let call = self.call(key, None)?;
+        if call.plan.conflict != ConflictStrategy::Document {
+            let hint = format!(
+                "set `storage.collections.{}.conflict: ot_text` (with consistency: strong) to \
+                 edit documents",
+                call.key.collection()
+            );
+            return Err(Self::wrong(&call, operation, hint));
+        }
+        Ok(call)
+    }
+
     /// Applies `op`, an edit of the document as it was at `revision`, after transforming it
     /// past the edits applied since (an `ot_text` collection). Refused, and nothing written,
     /// when `revision` is ahead of the document or older than the edits it keeps
@@ -70,22 +72,18 @@ impl Storage {
     /// does not span the document at `revision`.
     pub async fn edit(&self, key: &str, revision: u64, op: &TextOp) -> Result<Edited> {
         traced("edit", key, async move {
-            let call = self.call(key, None)?;
-            if call.plan.conflict != ConflictStrategy::Document {
-                return Err(Self::wrong(&call, "edit", document_hint(&call)));
-            }
+            let call = self.document_call(key, "edit")?;
             let mutation = Mutation::Edit {
                 base: revision,
                 op: op.clone(),
             };
             let record = call.engine.apply(call.key.clone(), mutation).await?;
-            let Value::Document(document) = &record.value else {
-                return Err(Self::wrong(&call, "edit", document_hint(&call)));
-            };
+            let receipt = Self::receipt(&call, &record);
+            let document = document_of(Some(record));
             Ok(Edited {
                 revision: document.revision,
                 applied: document.recent.last().cloned().unwrap_or_default(),
-                receipt: Self::receipt(&call, &record),
+                receipt,
             })
         })
         .await
@@ -94,11 +92,12 @@ impl Storage {
     /// A document's text and revision (revision 0 and no text when it was never edited).
     pub async fn document(&self, key: &str) -> Result<DocumentState> {
         traced("document", key, async move {
-            let call = self.call(key, None)?;
-            if call.plan.conflict != ConflictStrategy::Document {
-                return Err(Self::wrong(&call, "document", document_hint(&call)));
-            }
-            Ok(state(self.read_record(&call).await?.as_ref()))
+            let call = self.document_call(key, "document")?;
+            let document = document_of(self.read_record(&call).await?);
+            Ok(DocumentState {
+                revision: document.revision,
+                text: document.text,
+            })
         })
         .await
     }
@@ -109,15 +108,8 @@ impl Storage {
     /// read the whole document then.
     pub async fn edits_since(&self, key: &str, since: u64) -> Result<DocumentEdits> {
         traced("edits_since", key, async move {
-            let call = self.call(key, None)?;
-            if call.plan.conflict != ConflictStrategy::Document {
-                return Err(Self::wrong(&call, "edits_since", document_hint(&call)));
-            }
-            let record = self.read_record(&call).await?;
-            let document = match record.map(|r| r.value) {
-                Some(Value::Document(document)) => document,
-                _ => Default::default(),
-            };
+            let call = self.document_call(key, "edits_since")?;
+            let document = document_of(self.read_record(&call).await?);
             let edits = document.edits_since(since).map_err(|source| {
                 StorageError::Engine(EngineError::EditRefused {
                     key: call.key.clone(),
@@ -134,7 +126,7 @@ impl Storage {
 
     /// Empties a document by an edit at its current revision (its revision goes on).
     pub(super) async fn clear_document(&self, call: &Call<'_>) -> Result<WriteReceipt> {
-        let current = state(self.read_record(call).await?.as_ref());
+        let current = document_of(self.read_record(call).await?);
         let op = TextOp::new().delete(current.text.chars().count() as u64);
         let mutation = Mutation::Edit {
             base: current.revision,

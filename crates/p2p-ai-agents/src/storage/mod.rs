@@ -91,8 +91,8 @@ use prometheus_client::registry::Registry;
 /// Environment variable that overrides the default data directory.
 pub const DATA_DIR_ENV: &str = "AGENTSTORE_DATA_DIR";
 
-/// How often a store removes the values whose time to live has passed from its embedded
-/// engine and from PostgreSQL (see [`Storage::purge_expired`]).
+/// How often a store removes the values whose time to live has passed (see
+/// [`Storage::purge_expired`]).
 pub const EXPIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The data directory used when the configuration names none: `$AGENTSTORE_DATA_DIR`, else
@@ -462,26 +462,17 @@ impl Storage {
         out
     }
 
-    /// Removes, now, every stored value whose time to live has passed, from the embedded
-    /// engine and from PostgreSQL, and answers how many (the store also does it every
-    /// [`EXPIRED_SWEEP`] by itself; Redis expires values itself). Expired values read as
-    /// absent from the moment they expire; this gives their space back. A cluster's `local`
-    /// collections are not touched here: the cluster purges its eventual ones once every
-    /// replica holds them.
+    /// Removes, now, the stored values whose time to live has passed, from every engine that
+    /// alone decides what it holds (`Engine::purge_expired`: the embedded engine, PostgreSQL,
+    /// a cluster's Raft group through its leader), and answers how many; the store also does
+    /// it every [`EXPIRED_SWEEP`] by itself. Expired values read as absent from the moment
+    /// they expire; this gives their space back. Redis expires values itself, and a cluster
+    /// collects its eventual collections' expired values once every replica holds them.
     pub async fn purge_expired(&self) -> Result<usize> {
         let now_ms = SystemClock.now_ms();
         let mut purged = 0;
-        if let Some(engine) = self.inner.routes.embedded() {
-            purged += tokio::task::spawn_blocking(move || engine.purge_expired(now_ms))
-                .await
-                .map_err(|e| {
-                    StorageError::Engine(EngineError::Internal {
-                        detail: format!("the purge stopped: {e}"),
-                    })
-                })??;
-        }
-        if let Some(engine) = self.inner.routes.postgres() {
-            purged += engine.purge_expired(now_ms).await? as usize;
+        for engine in self.inner.routes.engines() {
+            purged += engine.purge_expired(now_ms).await?;
         }
         Ok(purged)
     }
@@ -594,7 +585,6 @@ impl Storage {
         }
     }
 
-    /// The record of the call's key, as fresh as this handle reads.
     /// The key's record at the handle's freshness, `None` once it expired.
     async fn read_record(&self, call: &Call<'_>) -> Result<Option<Record>> {
         self.read_record_as(call, self.freshness).await
@@ -724,7 +714,7 @@ impl Storage {
 
     /// Writes `value` at the collection's level.
     pub async fn set<T: Serialize>(&self, key: &str, value: T) -> Result<WriteReceipt> {
-        self.write_value(key, value, None).await
+        self.write_value(key, value, None, None).await
     }
 
     /// Writes `value` at `level` or the collection's level, whichever is stronger.
@@ -734,7 +724,7 @@ impl Storage {
         value: T,
         level: ConsistencyLevel,
     ) -> Result<WriteReceipt> {
-        self.write_value(key, value, Some(level)).await
+        self.write_value(key, value, Some(level), None).await
     }
 
     /// Writes `value` to expire `ttl` from now (an lww collection's key, not signed): from
@@ -747,13 +737,7 @@ impl Storage {
         value: T,
         ttl: std::time::Duration,
     ) -> Result<WriteReceipt> {
-        traced("set", key, async move {
-            let call = self.call(key, None)?;
-            let mutation = Self::set_mutation(&call, &value, Some(ttl))?;
-            let record = call.engine.apply(call.key.clone(), mutation).await?;
-            Ok(Self::receipt(&call, &record))
-        })
-        .await
+        self.write_value(key, value, None, Some(ttl)).await
     }
 
     async fn write_value<T: Serialize>(
@@ -761,10 +745,11 @@ impl Storage {
         key: &str,
         value: T,
         level: Option<ConsistencyLevel>,
+        ttl: Option<std::time::Duration>,
     ) -> Result<WriteReceipt> {
         traced("set", key, async move {
             let call = self.call(key, level)?;
-            let mutation = Self::set_mutation(&call, &value, None)?;
+            let mutation = Self::set_mutation(&call, &value, ttl)?;
             let record = call.engine.apply(call.key.clone(), mutation).await?;
             Ok(Self::receipt(&call, &record))
         })

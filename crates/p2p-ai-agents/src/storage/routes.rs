@@ -52,6 +52,8 @@ impl ClusterEngines {
 pub(crate) struct Routes {
     named: HashMap<String, Route>,
     default: Route,
+    /// Every engine instance opened, once each.
+    engines: Vec<Instrumented<AnyEngine>>,
 }
 
 impl Routes {
@@ -98,7 +100,11 @@ impl Routes {
             let route = engines.route(name).await?;
             named.insert(route.plan.name.clone(), route);
         }
-        Ok(Self { named, default })
+        Ok(Self {
+            named,
+            default,
+            engines: engines.opened.into_values().collect(),
+        })
     }
 
     /// The route of `collection`.
@@ -106,25 +112,9 @@ impl Routes {
         self.named.get(collection).unwrap_or(&self.default)
     }
 
-    /// The embedded engine, if this store opened one (no cluster holds its `local`
-    /// collections).
-    pub(crate) fn embedded(&self) -> Option<LocalEngine> {
-        self.all().find_map(|route| match route.engine.inner() {
-            AnyEngine::Local(engine) => Some(engine.clone()),
-            _ => None,
-        })
-    }
-
-    /// The PostgreSQL engine, if a collection uses it.
-    pub(crate) fn postgres(&self) -> Option<PostgresEngine> {
-        self.all().find_map(|route| match route.engine.inner() {
-            AnyEngine::Postgres(engine) => Some(engine.clone()),
-            _ => None,
-        })
-    }
-
-    fn all(&self) -> impl Iterator<Item = &Route> {
-        std::iter::once(&self.default).chain(self.named.values())
+    /// Every engine instance the store opened, once each.
+    pub(crate) fn engines(&self) -> &[Instrumented<AnyEngine>] {
+        &self.engines
     }
 }
 

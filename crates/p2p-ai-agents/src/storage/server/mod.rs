@@ -1134,39 +1134,12 @@ fn futures_lines(
     })
 }
 
-/// `POST /v1/purge` (admin): removes what expired now, instead of at the next minute's sweep:
-/// the store's PostgreSQL rows, and (on the Raft leader) the strong collections' values.
+/// `POST /v1/purge` (admin): removes what expired now instead of at the store's next sweep
+/// (`Storage::purge_expired`: PostgreSQL rows, and on the Raft leader the strong collections'
+/// values).
 async fn purge(State(api): State<Api>) -> Answer {
-    let now_ms = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
-    let stored = api.storage.purge_expired().await?;
-    let strong = api
-        .strong
-        .purge_expired(now_ms)
-        .await
-        .map_err(engine_error)?;
-    Ok(axum::Json(json!({ "purged": stored + strong })).into_response())
-}
-
-/// Every [`super::EXPIRED_SWEEP`], replaces the strong collections' expired values with
-/// tombstones through the log (the leader does; see `StrongEngine::purge_expired`), until the
-/// node stops.
-fn sweep_strong_expired(strong: StrongEngine, mut stopped: tokio::sync::watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        let first = tokio::time::Instant::now() + super::EXPIRED_SWEEP;
-        let mut ticks = tokio::time::interval_at(first, super::EXPIRED_SWEEP);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = stopped.changed() => return,
-            }
-            let now_ms = agentstore_engine::PhysicalClock::now_ms(&agentstore_engine::SystemClock);
-            match strong.purge_expired(now_ms).await {
-                Ok(0) => {}
-                Ok(purged) => tracing::debug!(purged, "expired strong values deleted"),
-                Err(err) => tracing::warn!(error = %err, "deleting expired strong values failed"),
-            }
-        }
-    });
+    let purged = api.storage.purge_expired().await?;
+    Ok(axum::Json(json!({ "purged": purged })).into_response())
 }
 
 async fn leave(State(api): State<Api>) -> Answer {
@@ -1601,7 +1574,6 @@ pub async fn run_secured(
         clients,
         stopping: stopped.clone(),
     };
-    sweep_strong_expired(strong.clone(), stopped.clone());
     let stop = async move {
         tokio::select! {
             () = shutdown => {}
