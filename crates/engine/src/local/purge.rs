@@ -1,7 +1,8 @@
-//! Removing a record for good: the node does it when another node now replicates the key
+//! Removing a record for good. A node does it when another node now replicates the key
 //! (handoff after a join or a leave) and when a tombstone is on every replica (tombstone
-//! collection); an embedded store does it to values whose time to live has passed. Never
-//! through the `Engine` trait: purging is the owner's decision, not a write.
+//! collection): `purge_if_unchanged`, a cluster's decision, never through the `Engine` trait.
+//! An embedded store does it to values whose time to live has passed: `remove_expired`,
+//! behind `Engine::purge_expired`, since nothing else holds them.
 
 use agentstore_core::codec;
 use redb::ReadableTable;
